@@ -17,8 +17,9 @@ registry name   function                  aggregate
 ``"multikrum"`` :func:`multi_krum`        average of the ``n - f`` lowest-score vectors
 =============== ========================= =====================================================
 
-:func:`nnm` (nearest-neighbour mixing) is a pre-aggregation step returning ``[n, d]``;
-:func:`aggregate` composes ARC, NNM and a rule by name.
+:func:`nnm` (nearest-neighbour mixing) and :func:`static_clip` (every row clipped to one fixed L2
+norm, the ARC paper's static-clipping baseline) are pre-aggregation steps returning ``[n, d]``;
+:func:`aggregate` composes ARC, static clipping, NNM and a rule by name, in that order.
 
 Non-finite inputs: these rules expect finite vectors (ARC zeroes non-finite rows first). They do
 nothing special about NaN/Inf: ``mean`` propagates them; the sorting rules sort NaN above
@@ -45,6 +46,8 @@ __all__ = [
     "multi_krum",
     "nearest_neighbor_mixing",
     "nnm",
+    "static_clip",
+    "static_clip_scales",
     "trimmed_mean",
 ]
 
@@ -217,6 +220,46 @@ def nearest_neighbor_mixing(x: Tensor, num_byzantine: int) -> Tensor:
     return (weights @ xc).to(x.dtype)
 
 
+def static_clip_scales(norms: Tensor, max_norm: float) -> Tensor:
+    """Return the static-clipping factors ``min(1, max_norm / (norm + 1e-6))`` of the norms ``[n]``.
+
+    The formula of ``torch.nn.utils.clip_grad_norm_``. A NaN norm gives a NaN factor and an infinite
+    norm gives ``0`` (``inf * 0`` is NaN): static clipping does not neutralise non-finite vectors.
+
+    Args:
+        norms: 1-D tensor ``[n]`` of L2 norms.
+        max_norm: The norm bound ``C`` (positive, finite).
+    """
+    max_norm = check_positive_float("max_norm", max_norm)
+    return torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+
+
+def static_clip(x: Tensor, max_norm: float) -> Tensor:
+    """Return ``x`` with every row scaled to L2 norm at most ``max_norm``: ``x_i * min(1, C / (||x_i|| + 1e-6))``.
+
+    The ARC paper's static-clipping baseline: one fixed threshold ``C`` for every input, whatever the
+    inputs look like (ARC instead derives its threshold from them). Norms in float32 (float64 for
+    float64 inputs). A row with NaN/Inf stays non-finite, as with ``clip_grad_norm_``.
+
+    Args:
+        x: Tensor ``[n, d]``.
+        max_norm: The norm bound ``C`` (positive, finite).
+
+    Returns:
+        Tensor ``[n, d]`` of the dtype of ``x``.
+    """
+    return _static_clip_with_scales(x, max_norm)[0]
+
+
+def _static_clip_with_scales(x: Tensor, max_norm: float) -> tuple[Tensor, Tensor]:
+    """:func:`static_clip` and its factors ``[n]`` (compute dtype); the DDP hook reuses both."""
+    xc = _matrix(x)
+    scales = static_clip_scales(torch.linalg.vector_norm(xc, dim=1), max_norm)
+    return (xc * scales.unsqueeze(1)).to(x.dtype), scales
+
+
+_static_clip = static_clip
+
 #: Short alias of :func:`nearest_neighbor_mixing`.
 nnm = nearest_neighbor_mixing
 
@@ -231,8 +274,15 @@ AGGREGATORS: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def aggregate(x: Tensor, name: str, num_byzantine: int, nnm: bool = False, arc: bool = False) -> Tensor:
-    """Return ``rule(NNM(ARC(x)))`` for the rule called ``name``; ARC and NNM only when asked.
+def aggregate(
+    x: Tensor,
+    name: str,
+    num_byzantine: int,
+    nnm: bool = False,
+    arc: bool = False,
+    static_clip: float | None = None,
+) -> Tensor:
+    """Return ``rule(NNM(clip_C(ARC(x))))`` for the rule called ``name``; each step only when asked.
 
     Args:
         x: Tensor ``[n, d]``.
@@ -240,18 +290,25 @@ def aggregate(x: Tensor, name: str, num_byzantine: int, nnm: bool = False, arc: 
         num_byzantine: Number ``f`` of possibly Byzantine rows, ``0 <= f < n/2``.
         nnm: Apply nearest-neighbour mixing before the rule.
         arc: Apply ARC (:func:`~lightning_clip.robust.arc.arc_clip`) first.
+        static_clip: If set, clip every row to this L2 norm (:func:`static_clip`) after ARC and
+            before NNM; ``None`` (the default) skips it.
 
     Raises:
-        ValueError: If ``name`` is unknown or ``num_byzantine`` is out of range.
+        ValueError: If ``name`` is unknown, ``num_byzantine`` is out of range or ``static_clip`` is not
+            a positive finite number.
     """
     check_choice("name", name, tuple(AGGREGATORS))
     if not isinstance(nnm, bool):
         raise TypeError(f"Expected argument `nnm` to be a bool but got {nnm!r}")
     if not isinstance(arc, bool):
         raise TypeError(f"Expected argument `arc` to be a bool but got {arc!r}")
+    if static_clip is not None:
+        static_clip = check_positive_float("static_clip", static_clip)
     check_num_byzantine(_matrix(x).shape[0], num_byzantine)
     if arc:
         x = arc_clip(x, num_byzantine)
+    if static_clip is not None:
+        x = _static_clip(x, static_clip)
     if nnm:
         x = nearest_neighbor_mixing(x, num_byzantine)
     return AGGREGATORS[name](x, num_byzantine)

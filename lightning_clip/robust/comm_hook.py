@@ -34,11 +34,23 @@ is no all-reduce. This costs ``n`` times the memory of one gradient on every ran
 of ``n x d`` elements instead of an all-reduce of ``d`` (about ``(n - 1) d`` elements received
 per rank instead of ``2 (n - 1) d / n``).
 
+Ablations and baselines (``arc`` and ``static_clip``): ``arc=False`` turns ARC off -- the ranks'
+vectors reach the aggregator unclipped and a non-finite one is *not* zeroed (plain DDP's behaviour),
+which is how one measures what ARC adds to a rule in real DDP. ``static_clip=C`` clips every rank's
+vector to L2 norm ``C`` (``v * min(1, C / (||v|| + 1e-6))``, the ARC paper's static-clipping baseline)
+after ARC, if ARC is on, and before NNM and the rule; with ``"mean"`` it stays on the all-reduce path
+(each rank scales its own buffers). The pipeline is ``rule(NNM(clip_C(ARC(x))))``, each step optional,
+exactly :func:`~lightning_clip.robust.aggregators.aggregate` with the same switches.
+
 Attacks that need the honest ranks' vectors (``alie``, ``foe``, ``ipm``, ``mimic``, ``foe_ls``,
 ``alie_ls``) add one all-gather of the flat local gradients (``n x d`` elements) before ARC --
 simulation only, never in a real run. The line-searched ones (``foe_ls``, ``alie_ls``) search their
 factor against the hook's own aggregation, ``aggregate(x, aggregator, num_byzantine, nnm=nnm,
-arc=True)`` (:attr:`ARCHookState.server_aggregation`), on the Byzantine ranks only.
+arc=arc, static_clip=static_clip)`` (:attr:`ARCHookState.server_aggregation`), on the Byzantine
+ranks only. These omniscient attacks give every Byzantine rank the same vector (it depends only on
+the honest vectors); on the all-gather path only the first Byzantine rank computes it and every rank
+copies its row over the other Byzantine rows after the gather -- the same result, with ``f`` times
+less line-search work. On the all-reduce path each Byzantine rank computes it.
 
 Worker momentum (Robust D-SHB, as the ARC paper runs it)
 --------------------------------------------------------
@@ -104,12 +116,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_clip.exceptions import check_choice, check_fraction, check_non_negative_int
-from lightning_clip.robust.aggregators import AGGREGATORS, aggregate
-from lightning_clip.robust.arc import ARCStats, arc_stats
+from lightning_clip.exceptions import check_choice, check_fraction, check_non_negative_int, check_positive_float
+from lightning_clip.robust.aggregators import AGGREGATORS, _static_clip_with_scales, aggregate, static_clip_scales
+from lightning_clip.robust.arc import ARCStats, arc_num_clipped, arc_stats
 from lightning_clip.robust.attacks import Aggregation, ByzantineSpec
 
-__all__ = ["ARCHookState", "arc_hook", "check_worker_momentum", "check_world_size"]
+__all__ = ["ARCHookState", "arc_hook", "check_static_clip", "check_worker_momentum", "check_world_size"]
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +141,13 @@ def check_worker_momentum(worker_momentum: Any) -> float:
     return check_fraction("worker_momentum", worker_momentum, low=0.0, high=1.0, open_high=True)
 
 
+def check_static_clip(static_clip: Any) -> float | None:
+    """Return ``None`` or ``float(static_clip)``; raise unless it is ``None`` or a positive finite number."""
+    if static_clip is None:
+        return None
+    return check_positive_float("static_clip", static_clip)
+
+
 def _as_spec(byzantine: Any) -> ByzantineSpec | None:
     if byzantine is None or isinstance(byzantine, ByzantineSpec):
         return byzantine
@@ -139,8 +158,20 @@ def _as_spec(byzantine: Any) -> ByzantineSpec | None:
     )
 
 
-def check_arc_arguments(num_byzantine: int, aggregator: str, nnm: bool, seed: int, worker_momentum: float) -> float:
-    """Validate the ARC settings shared by the hook state and the strategy; return ``worker_momentum``."""
+def check_arc_arguments(
+    num_byzantine: int,
+    aggregator: str,
+    nnm: bool,
+    seed: int,
+    worker_momentum: float,
+    arc: bool = True,
+    static_clip: float | None = None,
+) -> tuple[float, float | None]:
+    """Validate the ARC settings shared by the hook state and the strategy.
+
+    Returns:
+        ``(worker_momentum, static_clip)`` as floats (``static_clip`` may be ``None``).
+    """
     check_non_negative_int("num_byzantine", num_byzantine)
     if not isinstance(aggregator, str):
         raise TypeError(f"Expected argument `aggregator` to be a string but got {aggregator!r}")
@@ -148,7 +179,9 @@ def check_arc_arguments(num_byzantine: int, aggregator: str, nnm: bool, seed: in
     if not isinstance(nnm, bool):
         raise TypeError(f"Expected argument `nnm` to be a bool but got {nnm!r}")
     check_non_negative_int("seed", seed)
-    return check_worker_momentum(worker_momentum)
+    if not isinstance(arc, bool):
+        raise TypeError(f"Expected argument `arc` to be a bool but got {arc!r}")
+    return check_worker_momentum(worker_momentum), check_static_clip(static_clip)
 
 
 class ARCHookState:
@@ -171,6 +204,10 @@ class ARCHookState:
         worker_momentum: ``beta`` in ``[0, 1)``: each rank sends the momentum
             ``m <- beta m + (1 - beta) g`` (``m_0 = 0``) of its local gradient instead of the gradient
             (see the module documentation); ``0.0`` (the default) sends the gradient.
+        arc: Apply ARC (the default). ``False`` is the ablation without ARC: vectors reach the
+            aggregator unclipped and non-finite ones are not zeroed.
+        static_clip: If set, clip every rank's vector to this L2 norm (after ARC, before NNM): the
+            static-clipping baseline. ``None`` (the default) skips it.
 
     Internal state:
         momentum: This rank's worker-momentum buffers, ``{id(parameter): flat buffer}``; empty until
@@ -179,9 +216,11 @@ class ARCHookState:
 
     Attributes (statistics of the last synchronized step, tensors on the gradients' device):
         last_norms: Every rank's local gradient norm before ARC, ``[n]`` (float32, or float64).
-        last_threshold: ARC's threshold, 0-d.
-        last_scales: Every rank's ARC scale factor, ``[n]``.
-        last_clipped: Which ranks ARC scaled down (or zeroed), bool ``[n]``.
+        last_threshold: ARC's threshold, 0-d; with ``arc=False`` the ``static_clip`` bound, or
+            ``+inf`` when nothing clips.
+        last_scales: Every rank's overall pre-aggregation scale factor (ARC's times the static
+            clip's), ``[n]``.
+        last_clipped: Which ranks were scaled down (or zeroed), bool ``[n]``.
         last_step: The value of ``iter`` at that step (``-1`` before the first).
         last_num_buckets: How many buckets the hook held and reduced at that step.
         last_comm_bytes: Bytes of the collectives' payloads this rank issued at that step:
@@ -198,6 +237,8 @@ class ARCHookState:
         "byzantine",
         "seed",
         "worker_momentum",
+        "arc",
+        "static_clip",
         # Internal state.
         "iter",
         "held",
@@ -221,8 +262,12 @@ class ARCHookState:
         byzantine: ByzantineSpec | dict[str, Any] | None = None,
         seed: int = 0,
         worker_momentum: float = 0.0,
+        arc: bool = True,
+        static_clip: float | None = None,
     ) -> None:
-        worker_momentum = check_arc_arguments(num_byzantine, aggregator, nnm, seed, worker_momentum)
+        worker_momentum, static_clip = check_arc_arguments(
+            num_byzantine, aggregator, nnm, seed, worker_momentum, arc, static_clip
+        )
         self.process_group = process_group
         self.num_byzantine = num_byzantine
         self.aggregator = aggregator
@@ -230,6 +275,8 @@ class ARCHookState:
         self.byzantine = _as_spec(byzantine)
         self.seed = seed
         self.worker_momentum = worker_momentum
+        self.arc = arc
+        self.static_clip = static_clip
         if dist.is_available() and dist.is_initialized():
             # Fail at construction, not deep in the first backward pass.
             self.check_world_size()
@@ -259,10 +306,15 @@ class ARCHookState:
     def server_aggregation(self) -> Aggregation:
         """The aggregation the hook applies, ``[n, d] -> [d]``, as the line-searched attacks see it.
 
-        ``aggregate(x, aggregator, num_byzantine, nnm=nnm, arc=True)``: ARC is always on in the hook.
+        ``aggregate(x, aggregator, num_byzantine, nnm=nnm, arc=arc, static_clip=static_clip)``.
         """
         return functools.partial(
-            aggregate, name=self.aggregator, num_byzantine=self.num_byzantine, nnm=self.nnm, arc=True
+            aggregate,
+            name=self.aggregator,
+            num_byzantine=self.num_byzantine,
+            nnm=self.nnm,
+            arc=self.arc,
+            static_clip=self.static_clip,
         )
 
     def momentum_vector(self, params: Sequence[Tensor]) -> Tensor:
@@ -327,7 +379,7 @@ class ARCHookState:
         if self.last_norms is None:
             return None
         n = int(self.last_norms.shape[0])
-        k = (2 * self.num_byzantine * (n - self.num_byzantine)) // n
+        k = arc_num_clipped(n, self.num_byzantine) if self.arc else 0
         return ARCStats(self.last_norms, self.last_threshold, self.last_scales, self.last_clipped, k)
 
     def group(self) -> dist.ProcessGroup:
@@ -357,7 +409,10 @@ class ARCHookState:
         self.process_group = None
         self.held = []
         self.momentum = {}
-        self.worker_momentum = 0.0  # states pickled before worker momentum existed
+        # Defaults for states pickled before these settings existed.
+        self.worker_momentum = 0.0
+        self.arc = True
+        self.static_clip = None
         for slot, value in state.items():
             setattr(self, slot, value)
 
@@ -410,8 +465,20 @@ def _attack_generator(state: ARCHookState, rank: int, step: int) -> torch.Genera
     return torch.Generator().manual_seed(state.seed * 1_000_003 + rank * 1_009 + step * 7_919 + 1)
 
 
-def _apply_attack(state: ARCHookState, flat: Tensor, rank: int, n: int, step: int, comm: dict[str, int]) -> Tensor:
-    """Return the flat vector this rank sends: its own, or the simulated Byzantine one."""
+def _shares_attack(spec: ByzantineSpec | None) -> bool:
+    """Whether every Byzantine rank sends the same vector, so one of them can compute it for all."""
+    return spec is not None and spec.needs_honest and spec.num_byzantine > 1
+
+
+def _apply_attack(
+    state: ARCHookState, flat: Tensor, rank: int, n: int, step: int, comm: dict[str, int], share: bool = False
+) -> Tensor:
+    """Return the flat vector this rank sends: its own, or the simulated Byzantine one.
+
+    With ``share`` (all-gather path, :func:`_shares_attack`), only the first Byzantine rank computes an
+    omniscient attack; the others return ``flat`` as a placeholder that :func:`_copy_shared_attack`
+    overwrites after the gather.
+    """
     spec = state.byzantine
     if spec is None:
         return flat
@@ -422,10 +489,18 @@ def _apply_attack(state: ARCHookState, flat: Tensor, rank: int, n: int, step: in
         comm["all_gather"] += gathered.numel() * gathered.element_size()
         keep = [r for r in range(n) if not spec.is_byzantine(r)]
         honest = gathered[keep]
-    if not spec.is_byzantine(rank):
+    if not spec.is_byzantine(rank) or (share and _shares_attack(spec) and rank != spec.ranks[0]):
         return flat
     aggregation = state.server_aggregation if spec.needs_aggregation else None
     return spec.apply(flat, honest, generator=_attack_generator(state, rank, step), aggregation=aggregation)
+
+
+def _copy_shared_attack(spec: ByzantineSpec | None, x: Tensor) -> None:
+    """Copy the first Byzantine rank's row of the gathered ``x`` over the other Byzantine rows (in place)."""
+    if _shares_attack(spec):
+        first = spec.ranks[0]
+        for r in spec.ranks[1:]:
+            x[r].copy_(x[first])
 
 
 def _momentum_into_buffers_(state: ARCHookState, buffers: list[Tensor], params: list[list[Tensor]]) -> None:
@@ -461,9 +536,15 @@ def _momentum_into_buffers_(state: ARCHookState, buffers: list[Tensor], params: 
         g.copy_(m)
 
 
-def _scale_(buffers: list[Tensor], coeff: Tensor, finite: Tensor) -> None:
-    """``buffers *= coeff`` in place; zero them when the local gradient is not finite (coeff is then 0)."""
+def _scale_(buffers: list[Tensor], coeff: Tensor, finite: Tensor, zero_non_finite: bool) -> None:
+    """``buffers *= coeff`` in place; with ``zero_non_finite``, zero them when the local vector is not finite.
+
+    ARC gives a non-finite vector ``coeff = 0``, but ``NaN * 0`` is NaN: the zeroing makes it exact.
+    Without ARC (``zero_non_finite=False``) NaN/Inf pass through, as in plain DDP.
+    """
     torch._foreach_mul_(buffers, coeff)
+    if not zero_non_finite:
+        return
     if buffers[0].device.type == "cpu":
         # Reading a CPU tensor is free: zero only when needed.
         if not bool(finite):
@@ -473,6 +554,20 @@ def _scale_(buffers: list[Tensor], coeff: Tensor, finite: Tensor) -> None:
         # No host-device sync: NaN/Inf can only remain where coeff is 0, i.e. in a non-finite gradient.
         for b in buffers:
             b.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _no_arc_stats(norms: Tensor, static_clip: float | None) -> ARCStats:
+    """Statistics with ARC off: scales 1, threshold the static bound (``+inf`` when there is none)."""
+    bound = float("inf") if static_clip is None else static_clip
+    threshold = torch.full((), bound, dtype=norms.dtype, device=norms.device)
+    scales = torch.ones_like(norms)
+    return ARCStats(norms=norms, threshold=threshold, scales=scales, clipped=scales < 1, num_clipped=0)
+
+
+def _with_static_scales(stats: ARCStats, static_scales: Tensor) -> ARCStats:
+    """``stats`` with the static-clip factors folded into the scales and the clipped mask."""
+    scales = stats.scales * static_scales
+    return stats._replace(scales=scales, clipped=scales < 1)
 
 
 def _store_stats(state: ARCHookState, stats: ARCStats, step: int, num_buckets: int, comm: dict[str, int]) -> None:
@@ -486,7 +581,7 @@ def _store_stats(state: ARCHookState, stats: ARCStats, step: int, num_buckets: i
 
 
 def _reduce_mean(state: ARCHookState, buffers: list[Tensor], step: int) -> None:
-    """ARC then average with the same all-reduces as plain DDP; ``n`` extra floats gathered."""
+    """ARC (and the static clip) then average with the same all-reduces as plain DDP; ``n`` extra floats."""
     group = state.group()
     n = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -500,10 +595,16 @@ def _reduce_mean(state: ARCHookState, buffers: list[Tensor], step: int) -> None:
     local = _local_norm(buffers, cdt)
     norms = _all_gather_rows(local.reshape(1), n, group).reshape(n)
     comm["all_gather"] += norms.numel() * norms.element_size()
-    stats = arc_stats(norms, state.num_byzantine)
+    stats = arc_stats(norms, state.num_byzantine) if state.arc else _no_arc_stats(norms, state.static_clip)
+    if state.static_clip is not None:
+        # The norm after ARC is norm * scale (0 for a vector ARC zeroes): clip it to the static bound too.
+        post = norms * stats.scales
+        if state.arc:
+            post = torch.where(torch.isfinite(norms), post, torch.zeros_like(post))
+        stats = _with_static_scales(stats, static_clip_scales(post, state.static_clip))
     # scale * (1/n) with a Python float: exactly plain DDP's `grad * (1/n)` when the scale is 1.
     coeff = stats.scales[rank] * (1.0 / n)
-    _scale_(buffers, coeff, torch.isfinite(norms[rank]))
+    _scale_(buffers, coeff, torch.isfinite(norms[rank]), zero_non_finite=state.arc)
     works = [dist.all_reduce(b, group=group, async_op=True) for b in buffers]
     for w in works:
         w.wait()
@@ -512,22 +613,32 @@ def _reduce_mean(state: ARCHookState, buffers: list[Tensor], step: int) -> None:
 
 
 def _reduce_robust(state: ARCHookState, buffers: list[Tensor], step: int) -> None:
-    """All-gather the flat gradients ``[n, d]``, ARC-clip them, aggregate identically on every rank."""
+    """All-gather the flat vectors ``[n, d]``, ARC-clip them, aggregate identically on every rank."""
     group = state.group()
     n = dist.get_world_size(group)
     rank = dist.get_rank(group)
     comm = {"all_reduce": 0, "all_gather": 0}
-    flat = _apply_attack(state, _flatten(buffers), rank, n, step, comm)
+    flat = _apply_attack(state, _flatten(buffers), rank, n, step, comm, share=True)
     x = _all_gather_rows(flat, n, group)
     comm["all_gather"] += x.numel() * x.element_size()
+    _copy_shared_attack(state.byzantine, x)
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     norms = torch.linalg.vector_norm(x, dim=1, dtype=cdt)
-    stats = arc_stats(norms, state.num_byzantine)
-    # The same arithmetic as arc_clip(x, f), reusing the norms.
-    scaled = x.to(cdt) * stats.scales.unsqueeze(1)
-    zero = torch.zeros((), dtype=cdt, device=x.device)
-    clipped = torch.where(torch.isfinite(norms).unsqueeze(1), scaled, zero).to(x.dtype)
-    del scaled, x
+    if state.arc:
+        stats = arc_stats(norms, state.num_byzantine)
+        # The same arithmetic as arc_clip(x, f), reusing the norms.
+        scaled = x.to(cdt) * stats.scales.unsqueeze(1)
+        zero = torch.zeros((), dtype=cdt, device=x.device)
+        clipped = torch.where(torch.isfinite(norms).unsqueeze(1), scaled, zero).to(x.dtype)
+        del scaled
+    else:
+        stats = _no_arc_stats(norms, state.static_clip)
+        clipped = x
+    del x
+    if state.static_clip is not None:
+        # aggregate(..., static_clip=C)'s own function: the result is bitwise the pure pipeline's.
+        clipped, static_scales = _static_clip_with_scales(clipped, state.static_clip)
+        stats = _with_static_scales(stats, static_scales)
     agg = aggregate(clipped, state.aggregator, state.num_byzantine, nnm=state.nnm)
     _unflatten_into(agg, buffers)
     _store_stats(state, stats, step, len(buffers), comm)

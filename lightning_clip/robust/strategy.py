@@ -111,6 +111,10 @@ class ARCDDPStrategy(DDPStrategy):
             ``m <- beta m + (1 - beta) g`` (``m_0 = 0``) of its local gradient instead of the gradient
             (the ARC paper's setting, typically ``0.9`` with ``SGD(momentum=0)``); the buffers are saved
             per rank in checkpoints. ``0.0`` (the default) is the plain gradient, bitwise as before.
+        arc: Apply ARC (the default). ``False`` runs the same pipeline without ARC (vectors reach the
+            aggregator unclipped, non-finite ones are not zeroed): the ablation that shows what ARC adds.
+        static_clip: If set, clip every rank's vector to this L2 norm after ARC and before NNM and the
+            aggregator (the ARC paper's static-clipping baseline, e.g. ``arc=False, static_clip=2.0``).
         **ddp_kwargs: Everything :class:`~lightning.pytorch.strategies.DDPStrategy` accepts
             (``start_method``, ``find_unused_parameters``, ``bucket_cap_mb``, ...), except the
             communication-hook arguments, which this strategy sets itself.
@@ -125,9 +129,13 @@ class ARCDDPStrategy(DDPStrategy):
         log_arc: bool = True,
         seed: int = 0,
         worker_momentum: float = 0.0,
+        arc: bool = True,
+        static_clip: float | None = None,
         **ddp_kwargs: Any,
     ) -> None:
-        worker_momentum = check_arc_arguments(num_byzantine, aggregator, nnm, seed, worker_momentum)
+        worker_momentum, static_clip = check_arc_arguments(
+            num_byzantine, aggregator, nnm, seed, worker_momentum, arc, static_clip
+        )
         if not isinstance(log_arc, bool):
             raise TypeError(f"Expected argument `log_arc` to be a bool but got {log_arc!r}")
         clashing = [name for name in _OWN_HOOK_ARGS if ddp_kwargs.get(name) is not None]
@@ -144,6 +152,8 @@ class ARCDDPStrategy(DDPStrategy):
         self._log_arc = log_arc
         self._seed = seed
         self._worker_momentum = worker_momentum
+        self._arc = arc
+        self._static_clip = static_clip
         self._arc_state: ARCHookState | None = None
         # This rank's momentum read from a checkpoint, waiting for the hook state to exist.
         self._pending_momentum: Tensor | None = None
@@ -171,6 +181,16 @@ class ARCDDPStrategy(DDPStrategy):
     def worker_momentum(self) -> float:
         """``beta`` of the worker momentum (``0.0``: the ranks send their gradients)."""
         return self._worker_momentum
+
+    @property
+    def arc(self) -> bool:
+        """Whether ARC is applied (``False``: the ablation without ARC)."""
+        return self._arc
+
+    @property
+    def static_clip(self) -> float | None:
+        """The static-clipping bound applied to every rank's vector, or ``None``."""
+        return self._static_clip
 
     @property
     def arc_state(self) -> ARCHookState | None:
@@ -209,6 +229,8 @@ class ARCDDPStrategy(DDPStrategy):
             byzantine=self._byzantine,
             seed=self._seed,
             worker_momentum=self._worker_momentum,
+            arc=self._arc,
+            static_clip=self._static_clip,
         )
         self._apply_pending_momentum()
         self.model.register_comm_hook(self._arc_state, arc_hook)

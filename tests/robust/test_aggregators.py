@@ -18,6 +18,8 @@ from lightning_clip.robust.aggregators import (
     multi_krum,
     nearest_neighbor_mixing,
     nnm,
+    static_clip,
+    static_clip_scales,
     trimmed_mean,
 )
 from lightning_clip.robust.arc import arc_clip
@@ -244,6 +246,53 @@ def test_aggregate_composes_arc_and_nnm():
         torch.testing.assert_close(aggregate(x, name, 2, nnm=True, arc=True), rule(nnm(clean, 2), 2))
         torch.testing.assert_close(aggregate(clean, name, 2), rule(clean, 2))
         assert torch.isfinite(aggregate(x, name, 2, nnm=True, arc=True)).all()
+
+
+# ----------------------------------------------------------------------------- static clipping
+
+
+def test_static_clip_matches_torch_clip_grad_norm_row_by_row():
+    rng = np.random.default_rng(11)
+    x = rand(rng, 6, 5).float() * torch.tensor([[0.1], [1.0], [3.0], [10.0], [0.0], [2.0]])
+    out = static_clip(x, 2.0)
+    for i in range(x.shape[0]):
+        p = torch.nn.Parameter(torch.zeros(5))
+        p.grad = x[i].clone()
+        torch.nn.utils.clip_grad_norm_([p], max_norm=2.0)
+        torch.testing.assert_close(out[i], p.grad, rtol=1e-6, atol=0)
+    norms = out.norm(dim=1)
+    assert (norms <= 2.0 + 1e-5).all()
+    assert torch.equal(out[[0, 4]], x[[0, 4]])  # below the bound (and zero): untouched
+    torch.testing.assert_close(static_clip(out, 2.0), out)  # clipping twice changes nothing (to rounding)
+
+
+def test_static_clip_keeps_non_finite_rows_non_finite_and_validates():
+    x = torch.tensor([[NAN, 1.0], [float("inf"), 0.0], [3.0, 4.0]])
+    out = static_clip(x, 1.0)
+    assert not torch.isfinite(out[0]).any() and not torch.isfinite(out[1]).all()
+    torch.testing.assert_close(out[2], torch.tensor([0.6, 0.8]))
+    assert torch.isnan(static_clip_scales(torch.tensor([NAN]), 1.0)).all()
+    for bad in (0.0, -1.0, NAN, float("inf")):
+        with pytest.raises(ValueError, match=r"`max_norm`"):
+            static_clip(x, bad)
+        with pytest.raises(ValueError, match=r"`static_clip`"):
+            aggregate(x[2:], "mean", 0, static_clip=bad)
+    with pytest.raises(TypeError, match=r"`static_clip` to be a number"):
+        aggregate(x[2:], "mean", 0, static_clip="2")  # type: ignore[arg-type]
+
+
+def test_aggregate_order_is_arc_then_static_clip_then_nnm_then_rule():
+    rng = np.random.default_rng(12)
+    x = rand(rng, 9, 6).float()
+    x[0] *= 50
+    x[3] *= 5
+    for name, rule in AGGREGATORS.items():
+        expected = rule(nnm(static_clip(arc_clip(x, 2), 1.5), 2), 2)
+        torch.testing.assert_close(aggregate(x, name, 2, nnm=True, arc=True, static_clip=1.5), expected)
+        torch.testing.assert_close(aggregate(x, name, 2, static_clip=1.5), rule(static_clip(x, 1.5), 2))
+    # The clip acts before NNM: clipping the mixed rows instead gives another result.
+    swapped = trimmed_mean(static_clip(nnm(arc_clip(x, 2), 2), 1.5), 2)
+    assert not torch.allclose(aggregate(x, "cwtm", 2, nnm=True, arc=True, static_clip=1.5), swapped)
 
 
 def test_aggregate_validates_num_byzantine_for_every_rule():

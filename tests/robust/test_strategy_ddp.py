@@ -255,11 +255,39 @@ def test_string_registry_and_world_size_errors():
         ({"byzantine": "nan"}, TypeError, "byzantine"),
         ({"byzantine": {"ranks": [1], "attack": "boom"}}, ValueError, "attack"),
         ({"ddp_comm_hook": lambda s, b: None}, ValueError, "ddp_comm_hook"),
+        ({"arc": "no"}, TypeError, r"`arc` to be a bool"),
+        ({"arc": 0}, TypeError, r"`arc` to be a bool"),
+        ({"static_clip": 0.0}, ValueError, r"`static_clip` to be a positive finite number but got 0.0"),
+        ({"static_clip": -2}, ValueError, r"`static_clip`"),
+        ({"static_clip": float("inf")}, ValueError, r"`static_clip`"),
+        ({"static_clip": "2"}, TypeError, r"`static_clip` to be a number"),
     ],
 )
 def test_strategy_argument_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         ARCDDPStrategy(**kwargs)
+    if set(kwargs) <= {"arc", "static_clip"}:
+        with pytest.raises(error, match=match):
+            ARCHookState(**kwargs)
+
+
+def test_ablation_switches_defaults_and_properties():
+    strategy = ARCDDPStrategy()
+    assert strategy.arc is True and strategy.static_clip is None
+    strategy = ARCDDPStrategy(arc=False, static_clip=2)
+    assert strategy.arc is False and strategy.static_clip == 2.0 and isinstance(strategy.static_clip, float)
+    state = ARCHookState(num_byzantine=1, aggregator="cwtm", nnm=True, arc=False, static_clip=2.0)
+    x = torch.randn(5, 4) * torch.tensor([[1.0], [2.0], [3.0], [40.0], [0.5]])
+    # The aggregation the line search attacks is the hook's own pipeline, switches included.
+    torch.testing.assert_close(state.server_aggregation(x), aggregate(x, "cwtm", 1, nnm=True, static_clip=2.0))
+    copy = pickle.loads(pickle.dumps(state))
+    assert (copy.arc, copy.static_clip) == (False, 2.0)
+    old = ARCHookState(num_byzantine=1).__getstate__()
+    for key in ("arc", "static_clip", "worker_momentum"):
+        del old[key]  # a state pickled before these settings existed
+    legacy = ARCHookState.__new__(ARCHookState)
+    legacy.__setstate__(old)
+    assert (legacy.arc, legacy.static_clip, legacy.worker_momentum) == (True, None, 0.0)
 
 
 def test_hook_state_validation_and_pickle():

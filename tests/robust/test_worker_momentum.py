@@ -48,6 +48,7 @@ N = 3  # ranks
 F = 1  # num_byzantine: k = 1, ARC clips rank 2 (the largest loss scale)
 BETA = 0.9
 STEPS = 4
+STATIC = 0.3  # static_clip bound: below ranks 1 and 2's momentum norms from the first step on
 
 #: Raw scenarios: name -> (ARCHookState kwargs, steps).
 SCENARIOS: dict[str, tuple[dict[str, Any], int]] = {
@@ -59,6 +60,17 @@ SCENARIOS: dict[str, tuple[dict[str, Any], int]] = {
     # Adaptive attacks without momentum (the hook's gather path for `needs_honest`).
     "alie_ls_nomom": ({"byzantine": {"ranks": [1], "attack": "alie_ls", "refine": 4}}, 2),
     "mimic_nomom": ({"aggregator": "median", "byzantine": {"ranks": [2], "attack": "mimic", "target": 1}}, 2),
+    # Ablations and baselines: ARC off, static clipping (all-reduce and all-gather paths), both.
+    "no_arc_cwtm_nnm": ({"worker_momentum": BETA, "aggregator": "cwtm", "nnm": True, "arc": False}, 3),
+    "static_mean": ({"worker_momentum": BETA, "arc": False, "static_clip": STATIC}, 3),
+    "arc_static_mean": ({"worker_momentum": BETA, "static_clip": STATIC}, 3),
+    "arc_static_geomed": ({"worker_momentum": BETA, "aggregator": "geomed", "nnm": True, "static_clip": 0.5,
+                           "byzantine": {"ranks": [1], "attack": "alie_ls", "refine": 2}}, 2),
+    # Two Byzantine ranks of an omniscient attack: the first computes it, the gather copies it to the other.
+    "shared_foe_ls": ({"worker_momentum": BETA, "aggregator": "cwtm",
+                       "byzantine": {"ranks": [1, 2], "attack": "foe_ls", "refine": 2}}, 2),
+    "shared_mimic_no_arc": ({"aggregator": "median", "arc": False,
+                             "byzantine": {"ranks": [1, 2], "attack": "mimic"}}, 2),
 }
 
 
@@ -83,6 +95,8 @@ def _train(rank: int, steps: int, state: ARCHookState | None, dtype: torch.dtype
             rec["momentum_dtypes"] = sorted({str(m.dtype) for m in state.momentum.values()})
             rec["num_buckets"] = state.last_num_buckets
             rec["norms"] = state.last_norms.clone()
+            rec["scales"] = state.last_scales.clone()
+            rec["threshold"] = state.last_threshold.clone()
         out.append(rec)
     return out
 
@@ -101,11 +115,17 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         res["default"] = _train(rank, 3, ARCHookState(num_byzantine=F))
         res["beta0"] = _train(rank, 3, ARCHookState(num_byzantine=F, worker_momentum=0.0))
         res["bf16"] = _train(rank, 2, ARCHookState(num_byzantine=F, worker_momentum=BETA), torch.bfloat16)
+        # A NaN rank without ARC poisons the average, as in plain DDP (with ARC it is zeroed).
+        res["nan_no_arc"] = _train(rank, 1, ARCHookState(num_byzantine=F, arc=False,
+                                                         byzantine={"ranks": [1], "attack": "nan"}))
+        res["nan_arc"] = _train(rank, 1, ARCHookState(num_byzantine=F, byzantine={"ranks": [1], "attack": "nan"}))
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
         # Lightning: uninterrupted, checkpointing every 2 steps; then resumed from step 2.
         root = Path(out_dir)
         _fit(root, "full", TOTAL, ckpt_dir=root / "ckpt")
         _fit(root, "resumed", TOTAL, ckpt_path=root / "ckpt" / "step=2.ckpt")
+        # The strategy's ablation switches reach the hook.
+        _fit(root, "ablation", 3, aggregator="cwtm", nnm=True, arc=False, static_clip=ABLATION_CLIP)
     finally:
         dist.destroy_process_group()
 
@@ -133,11 +153,14 @@ def sgd_step(net: torch.nn.Module, grad: Tensor) -> None:
 
 
 def reference(steps: int, worker_momentum: float = 0.0, aggregator: str = "mean", nnm: bool = False,
-              byzantine: dict | None = None, dtype: torch.dtype = torch.float32) -> list[dict[str, Tensor]]:
-    """Robust D-SHB by hand: per-rank momenta, the attack on the sent vectors, ARC, the rule, an SGD step."""
+              byzantine: dict | None = None, dtype: torch.dtype = torch.float32, arc: bool = True,
+              static_clip: float | None = None) -> list[dict[str, Tensor]]:
+    """Robust D-SHB by hand: per-rank momenta, the attack on the sent vectors (each Byzantine rank on its own),
+    [ARC], [static clip], [NNM], the rule, an SGD step."""
     spec = None if byzantine is None else ByzantineSpec.from_config(byzantine)
     honest = [r for r in range(N) if spec is None or not spec.is_byzantine(r)]
-    server = functools.partial(aggregate, name=aggregator, num_byzantine=F, nnm=nnm, arc=True)
+    server = functools.partial(aggregate, name=aggregator, num_byzantine=F, nnm=nnm, arc=arc,
+                               static_clip=static_clip)
     net = h.make_net().to(dtype)
     m = None
     out = []
@@ -205,7 +228,8 @@ def test_momentum_mean_matches_hand_robust_dshb(raw):
 def test_momentum_robust_rules_and_attacks_match_reference(raw, name):
     kwargs, steps = SCENARIOS[name]
     ref = reference(steps, kwargs.get("worker_momentum", 0.0), kwargs.get("aggregator", "mean"),
-                    kwargs.get("nnm", False), kwargs.get("byzantine"))
+                    kwargs.get("nnm", False), kwargs.get("byzantine"), arc=kwargs.get("arc", True),
+                    static_clip=kwargs.get("static_clip"))
     for step, expected in enumerate(ref):
         for rank in range(N):
             torch.testing.assert_close(raw[rank][name][step]["params"], expected["params"], rtol=1e-5, atol=1e-6)
@@ -220,6 +244,53 @@ def test_momentum_robust_rules_and_attacks_match_reference(raw, name):
         target = spec.params.get("target", 0)
         for expected in ref:
             assert torch.equal(expected["sent"][spec.ranks[0]], expected["sent"][honest[target]])
+
+
+def _static_scales(norms: Tensor, bound: float) -> Tensor:
+    # clip_grad_norm_'s coefficient, written out independently of the library.
+    return torch.clamp(bound / (norms + 1e-6), max=1.0)
+
+
+def test_static_clip_really_clips_and_reports_its_scales(raw):
+    ref = reference(3, BETA, arc=False, static_clip=STATIC)
+    for step, expected in enumerate(ref):
+        rec = raw[0]["static_mean"][step]
+        norms = expected["momentum"].norm(dim=1)
+        torch.testing.assert_close(rec["norms"], norms, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(rec["scales"], _static_scales(norms, STATIC), rtol=1e-5, atol=1e-7)
+        assert float(rec["threshold"]) == pytest.approx(STATIC)  # no ARC: the static bound is the threshold
+        assert (rec["scales"] < 1).sum() >= 2  # ranks 1 and 2 are clipped: the check is not vacuous
+    # Without the clip the run differs.
+    assert not torch.allclose(reference(3, BETA, arc=False)[-1]["params"], ref[-1]["params"], rtol=1e-4, atol=1e-5)
+    # ARC then the static clip: ARC's scale first, the static clip on the ARC-clipped norm.
+    ref = reference(3, BETA, static_clip=STATIC)
+    for step, expected in enumerate(ref):
+        rec = raw[0]["arc_static_mean"][step]
+        norms = expected["momentum"].norm(dim=1)
+        arc_scale = torch.ones(N)
+        arc_scale[2] = norms[1] / norms[2]  # k = 1: the largest (rank 2) clipped to the second largest
+        expected_scales = arc_scale * _static_scales(norms * arc_scale, STATIC)
+        torch.testing.assert_close(rec["scales"], expected_scales, rtol=1e-5, atol=1e-7)
+
+
+def test_without_arc_a_nan_rank_poisons_the_average_and_with_arc_it_does_not(raw):
+    for rank in range(N):
+        assert torch.isnan(raw[rank]["nan_no_arc"][0]["params"]).all()
+        assert torch.isfinite(raw[rank]["nan_arc"][0]["params"]).all()
+    ref = reference(1, byzantine={"ranks": [1], "attack": "nan"})
+    torch.testing.assert_close(raw[0]["nan_arc"][0]["params"], ref[0]["params"], rtol=1e-5, atol=1e-6)
+
+
+def test_shared_omniscient_attack_sends_the_same_vector_from_every_byzantine_rank(raw):
+    # The reference applies the attack on each Byzantine rank separately; the hook computes it once.
+    for name in ("shared_foe_ls", "shared_mimic_no_arc"):
+        kwargs, steps = SCENARIOS[name]
+        ref = reference(steps, kwargs.get("worker_momentum", 0.0), kwargs["aggregator"],
+                        byzantine=kwargs["byzantine"], arc=kwargs.get("arc", True))
+        for expected in ref:
+            assert torch.equal(expected["sent"][1], expected["sent"][2])
+        for rank in range(N):
+            torch.testing.assert_close(raw[rank][name][-1]["params"], ref[-1]["params"], rtol=1e-5, atol=1e-6)
 
 
 def test_beta_zero_is_bitwise_the_previous_behaviour(raw):
@@ -277,7 +348,8 @@ class MomentumModule(pl.LightningModule):
 TOTAL = 5  # optimizer steps of the Lightning runs
 
 
-def _fit(root: Path, tag: str, max_steps: int, ckpt_dir: Path | None = None, ckpt_path: Path | None = None) -> None:
+def _fit(root: Path, tag: str, max_steps: int, ckpt_dir: Path | None = None, ckpt_path: Path | None = None,
+         **strategy_kwargs: Any) -> None:
     """One ``Trainer.fit`` on this rank (run inside :func:`worker` by every rank)."""
     callbacks = []
     if ckpt_dir is not None:
@@ -286,7 +358,7 @@ def _fit(root: Path, tag: str, max_steps: int, ckpt_dir: Path | None = None, ckp
     trainer = pl.Trainer(
         accelerator="cpu", devices=N, max_steps=max_steps, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=ckpt_dir is not None, callbacks=callbacks,
-        strategy=ARCDDPStrategy(num_byzantine=F, worker_momentum=BETA),
+        strategy=ARCDDPStrategy(num_byzantine=F, worker_momentum=BETA, **strategy_kwargs),
         default_root_dir=str(root),
     )
     trainer.fit(MomentumModule(str(root), tag), ckpt_path=None if ckpt_path is None else str(ckpt_path))
@@ -323,6 +395,21 @@ def test_trainer_checkpoints_every_rank_and_resume_continues_the_run(out):
             assert step == full_step
             torch.testing.assert_close(params, full_params, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(resumed[rank]["momentum"], full[rank]["momentum"], rtol=1e-6, atol=1e-7)
+
+
+ABLATION_CLIP = 0.6  # between ranks 1 and 2's momentum norms: ARC and the static clip act differently
+
+
+def test_trainer_strategy_ablation_switches_reach_the_hook(out):
+    ref = reference(3, BETA, aggregator="cwtm", nnm=True, arc=False, static_clip=ABLATION_CLIP)
+    ablation = _records(out, "ablation")
+    for rank in range(N):
+        for (_, params), expected in zip(ablation[rank]["records"], ref):
+            torch.testing.assert_close(params, expected["params"], rtol=1e-5, atol=1e-6)
+    # Both switches matter here: with ARC, or without the static clip, the run differs.
+    for other in (reference(3, BETA, aggregator="cwtm", nnm=True, static_clip=ABLATION_CLIP),
+                  reference(3, BETA, aggregator="cwtm", nnm=True, arc=False)):
+        assert not torch.allclose(other[-1]["params"], ref[-1]["params"], rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------
