@@ -10,12 +10,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 
 from lightning_clip.exceptions import check_choice, check_fraction, check_positive_float, check_positive_int
 
@@ -24,6 +25,7 @@ __all__ = [
     "AddingRNN",
     "DigitsClassifier",
     "DigitsDataModule",
+    "ShardSampler",
     "adding_problem",
     "load_digits_tensors",
 ]
@@ -145,6 +147,36 @@ def load_digits_tensors() -> tuple[Tensor, Tensor]:
     return x, y
 
 
+class ShardSampler(DistributedSampler):
+    """Draws ``num_samples`` indices per epoch, with replacement, from a dataset that is already this rank's shard.
+
+    Every rank gets the same number of batches whatever its shard's size (ranks with unequal batch
+    counts deadlock DDP at the epoch end). It is a :class:`~torch.utils.data.distributed.DistributedSampler`
+    only so that Lightning's ``use_distributed_sampler`` leaves it alone: Lightning replaces a plain
+    sampler by one that splits the dataset across the ranks again. Lightning calls :meth:`set_epoch`,
+    so every epoch draws afresh (deterministic in ``seed`` and the epoch).
+
+    Args:
+        dataset: This rank's shard.
+        num_samples: Indices per epoch (the same on every rank).
+        seed: Seed of the draws (make it differ across ranks).
+    """
+
+    def __init__(self, dataset: Dataset, num_samples: int, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+        self.shard_size = len(dataset)  # type: ignore[arg-type]
+        check_positive_int("shard size", self.shard_size)
+        self.num_samples = check_positive_int("num_samples", num_samples)
+        self.total_size = self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randint(self.shard_size, (self.num_samples,), generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class DigitsDataModule(pl.LightningDataModule):
     """scikit-learn digits, split deterministically into train/test.
 
@@ -191,12 +223,11 @@ class DigitsDataModule(pl.LightningDataModule):
             self._presharded = False
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed + (self.rank if self._presharded else 0))
         if self._presharded:
-            # already this rank's shard: a plain sampler (Lightning must not re-shard it)
-            sampler = torch.utils.data.RandomSampler(self.train_set, replacement=True,
-                                                     num_samples=len(self.train_y) // self.world, generator=g)
+            # Already this rank's shard: the same number of draws on every rank, and Lightning must not re-shard it.
+            sampler = ShardSampler(self.train_set, len(self.train_y) // self.world, seed=self.seed * 7_919 + self.rank)
             return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler)
+        g = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g)
 
     def val_dataloader(self) -> DataLoader:

@@ -16,7 +16,7 @@ from lightning_clip.report import read_scalars
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SINGLE_DEVICE = ["monitor", "fixed", "percentile", "warmup", "zscore", "value", "guard_skip"]
-DDP = ["arc_ddp", "byzantine"]
+DDP = ["arc_ddp", "byzantine", "robust_dshb"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # A few steps, every step logged, one validation batch, a small training set.

@@ -47,3 +47,49 @@ def test_splits_partition_the_indices():
         return sum(len(torch.unique(y[s])) for s in dirichlet_split(y, 10, alpha, seed=0)) / 10
     assert classes(0.05) < classes(100.0)
     assert dirichlet_split(y, 5, 0.5, seed=2)[0].tolist() == dirichlet_split(y, 5, 0.5, seed=2)[0].tolist()
+
+
+class _FakeTrainer:
+    def __init__(self, rank: int, world: int) -> None:
+        self.global_rank, self.world_size = rank, world
+
+
+def test_dirichlet_shards_give_every_rank_the_same_number_of_batches_from_its_own_shard():
+    """Unequal batch counts deadlock DDP at the epoch end; Lightning must not re-shard the shards either."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    from lightning_clip.demo import DigitsDataModule, ShardSampler
+
+    world, lengths, firsts = 5, set(), []
+    for rank in range(world):
+        dm = DigitsDataModule(batch_size=25, dirichlet_alpha=0.5, seed=0)
+        dm.trainer = _FakeTrainer(rank, world)
+        dm.setup("fit")
+        shard_y = dm.train_set.tensors[1]
+        loader = dm.train_dataloader()
+        # Lightning leaves a DistributedSampler in place (it would re-split a plain sampler across ranks).
+        assert isinstance(loader.sampler, DistributedSampler) and isinstance(loader.sampler, ShardSampler)
+        batches = list(loader)
+        lengths.add(len(batches))
+        assert sum(len(b[1]) for b in batches) == len(dm.train_y) // world
+        # Every label drawn is one this rank's shard holds.
+        drawn = torch.cat([b[1] for b in batches])
+        assert set(drawn.tolist()) <= set(shard_y.tolist())
+        firsts.append(drawn[:25])
+        # A new epoch draws afresh, deterministically.
+        first_epoch = list(loader.sampler)
+        loader.sampler.set_epoch(1)
+        assert list(loader.sampler) != first_epoch
+        loader.sampler.set_epoch(0)
+        assert list(loader.sampler) == first_epoch
+    assert len(lengths) == 1  # the same number of batches on every rank, although the shards differ in size
+    assert not all(torch.equal(firsts[0], f) for f in firsts[1:])  # the ranks draw different samples
+
+
+def test_shard_sampler_validation():
+    from lightning_clip.demo import ShardSampler
+
+    with pytest.raises(ValueError, match="num_samples"):
+        ShardSampler(torch.utils.data.TensorDataset(torch.zeros(3)), 0)
+    with pytest.raises(ValueError, match="shard size"):
+        ShardSampler(torch.utils.data.TensorDataset(torch.zeros(0)), 4)

@@ -33,6 +33,11 @@ optimizer (``SGD(momentum=0)``, as the paper); a momentum optimizer on top is "d
                                                worker_momentum=0.9))
     # and in configure_optimizers: torch.optim.SGD(self.parameters(), lr=..., momentum=0.0)
 
+Ablations and baselines: ``arc=False`` runs the same pipeline without ARC (a non-finite rank is then not
+zeroed, as in plain DDP) and ``static_clip=C`` clips every rank's vector to norm ``C`` after ARC and
+before NNM and the aggregator (the ARC paper's static-clipping baseline); the logged ``arc/threshold`` is
+then ``C`` (``+inf`` with neither).
+
 Checkpoints: ARC is stateless across steps. The worker-momentum buffers are per rank, but Lightning
 writes the checkpoint from rank 0 only, so :meth:`ARCDDPStrategy.save_checkpoint` (called on every
 rank by ``Trainer.save_checkpoint``) first gathers every rank's buffer to rank 0 -- a collective, in
