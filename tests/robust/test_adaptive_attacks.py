@@ -98,6 +98,18 @@ def test_line_search_never_worse_than_the_default_and_the_grid(cfg, attack):
     assert d_grid == max(deviation(make(x), agg) for x in grid)
 
 
+def test_line_search_against_static_clipping():
+    # Static clipping (C = 1, below most honest norms) bounds every vector. FOE's direction is fixed, so once
+    # its copies exceed C every eps sends the same clipped vector: the search can only tie the default there.
+    # ALIE's direction changes with z: the search finds a z the clipped pipeline follows further.
+    agg = functools.partial(aggregate, name="cwtm", num_byzantine=2, nnm=True, static_clip=1.0)
+    assert deviation(searched("foe", agg), agg) == pytest.approx(deviation(fixed("foe"), agg), rel=1e-9)
+    d_ls = deviation(searched("alie", agg), agg)
+    assert d_ls > deviation(fixed("alie"), agg) * 1.01
+    # It searched the clipped pipeline, not the bare rule.
+    assert d_ls >= deviation(searched("alie", server("cwtm", 2, True)), agg)
+
+
 def test_plain_mean_hand_case_picks_the_largest_eps():
     # Mean without ARC: aggregate - mean(H) = -c (1 + eps) mean(H) / n, increasing in eps.
     agg = server("mean", 2)
