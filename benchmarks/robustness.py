@@ -665,6 +665,10 @@ def attack_table(results: list[Result], rows: list[str], cols: list[str], attack
     return md_table(["setting", "aggregation"] + list(attacks) + ["worst"], out)
 
 
+def _bitwise_equal(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 def comparison(sim: list[Result], ddp: list[Result], sim_all: list[Result]) -> tuple[str, dict[str, float]]:
     """Sim vs DDP on the runs both modes executed; the seed-to-seed spread of the same configurations in sim."""
     by_run = {r.run: r for r in sim}
@@ -678,7 +682,7 @@ def comparison(sim: list[Result], ddp: list[Result], sim_all: list[Result]) -> t
         deltas.append(abs(delta))
         pd = float("nan")
         if s.final is not None and d.final is not None:
-            if torch.equal(s.final, d.final):
+            if _bitwise_equal(s.final, d.final):  # NaN weights of a poisoned run compare equal bit for bit
                 identical += 1
             num = (s.final - d.final).abs().max()
             pd = float(num / s.final.abs().max().clamp(min=1e-12)) if torch.isfinite(num) else float("nan")
