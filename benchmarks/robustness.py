@@ -958,7 +958,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         s_rows = row_order(rules, pres, setting.clip)
         acc_t, att_t = worst_tables(sim, s_rows, col_order(hets, fs))
         sections += [
-            f"## Simulation: worst-case maximal test accuracy ({len(sim)} runs, every heterogeneity)",
+            f"## Simulation: worst-case maximal test accuracy ({len(sim)} runs; {', '.join(hets)})",
             "",
             "The same study with all workers in one process (the same pure functions and hook-state pipeline; "
             "see the comparison below for how closely it follows real DDP).",
