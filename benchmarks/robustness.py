@@ -130,7 +130,7 @@ RULES = ("cwtm", "geomed", "multikrum")
 #: Pre-aggregation clipping -> (ARC on, static clip on).
 PRES: dict[str, tuple[bool, bool]] = {"none": (False, False), "clip": (False, True), "arc": (True, False),
                                       "arc+clip": (True, True)}
-DEFAULT_PRES = ("none", "clip", "arc")
+DEFAULT_PRES = ("none", "clip", "arc", "arc+clip")
 #: Heterogeneity label -> Dirichlet alpha (``None``: the extreme sorted split).
 HETEROGENEITY: dict[str, float | None] = {"extreme": None, "a=0.1": 0.1, "a=0.5": 0.5, "a=1": 1.0}
 DEFAULT_HETS = ("extreme", "a=0.1", "a=0.5")
@@ -590,13 +590,20 @@ def _seed_mean(results: Iterable[Result]) -> dict[tuple, float]:
 
 
 def worst_case(results: list[Result], attacks: Sequence[str] | None = None) -> dict[tuple[str, str], tuple[float, str]]:
-    """(row, col) -> (worst case over ``attacks`` (default: all) of the seed-mean max accuracy, the worst attack)."""
+    """(row, col) -> (worst case over ``attacks`` (default: all) of the seed-mean max accuracy, the worst attack).
+
+    Attacks that tie for the worst are all named, joined by "/" in ``ATTACKS`` order (independent of run order).
+    """
+    rank = {name: i for i, name in enumerate(ATTACKS)}
     out: dict[tuple[str, str], tuple[float, str]] = {}
-    for (row, col, attack), v in _seed_mean(r for r in results if r.run.f > 0).items():
+    means = _seed_mean(r for r in results if r.run.f > 0)
+    for (row, col, attack), v in sorted(means.items(), key=lambda kv: (kv[0][0], kv[0][1], rank.get(kv[0][2], 99))):
         if attacks is not None and attack not in attacks:
             continue
         if (row, col) not in out or v < out[(row, col)][0]:
             out[(row, col)] = (v, attack)
+        elif v == out[(row, col)][0]:
+            out[(row, col)] = (v, out[(row, col)][1] + "/" + attack)
     return out
 
 
@@ -876,7 +883,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fs = [1] if q else _csv(args.f, int)
     attacks = ["SF", "LF", "FOE-LS", "ALIE-LS", "Mimic"] if q else _csv(args.attacks)
     rules = ["cwtm"] if q else _csv(args.rules)
-    pres = list(DEFAULT_PRES) if q else _csv(args.pres)
+    pres = ["none", "clip", "arc"] if q else _csv(args.pres)
     seeds = [1] if q else _csv(args.seeds, int)
     setting = Setting(honest=args.honest, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
                       beta=args.beta, steps=30 if q else args.steps, eval_every=10 if q else args.eval_every,
@@ -1024,7 +1031,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall_line = ", ".join(f"{k} {v:.0f} s" for k, v in walls.items())
     launch_line = ", ".join(f"n={w}: {t:.0f} s" for w, t in sorted(ddp_walls.items()))
     run_walls = ", ".join(f"{label} {sum(r.wall for r in res):.0f} s over {len(res)} runs"
-                          for label, res in (("ddp", ddp), ("sim", sim + sim_cmp)) if res)
+                          for label, res in (("ddp", ddp), ("sim", list({r.run: r for r in sim + sim_cmp}.values())))
+                          if res)
     n_test = int(1797 * 0.2)
     md = "\n".join([
         "# Does ARC hold under attack? Robust D-SHB (worker momentum) on digits, in real DDP",

@@ -133,6 +133,15 @@ def test_metric_is_seed_mean_then_worst_attack():
     assert m.worst_case(results, ["SF"])[("ARC > NNM > cwtm", "extreme f=1")][1] == "SF"
 
 
+def test_worst_attack_ties_name_every_attack_in_a_fixed_order():
+    m = _load_module()
+    accs = {"Mimic": 0.4, "FOE-LS": 0.4, "SF": 0.4, "LF": 0.9}
+    results = [m.Result(m.Run("extreme", 1, a, "cwtm", "arc", 1), [v], 0.0, 1) for a, v in accs.items()]
+    for order in (results, results[::-1]):
+        value, attack = m.worst_case(order)[("ARC > NNM > cwtm", "extreme f=1")]
+        assert value == pytest.approx(0.4) and attack == "SF/FOE-LS/Mimic"
+
+
 def test_rows_map_to_the_hook_pipeline():
     m = _load_module()
     setting = m.Setting()
