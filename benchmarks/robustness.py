@@ -648,6 +648,17 @@ def worst_tables(results: list[Result], rows: list[str], cols: list[str], bold_b
     return md_table(["aggregation"] + cols, acc_rows), md_table(["aggregation"] + cols, att_rows)
 
 
+def grid_section(sections: list[str], stdout: list[str], label: str, results: list[Result], rows: list[str],
+                 cols: list[str], hets: Sequence[str], heading: str, intro: str, ref_heading: str) -> None:
+    """Append one grid's worst-case table, worst-attack table and f = 0 reference to the report."""
+    acc_t, att_t = worst_tables(results, rows, cols)
+    sections += [heading, "", intro, "", acc_t, "", "Worst attack per cell:", "", att_t, ""]
+    stdout += [f"{label}, worst case:", acc_t]
+    base_t = baseline_table(results, hets)
+    if base_t:
+        sections += [ref_heading, "", base_t, ""]
+
+
 def baseline_table(results: list[Result], hets: Sequence[str]) -> str:
     per: dict[str, list[float]] = defaultdict(list)
     for r in results:
@@ -938,49 +949,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         d_hets = ordered({r.run.het for r in ddp}, list(HETEROGENEITY))
         d_cols = col_order(d_hets, sorted({r.run.f for r in ddp if r.run.f > 0}))
         d_att = ordered({r.run.attack for r in ddp if r.run.attack}, list(ATTACKS))
-        acc_t, att_t = worst_tables(ddp, d_rows, d_cols)
-        sections += [
-            f"## Real DDP: worst-case maximal test accuracy ({len(ddp)} runs in gloo processes)",
-            "",
+        intro = (
             f"Every run is {ddp_setting.honest} + f real `DistributedDataParallel` processes (gloo, CPU) whose "
             "gradient averaging is the library's `arc_hook` with `ARCHookState(worker_momentum="
             f"{ddp_setting.beta:g}, aggregator=rule, nnm=True, arc=..., static_clip=..., byzantine=attack)`. Max "
             f"test accuracy over the evaluations (every {ddp_setting.eval_every} steps), mean over seeds "
             f"{sorted({r.run.seed for r in ddp})}, then the worst case over {', '.join(d_att)}; the best row of "
             "each rule in bold. Columns: heterogeneity / f Byzantine workers among n = "
-            f"{ddp_setting.honest} + f.",
-            "",
-            acc_t,
-            "",
-            "Worst attack per cell:",
-            "",
-            att_t,
-            "",
-        ]
-        stdout += ["ddp, worst case:", acc_t]
-        base_t = baseline_table(ddp, d_hets)
-        if base_t:
-            sections += ["Reference without any Byzantine worker (same D-SHB, plain mean, DDP):", "", base_t, ""]
+            f"{ddp_setting.honest} + f.")
+        grid_section(sections, stdout, "ddp", ddp, d_rows, d_cols, d_hets,
+                     f"## Real DDP: worst-case maximal test accuracy ({len(ddp)} runs in gloo processes)", intro,
+                     "Reference without any Byzantine worker (same D-SHB, plain mean, DDP):")
     if sim:
-        s_rows = row_order(rules, pres, setting.clip)
-        acc_t, att_t = worst_tables(sim, s_rows, col_order(hets, fs))
-        sections += [
-            f"## Simulation: worst-case maximal test accuracy ({len(sim)} runs; {', '.join(hets)})",
-            "",
-            "The same study with all workers in one process (the same pure functions and hook-state pipeline; "
-            "see the comparison below for how closely it follows real DDP).",
-            "",
-            acc_t,
-            "",
-            "Worst attack per cell:",
-            "",
-            att_t,
-            "",
-        ]
-        stdout += ["sim, worst case:", acc_t]
-        base_t = baseline_table(sim, hets)
-        if base_t:
-            sections += ["Reference without any Byzantine worker (simulation):", "", base_t, ""]
+        grid_section(sections, stdout, "sim", sim, row_order(rules, pres, setting.clip), col_order(hets, fs), hets,
+                     f"## Simulation: worst-case maximal test accuracy ({len(sim)} runs; {', '.join(hets)})",
+                     "The same study with all workers in one process (the same pure functions and hook-state "
+                     "pipeline; see the comparison below for how closely it follows real DDP).",
+                     "Reference without any Byzantine worker (simulation):")
     if ddp and sim_cmp:
         cmp_t, summ = comparison(sim_cmp, ddp, sim + sim_cmp)
         spread = summ["seed_spread_mean"]
