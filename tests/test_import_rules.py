@@ -5,10 +5,9 @@ Two independent checks:
 * source level: every ``import`` in a pure module (top level or inside functions, relative or absolute,
   ``importlib.import_module("...")`` with a literal) is parsed and checked against the forbidden names;
 * runtime: in a fresh interpreter where ``lightning``, ``pytorch_lightning`` and ``lightning_fabric`` (and our
-  Lightning glue) cannot be imported, each pure module file is loaded. Importing ``lightning_clip.grads`` normally
-  runs ``lightning_clip/__init__.py`` (which re-exports the callbacks, hence Lightning), so the subprocess first
-  registers stub ``lightning_clip`` / ``lightning_clip.robust`` package objects whose ``__path__`` points at the
-  real directories: submodule imports then work as usual without running the package ``__init__`` files.
+  Lightning glue) cannot be imported, each pure module is imported the way a user imports it, through the real
+  ``lightning_clip/__init__.py`` and ``lightning_clip/robust/__init__.py`` (the package re-exports its Lightning
+  glue lazily, so a pure submodule must not pull it in).
 """
 
 from __future__ import annotations
@@ -139,7 +138,7 @@ def test_source_check_is_not_vacuous(tmp_path):
 
 
 _RUNTIME_SCRIPT = r"""
-import importlib, importlib.abc, json, sys, traceback, types
+import importlib, importlib.abc, json, sys, traceback
 
 PKG_DIR, MODULES, FORBIDDEN_ROOTS, FORBIDDEN_OWN = json.loads(sys.argv[1])
 
@@ -154,16 +153,8 @@ class Blocker(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Blocker())
 
-# Stub packages: submodules resolve through __path__, the real __init__ files never run.
-for pkg, path in (("lightning_clip", PKG_DIR), ("lightning_clip.robust", PKG_DIR + "/robust")):
-    mod = types.ModuleType(pkg)
-    mod.__path__ = [path]
-    mod.__package__ = pkg
-    sys.modules[pkg] = mod
-sys.modules["lightning_clip"].robust = sys.modules["lightning_clip.robust"]
-
 results = {}
-for name in MODULES:
+for name in ["lightning_clip", "lightning_clip.robust"] + MODULES:  # the package __init__ files run for real
     try:
         importlib.import_module(name)
         results[name] = "ok"
@@ -201,6 +192,49 @@ def test_blocker_blocks_lightning(runtime_report):
         "lightning_clip.callbacks.clipping": "blocked",
     }
     assert runtime_report["leaked"] == []
+
+
+def test_package_imports_with_lightning_blocked(runtime_report):
+    for name in ("lightning_clip", "lightning_clip.robust"):
+        assert runtime_report["results"][name] == "ok", runtime_report["results"][name]
+
+
+_GLUE_SCRIPT = r"""
+import json, sys
+import lightning_clip
+before = sorted(m for m in sys.modules if m.split(".")[0] == "lightning")
+cls = getattr(lightning_clip, sys.argv[1])
+from lightning.pytorch.strategies import StrategyRegistry
+print(json.dumps({"before": before, "module": cls.__module__, "registered": "ddp_arc" in StrategyRegistry,
+                  "in_dir": sys.argv[1] in dir(lightning_clip)}))
+"""
+
+
+@pytest.mark.parametrize("name,module", [("GradientClipping", "lightning_clip.callbacks.clipping"),
+                                         ("ARCDDPStrategy", "lightning_clip.robust.strategy"),
+                                         ("find_clip_threshold", "lightning_clip.finder")])
+def test_glue_is_loaded_on_first_use_and_registers_ddp_arc(name, module):
+    proc = subprocess.run([sys.executable, "-c", _GLUE_SCRIPT, name], capture_output=True, text=True, timeout=120,
+                          cwd=str(PKG_DIR.parent))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"before": [], "module": module, "registered": True, "in_dir": True}
+
+
+def test_importing_after_lightning_registers_ddp_arc_at_once():
+    code = ("import lightning.pytorch, lightning_clip; from lightning.pytorch.strategies import StrategyRegistry; "
+            "print('ddp_arc' in StrategyRegistry and 'ddp_arc_spawn' in StrategyRegistry)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=str(PKG_DIR.parent))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_unknown_attribute_still_raises():
+    import lightning_clip
+
+    with pytest.raises(AttributeError, match="no_such_name"):
+        lightning_clip.no_such_name  # noqa: B018
 
 
 @pytest.mark.parametrize("rel", PARAMS)
