@@ -106,6 +106,22 @@ def test_ddp_config_fits_in_real_processes(name, tmp_path):
     assert np.all(scalars["arc/clipped_ranks"].values <= 1)
 
 
+@needs_strategy
+def test_static_clipping_ablation_from_the_command_line(tmp_path):
+    # arc=false + static_clip=2.0 on robust_dshb.yaml: the logged threshold is C on every step (ARC would log
+    # a data-dependent norm), so the two options reached the hook state through LightningCLI.
+    cmd = [sys.executable, "-m", "lightning_clip.cli", "fit", "--config", _config("robust_dshb"), *FAST,
+           f"--trainer.default_root_dir={tmp_path}", "--trainer.strategy.init_args.arc=false",
+           "--trainer.strategy.init_args.static_clip=2.0"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = _run_dir(tmp_path, "robust_dshb")
+    np.testing.assert_array_equal(read_scalars(run)["arc/threshold"].values, [2.0] * 3)
+    config = (run / "config.yaml").read_text()
+    assert "arc: false" in config and "static_clip: 2.0" in config and "worker_momentum: 0.9" in config
+
+
 # ---------------------------------------------------------------------------------------------------
 # Options from the command line reach nested classes.
 
@@ -144,6 +160,10 @@ def test_command_line_appends_a_callback(tmp_path):
         pytest.param("arc_ddp", "--trainer.strategy.init_args.num_byzantine=2", "`num_byzantine`",
                      marks=needs_strategy),
         pytest.param("byzantine", "--trainer.strategy.init_args.aggregator=mode", "`aggregator`",
+                     marks=needs_strategy),
+        pytest.param("robust_dshb", "--trainer.strategy.init_args.worker_momentum=1.0", "`worker_momentum`",
+                     marks=needs_strategy),
+        pytest.param("robust_dshb", "--trainer.strategy.init_args.static_clip=-2", "`static_clip`",
                      marks=needs_strategy),
     ],
 )
@@ -203,6 +223,8 @@ def test_fit_help_documents_strategy_options(capsys):
     assert main(["fit", "--trainer.strategy.help", "lightning_clip.robust.strategy.ARCDDPStrategy"]) == 0
     out = capsys.readouterr().out
     assert "--trainer.strategy.num_byzantine" in out and "--trainer.strategy.aggregator" in out
+    for option in ("worker_momentum", "arc", "static_clip"):
+        assert f"--trainer.strategy.{option} " in out, option
 
 
 def test_python_dash_m_entry_point():
