@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_clip.robust.comm_hook import ARCHookState, arc_hook  # noqa: E402
+from lightning_clip.distributed.hook import ARCHookState, arc_hook  # noqa: E402
 
 MODES = (
     ("plain DDP", None),

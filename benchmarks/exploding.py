@@ -1,7 +1,7 @@
 """Does clipping help? The adding problem with a vanilla tanh RNN, trained by a real Lightning Trainer.
 
-Every method trains the library's demo :class:`~lightning_clip.demo.AddingRNN` on
-:class:`~lightning_clip.demo.AddingProblemDataModule` with ``lightning.pytorch.Trainer`` on CPU, for
+Every method trains the library's demo :class:`~lightning_clip.tools.demo.AddingRNN` on
+:class:`~lightning_clip.tools.demo.AddingProblemDataModule` with ``lightning.pytorch.Trainer`` on CPU, for
 several seeds. Methods (rows of the table):
 
 - ``none``: no clipping.
@@ -151,7 +151,7 @@ def _run(args: tuple[Method, int, dict[str, Any]]) -> RunResult:
     from torch import nn
 
     from lightning_clip import GradientClipping
-    from lightning_clip.demo import AddingProblemDataModule, AddingRNN
+    from lightning_clip.tools.demo import AddingProblemDataModule, AddingRNN
 
     torch.set_num_threads(cfg["threads"])
     warnings.filterwarnings("ignore")

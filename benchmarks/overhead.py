@@ -60,8 +60,8 @@ from torch.nn.utils import get_total_norm
 from torch.utils.data import DataLoader
 
 from lightning_clip import GradientClipping, GradientNormMonitor, NonFiniteGradientGuard, PercentileThreshold
-from lightning_clip.functional import clip_grads_with_norm_
-from lightning_clip.grads import gradient_stats
+from lightning_clip.core.functional import clip_grads_with_norm_
+from lightning_clip.core.grads import gradient_stats
 
 CLIP_VAL = 1.0
 LOG_EVERY = 50

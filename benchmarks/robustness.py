@@ -4,7 +4,7 @@ Setting (arXiv 2405.14432, seed ``004``; the paper's algorithm, scaled down to t
 ``n = 10 honest + f Byzantine`` workers train one MLP 64-64-10. Every step each worker draws a batch of
 25 samples and updates its *local momentum* ``m <- beta m + (1 - beta) g`` (``beta = 0.9``, ``m_0 = 0``,
 no bias correction: the convention of the paper's library ByzFL and of
-:mod:`lightning_clip.robust.comm_hook`). Honest workers sample from their own heterogeneous shard of the
+:mod:`lightning_clip.distributed.hook`). Honest workers sample from their own heterogeneous shard of the
 train split (``extreme``: labels sorted and cut into 10 contiguous chunks, 1-2 classes each; Dirichlet
 ``a=0.1`` / ``a=0.5``); the Byzantine workers (the last ``f`` ranks) sample from the whole train split and
 keep a momentum of their own gradient. The server receives the ``n`` vectors, computes
@@ -33,14 +33,14 @@ Mimic       a copy of the first honest worker's momentum
 =========== ======================================================================================
 
 Optional (not in the default grid): ``ALIE`` / ``FOE`` with the library's fixed factors, ``NaN`` and
-``scale`` (x1e3). The line search (:func:`~lightning_clip.robust.attacks.search_factor`) maximises
+``scale`` (x1e3). The line search (:func:`~lightning_clip.sim.attacks.search_factor`) maximises
 ``|| server(honest + f copies) - mean(honest) ||`` against the server's actual pipeline of the row.
 
 Metric, as in the paper: the maximum test accuracy over the evaluations, averaged over seeds, then the
 worst case over the attacks.
 
 One server pipeline for both execution modes: every run is described by the keyword arguments of the
-library's :class:`~lightning_clip.robust.comm_hook.ARCHookState` (:func:`hook_kwargs`), and the
+library's :class:`~lightning_clip.distributed.hook.ARCHookState` (:func:`hook_kwargs`), and the
 simulation aggregates with that state's own ``server_aggregation``.
 
 * ``--mode sim``: all ``n`` workers in one process; per-worker gradients by autograd, flattened in the
@@ -48,7 +48,7 @@ simulation aggregates with that state's own ``server_aggregation``.
   on, when DDP rebuilds its bucket in gradient-ready order) so every reduction sums in the same order.
 * ``--mode ddp``: ``n`` real gloo processes on CPU (``torch.multiprocessing.spawn``, one launch per world
   size, several configurations per launch), each a ``DistributedDataParallel`` replica whose gradient
-  averaging is replaced by the library's :func:`~lightning_clip.robust.comm_hook.arc_hook` -- worker
+  averaging is replaced by the library's :func:`~lightning_clip.distributed.hook.arc_hook` -- worker
   momentum, the simulated attack, the pre-aggregation and the rule all run inside the hook.
 * ``--mode both`` (default): the sim grid, then the DDP grid, then a run-by-run comparison of the runs
   both modes executed.
@@ -100,11 +100,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine  # noqa: E402
 
-from lightning_clip.demo import load_digits_tensors  # noqa: E402
+from lightning_clip.distributed.hook import ARCHookState  # noqa: E402
 from lightning_clip.robust.arc import arc_num_clipped  # noqa: E402
-from lightning_clip.robust.attacks import ByzantineSpec  # noqa: E402
-from lightning_clip.robust.comm_hook import ARCHookState  # noqa: E402
-from lightning_clip.robust.partition import dirichlet_split, extreme_split  # noqa: E402
+from lightning_clip.sim.attacks import ByzantineSpec  # noqa: E402
+from lightning_clip.sim.data import load_digits_tensors  # noqa: E402
+from lightning_clip.sim.partition import dirichlet_split, extreme_split  # noqa: E402
 
 DEFAULT_OUT = str(Path(__file__).resolve().parent / "results")
 NAME = "robustness"
@@ -249,7 +249,7 @@ def honest_shards(data: Data, het: str, honest: int, seed: int) -> list[Tensor]:
 
 
 def make_model(seed: int, hidden: int = 64) -> nn.Module:
-    """The MLP 64-hidden-10 (the architecture of ``lightning_clip.demo.DigitsClassifier``), seeded init."""
+    """The MLP 64-hidden-10 (the architecture of ``lightning_clip.tools.demo.DigitsClassifier``), seeded init."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, NUM_CLASSES))
@@ -506,7 +506,7 @@ def _ddp_worker(rank: int, world: int, port: int, runs: list[Run], setting: Sett
                 out_path: str, cache: str | None) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from lightning_clip.robust.comm_hook import arc_hook
+    from lightning_clip.distributed.hook import arc_hook
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)

@@ -11,7 +11,7 @@ import argparse
 import lightning.pytorch as pl
 
 from lightning_clip import GradientClipping, GradientNormMonitor, NonFiniteGradientGuard, PercentileThreshold
-from lightning_clip.demo import AddingProblemDataModule, AddingRNN
+from lightning_clip.tools.demo import AddingProblemDataModule, AddingRNN
 
 
 def main() -> None:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from lightning_clip.functional import clip_grads_with_norm_
-from lightning_clip.grads import collect_grads, gradient_stats
-from lightning_clip.thresholds import ZScoreThreshold
+from lightning_clip.core.functional import clip_grads_with_norm_
+from lightning_clip.core.grads import collect_grads, gradient_stats
+from lightning_clip.core.thresholds import ZScoreThreshold
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
 """lightning_clip: observable, adaptive and robust gradient clipping for PyTorch Lightning.
 
 The pure-torch names (thresholds, ``gradient_stats``) are imported here; the Lightning glue (callbacks,
-``find_clip_threshold``, ``ARCDDPStrategy``) is imported on first use, so that ``lightning_clip.thresholds``,
-``lightning_clip.grads`` and ``lightning_clip.robust.*`` stay usable from a plain PyTorch loop without
-loading Lightning. Loading the glue also registers ``strategy="ddp_arc"`` / ``"ddp_arc_spawn"``: that
-happens at ``import lightning_clip`` when Lightning is already imported, else on first use of any glue name.
+``ARCDDPStrategy``) is imported on first use, so that ``lightning_clip.core``, ``lightning_clip.robust`` and
+``lightning_clip.distributed.hook`` stay usable from a plain PyTorch loop without loading Lightning.
+Loading the glue also registers ``strategy="ddp_arc"`` / ``"ddp_arc_spawn"``: that happens at
+``import lightning_clip`` when Lightning is already imported, else on first use of any glue name.
 """
 
 from __future__ import annotations
@@ -13,20 +13,19 @@ import importlib
 import sys
 from typing import TYPE_CHECKING, Any
 
-from lightning_clip.exceptions import NonFiniteGradientError
-from lightning_clip.grads import GradientStats, gradient_stats
-from lightning_clip.thresholds import (
+from lightning_clip.core.grads import GradientStats, gradient_stats
+from lightning_clip.core.thresholds import (
     FixedThreshold,
     PercentileThreshold,
     ThresholdPolicy,
     WarmupThreshold,
     ZScoreThreshold,
 )
+from lightning_clip.exceptions import NonFiniteGradientError
 
 if TYPE_CHECKING:
     from lightning_clip.callbacks import GradientClipping, GradientNormMonitor, NonFiniteGradientGuard
-    from lightning_clip.finder import ClipThresholdResult, find_clip_threshold
-    from lightning_clip.robust.strategy import ARCDDPStrategy
+    from lightning_clip.distributed.strategy import ARCDDPStrategy
 
 __version__ = "0.1.0"
 
@@ -35,14 +34,11 @@ _LIGHTNING_EXPORTS: dict[str, str] = {
     "GradientClipping": "lightning_clip.callbacks",
     "GradientNormMonitor": "lightning_clip.callbacks",
     "NonFiniteGradientGuard": "lightning_clip.callbacks",
-    "ClipThresholdResult": "lightning_clip.finder",
-    "find_clip_threshold": "lightning_clip.finder",
-    "ARCDDPStrategy": "lightning_clip.robust.strategy",
+    "ARCDDPStrategy": "lightning_clip.distributed.strategy",
 }
 
 __all__ = [
     "ARCDDPStrategy",
-    "ClipThresholdResult",
     "FixedThreshold",
     "GradientClipping",
     "GradientNormMonitor",
@@ -53,7 +49,6 @@ __all__ = [
     "ThresholdPolicy",
     "WarmupThreshold",
     "ZScoreThreshold",
-    "find_clip_threshold",
     "gradient_stats",
 ]
 

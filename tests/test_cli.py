@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_clip.cli import main
-from lightning_clip.report import read_scalars
+from lightning_clip.tools.cli import main
+from lightning_clip.tools.report import read_scalars
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SINGLE_DEVICE = ["monitor", "fixed", "percentile", "warmup", "zscore", "value", "guard_skip"]
@@ -25,14 +25,15 @@ FAST = ["--trainer.max_steps=3", "--trainer.enable_progress_bar=false", "--train
 FAST_ADDING = [*FAST, "--data.init_args.num_train=256", "--data.init_args.num_val=64"]
 
 try:
-    import lightning_clip.robust.strategy  # noqa: F401
+    import lightning_clip.distributed.strategy  # noqa: F401
 
     HAS_STRATEGY, STRATEGY_ERROR = True, ""
 except ImportError as err:  # the strategy is written in parallel; its configs wait for it
     HAS_STRATEGY, STRATEGY_ERROR = False, str(err)
 
 needs_strategy = pytest.mark.skipif(
-    not HAS_STRATEGY, reason=f"lightning_clip.robust.strategy (ARCDDPStrategy) cannot be imported: {STRATEGY_ERROR}"
+    not HAS_STRATEGY,
+    reason=f"lightning_clip.distributed.strategy (ARCDDPStrategy) cannot be imported: {STRATEGY_ERROR}",
 )
 
 
@@ -94,7 +95,7 @@ def test_single_device_config_fits(name, tmp_path):
 @pytest.mark.parametrize("name", DDP)
 def test_ddp_config_fits_in_real_processes(name, tmp_path):
     # A subprocess, so that Lightning's default launcher can re-run this very command for ranks 1 and 2.
-    cmd = [sys.executable, "-m", "lightning_clip.cli", "fit", "--config", _config(name), *FAST,
+    cmd = [sys.executable, "-m", "lightning_clip.tools.cli", "fit", "--config", _config(name), *FAST,
            f"--trainer.default_root_dir={tmp_path}"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -110,7 +111,7 @@ def test_ddp_config_fits_in_real_processes(name, tmp_path):
 def test_static_clipping_ablation_from_the_command_line(tmp_path):
     # arc=false + static_clip=2.0 on robust_dshb.yaml: the logged threshold is C on every step (ARC would log
     # a data-dependent norm), so the two options reached the hook state through LightningCLI.
-    cmd = [sys.executable, "-m", "lightning_clip.cli", "fit", "--config", _config("robust_dshb"), *FAST,
+    cmd = [sys.executable, "-m", "lightning_clip.tools.cli", "fit", "--config", _config("robust_dshb"), *FAST,
            f"--trainer.default_root_dir={tmp_path}", "--trainer.strategy.init_args.arc=false",
            "--trainer.strategy.init_args.static_clip=2.0"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -220,7 +221,7 @@ def test_fit_help_documents_callback_and_policy_options(capsys):
 
 @needs_strategy
 def test_fit_help_documents_strategy_options(capsys):
-    assert main(["fit", "--trainer.strategy.help", "lightning_clip.robust.strategy.ARCDDPStrategy"]) == 0
+    assert main(["fit", "--trainer.strategy.help", "lightning_clip.distributed.strategy.ARCDDPStrategy"]) == 0
     out = capsys.readouterr().out
     assert "--trainer.strategy.num_byzantine" in out and "--trainer.strategy.aggregator" in out
     for option in ("worker_momentum", "arc", "static_clip"):
@@ -228,8 +229,8 @@ def test_fit_help_documents_strategy_options(capsys):
 
 
 def test_python_dash_m_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "lightning_clip.cli", "--version"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "lightning_clip.tools.cli", "--version"], capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0 and "lightning-clip" in proc.stdout
 
 

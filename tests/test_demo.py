@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_clip.demo import AddingRNN, adding_problem, load_digits_tensors
-from lightning_clip.robust.partition import dirichlet_split, extreme_split
+from lightning_clip.sim.data import adding_problem, load_digits_tensors
+from lightning_clip.sim.partition import dirichlet_split, extreme_split
+from lightning_clip.tools.demo import AddingRNN
 
 
 def test_adding_problem_targets_are_sums_of_marked_values():
@@ -58,7 +59,8 @@ def test_dirichlet_shards_give_every_rank_the_same_number_of_batches_from_its_ow
     """Unequal batch counts deadlock DDP at the epoch end; Lightning must not re-shard the shards either."""
     from torch.utils.data.distributed import DistributedSampler
 
-    from lightning_clip.demo import DigitsDataModule, ShardSampler
+    from lightning_clip.sim.data import ShardSampler
+    from lightning_clip.tools.demo import DigitsDataModule
 
     world, lengths, firsts = 5, set(), []
     for rank in range(world):
@@ -87,7 +89,7 @@ def test_dirichlet_shards_give_every_rank_the_same_number_of_batches_from_its_ow
 
 
 def test_shard_sampler_validation():
-    from lightning_clip.demo import ShardSampler
+    from lightning_clip.sim.data import ShardSampler
 
     with pytest.raises(ValueError, match="num_samples"):
         ShardSampler(torch.utils.data.TensorDataset(torch.zeros(3)), 0)

@@ -11,8 +11,8 @@ import torch
 from conftest import TinyRegressor, make_loader, make_trainer
 from torch import nn
 
-from lightning_clip.demo import AddingProblemDataModule, AddingRNN
-from lightning_clip.finder import ClipThresholdResult, find_clip_threshold
+from lightning_clip.tools.demo import AddingProblemDataModule, AddingRNN
+from lightning_clip.tools.finder import ClipThresholdResult, find_clip_threshold
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

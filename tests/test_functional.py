@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch.nn.utils import clip_grad_norm_, clip_grad_value_
 
-from lightning_clip.functional import (
+from lightning_clip.core.functional import (
     EPS,
     clip_coefficient,
     clip_grads_by_value_,
     clip_grads_with_norm_,
     scale_grads_,
 )
-from lightning_clip.grads import gradient_stats
+from lightning_clip.core.grads import gradient_stats
 
 SHAPES = [(3,), (5, 4), (7, 2, 3), (1,), (100,), (33, 17), (64, 65)]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn.utils import get_total_norm
 
-from lightning_clip.grads import GradientStats, collect_grads, gradient_stats
+from lightning_clip.core.grads import GradientStats, collect_grads, gradient_stats
 
 SHAPES = [(3,), (5, 4), (7, 2, 3), (1,), (100,), (33, 17), (300, 500), (2, 1, 1, 9)]
 
@@ -232,7 +232,7 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-from lightning_clip.grads import gradient_stats
+from lightning_clip.core.grads import gradient_stats
 
 
 def randn(shape, seed):

@@ -25,21 +25,21 @@ PKG_DIR = Path(__file__).resolve().parents[1] / "lightning_clip"
 
 #: modules that must stay usable from a plain PyTorch loop (path relative to the package, without ".py")
 PURE_MODULES = [
-    "grads",
-    "thresholds",
-    "functional",
+    "core/grads",
+    "core/thresholds",
+    "core/functional",
     "exceptions",
     "tags",
     "robust/arc",
     "robust/aggregators",
-    "robust/attacks",
-    # pure torch by the same rule (only callbacks/, robust/strategy.py and cli.py are Lightning glue)
-    "robust/comm_hook",
-    "robust/partition",
+    "sim/attacks",
+    # pure torch by the same rule (only callbacks/, distributed/strategy.py and tools/ are Lightning glue)
+    "distributed/hook",
+    "sim/partition",
 ]
 
 FORBIDDEN_ROOTS = ("lightning", "pytorch_lightning", "lightning_fabric")
-FORBIDDEN_OWN = ("lightning_clip.callbacks", "lightning_clip.cli", "lightning_clip.robust.strategy")
+FORBIDDEN_OWN = ("lightning_clip.callbacks", "lightning_clip.tools", "lightning_clip.distributed.strategy")
 
 
 def _dotted(rel: str) -> str:
@@ -115,8 +115,8 @@ def test_source_check_is_not_vacuous(tmp_path):
     sample.write_text(textwrap.dedent("""
         import torch
         import lightning.pytorch as pl
-        from lightning_clip.callbacks._step import step_state
-        from ..robust import strategy
+        from lightning_clip.callbacks.step import step_state
+        from ..distributed import strategy
         from lightning_clip import GradientClipping
         def later():
             import pytorch_lightning
@@ -126,14 +126,14 @@ def test_source_check_is_not_vacuous(tmp_path):
     bad = [n for n in names if _is_forbidden(n) or n.startswith("lightning_clip.__init__:")]
     assert set(bad) == {
         "lightning.pytorch",
-        "lightning_clip.callbacks._step",
-        "lightning_clip.callbacks._step.step_state",
-        "lightning_clip.robust.strategy",
+        "lightning_clip.callbacks.step",
+        "lightning_clip.callbacks.step.step_state",
+        "lightning_clip.distributed.strategy",
         "lightning_clip.__init__:GradientClipping",
         "pytorch_lightning",
         "lightning_fabric",
     }
-    assert "torch" in names and not _is_forbidden("torch") and not _is_forbidden("lightning_clip.grads")
+    assert "torch" in names and not _is_forbidden("torch") and not _is_forbidden("lightning_clip.core.grads")
     assert not _is_forbidden("lightning_clipper")
 
 
@@ -211,8 +211,7 @@ print(json.dumps({"before": before, "module": cls.__module__, "registered": "ddp
 
 
 @pytest.mark.parametrize("name,module", [("GradientClipping", "lightning_clip.callbacks.clipping"),
-                                         ("ARCDDPStrategy", "lightning_clip.robust.strategy"),
-                                         ("find_clip_threshold", "lightning_clip.finder")])
+                                         ("ARCDDPStrategy", "lightning_clip.distributed.strategy")])
 def test_glue_is_loaded_on_first_use_and_registers_ddp_arc(name, module):
     proc = subprocess.run([sys.executable, "-c", _GLUE_SCRIPT, name], capture_output=True, text=True, timeout=120,
                           cwd=str(PKG_DIR.parent))

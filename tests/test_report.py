@@ -17,8 +17,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lightning_clip import GradientClipping, GradientNormMonitor
 from lightning_clip.callbacks.tb_layout import build_layout, write_layout
-from lightning_clip.cli import main
-from lightning_clip.report import (
+from lightning_clip.tools.cli import main
+from lightning_clip.tools.report import (
     clip_rate_advice,
     clip_rate_band,
     find_runs,
@@ -33,7 +33,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _independent_scalars(run_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Read every scalar straight from the event files (not through lightning_clip.report)."""
+    """Read every scalar straight from the event files (not through lightning_clip.tools.report)."""
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     out = {}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_clip.thresholds import (
+from lightning_clip.core.thresholds import (
     FixedThreshold,
     PercentileThreshold,
     ThresholdPolicy,

@@ -12,11 +12,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clip import tags
-from lightning_clip.callbacks._step import log_values, should_log, step_state
+from lightning_clip.callbacks.step import log_values, should_log, step_state
+from lightning_clip.core.functional import clip_grads_by_value_, clip_grads_with_norm_
+from lightning_clip.core.grads import gradient_stats
+from lightning_clip.core.thresholds import FixedThreshold, ThresholdPolicy, as_policy
 from lightning_clip.exceptions import check_choice
-from lightning_clip.functional import clip_grads_by_value_, clip_grads_with_norm_
-from lightning_clip.grads import gradient_stats
-from lightning_clip.thresholds import FixedThreshold, ThresholdPolicy, as_policy
 
 __all__ = ["GradientClipping"]
 
@@ -179,7 +179,7 @@ class GradientClipping(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.summary:
             return
-        from lightning_clip.report import clip_rate_advice
+        from lightning_clip.tools.report import clip_rate_advice
 
         for idx, h in self.health().items():
             name = f"optimizer {idx}" if len(self.steps) > 1 else "gradients"

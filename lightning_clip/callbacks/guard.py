@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_clip import tags
-from lightning_clip.callbacks._step import StepState, log_values, should_log, step_state
+from lightning_clip.callbacks.step import StepState, log_values, should_log, step_state
 from lightning_clip.exceptions import NonFiniteGradientError, check_choice, check_positive_int
 
 __all__ = ["NonFiniteGradientGuard"]

@@ -137,7 +137,7 @@ def test_bad_arguments(kwargs, exc, match):
 
 
 def test_stacked_callbacks_measure_once(tmp_path, monkeypatch):
-    import lightning_clip.callbacks._step as step_mod
+    import lightning_clip.callbacks.step as step_mod
 
     calls = []
     real = step_mod.gradient_stats

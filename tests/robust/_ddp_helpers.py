@@ -3,7 +3,7 @@
 Two kinds of runs:
 
 * :func:`raw_worker` -- ``torch.multiprocessing.spawn`` target: a gloo process group, plain
-  ``DistributedDataParallel`` models with :func:`~lightning_clip.robust.comm_hook.arc_hook`
+  ``DistributedDataParallel`` models with :func:`~lightning_clip.distributed.hook.arc_hook`
   registered directly, many small scenarios in one process group; results saved per rank.
 * :class:`ARCModule` -- a LightningModule for ``Trainer(strategy=ARCDDPStrategy(start_method="spawn"))``.
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_clip.robust.comm_hook import ARCHookState, arc_hook
+from lightning_clip.distributed.hook import ARCHookState, arc_hook
 
 #: Per-rank loss multipliers: rank 2's gradient is the largest, so ARC (f=1, n=3, k=1) clips it.
 LOSS_SCALE = (1.0, 3.0, 10.0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lightning_clip.robust.aggregators import aggregate
-from lightning_clip.robust.attacks import (
+from lightning_clip.sim.attacks import (
     ADAPTIVE_ATTACKS,
     ALIE_LS_GRID,
     ATTACK_NAMES,

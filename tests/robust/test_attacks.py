@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_clip.robust.attacks import (
+from lightning_clip.sim.attacks import (
     ATTACKS,
     FOE_EPS,
     IPM_EPS,

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _ddp_helpers as h  # noqa: E402
 
 from lightning_clip import ARCDDPStrategy  # noqa: E402
+from lightning_clip.distributed.hook import ARCHookState  # noqa: E402
 from lightning_clip.robust.aggregators import aggregate  # noqa: E402
-from lightning_clip.robust.attacks import ByzantineSpec  # noqa: E402
-from lightning_clip.robust.comm_hook import ARCHookState  # noqa: E402
+from lightning_clip.sim.attacks import ByzantineSpec  # noqa: E402
 from lightning_clip.tags import ARC_CLIPPED_RANKS, ARC_THRESHOLD, arc_norm_tag  # noqa: E402
 
 N = 3  # ranks

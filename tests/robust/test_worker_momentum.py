@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _ddp_helpers as h  # noqa: E402
 
 from lightning_clip import ARCDDPStrategy  # noqa: E402
+from lightning_clip.distributed.hook import ARCHookState, arc_hook  # noqa: E402
+from lightning_clip.distributed.strategy import WORKER_MOMENTUM_KEY  # noqa: E402
 from lightning_clip.robust.aggregators import aggregate  # noqa: E402
-from lightning_clip.robust.attacks import ByzantineSpec  # noqa: E402
-from lightning_clip.robust.comm_hook import ARCHookState, arc_hook  # noqa: E402
-from lightning_clip.robust.strategy import WORKER_MOMENTUM_KEY  # noqa: E402
+from lightning_clip.sim.attacks import ByzantineSpec  # noqa: E402
 
 N = 3  # ranks
 F = 1  # num_byzantine: k = 1, ARC clips rank 2 (the largest loss scale)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_clip.grads import GradientStats, gradient_stats
+from lightning_clip.core.grads import GradientStats, gradient_stats
 
 __all__ = ["StepState", "log_values", "optimizer_index", "should_log", "step_state", "unwrap_optimizer"]
 

@@ -11,7 +11,7 @@
     lightning-clip find-threshold --config configs/monitor.yaml [--num-batches N] [--percentile P]
 
 ``fit`` (and ``validate``/``test``/``predict``) is a :class:`~lightning.pytorch.cli.LightningCLI` over
-any LightningModule/LightningDataModule (``model: {class_path: lightning_clip.demo.AddingRNN}``);
+any LightningModule/LightningDataModule (``model: {class_path: lightning_clip.tools.demo.AddingRNN}``);
 callbacks, threshold policies and the strategy are ``class_path``/``init_args`` entries, nested as
 deep as needed. Invalid values exit with status 2 and a one-paragraph ``error:`` line naming the
 option (set ``LIGHTNING_CLIP_DEBUG=1`` for the full traceback).
@@ -54,8 +54,8 @@ option can be overridden on the command line. Options of one class:
   lightning-clip fit --help                                           trainer/model/data options
   lightning-clip fit --trainer.callbacks.help lightning_clip.GradientClipping
                      (also lightning_clip.GradientNormMonitor, lightning_clip.NonFiniteGradientGuard)
-  lightning-clip fit --trainer.strategy.help lightning_clip.robust.strategy.ARCDDPStrategy
-  lightning-clip fit --model.help lightning_clip.demo.AddingRNN
+  lightning-clip fit --trainer.strategy.help lightning_clip.distributed.strategy.ARCDDPStrategy
+  lightning-clip fit --model.help lightning_clip.tools.demo.AddingRNN
 Invalid values exit with status 2 and one `error:` line naming the option
 (LIGHTNING_CLIP_DEBUG=1 prints the full traceback).
 """
@@ -90,7 +90,7 @@ def _owner(tb: TracebackType | None) -> str | None:
             continue
         module = type(obj).__module__ or ""
         if module.startswith("lightning_clip") and not module.startswith(("lightning_clip.exceptions",
-                                                                            "lightning_clip.cli")):
+                                                                            "lightning_clip.tools.cli")):
             return type(obj).__name__
         if frame.f_code.co_name == "__init__" and not module.startswith(
             ("lightning", "jsonargparse", "torch", "argparse", "builtins")
@@ -166,7 +166,7 @@ def _fail(exc: BaseException) -> int:
 def _register_strategies() -> None:
     """Import the optional strategy module so that ``strategy: ddp_arc`` and its class_path resolve."""
     with contextlib.suppress(ImportError):
-        import lightning_clip.robust.strategy  # noqa: F401  (registers "ddp_arc")
+        import lightning_clip.distributed.strategy  # noqa: F401  (registers "ddp_arc")
 
 
 def _import_lightning_cli() -> Any:
@@ -369,8 +369,8 @@ def _demo(ns: argparse.Namespace) -> int:
     import torch
 
     from lightning_clip import GradientClipping, PercentileThreshold
-    from lightning_clip.demo import AddingProblemDataModule, AddingRNN
-    from lightning_clip.report import format_report, load_reports, plot_report
+    from lightning_clip.tools.demo import AddingProblemDataModule, AddingRNN
+    from lightning_clip.tools.report import format_report, load_reports, plot_report
 
     threshold: Any = ns.threshold
     if ns.percentile is not None:
@@ -404,7 +404,7 @@ def _demo(ns: argparse.Namespace) -> int:
 
 
 def _report(ns: argparse.Namespace) -> int:
-    from lightning_clip.report import format_report, load_reports, plot_report
+    from lightning_clip.tools.report import format_report, load_reports, plot_report
 
     reports = load_reports(ns.log_dir)
     for i, rep in enumerate(reports):
@@ -424,7 +424,7 @@ def _report(ns: argparse.Namespace) -> int:
 
 
 def _find_threshold(ns: argparse.Namespace, passthrough: list[str]) -> int:
-    from lightning_clip.finder import find_clip_threshold
+    from lightning_clip.tools.finder import find_clip_threshold
 
     args: list[str] = []
     for cfg in ns.config:

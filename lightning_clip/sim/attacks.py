@@ -43,7 +43,7 @@ go to the smallest factor. The evaluated stack puts the honest rows first, then 
 
 Data-level attacks (label flipping, gradient ascent on the negated loss, seed ``001``) corrupt the
 gradient itself, not the vector sent; they are switches of
-:class:`~lightning_clip.demo.DigitsClassifier` (``label_flip``, ``gradient_ascent`` with
+:class:`~lightning_clip.tools.demo.DigitsClassifier` (``label_flip``, ``gradient_ascent`` with
 ``byzantine_ranks``), keyed on the module's ``global_rank`` so they work per DDP rank.
 
 :class:`ByzantineSpec` says which ranks misbehave and how; :func:`fixed_clip_defence` is the

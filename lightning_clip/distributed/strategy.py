@@ -3,7 +3,7 @@
 Each rank's local gradient is clipped by Adaptive Robust Clipping (arXiv 2405.14432) across the ranks
 *before* the average, so up to ``num_byzantine`` misbehaving ranks (NaN/Inf, huge or reversed
 gradients) cannot dominate the update. The work happens in the DDP communication hook
-:func:`~lightning_clip.robust.comm_hook.arc_hook`; see that module for the algorithm and its traffic:
+:func:`~lightning_clip.distributed.hook.arc_hook`; see that module for the algorithm and its traffic:
 
 ================= ======================================== =========================================
 aggregator        gradient traffic per step                extra memory per rank
@@ -27,7 +27,7 @@ Worker momentum (``worker_momentum=beta``, the ARC paper's Robust D-SHB): every 
 ``m <- beta m + (1 - beta) g`` (``m_0 = 0``) of its local gradient instead of the gradient; ARC and the
 aggregator run on the momenta and the optimizer steps on their aggregate. Use it with a momentum-free
 optimizer (``SGD(momentum=0)``, as the paper); a momentum optimizer on top is "double momentum" (see
-:mod:`lightning_clip.robust.comm_hook`). Example::
+:mod:`lightning_clip.distributed.hook`). Example::
 
     Trainer(devices=8, strategy=ARCDDPStrategy(num_byzantine=1, aggregator="cwtm", nnm=True,
                                                worker_momentum=0.9))
@@ -71,16 +71,16 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from lightning_clip.callbacks._step import should_log
-from lightning_clip.robust.arc import ARCStats
-from lightning_clip.robust.attacks import ByzantineSpec
-from lightning_clip.robust.comm_hook import (
+from lightning_clip.callbacks.step import should_log
+from lightning_clip.distributed.hook import (
     ARCHookState,
     _as_spec,
     arc_hook,
     check_arc_arguments,
     check_world_size,
 )
+from lightning_clip.robust.arc import ARCStats
+from lightning_clip.sim.attacks import ByzantineSpec
 from lightning_clip.tags import ARC_CLIPPED_RANKS, ARC_THRESHOLD, arc_norm_tag
 
 __all__ = ["WORKER_MOMENTUM_KEY", "ARCDDPStrategy"]
@@ -108,7 +108,7 @@ class ARCDDPStrategy(DDPStrategy):
             ``"median"``, ``"geomed"``, ``"krum"``, ``"multikrum"`` (all-gather of every gradient).
         nnm: Apply nearest-neighbour mixing before the aggregator (forces the all-gather path).
         byzantine: Simulated Byzantine ranks for experiments and tests: a
-            :class:`~lightning_clip.robust.attacks.ByzantineSpec` or its config dict, e.g.
+            :class:`~lightning_clip.sim.attacks.ByzantineSpec` or its config dict, e.g.
             ``{"ranks": [1], "attack": "sign_flip"}``. ``None`` (the default) in real runs.
         log_arc: Log ``arc/threshold``, ``arc/clipped_ranks`` and ``arc/norm_rank<i>``.
         seed: Seed of the ``gaussian`` attack simulation.

@@ -34,9 +34,9 @@ import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 
-from lightning_clip.callbacks._step import optimizer_index, unwrap_optimizer
+from lightning_clip.callbacks.step import optimizer_index, unwrap_optimizer
+from lightning_clip.core.grads import gradient_stats
 from lightning_clip.exceptions import check_fraction, check_positive_int
-from lightning_clip.grads import gradient_stats
 
 __all__ = ["ClipThresholdResult", "find_clip_threshold"]
 

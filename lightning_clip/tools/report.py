@@ -243,7 +243,7 @@ class OptimizerHealth:
 
 @dataclass
 class ARCHealth:
-    """What ARC did across the ranks (``arc/*`` tags of :class:`~lightning_clip.robust.strategy.ARCDDPStrategy`).
+    """What ARC did across the ranks (``arc/*`` tags of :class:`~lightning_clip.distributed.strategy.ARCDDPStrategy`).
 
     Attributes:
         logged_steps: number of logged ``arc/clipped_ranks`` values.

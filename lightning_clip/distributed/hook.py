@@ -1,6 +1,6 @@
 """The DDP communication hook that runs ARC across the ranks' local gradients before they are averaged.
 
-Usage with plain PyTorch (the :class:`~lightning_clip.robust.strategy.ARCDDPStrategy` does this for you)::
+Usage with plain PyTorch (the :class:`~lightning_clip.distributed.strategy.ARCDDPStrategy` does this for you)::
 
     state = ARCHookState(process_group=None, num_byzantine=1)
     ddp_model.register_comm_hook(state, arc_hook)
@@ -63,7 +63,7 @@ convention of its reference library ByzFL:
 
 (no bias correction). On the last bucket, before anything else, each rank updates its buffer from
 its flat local gradient ``g`` (DDP's locally accumulated gradient, after any data-level corruption
-such as label flipping or gradient ascent, see :class:`~lightning_clip.demo.DigitsClassifier`) and
+such as label flipping or gradient ascent, see :class:`~lightning_clip.tools.demo.DigitsClassifier`) and
 writes ``m`` into the buckets; the steps above then run unchanged on the momenta. A simulated
 Byzantine rank transforms the momentum it *sends* (the paper's Byzantine workers send arbitrary
 vectors) while its own buffer keeps the untransformed momentum (so ``scale`` does not compound over
@@ -99,7 +99,7 @@ seeds the ``gaussian`` attack simulation; the strategy re-derives it from ``trai
 training starts. The worker-momentum buffers are rank-local state a resume needs:
 :meth:`ARCHookState.momentum_vector` flattens this rank's buffers in a parameter order the caller
 gives (zeros before the first step) and :meth:`ARCHookState.load_momentum_vector` puts such a vector
-back; :class:`~lightning_clip.robust.strategy.ARCDDPStrategy` gathers every rank's vector into the
+back; :class:`~lightning_clip.distributed.strategy.ARCDDPStrategy` gathers every rank's vector into the
 checkpoint and gives each rank its own row on resume. Pickling the state drops the buffers (they are
 keyed by live parameter objects).
 """
@@ -119,7 +119,7 @@ from torch import Tensor
 from lightning_clip.exceptions import check_choice, check_fraction, check_non_negative_int, check_positive_float
 from lightning_clip.robust.aggregators import AGGREGATORS, _static_clip_with_scales, aggregate, static_clip_scales
 from lightning_clip.robust.arc import ARCStats, arc_num_clipped, arc_stats
-from lightning_clip.robust.attacks import Aggregation, ByzantineSpec
+from lightning_clip.sim.attacks import Aggregation, ByzantineSpec
 
 __all__ = ["ARCHookState", "arc_hook", "check_static_clip", "check_worker_momentum", "check_world_size"]
 
@@ -198,7 +198,7 @@ class ARCHookState:
             :data:`~lightning_clip.robust.aggregators.AGGREGATORS` (all-gather of the gradients).
         nnm: Apply nearest-neighbour mixing before the aggregator (needs the all-gather path).
         byzantine: Simulated Byzantine ranks and their attack (a
-            :class:`~lightning_clip.robust.attacks.ByzantineSpec` or its ``from_config`` dict); ``None``
+            :class:`~lightning_clip.sim.attacks.ByzantineSpec` or its ``from_config`` dict); ``None``
             in real runs.
         seed: Seed of the ``gaussian`` attack simulation (combined with the rank and the step).
         worker_momentum: ``beta`` in ``[0, 1)``: each rank sends the momentum

@@ -1,7 +1,7 @@
 """Pure clipping primitives (torch only). Trailing underscore = in place.
 
 Measuring is split from scaling, as in :mod:`torch.nn.utils.clip_grad`: the caller measures once
-(:func:`lightning_clip.grads.gradient_stats`) and hands the total norm in. The scale coefficient is
+(:func:`lightning_clip.core.grads.gradient_stats`) and hands the total norm in. The scale coefficient is
 clamped, never branched on, so nothing here synchronises the host with the device.
 """
 

@@ -1,0 +1,31 @@
+"""The pure-torch core: one-pass gradient statistics, clipping primitives and threshold policies.
+
+Nothing here imports Lightning or ``torch.distributed``: usable from a plain PyTorch loop or Fabric.
+"""
+
+from lightning_clip.core.functional import clip_coefficient, clip_grads_by_value_, clip_grads_with_norm_, scale_grads_
+from lightning_clip.core.grads import GradientStats, collect_grads, gradient_stats
+from lightning_clip.core.thresholds import (
+    FixedThreshold,
+    PercentileThreshold,
+    ThresholdPolicy,
+    WarmupThreshold,
+    ZScoreThreshold,
+    as_policy,
+)
+
+__all__ = [
+    "FixedThreshold",
+    "GradientStats",
+    "PercentileThreshold",
+    "ThresholdPolicy",
+    "WarmupThreshold",
+    "ZScoreThreshold",
+    "as_policy",
+    "clip_coefficient",
+    "clip_grads_by_value_",
+    "clip_grads_with_norm_",
+    "collect_grads",
+    "gradient_stats",
+    "scale_grads_",
+]
