@@ -1,46 +1,198 @@
-"""Every logged metric name (TensorBoard tag) in one place.
+"""Every logged metric name (TensorBoard tag) in one place: how to write it and how to read it back.
 
-========================== ==========================================================
-tag                        meaning (per optimizer step)
-========================== ==========================================================
-``grad_norm/total``        L2 norm of the optimizer's gradients before clipping
-``grad_norm/<param name>`` per-parameter L2 norm before clipping (opt-in)
-``grad_clip/threshold``    threshold in force this step
-``grad_norm/clipped_total`` L2 norm after clipping
-``grad_clip/clip_rate``    fraction of optimizer steps clipped so far
-``grad_nonfinite/skipped`` number of optimizer steps skipped so far (guard, ``"skip"``)
-``arc/threshold``          ARC clipping threshold across ranks
-``arc/clipped_ranks``      number of ranks ARC clipped this step
-``arc/norm_rank<i>``       local gradient norm of rank ``i`` before ARC
-========================== ==========================================================
+============================ ==========================================================
+tag                          meaning (per optimizer step)
+============================ ==========================================================
+``grad_norm/total``          L2 norm of the optimizer's gradients before clipping
+``grad_norm/<param name>``   per-parameter L2 norm before clipping (opt-in)
+``grad_norm/clipped_total``  L2 norm after clipping
+``grad_clip/threshold``      threshold in force this step
+``grad_clip/clip_rate``      fraction of optimizer steps clipped so far
+``grad_nonfinite/skipped``   number of optimizer steps skipped so far (guard, ``"skip"``)
+``grad_hist/<param name>``   histogram of a parameter's gradient (TensorBoard only)
+``arc/threshold``            ARC clipping threshold across ranks
+``arc/clipped_ranks``        number of ranks ARC clipped this step
+``arc/norm_rank<i>``         local gradient norm of rank ``i`` before ARC
+============================ ==========================================================
 
-With several optimizers the suffix ``_opt<i>`` is appended to each ``grad_*`` tag.
+With several optimizers the suffix ``_opt<i>`` is appended to each ``grad_*`` tag (``arc/*`` tags
+have no suffix: the strategy has one gradient). The progress bar shows :data:`PROGRESS_BAR_NORM`.
+
+Writing: :func:`with_optimizer`, :func:`param_tag`, :func:`histogram_tag`, :func:`arc_norm_tag`.
+Reading: :func:`parse` (every kind at once), or :func:`split_optimizer`, :func:`param_name`,
+:func:`arc_norm_rank` alone; :func:`tag_regex` and the ``*_PATTERN`` expressions select tags.
+A parameter named ``total`` or ``clipped_total`` would share its tag with the totals; :func:`parse`
+reads such a tag as the total.
 """
 
 from __future__ import annotations
 
-GRAD_NORM_TOTAL = "grad_norm/total"
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "ARC_CLIPPED_RANKS",
+    "ARC_NORM_RANK",
+    "ARC_NORM_RANK_PATTERN",
+    "ARC_PREFIX",
+    "ARC_THRESHOLD",
+    "CLIP_RATE",
+    "CLIP_THRESHOLD",
+    "GRAD_NORM_CLIPPED",
+    "GRAD_NORM_PREFIX",
+    "GRAD_NORM_TOTAL",
+    "HISTOGRAM_PREFIX",
+    "NONFINITE_SKIPPED",
+    "OPTIMIZER_SUFFIX_PATTERN",
+    "PARAM_NORM_PATTERN",
+    "PROGRESS_BAR_NORM",
+    "STEP_TAGS",
+    "Tag",
+    "arc_norm_rank",
+    "arc_norm_tag",
+    "histogram_tag",
+    "param_name",
+    "param_tag",
+    "parse",
+    "split_optimizer",
+    "tag_regex",
+    "with_optimizer",
+]
+
 GRAD_NORM_PREFIX = "grad_norm/"
-GRAD_NORM_CLIPPED = "grad_norm/clipped_total"
+GRAD_NORM_TOTAL = GRAD_NORM_PREFIX + "total"
+GRAD_NORM_CLIPPED = GRAD_NORM_PREFIX + "clipped_total"
 CLIP_THRESHOLD = "grad_clip/threshold"
 CLIP_RATE = "grad_clip/clip_rate"
 NONFINITE_SKIPPED = "grad_nonfinite/skipped"
 HISTOGRAM_PREFIX = "grad_hist/"
-ARC_THRESHOLD = "arc/threshold"
-ARC_CLIPPED_RANKS = "arc/clipped_ranks"
-ARC_NORM_RANK = "arc/norm_rank{rank}"
+ARC_PREFIX = "arc/"
+ARC_THRESHOLD = ARC_PREFIX + "threshold"
+ARC_CLIPPED_RANKS = ARC_PREFIX + "clipped_ranks"
+ARC_NORM_RANK = ARC_PREFIX + "norm_rank{rank}"
+#: Progress-bar key of the pre-clip total norm (``GradientNormMonitor(prog_bar=True)``).
+PROGRESS_BAR_NORM = GRAD_NORM_PREFIX.rstrip("/")
+
+#: The per-step tags of one optimizer (without suffix), in the order the callbacks document them.
+STEP_TAGS: tuple[str, ...] = (GRAD_NORM_TOTAL, GRAD_NORM_CLIPPED, CLIP_THRESHOLD, CLIP_RATE, NONFINITE_SKIPPED)
+
+# The patterns below have one plain group at most (no named groups): TensorBoard's layout uses them too.
+_OPT = "_opt"
+_SUFFIX = re.escape(_OPT) + r"\d+"
+#: Matches the ``_opt<i>`` suffix at the end of a tag (group 1: ``i``).
+OPTIMIZER_SUFFIX_PATTERN = re.compile(re.escape(_OPT) + r"(\d+)$")
+#: Matches a per-parameter norm tag, with or without the suffix (not the totals).
+PARAM_NORM_PATTERN = re.compile(
+    "^" + re.escape(GRAD_NORM_PREFIX)
+    + "(?!(?:" + "|".join(re.escape(t[len(GRAD_NORM_PREFIX):]) for t in (GRAD_NORM_TOTAL, GRAD_NORM_CLIPPED))
+    + ")(?:" + _SUFFIX + ")?$).+"
+)
+_ARC_RANK_HEAD, _ARC_RANK_TAIL = ARC_NORM_RANK.split("{rank}")
+#: Matches ``arc/norm_rank<i>`` (group 1: ``i``).
+ARC_NORM_RANK_PATTERN = re.compile("^" + re.escape(_ARC_RANK_HEAD) + r"(\d+)" + re.escape(_ARC_RANK_TAIL) + "$")
+
+
+def _check_index(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"Expected argument `{name}` to be a non-negative integer but got {value!r}")
+    return value
 
 
 def with_optimizer(tag: str, optimizer_idx: int, num_optimizers: int) -> str:
     """Append ``_opt<i>`` to ``tag`` when the trainer has several optimizers."""
-    return f"{tag}_opt{optimizer_idx}" if num_optimizers > 1 else tag
+    _check_index("optimizer_idx", optimizer_idx)
+    return f"{tag}{_OPT}{optimizer_idx}" if num_optimizers > 1 else tag
+
+
+def split_optimizer(tag: str, suffixed: bool | None = None) -> tuple[str, int | None]:
+    """Split ``tag`` into the tag without ``_opt<i>`` and ``i`` (``None`` without a suffix).
+
+    Args:
+        tag: a logged tag.
+        suffixed: whether the run had several optimizers (every ``grad_*`` tag then ends with
+            ``_opt<i>``). ``None`` strips a trailing ``_opt<i>`` whenever there is one, which misreads
+            a single-optimizer parameter whose own name ends with ``_opt<digits>``.
+    """
+    if suffixed is False:
+        return tag, None
+    m = OPTIMIZER_SUFFIX_PATTERN.search(tag)
+    if m is None:
+        return tag, None
+    return tag[: m.start()], int(m.group(1))
+
+
+def tag_regex(tag: str, any_optimizer: bool = False) -> str:
+    """A regular expression matching exactly ``tag`` (``any_optimizer``: also ``tag`` + ``_opt<i>``)."""
+    return "^" + re.escape(tag) + ("(?:" + _SUFFIX + ")?" if any_optimizer else "") + "$"
 
 
 def param_tag(name: str) -> str:
     """Tag of the per-parameter norm of parameter ``name``."""
-    return f"{GRAD_NORM_PREFIX}{name}"
+    return GRAD_NORM_PREFIX + name
+
+
+def param_name(tag: str) -> str | None:
+    """The parameter name of a per-parameter norm tag without suffix (``None`` for any other tag)."""
+    if not tag.startswith(GRAD_NORM_PREFIX) or tag in (GRAD_NORM_TOTAL, GRAD_NORM_CLIPPED):
+        return None
+    name = tag[len(GRAD_NORM_PREFIX):]
+    return name or None
+
+
+def histogram_tag(name: str) -> str:
+    """Tag of the gradient histogram of parameter ``name``."""
+    return HISTOGRAM_PREFIX + name
 
 
 def arc_norm_tag(rank: int) -> str:
     """Tag of rank ``rank``'s local gradient norm before ARC."""
-    return ARC_NORM_RANK.format(rank=rank)
+    return ARC_NORM_RANK.format(rank=_check_index("rank", rank))
+
+
+def arc_norm_rank(tag: str) -> int | None:
+    """The rank of an ``arc/norm_rank<i>`` tag (``None`` for any other tag)."""
+    m = ARC_NORM_RANK_PATTERN.match(tag)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class Tag:
+    """A logged tag, read back.
+
+    Attributes:
+        base: the tag without the ``_opt<i>`` suffix; for per-parameter tags the prefix
+            :data:`GRAD_NORM_PREFIX` / :data:`HISTOGRAM_PREFIX`, for rank norms :data:`ARC_NORM_RANK`.
+        optimizer: ``i`` of the suffix, ``None`` without one.
+        param: the parameter name of a per-parameter norm or histogram tag.
+        rank: the rank of an ``arc/norm_rank<i>`` tag.
+    """
+
+    base: str
+    optimizer: int | None = None
+    param: str | None = None
+    rank: int | None = None
+
+
+def parse(tag: str, suffixed: bool | None = None) -> Tag | None:
+    """Read ``tag`` back; ``None`` when this package does not write it.
+
+    Args:
+        tag: a logged tag.
+        suffixed: whether the run had several optimizers (see :func:`split_optimizer`).
+    """
+    rank = arc_norm_rank(tag)
+    if rank is not None:
+        return Tag(ARC_NORM_RANK, rank=rank)
+    if tag in (ARC_THRESHOLD, ARC_CLIPPED_RANKS):
+        return Tag(tag)
+    if tag in STEP_TAGS:  # a total never carries a suffix-looking name
+        return Tag(tag)
+    base, idx = split_optimizer(tag, suffixed)
+    if base in STEP_TAGS:
+        return Tag(base, idx)
+    name = param_name(base)
+    if name is not None:
+        return Tag(GRAD_NORM_PREFIX, idx, param=name)
+    if base.startswith(HISTOGRAM_PREFIX) and len(base) > len(HISTOGRAM_PREFIX):
+        return Tag(HISTOGRAM_PREFIX, idx, param=base[len(HISTOGRAM_PREFIX):])
+    return None

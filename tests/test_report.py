@@ -44,7 +44,7 @@ def _independent_scalars(run_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Clip-rate interpretation (seed 002's table).
+# Clip-rate interpretation.
 
 
 @pytest.mark.parametrize(
@@ -178,6 +178,20 @@ def test_single_optimizer_tags_without_suffix(tmp_path):
     assert report.arc is None
 
 
+def test_single_optimizer_parameter_names_that_look_like_suffixes(tmp_path):
+    # One optimizer (no suffix on the totals): "scale_opt2" is a parameter, not optimizer 2's "scale".
+    writer = SummaryWriter(str(tmp_path))
+    for step in range(3):
+        writer.add_scalar("grad_norm/total", 2.0, step)
+        writer.add_scalar("grad_norm/scale_opt2", float(step), step)
+        writer.add_scalar("grad_norm/block/attn.weight", 5.0, step)
+    writer.close()
+    (report,) = load_reports(tmp_path)
+    (h,) = report.optimizers
+    assert h.optimizer is None
+    assert h.top_parameters == [("block/attn.weight", 5.0), ("scale_opt2", 2.0)]
+
+
 def test_monitor_only_run_has_no_clip_rate(tmp_path):
     writer = SummaryWriter(str(tmp_path))
     for step in range(3):
@@ -255,7 +269,7 @@ def test_layout_groups_and_regexes():
     assert chart[0] == "Multiline"
     for tag in ("grad_norm/total", "grad_norm/clipped_total", "grad_clip/threshold"):
         assert sum(bool(re.search(rx, tag)) for rx in chart[1]) == 1
-    (per_param,) = layout["per-parameter gradient norms"]["grad_norm per parameter"][1]
+    (per_param,) = layout["per-parameter gradient norms"]["norm per parameter"][1]
     assert re.search(per_param, "grad_norm/rnn.weight_hh_l0")
     assert not re.search(per_param, "grad_norm/total")
     assert not re.search(per_param, "grad_norm/clipped_total_opt1")
@@ -315,7 +329,7 @@ def test_demo_logs_hold_the_custom_scalars_layout(demo_run):
     layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
     assert charts["norm vs threshold"] == ["^grad_norm/total$", "^grad_norm/clipped_total$", "^grad_clip/threshold$"]
-    assert "grad_norm per parameter" in charts
+    assert "norm per parameter" in charts
 
 
 def test_report_on_demo_matches_the_event_files(demo_run, tmp_path, capsys):

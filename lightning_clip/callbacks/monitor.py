@@ -33,7 +33,7 @@ class GradientNormMonitor(Callback):
     Args:
         per_parameter: also log each parameter's norm.
         histograms: also write gradient histograms (TensorBoard loggers only).
-        prog_bar: show ``grad_norm/total`` in the progress bar.
+        prog_bar: show the pre-clip total norm in the progress bar.
         log_every_n_steps: override the trainer's ``log_every_n_steps`` for these tags.
     """
 
@@ -89,7 +89,7 @@ class GradientNormMonitor(Callback):
         log_values(trainer, state, values)
         if self.prog_bar:
             pl_module.log(
-                tags.with_optimizer("grad_norm", state.optimizer_idx, state.num_optimizers),
+                tags.with_optimizer(tags.PROGRESS_BAR_NORM, state.optimizer_idx, state.num_optimizers),
                 state.stats.total_norm, on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1,
             )
         if self.histograms:
@@ -97,7 +97,7 @@ class GradientNormMonitor(Callback):
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     for name, g in zip(state.names, state.grads):
-                        tag = tags.with_optimizer(tags.HISTOGRAM_PREFIX + name, state.optimizer_idx,
+                        tag = tags.with_optimizer(tags.histogram_tag(name), state.optimizer_idx,
                                                   state.num_optimizers)
                         logger.experiment.add_histogram(tag, g.detach().float().cpu(), step)
 

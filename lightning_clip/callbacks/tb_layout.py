@@ -9,8 +9,8 @@ category                            charts
 ``gradient clipping``               pre-clip norm, post-clip norm and threshold in one chart
                                     (one chart per optimizer with several optimizers); clip
                                     rate; non-finite steps skipped
-``per-parameter gradient norms``    every ``grad_norm/<parameter>`` tag (regex
-                                    ``grad_norm/(?!total|clipped_total).*``)
+``per-parameter gradient norms``    every per-parameter norm tag
+                                    (:data:`~lightning_clip.tags.PARAM_NORM_PATTERN`)
 ``ARC (robust DDP)``                ARC threshold with each rank's local norm; clipped ranks
 =================================== ===========================================================
 
@@ -20,7 +20,6 @@ demo add it automatically when a TensorBoardLogger is configured).
 
 from __future__ import annotations
 
-import re
 import weakref
 from typing import Any
 
@@ -35,16 +34,8 @@ __all__ = ["TensorBoardLayout", "build_layout", "write_layout"]
 _WRITTEN: weakref.WeakSet[TensorBoardLogger] = weakref.WeakSet()
 
 
-def _exact(tag: str) -> str:
-    return "^" + re.escape(tag) + "$"
-
-
-def _any_opt(tag: str) -> str:
-    return "^" + re.escape(tag) + r"(_opt\d+)?$"
-
-
 def _opt(tag: str, idx: int, num_optimizers: int) -> str:
-    return _exact(tags.with_optimizer(tag, idx, num_optimizers))
+    return tags.tag_regex(tags.with_optimizer(tag, idx, num_optimizers))
 
 
 def build_layout(num_optimizers: int = 1, arc: bool = True) -> dict[str, dict[str, list[Any]]]:
@@ -64,18 +55,19 @@ def build_layout(num_optimizers: int = 1, arc: bool = True) -> dict[str, dict[st
             "Multiline",
             [_opt(t, i, num_optimizers) for t in (tags.GRAD_NORM_TOTAL, tags.GRAD_NORM_CLIPPED, tags.CLIP_THRESHOLD)],
         ]
-    clipping["clip rate"] = ["Multiline", [_any_opt(tags.CLIP_RATE)]]
-    clipping["non-finite steps skipped"] = ["Multiline", [_any_opt(tags.NONFINITE_SKIPPED)]]
+    clipping["clip rate"] = ["Multiline", [tags.tag_regex(tags.CLIP_RATE, any_optimizer=True)]]
+    clipping["non-finite steps skipped"] = ["Multiline", [tags.tag_regex(tags.NONFINITE_SKIPPED, any_optimizer=True)]]
     layout: dict[str, dict[str, list[Any]]] = {
         "gradient clipping": clipping,
         "per-parameter gradient norms": {
-            "grad_norm per parameter": ["Multiline", [r"^grad_norm/(?!total|clipped_total).*"]],
+            "norm per parameter": ["Multiline", [tags.PARAM_NORM_PATTERN.pattern]],
         },
     }
     if arc:
         layout["ARC (robust DDP)"] = {
-            "ARC threshold and local norms": ["Multiline", [_exact(tags.ARC_THRESHOLD), r"^arc/norm_rank\d+$"]],
-            "ranks clipped": ["Multiline", [_exact(tags.ARC_CLIPPED_RANKS)]],
+            "ARC threshold and local norms": ["Multiline", [tags.tag_regex(tags.ARC_THRESHOLD),
+                                                               tags.ARC_NORM_RANK_PATTERN.pattern]],
+            "ranks clipped": ["Multiline", [tags.tag_regex(tags.ARC_CLIPPED_RANKS)]],
         }
     return layout
 

@@ -8,10 +8,10 @@ is testable without a trainer:
   ``metrics.csv``, searched recursively);
 - :func:`read_scalars` reads one run's scalars into ``{tag: Series(steps, values)}``;
 - :func:`summarize` turns them into a :class:`RunReport` (one :class:`OptimizerHealth` per
-  optimizer, from the ``_opt<i>`` suffixes, plus :class:`ARCHealth` when ``arc/*`` tags exist);
+  optimizer, from the ``_opt<i>`` suffixes, plus :class:`ARCHealth` when ARC's tags exist);
 - :func:`format_report` renders it as text and :func:`plot_report` as a PNG (matplotlib, Agg).
 
-Clip-rate reading (seed 002's interpretation table):
+Tags are read with :mod:`lightning_clip.tags`. How to read a clip rate:
 
 =============== ================================ ==========================================
 clip rate       interpretation                   action
@@ -20,7 +20,8 @@ clip rate       interpretation                   action
 1-5%            rare clipping                    fine; the threshold only catches outliers
 5-25%           healthy range                    training is stable
 25-50%          frequent clipping                consider a lower learning rate
-> 50%           excessive clipping               lower the learning rate or check for bugs
+> 50%           excessive clipping               the threshold is too low or the learning rate
+                                                 too high: lower the learning rate
 =============== ================================ ==========================================
 """
 
@@ -54,13 +55,13 @@ __all__ = [
     "summarize",
 ]
 
-#: Clip-rate bands and their reading (seed 002's interpretation table): ``(upper bound, reading)``.
+#: Clip-rate bands and their reading (the table above): ``(upper bound, reading)``.
 CLIP_RATE_BANDS: tuple[tuple[float, str], ...] = (
     (0.01, "threshold may be too high"),
     (0.05, "rare clipping"),
     (0.25, "healthy"),
     (0.50, "frequent: consider a lower learning rate"),
-    (1.01, "excessive: the threshold is too low or training is unstable"),
+    (1.01, "excessive: the threshold is too low or the learning rate too high; lower the learning rate"),
 )
 
 _BAND_LABELS: tuple[str, ...] = ("< 1%", "1-5%", "5-25%", "25-50%", "> 50%")
@@ -75,7 +76,7 @@ def clip_rate_advice(rate: float) -> str:
 
 
 def clip_rate_band(rate: float) -> str:
-    """Return the band of seed 002's table that ``rate`` (in ``[0, 1]``) falls in, e.g. ``"5-25%"``."""
+    """Return the clip-rate band (module docstring) that ``rate`` (in ``[0, 1]``) falls in, e.g. ``"5-25%"``."""
     for (upper, _), label in zip(CLIP_RATE_BANDS, _BAND_LABELS):
         if rate < upper:
             return label
@@ -196,11 +197,11 @@ class OptimizerHealth:
 
     Attributes:
         optimizer: index ``i`` of the ``_opt<i>`` suffix, ``None`` for a single optimizer (no suffix).
-        logged_steps: number of logged pre-clip norms (``grad_norm/total``).
+        logged_steps: number of logged pre-clip total norms.
         first_step: first logged optimizer step.
         last_step: last logged optimizer step.
-        clip_rate: fraction of optimizer steps clipped: the last logged ``grad_clip/clip_rate``
-            (counts every step, logged or not), else the fraction of logged steps clipped; ``None``
+        clip_rate: fraction of optimizer steps clipped: the last logged clip rate (the callback
+            counts every step, logged or not), else the fraction of logged steps clipped; ``None``
             without clipping tags.
         clipped_logged: fraction of logged steps whose post-clip norm is below the pre-clip norm.
         mean_norm: mean of the finite logged pre-clip norms.
@@ -210,11 +211,12 @@ class OptimizerHealth:
         mean_threshold: mean logged threshold (``None`` without clipping).
         last_threshold: last logged threshold (``None`` without clipping).
         nonfinite_steps: logged steps whose pre-clip norm is NaN/Inf.
-        skipped_steps: optimizer steps skipped by the guard (last ``grad_nonfinite/skipped``), if logged.
+        skipped_steps: optimizer steps skipped by the guard (its last logged count), if logged.
         advice: reading of ``clip_rate`` (:func:`clip_rate_advice`).
-        band: the clip-rate band of seed 002's table (:func:`clip_rate_band`).
+        band: the clip-rate band (:func:`clip_rate_band`).
         top_parameters: up to 5 ``(parameter name, max logged norm)``, largest first (per-parameter norms).
-        tags: the logged tag behind each base tag, e.g. ``{"grad_norm/total": "grad_norm/total_opt1"}``.
+        tags: the logged tag behind each tag of :data:`~lightning_clip.tags.STEP_TAGS` (its ``_opt<i>`` form
+            with several optimizers).
     """
 
     optimizer: int | None
@@ -243,17 +245,17 @@ class OptimizerHealth:
 
 @dataclass
 class ARCHealth:
-    """What ARC did across the ranks (``arc/*`` tags of :class:`~lightning_clip.distributed.strategy.ARCDDPStrategy`).
+    """What ARC did across the ranks (the ARC tags of :class:`~lightning_clip.distributed.strategy.ARCDDPStrategy`).
 
     Attributes:
-        logged_steps: number of logged ``arc/clipped_ranks`` values.
+        logged_steps: number of logged clipped-rank counts.
         mean_clipped_ranks: mean number of ranks clipped per logged step.
         max_clipped_ranks: largest number of ranks clipped in one step.
         steps_with_clipping: fraction of logged steps where ARC clipped at least one rank.
-        mean_threshold: mean ARC threshold (``None`` when ``arc/threshold`` is absent).
-        rank_mean_norm: per rank, mean finite local norm before ARC (``arc/norm_rank<i>``).
+        mean_threshold: mean ARC threshold (``None`` when it was not logged).
+        rank_mean_norm: per rank, mean finite local norm before ARC.
         rank_clip_fraction: per rank, fraction of logged steps whose norm exceeded the threshold
-            or was non-finite (needs ``arc/threshold``).
+            or was non-finite (needs the logged threshold).
     """
 
     logged_steps: int = 0
@@ -273,7 +275,7 @@ class RunReport:
         path: the run directory (or file) that was read.
         source: ``"tensorboard"`` or ``"csv"``.
         optimizers: one entry per optimizer, in index order.
-        arc: ARC statistics, if the run logged ``arc/*`` tags.
+        arc: ARC statistics, if the run logged ARC's tags.
         scalars: every scalar tag read (for plotting or further analysis).
     """
 
@@ -282,18 +284,6 @@ class RunReport:
     optimizers: list[OptimizerHealth]
     arc: ARCHealth | None
     scalars: dict[str, Series] = field(repr=False, default_factory=dict)
-
-
-_BASE_TAGS = (tags.GRAD_NORM_TOTAL, tags.GRAD_NORM_CLIPPED, tags.CLIP_THRESHOLD, tags.CLIP_RATE, tags.NONFINITE_SKIPPED)
-_OPT_RE = re.compile(r"^(?P<base>.+)_opt(?P<idx>\d+)$")
-_ARC_RANK_RE = re.compile(r"^arc/norm_rank(?P<rank>\d+)$")
-
-
-def _split_optimizer(tag: str) -> tuple[str, int | None]:
-    m = _OPT_RE.match(tag)
-    if m:
-        return m.group("base"), int(m.group("idx"))
-    return tag, None
 
 
 def _finite(values: np.ndarray) -> np.ndarray:
@@ -362,7 +352,7 @@ def _optimizer_health(idx: int | None, named: Mapping[str, tuple[str, Series]],
 def _arc_health(scalars: Mapping[str, Series]) -> ARCHealth | None:
     clipped = scalars.get(tags.ARC_CLIPPED_RANKS)
     thr = scalars.get(tags.ARC_THRESHOLD)
-    ranks = {int(m.group("rank")): s for t, s in scalars.items() if (m := _ARC_RANK_RE.match(t))}
+    ranks = {rank: s for t, s in scalars.items() if (rank := tags.arc_norm_rank(t)) is not None}
     if clipped is None and thr is None and not ranks:
         return None
     a = ARCHealth()
@@ -387,23 +377,33 @@ def _arc_health(scalars: Mapping[str, Series]) -> ARCHealth | None:
     return a
 
 
+def _has_optimizer_suffixes(scalars: Mapping[str, Series]) -> bool | None:
+    """Whether the run's per-step tags carry ``_opt<i>`` (``None``: no per-step tag to tell)."""
+    for tag in scalars:
+        base, idx = tags.split_optimizer(tag)
+        if idx is not None and base in tags.STEP_TAGS:
+            return True
+    return False if any(tag in tags.STEP_TAGS for tag in scalars) else None
+
+
 def summarize(scalars: Mapping[str, Series], path: str | os.PathLike[str] = "", source: str = "tensorboard"
               ) -> RunReport:
     """Summarise one run's scalars (from :func:`read_scalars`) per optimizer, plus ARC if present.
 
-    Optimizers are told apart by the ``_opt<i>`` suffix of the ``grad_*`` tags; tags without a
+    Optimizers are told apart by the ``_opt<i>`` suffix of the per-step tags; tags without a
     suffix belong to the single optimizer (``OptimizerHealth.optimizer is None``).
     """
+    suffixed = _has_optimizer_suffixes(scalars)
     per_opt: dict[int | None, dict[str, tuple[str, Series]]] = {}
     params: dict[int | None, dict[str, Series]] = {}
     for tag, s in scalars.items():
-        base, idx = _split_optimizer(tag)
-        if tag in _BASE_TAGS:
-            base, idx = tag, None
-        if base in _BASE_TAGS:
-            per_opt.setdefault(idx, {})[base] = (tag, s)
-        elif tag.startswith(tags.GRAD_NORM_PREFIX):
-            params.setdefault(idx, {})[base[len(tags.GRAD_NORM_PREFIX):]] = s
+        parsed = tags.parse(tag, suffixed)
+        if parsed is None:
+            continue
+        if parsed.base in tags.STEP_TAGS:
+            per_opt.setdefault(parsed.optimizer, {})[parsed.base] = (tag, s)
+        elif parsed.base == tags.GRAD_NORM_PREFIX and parsed.param is not None:
+            params.setdefault(parsed.optimizer, {})[parsed.param] = s
     if None in per_opt and len(per_opt) > 1:  # suffix-less tags next to _opt<i> ones: treat as optimizer 0
         merged = per_opt.pop(None)
         per_opt.setdefault(0, {}).update({k: v for k, v in merged.items() if k not in per_opt[0]})
@@ -429,6 +429,9 @@ def load_reports(root: str | os.PathLike[str]) -> list[RunReport]:
 # Rendering.
 
 
+_FAMILIES = ", ".join(dict.fromkeys(t.split("/")[0] + "/*" for t in (*tags.STEP_TAGS, tags.ARC_THRESHOLD)))
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
@@ -437,12 +440,12 @@ def format_report(report: RunReport) -> str:
     """The gradient-health summary of ``report`` as text (one block per optimizer, then ARC)."""
     lines = [f"Run: {report.path} ({report.source})"]
     if not report.optimizers and report.arc is None:
-        lines.append("  no gradient tags (grad_norm/*, grad_clip/*, arc/*) were logged in this run")
+        lines.append(f"  no gradient tags ({_FAMILIES}) were logged in this run")
     for h in report.optimizers:
         span = "" if h.first_step is None else f" (steps {h.first_step}..{h.last_step})"
         lines.append(f"  {h.name}: {h.logged_steps} logged steps{span}")
         if h.clip_rate is None:
-            lines.append("    clip rate: n/a (no grad_clip/* tags: monitoring only)")
+            lines.append("    clip rate: n/a (no clipping tags: monitoring only)")
         else:
             lines.append(f"    clip rate: {h.clip_rate:.1%} [{h.band}] -> {h.advice}")
         lines.append(f"    pre-clip norm: mean {_fmt(h.mean_norm)}, median {_fmt(h.median_norm)}, "
@@ -502,10 +505,9 @@ def plot_report(report: RunReport, path: str | os.PathLike[str]) -> Path:
                 curve(ax, report.scalars.get(tag) if tag else None, style, label, linewidth=1.0)
             ax.set_title("gradient norm" if h.optimizer is None else f"gradient norm, optimizer {h.optimizer}")
         else:
-            for t, s in sorted(report.scalars.items(), key=lambda kv: kv[0]):
-                m = _ARC_RANK_RE.match(t)
-                if m:
-                    curve(ax, s, "-", f"rank {m.group('rank')}", linewidth=0.8)
+            ranks = [(r, s) for t, s in report.scalars.items() if (r := tags.arc_norm_rank(t)) is not None]
+            for rank, s in sorted(ranks, key=lambda rs: rs[0]):
+                curve(ax, s, "-", f"rank {rank}", linewidth=0.8)
             curve(ax, report.scalars.get(tags.ARC_THRESHOLD), "k--", "ARC threshold", linewidth=1.2)
             ax.set_title("ARC: local gradient norms per rank")
         if ax.has_data():
