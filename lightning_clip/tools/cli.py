@@ -306,7 +306,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
     demo.add_argument("--seq-len", type=_positive_int, default=100, help="adding-problem sequence length (100)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.add_argument("--plot", default=None, help="PNG of the norms (default: <log dir>/grad_norms.png)")
+    demo.add_argument("--plot", default=None, help="PNG of the norms (default: <log dir>/gradient_norms.png)")
 
     report = sub.add_parser("report", help="gradient-health summary of a run's logs",
                             description="Read the TensorBoard event files or CSVLogger metrics.csv under LOG_DIR "
@@ -392,12 +392,13 @@ def _demo(ns: argparse.Namespace) -> int:
     print("  (Custom Scalars tab: pre-clip norm, post-clip norm and threshold in one chart)\n")
     for rep in load_reports(log_dir):
         print(format_report(rep))
-        plot = Path(ns.plot) if ns.plot else log_dir / "grad_norms.png"
+        plot = Path(ns.plot) if ns.plot else log_dir / "gradient_norms.png"
         plot_report(rep, plot)
         print(f"\nPlot: {plot}")
         rate = rep.optimizers[0].clip_rate if rep.optimizers else None
         if rate is not None and rate > 0.5:
-            print("Clipping kept every step finite, but it is excessive at this learning rate (seed 002: lower it).\n"
+            print("Clipping kept every step finite, but it clipped more than half of the steps: the threshold is "
+                  "too low or the learning rate too high; lower the learning rate.\n"
                   "Try: lightning-clip demo --lr 0.01 --percentile 90    (adaptive threshold, healthy clip rate)")
     print(f"Report again later with: lightning-clip report {log_dir}")
     return 0

@@ -3,7 +3,7 @@
 Like Lightning's ``lr_find``: :func:`find_clip_threshold` trains the model for ``num_batches``
 optimizer steps *without clipping* on a temporary Trainer, records the pre-clip total gradient norm
 of every step, then puts the model's weights back exactly. The suggestion is the ``percentile``-th
-percentile of the finite norms (seed 002's "empirical threshold discovery", 90th by default)::
+percentile of the finite norms (90th by default): clipping then acts on the rare large norms only::
 
     result = find_clip_threshold(trainer, model, datamodule=dm)
     print(result)                      # median / p90 / p99 / max and the suggestion
@@ -217,8 +217,8 @@ def find_clip_threshold(
         percentile: percentile of the finite norms to suggest, in ``[0, 100]``.
         step: take the optimizer steps (the norms follow unclipped training, like ``lr_find``). With
             ``False`` every step is a no-op and the norms are those of the initial weights on
-            ``num_batches`` batches (seed 002's recipe); use it when unclipped training diverges
-            within ``num_batches`` steps.
+            ``num_batches`` batches; use it when unclipped training diverges within ``num_batches``
+            steps.
 
     Returns:
         A :class:`ClipThresholdResult` with the norms, the suggestion and summary statistics.
