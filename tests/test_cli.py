@@ -182,6 +182,78 @@ def test_bad_value_in_the_yaml_file(tmp_path, capsys):
     assert "GradientClipping" in line and "`threshold`" in line and "-2.5" in line
 
 
+def _with(tmp_path: Path, config: str, old: str, new: str) -> str:
+    """``configs/<config>.yaml`` with ``old`` replaced by ``new``, written under ``tmp_path``."""
+    text = Path(_config(config)).read_text()
+    assert old in text, old
+    bad = tmp_path / f"bad_{config}.yaml"
+    bad.write_text(text.replace(old, new))
+    return str(bad)
+
+
+@needs_strategy
+@pytest.mark.parametrize(
+    ("old", "new", "bad", "meant"),
+    [
+        ("num_byzantine: 1", "num_byzantines: 1", "num_byzantines", "num_byzantine"),
+        ("worker_momentum: 0.0", "worker_momentun: 0.0", "worker_momentun", "worker_momentum"),
+        # a DDP keyword argument the strategy forwards through **kwargs: found by the same introspection
+        ("process_group_backend: gloo", "process_group_backen: gloo", "process_group_backen", "process_group_backend"),
+    ],
+)
+def test_misspelt_strategy_option_in_yaml(tmp_path, capsys, old, new, bad, meant):
+    assert main(["fit", "--config", _with(tmp_path, "arc_ddp", old, new)]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "trainer.strategy" in line and f"unknown option `{bad}`" in line and f"did you mean `{meant}`?" in line
+    assert "Got value" not in line and "{" not in line  # no dump of the whole dict
+
+
+@needs_strategy
+def test_registered_strategy_name_with_misspelt_init_args(tmp_path, capsys):
+    # `class_path: ddp_arc`: the registered name cannot take init_args; the misspelt key is named all the same.
+    cfg = Path(_with(tmp_path, "arc_ddp", "class_path: lightning_clip.distributed.strategy.ARCDDPStrategy",
+                     "class_path: ddp_arc"))
+    cfg.write_text(cfg.read_text().replace("num_byzantine: 1", "num_byzantines: 1"))
+    assert main(["fit", "--config", str(cfg)]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "trainer.strategy" in line and "unknown option `num_byzantines`" in line
+    assert "did you mean `num_byzantine`?" in line
+    assert "class_path: lightning_clip.distributed.strategy.ARCDDPStrategy" in line
+
+
+@needs_strategy
+def test_registered_strategy_name_with_init_args_from_the_command_line(capsys):
+    args = ["fit", "--config", _config("arc_ddp"), "--trainer.strategy=ddp_arc",
+            "--trainer.strategy.init_args.num_byzantine=1"]
+    assert main(args) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "`ddp_arc` is a registered strategy name" in line
+    assert "class_path: lightning_clip.distributed.strategy.ARCDDPStrategy" in line
+
+
+def test_threshold_of_the_wrong_kind_in_yaml(tmp_path, capsys):
+    assert main(["fit", "--config", _with(tmp_path, "fixed", "threshold: 1.0", "threshold: abc")]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "trainer.callbacks (GradientClipping)" in line and "invalid value 'abc' for `threshold`" in line
+    assert "positive number" in line
+    for policy in ("FixedThreshold", "PercentileThreshold", "WarmupThreshold", "ZScoreThreshold"):
+        assert policy in line
+    assert "dot import path" not in line
+
+
+def test_misspelt_option_of_a_nested_policy(tmp_path, capsys):
+    assert main(["fit", "--config", _with(tmp_path, "percentile", "percentile: 90.0", "percentil: 90.0")]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "trainer.callbacks (GradientClipping) > threshold (PercentileThreshold)" in line
+    assert "unknown option `percentil`; did you mean `percentile`?" in line
+
+
+def test_misspelt_model_option(capsys):
+    assert main(["fit", "--config", _config("fixed"), "--model.init_args.lrr=0.1"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "model (AddingRNN)" in line and "`lrr`" in line and "did you mean `lr`?" in line
+
+
 def test_trainer_compatibility_error_in_setup(capsys):
     # raised by GradientClipping.setup (inside fit, before any batch): still a one-line error
     assert main(["fit", "--config", _config("fixed"), *FAST_ADDING, "--trainer.gradient_clip_val=1.0"]) == 2
@@ -248,7 +320,27 @@ def test_find_threshold_command(tmp_path, capsys):
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.mark.parametrize("bad", [["--percentile", "150"], ["--num-batches", "0"], ["--num-batches", "x"]])
-def test_find_threshold_bad_arguments(bad, capsys):
+@pytest.mark.parametrize(("bad", "named"), [(["--percentile", "150"], "--percentile"),
+                                           (["--num-batches", "0"], "--num-batches"),
+                                           (["--num-batches", "x"], "--num-batches")])
+def test_find_threshold_bad_arguments(bad, named, capsys):
     assert main(["find-threshold", "--config", _config("monitor"), *bad]) == 2
-    assert "error:" in capsys.readouterr().err
+    assert named in _error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("value", ["0", "100", "-5", "150", "nan", "x"])
+def test_demo_percentile_is_in_the_open_interval(value, tmp_path, capsys):
+    # 0 would clip nearly every step and 100 never: PercentileThreshold rejects both, and so does the demo.
+    assert main(["demo", "--percentile", value, "--out", str(tmp_path)]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "--percentile" in line and "(0, 100)" in line
+    assert not any(tmp_path.iterdir())  # rejected before anything ran
+
+
+def test_find_threshold_percentile_is_the_closed_interval():
+    # find-threshold reports a percentile of measured norms: its ends (min, max) are fine.
+    from lightning_clip.tools.cli import _build_parser
+
+    for value in ("0", "100"):
+        ns, _ = _build_parser().parse_known_args(["find-threshold", "--config", "x.yaml", "--percentile", value])
+        assert ns.percentile == float(value)

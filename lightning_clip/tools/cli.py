@@ -23,14 +23,14 @@ import argparse
 import contextlib
 import functools
 import os
-import re
 import sys
 import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
+
+from lightning_clip.tools.errors import UsageError, describe_error
 
 __all__ = ["cli_class", "describe_error", "main"]
 
@@ -62,84 +62,11 @@ Invalid values exit with status 2 and one `error:` line naming the option
 
 
 # --------------------------------------------------------------------------------------------------
-# Errors: one paragraph naming the option instead of a deep stack trace.
-
-
-class _UsageError(Exception):
-    """An error in what the user asked for (exit status 2)."""
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        out.append(cur)
-        seen.add(id(cur))
-        cur = cur.__cause__ if cur.__cause__ is not None else (
-            None if cur.__suppress_context__ else cur.__context__)
-    return out
-
-
-def _owner(tb: TracebackType | None) -> str | None:
-    """Name of the innermost class (of this package, or a user class being constructed) that raised."""
-    frames = list(traceback.walk_tb(tb))
-    for frame, _ in reversed(frames):
-        obj = frame.f_locals.get("self")
-        if obj is None:
-            continue
-        module = type(obj).__module__ or ""
-        if module.startswith("lightning_clip") and not module.startswith(("lightning_clip.exceptions",
-                                                                            "lightning_clip.tools.cli")):
-            return type(obj).__name__
-        if frame.f_code.co_name == "__init__" and not module.startswith(
-            ("lightning", "jsonargparse", "torch", "argparse", "builtins")
-        ):
-            return type(obj).__name__
-    return None
-
-
-def _one_paragraph(text: str, limit: int = 1200) -> str:
-    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    # jsonargparse appends dumps of the whole value ("Given value: ..."); they are noise here.
-    kept = [ln for ln in lines if not ln.startswith(("Given value", "Subclass types expect", "- a ", "Subtypes:"))]
-    msg = " ".join(kept or lines)
-    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
-
-
-def describe_error(exc: BaseException) -> str:
-    """The user-facing message of a configuration error: its root cause, prefixed by the class that raised."""
-    chain = _chain(exc)
-    # The root cause is what a constructor said ("Expected argument `mode` to be one of ..."); the
-    # outer layers are jsonargparse's union/subclass wrapping.
-    root = next((e for e in reversed(chain) if isinstance(e, (ValueError, TypeError))), chain[-1])
-    for e in reversed(chain):
-        if "Expected argument" in str(e):
-            root = e
-            break
-    text = str(root) or type(root).__name__
-    # jsonargparse folds the errors of a Union's members into one text; keep the constructor's own line.
-    ours = [ln.strip().lstrip("- ").strip() for ln in text.splitlines() if "Expected argument" in ln]
-    msg = _one_paragraph(ours[0] if ours else text)
-    owner = _owner(root.__traceback__)
-    if owner and not msg.startswith(owner):
-        msg = f"{owner}: {msg}"
-    key = _parser_key(chain)
-    if key and key not in msg:
-        msg = f"{msg} (option `{key}`)"
-    return msg
-
-
-def _parser_key(chain: list[BaseException]) -> str | None:
-    for e in chain:
-        m = re.search(r'[Kk]ey "([^"]+)"', str(e))
-        if m:
-            return m.group(1)
-    return None
+# Errors: one line naming the option (lightning_clip.tools.errors) instead of a deep stack trace.
 
 
 def _config_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ValueError, TypeError, _UsageError, FileNotFoundError]
+    errors: list[type[BaseException]] = [ValueError, TypeError, UsageError, FileNotFoundError]
     try:
         from jsonargparse import ArgumentError
 
@@ -173,7 +100,7 @@ def _import_lightning_cli() -> Any:
     try:
         from lightning.pytorch.cli import LightningCLI
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise _UsageError(
+        raise UsageError(
             "The `lightning-clip` command needs jsonargparse: pip install 'lightning-clip[cli]'"
         ) from err
     return LightningCLI
@@ -267,18 +194,40 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _percentile(text: str) -> float:
+def _number(text: str, allowed: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 100] but got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number in {allowed} but got {text!r}") from None
+
+
+def _percentile(text: str) -> float:
+    """A percentile of measured norms, in ``[0, 100]`` (``find-threshold``)."""
+    value = _number(text, "[0, 100]")
     if not 0.0 <= value <= 100.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 100] but got {value:g}")
     return value
 
 
+def _adaptive_percentile(text: str) -> float:
+    """PercentileThreshold's percentile, in ``(0, 100)``: 0 would clip nearly every step and 100 never."""
+    value = _number(text, "(0, 100)")
+    if not 0.0 < value < 100.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 100) but got {value:g}: 0 clips nearly every "
+                                         "step and 100 never clips")
+    return value
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse with errors as the one ``error:`` line the LightningCLI subcommands print too."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="lightning-clip", description=_DESCRIPTION, epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -300,9 +249,9 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="lightning_logs", help="TensorBoard save_dir (default: lightning_logs)")
     demo.add_argument("--threshold", type=float, default=1.0,
                       help="fixed clipping threshold (max norm; default: 1.0)")
-    demo.add_argument("--percentile", type=_percentile, default=None,
-                      help="clip adaptively at this percentile of the last 200 norms (PercentileThreshold) "
-                      "instead of the fixed threshold")
+    demo.add_argument("--percentile", type=_adaptive_percentile, default=None,
+                      help="clip adaptively at this percentile, in (0, 100), of the last 200 norms "
+                      "(PercentileThreshold) instead of the fixed threshold")
     demo.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
     demo.add_argument("--seq-len", type=_positive_int, default=100, help="adding-problem sequence length (100)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
