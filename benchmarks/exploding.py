@@ -22,10 +22,12 @@ median threshold in force over the second half of training, and wall time.
 Usage::
 
     python benchmarks/exploding.py                  # full setting (~15 min on 2 cores)
-    python benchmarks/exploding.py --quick --out /tmp/x   # tiny smoke setting (< 40 s)
+    python benchmarks/exploding.py --quick          # tiny smoke setting (< 40 s), into a temporary directory
 
 Writes ``exploding.md`` (table + command + machine) and ``exploding.png`` (median training loss
-curves, log scale) into ``--out`` (default ``benchmarks/results``).
+curves, log scale) into ``--out``; by default ``benchmarks/results`` for a full run and a new
+temporary directory with ``--quick``. Hand-written notes after the marker line of an existing
+``exploding.md`` are kept.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine  # noqa: E402
+from _results import add_output_arguments, output_dir, write_results  # noqa: E402
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TRIVIAL_MSE = 1.0 / 6.0
 
 
@@ -443,29 +445,12 @@ def plot(rows: list[Row], cfg: dict[str, Any], path: str, tuned_name: str) -> No
     plt.close(fig)
 
 
-NOTES_MARKER = "<!-- hand-written notes below: kept when the script rewrites this file -->"
-
-
-def _kept_notes(path: str) -> str:
-    """The hand-written part of an existing report (after :data:`NOTES_MARKER`), or an empty string."""
-    try:
-        with open(path) as f:
-            old = f.read()
-    except OSError:
-        return ""
-    i = old.find(NOTES_MARKER)
-    return "\n" + old[i:] if i >= 0 else ""
-
-
-
-
 # --------------------------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny smoke setting (< 40 s)")
-    p.add_argument("--out", default=DEFAULT_OUT, help="output directory for exploding.md / exploding.png")
+    add_output_arguments(p, "tiny smoke setting (< 40 s)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; quick: 1)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 2000; quick: 30)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default 30; quick: 10)")
@@ -511,7 +496,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     seeds = list(range(n_seeds))
     sweep = [float(v) for v in args.sweep.split(",") if v.strip()]
     has_zclip = not args.no_zclip and zclip_available()
-    os.makedirs(args.out, exist_ok=True)
+    args.out = output_dir(args.out, q, "exploding")
     print(f"machine: {machine()}", flush=True)
     print(f"setting: {cfg}, seeds={seeds}, workers={workers}", flush=True)
 
@@ -569,9 +554,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "",
     ])
     md_path = os.path.join(args.out, "exploding.md")
-    md += _kept_notes(md_path)
-    with open(md_path, "w") as f:
-        f.write(md)
+    write_results(md_path, md)
     print()
     print(tab)
     print(f"\ntotal wall time: {total:.1f} s; wrote {os.path.join(args.out, 'exploding.md')} and {png}")

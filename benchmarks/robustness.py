@@ -64,11 +64,11 @@ separate invocations that a final one assembles.
 Usage::
 
     python benchmarks/robustness.py --cache /tmp/rob           # the study (hours on 2 cores)
-    python benchmarks/robustness.py --quick --out /tmp/rob     # smoke run, < 60 s
+    python benchmarks/robustness.py --quick                    # smoke run, < 60 s, into a temporary directory
 
 Writes ``robustness.md`` (tables, command, machine, wall times, reading) and ``robustness.png`` (heatmaps)
-into ``--out`` (default ``benchmarks/results``). Hand-written notes after the marker line of an existing
-``robustness.md`` are kept.
+into ``--out``; by default ``benchmarks/results`` for a full run and a new temporary directory with
+``--quick``. Hand-written notes after the marker line of an existing ``robustness.md`` are kept.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine  # noqa: E402
+from _results import add_output_arguments, output_dir, write_results  # noqa: E402
 
 from lightning_clip.distributed.hook import ARCHookState  # noqa: E402
 from lightning_clip.robust.arc import arc_num_clipped  # noqa: E402
@@ -106,9 +107,7 @@ from lightning_clip.sim.attacks import ByzantineSpec  # noqa: E402
 from lightning_clip.sim.data import load_digits_tensors  # noqa: E402
 from lightning_clip.sim.partition import dirichlet_split, extreme_split  # noqa: E402
 
-DEFAULT_OUT = str(Path(__file__).resolve().parent / "results")
 NAME = "robustness"
-NOTES_MARKER = "<!-- hand-written notes below: kept when the script rewrites this file -->"
 NUM_CLASSES = 10
 
 #: Attack label -> ``ByzantineSpec`` keyword arguments (ranks added per run); ``None``: label flip (data level).
@@ -823,16 +822,6 @@ def reading(results: list[Result], hets: Sequence[str], fs: Sequence[int], rules
 # --------------------------------------------------------------------------------------------- main
 
 
-def _kept_notes(path: str) -> str:
-    try:
-        with open(path) as fh:
-            old = fh.read()
-    except OSError:
-        return ""
-    i = old.find(NOTES_MARKER)
-    return "\n" + old[i:] if i >= 0 else ""
-
-
 def _csv(value: str, cast: Any = str) -> list:
     return [cast(v.strip()) for v in value.split(",") if v.strip()]
 
@@ -841,8 +830,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--mode", choices=("sim", "ddp", "both"), default="both",
                    help="sim: the sim grid; ddp: the DDP grid and the same runs in sim; both (default): both grids")
-    p.add_argument("--quick", action="store_true", help="tiny grid, 30 steps, a 3-rank DDP smoke run (< 60 s)")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory for {NAME}.md / {NAME}.png")
+    add_output_arguments(p, "tiny grid, 30 steps, a 3-rank DDP smoke run (< 60 s)")
     p.add_argument("--cache", default=None, help="directory keeping every finished run, reused on the next call")
     p.add_argument("--hets", default=",".join(DEFAULT_HETS), help=f"heterogeneity ({', '.join(HETEROGENEITY)})")
     p.add_argument("--f", default="1,2,3,4", help="numbers of Byzantine workers (n = honest + f)")
@@ -881,11 +869,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _write(path: str, text: str) -> None:
-    with open(path, "w") as fh:
-        fh.write(text if text.endswith("\n") else text + "\n")
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -900,9 +883,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       beta=args.beta, steps=30 if q else args.steps, eval_every=10 if q else args.eval_every,
                       clip=args.clip)
     cache = args.cache
-    os.makedirs(args.out, exist_ok=True)
+    args.out = output_dir(args.out, q, NAME)
     md_path, png_path = os.path.join(args.out, f"{NAME}.md"), os.path.join(args.out, f"{NAME}.png")
-    notes = _kept_notes(md_path)
     command = " ".join([f"python benchmarks/{NAME}.py"] +
                        [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
     print(f"machine: {machine()}", flush=True)
@@ -1049,8 +1031,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "attacks): ~85% with ARC vs ~15% without for CWTM and GM, and ARC raising the tolerable f from 1 to 3 "
         "under extreme heterogeneity.",
         "",
-    ]) + notes
-    _write(md_path, md)
+    ])
+    write_results(md_path, md)
     print("\n\n".join(p for p in stdout if p), flush=True)
     print("\n".join(read_parts), flush=True)
     print(f"wall time {total:.0f} s ({wall_line}); wrote {md_path} and {png_path}", flush=True)
