@@ -16,6 +16,9 @@ Usage::
     python benchmarks/arc_ddp.py            # 4 ranks, ~25M parameters
     python benchmarks/arc_ddp.py --quick    # ~1M parameters, a few seconds
 
+Prints the table and writes it to ``arc_ddp.txt`` in ``--out`` (default ``benchmarks/results``; with
+``--quick`` a new temporary directory).
+
 Timings on a shared CPU machine are noisy: compare the ratios, not the absolute numbers.
 """
 
@@ -36,6 +39,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _results import StdoutRecord, add_output_arguments, output_dir  # noqa: E402
 
 from lightning_clip.distributed.hook import ARCHookState, arc_hook  # noqa: E402
 
@@ -130,8 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--robust-steps", type=int, default=3, help="timed steps of the CWTM mode (default 3)")
     parser.add_argument("--num-byzantine", type=int, default=1, help="ARC's f (default 1)")
     parser.add_argument("--skip-robust", action="store_true", help="skip the CWTM mode (n x d memory per rank)")
-    parser.add_argument("--quick", action="store_true", help="~1M parameters, 3 timed steps")
+    add_output_arguments(parser, "~1M parameters, 3 timed steps")
     args = parser.parse_args(argv)
+    record = StdoutRecord(output_dir(args.out, args.quick, "arc_ddp"), "arc_ddp.txt")
     if args.quick:
         args.params, args.steps, args.warmup = 1e6, 3, 1
     args.width = max(8, int((args.params / args.depth) ** 0.5))
@@ -142,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     mp.start_processes(_worker, args=(args.world, _free_port(), args, queue), nprocs=args.world,
                        start_method="spawn", join=True)
     rows = queue.get()
+    record.start()
 
     n = args.world
     base = rows[0][1]
@@ -156,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:<14} {t * 1e3:>10.1f} {t / base:>8.2f}x {_fmt_bytes(comm['all_reduce']):>12} "
               f"{_fmt_bytes(comm['all_gather']):>12} {_fmt_bytes(sent):>12}")
     print("* ring-algorithm estimate: 2(n-1)/n x all-reduced + (n-1)/n x gathered bytes")
+    record.close()
 
 
 if __name__ == "__main__":

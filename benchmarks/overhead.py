@@ -36,6 +36,8 @@ in a real step), to show where any overhead comes from. The cost of ``LightningM
 as the difference between logging steps and ordinary steps of (c).
 
 Run: ``python benchmarks/overhead.py`` (a few minutes) or ``python benchmarks/overhead.py --quick`` (< 20 s).
+Prints the tables and writes them to ``overhead.txt`` in ``--out`` (default ``benchmarks/results``; with
+``--quick`` a new temporary directory).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from collections import defaultdict
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from _results import StdoutRecord, add_output_arguments, output_dir
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import GradClipAlgorithmType
@@ -417,7 +420,7 @@ def _report_percentile(big: int, pct_rounds: int, calls: dict[str, int]) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, runs in < 20 s")
+    add_output_arguments(parser, "small sizes, runs in < 20 s")
     parser.add_argument("--tensors", type=int, default=160)
     parser.add_argument("--numel", type=int, default=None, help="entries per gradient tensor (default 1.25M)")
     parser.add_argument("--reps", type=int, default=None, help="measured training steps (default 100)")
@@ -425,6 +428,7 @@ def main() -> None:
                         help="comma-separated subset of: clip (a, b, c and the breakdown), percentile (d)")
     args = parser.parse_args()
     sections = {x.strip() for x in args.sections.split(",")}
+    record = StdoutRecord(output_dir(args.out, args.quick, "overhead"), "overhead.txt").start()
 
     warnings.filterwarnings("ignore")
     numel = args.numel or (10_000 if args.quick else 1_250_000)
@@ -447,6 +451,7 @@ def main() -> None:
     if "percentile" in sections:
         _report_percentile(big, pct_rounds, calls)
     print(f"\ntotal wall time {time.perf_counter() - t_start:.1f} s")
+    record.close()
 
 
 if __name__ == "__main__":
