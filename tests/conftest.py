@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 # 2 cores and multi-process tests: one intra-op thread per process avoids oversubscription
@@ -118,3 +123,16 @@ class NormRecorder(pl.Callback):
         with open(path, "w") as f:
             json.dump({"norms": self.norms, "logged": logged,
                        "weights": [p.detach().flatten().tolist() for p in pl_module.parameters()]}, f)
+
+
+def run_quick_benchmark(name: str, out: Path, timeout: float = 300.0) -> str:
+    """Run ``benchmarks/<name>.py --quick --out <out>`` in a fresh process; return what it printed.
+
+    Fails the calling test, with the end of its output, when the script exits non-zero.
+    """
+    script = ROOT / "benchmarks" / f"{name}.py"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout

@@ -7,16 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "exploding.py"
+from conftest import run_quick_benchmark
 
 EXPECTED_PREFIXES = [
     "none",
@@ -52,14 +47,8 @@ def _parse_table(md: str) -> tuple[list[str], list[list[str]]]:
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory) -> tuple[Path, str, str]:
     out = tmp_path_factory.mktemp("exploding")
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    md = (out / "exploding.md").read_text()
-    return out, md, proc.stdout
+    stdout = run_quick_benchmark("exploding", out)
+    return out, (out / "exploding.md").read_text(), stdout
 
 
 def test_quick_writes_report_and_plot(quick_report):

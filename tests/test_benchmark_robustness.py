@@ -9,13 +9,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_quick_benchmark
 
 from lightning_clip.robust.aggregators import aggregate
 
@@ -65,13 +64,8 @@ def _load_module():
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory) -> tuple[Path, str, str]:
     out = tmp_path_factory.mktemp("robustness")
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, (out / "robustness.md").read_text(), proc.stdout
+    stdout = run_quick_benchmark("robustness", out)
+    return out, (out / "robustness.md").read_text(), stdout
 
 
 def test_quick_writes_report_and_plot(quick_report):
