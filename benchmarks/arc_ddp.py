@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _results import StdoutRecord, add_output_arguments, output_dir  # noqa: E402
 
+from lightning_clip.distributed.config import ARCConfig  # noqa: E402
 from lightning_clip.distributed.hook import ARCHookState, arc_hook  # noqa: E402
 
 MODES = (
@@ -73,7 +74,7 @@ def _time_modes(modes, warmup: int, steps: int, x, y, args: argparse.Namespace) 
         model = DDP(net)
         state = None
         if aggregator is not None:
-            state = ARCHookState(num_byzantine=args.num_byzantine, aggregator=aggregator)
+            state = ARCHookState(ARCConfig(num_byzantine=args.num_byzantine, aggregator=aggregator))
             model.register_comm_hook(state, arc_hook)
         runs.append((label, model, state, torch.optim.SGD(model.parameters(), lr=1e-3), []))
     for step in range(warmup + steps):

@@ -1,11 +1,11 @@
 """Does ARC hold under attack? ARC as the paper runs it (Robust D-SHB) on scikit-learn's digits.
 
-Setting (arXiv 2405.14432, seed ``004``; the paper's algorithm, scaled down to the 8x8 digits):
+Setting (arXiv 2405.14432; the paper's algorithm, scaled down to the 8x8 digits):
 ``n = 10 honest + f Byzantine`` workers train one MLP 64-64-10. Every step each worker draws a batch of
 25 samples and updates its *local momentum* ``m <- beta m + (1 - beta) g`` (``beta = 0.9``, ``m_0 = 0``,
-no bias correction: the convention of the paper's library ByzFL and of
-:mod:`lightning_clip.distributed.hook`). Honest workers sample from their own heterogeneous shard of the
-train split (``extreme``: labels sorted and cut into 10 contiguous chunks, 1-2 classes each; Dirichlet
+no bias correction: the convention of the paper's library ByzFL and of the library's
+:class:`~lightning_clip.robust.transforms.WorkerMomentum`). Honest workers sample from their own heterogeneous
+shard of the train split (``extreme``: labels sorted and cut into 10 contiguous chunks, 1-2 classes each; Dirichlet
 ``a=0.1`` / ``a=0.5``); the Byzantine workers (the last ``f`` ranks) sample from the whole train split and
 keep a momentum of their own gradient. The server receives the ``n`` vectors, computes
 ``rule(NNM(pre(x)))`` and takes a plain SGD step (lr 0.5, weight decay 1e-4, no server momentum). 200
@@ -39,9 +39,12 @@ Optional (not in the default grid): ``ALIE`` / ``FOE`` with the library's fixed 
 Metric, as in the paper: the maximum test accuracy over the evaluations, averaged over seeds, then the
 worst case over the attacks.
 
-One server pipeline for both execution modes: every run is described by the keyword arguments of the
-library's :class:`~lightning_clip.distributed.hook.ARCHookState` (:func:`hook_kwargs`), and the
-simulation aggregates with that state's own ``server_aggregation``.
+One pipeline for both execution modes, by construction: every run is one
+:class:`~lightning_clip.distributed.config.ARCConfig` (:func:`arc_config`) plus the simulated attack, and
+every rank's "what it sends" is the library's chain of send transforms (:func:`send_chain`: worker
+momentum, then :class:`~lightning_clip.sim.transforms.ByzantineTransform`). DDP runs that chain inside
+the hook; the simulation runs the same chain with :func:`~lightning_clip.sim.transforms.simulate_sends`
+and aggregates with the config's ``server_aggregation``, the function the hook calls.
 
 * ``--mode sim``: all ``n`` workers in one process; per-worker gradients by autograd, flattened in the
   layout of DDP's single gradient bucket (parameter order at the first step, reversed from the second
@@ -84,7 +87,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -101,11 +104,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine  # noqa: E402
 from _results import add_output_arguments, output_dir, write_results  # noqa: E402
 
+from lightning_clip.distributed.config import ARCConfig  # noqa: E402
 from lightning_clip.distributed.hook import ARCHookState  # noqa: E402
 from lightning_clip.robust.arc import arc_num_clipped  # noqa: E402
-from lightning_clip.sim.attacks import ByzantineSpec  # noqa: E402
+from lightning_clip.robust.transforms import SendBuffers, SendTransform  # noqa: E402
+from lightning_clip.sim.byzantine import ByzantineSpec  # noqa: E402
 from lightning_clip.sim.data import load_digits_tensors  # noqa: E402
 from lightning_clip.sim.partition import dirichlet_split, extreme_split  # noqa: E402
+from lightning_clip.sim.transforms import ByzantineTransform, simulate_sends  # noqa: E402
 
 NAME = "robustness"
 NUM_CLASSES = 10
@@ -284,39 +290,24 @@ def byzantine_spec(run: Run) -> ByzantineSpec | None:
     return ByzantineSpec(ranks=list(range(run.honest, run.n)), **ATTACKS[run.attack])
 
 
-def hook_kwargs(run: Run, setting: Setting) -> dict[str, Any]:
-    """``ARCHookState`` keyword arguments of ``run``: the one definition of its server pipeline."""
+def arc_config(run: Run, setting: Setting) -> ARCConfig:
+    """The server pipeline and worker momentum of ``run``: the one definition both modes use."""
     if run.f == 0:
-        return {"num_byzantine": 0, "aggregator": "mean", "nnm": False, "arc": False,
-                "worker_momentum": setting.beta}
+        return ARCConfig(num_byzantine=0, aggregator="mean", arc=False, worker_momentum=setting.beta)
     arc, static = PRES[run.pre]
-    return {"num_byzantine": run.f, "aggregator": run.rule, "nnm": True, "arc": arc,
-            "static_clip": setting.clip if static else None, "byzantine": byzantine_spec(run),
-            "worker_momentum": setting.beta}
+    return ARCConfig(num_byzantine=run.f, aggregator=run.rule, nnm=True, arc=arc,
+                     static_clip=setting.clip if static else None, worker_momentum=setting.beta)
 
 
-def server_aggregation(run: Run, setting: Setting) -> Callable[[Tensor], Tensor]:
-    """The server's whole pipeline ``[n, d] -> [d]`` of ``run``: the library hook state's own."""
-    return ARCHookState(**hook_kwargs(run, setting)).server_aggregation
+def attack_transforms(run: Run) -> list[SendTransform]:
+    """The simulated attack of ``run`` as send transforms (empty without a vector-level attack)."""
+    spec = byzantine_spec(run)
+    return [] if spec is None else [ByzantineTransform(spec)]
 
 
-def byzantine_sends(momenta: Tensor, spec: ByzantineSpec | None, honest: int,
-                    aggregation: Callable[[Tensor], Tensor]) -> Tensor:
-    """``[n, d]`` vectors the server receives: the Byzantine rows replaced by ``spec``'s attack on the momenta.
-
-    The omniscient attacks (Mimic, ALIE, FOE and their line-searched forms) see the honest momenta; every
-    Byzantine rank would compute the same vector, so it is computed once. The others transform each
-    Byzantine rank's own momentum.
-    """
-    if spec is None:
-        return momenta
-    sent = momenta.clone()
-    if spec.needs_honest:
-        sent[list(spec.ranks)] = spec.apply(momenta[spec.ranks[0]], momenta[:honest], aggregation=aggregation)
-    else:
-        for r in spec.ranks:
-            sent[r] = spec.apply(momenta[r])
-    return sent
+def send_chain(run: Run, setting: Setting) -> list[SendTransform]:
+    """One rank's chain of send transforms in ``run``: exactly what ``ARCHookState`` runs in DDP."""
+    return arc_config(run, setting).send_chain(attack_transforms(run))
 
 
 @torch.no_grad()
@@ -400,31 +391,26 @@ def split_cached(runs: list[Run], setting: Setting, cache: str | None, mode: str
 
 
 def run_sim(run: Run, setting: Setting, data: Data, shards: list[Tensor]) -> Result:
-    """Train ``run`` with all ``n`` workers in this process (Robust D-SHB)."""
+    """Train ``run`` with all ``n`` workers in this process (Robust D-SHB), through the library's send chains."""
     t0 = time.perf_counter()
     model = make_model(run.seed, setting.hidden)
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=setting.lr, weight_decay=setting.weight_decay)
-    spec = byzantine_spec(run)
     label_flip = run.attack == "LF"
-    server = server_aggregation(run, setting)
+    server = arc_config(run, setting).server_aggregation
+    chains = [send_chain(run, setting) for _ in range(run.n)]  # every rank's own momentum and attack
     gens = [rank_generator(run.seed, r) for r in range(run.n)]
-    momentum = [torch.zeros(run.n, p.numel()) for p in params]  # per parameter, [n, numel]
-    beta = setting.beta
     accs: list[float] = []
     step = 0
     for step in range(1, setting.steps + 1):
-        grads: list[list[Tensor]] = [[] for _ in params]
+        order = bucket_layout(len(params), step)
+        sends = []
         for r in range(run.n):  # the same autograd computation as each DDP rank's backward
             x, y = sample_batch(data, shards, r, setting.batch, gens[r], label_flip)
             g = torch.autograd.grad(loss_fn(model(x), y), params)
-            for i, gi in enumerate(g):
-                grads[i].append(gi.reshape(-1))
-        for m, g in zip(momentum, grads):
-            m.mul_(beta).add_(torch.stack(g), alpha=1.0 - beta)
-        order = bucket_layout(len(params), step)
-        flat = torch.cat([momentum[i] for i in order], dim=1)
-        agg = server(byzantine_sends(flat, spec, run.honest, server))
+            flat = torch.cat([g[i].reshape(-1) for i in order])  # DDP's single bucket
+            sends.append(SendBuffers([flat], [[params[i] for i in order]]))
+        agg = server(simulate_sends(chains, sends, step - 1, server))
         offset = 0
         for i in order:
             p = params[i]
@@ -525,7 +511,8 @@ def _ddp_worker(rank: int, world: int, port: int, runs: list[Run], setting: Sett
             shards = shard_cache[key]
             model = make_model(run.seed, setting.hidden)
             ddp = DDP(model, bucket_cap_mb=64)  # one bucket: the whole gradient
-            ddp.register_comm_hook(ARCHookState(**hook_kwargs(run, setting)), arc_hook)
+            state = ARCHookState(arc_config(run, setting), transforms=attack_transforms(run))
+            ddp.register_comm_hook(state, arc_hook)
             opt = torch.optim.SGD(ddp.parameters(), lr=setting.lr, weight_decay=setting.weight_decay)
             gen = rank_generator(run.seed, rank)
             accs: list[float] = []
@@ -933,8 +920,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         d_att = ordered({r.run.attack for r in ddp if r.run.attack}, list(ATTACKS))
         intro = (
             f"Every run is {ddp_setting.honest} + f real `DistributedDataParallel` processes (gloo, CPU) whose "
-            "gradient averaging is the library's `arc_hook` with `ARCHookState(worker_momentum="
-            f"{ddp_setting.beta:g}, aggregator=rule, nnm=True, arc=..., static_clip=..., byzantine=attack)`. Max "
+            "gradient averaging is the library's `arc_hook` with `ARCHookState(ARCConfig(worker_momentum="
+            f"{ddp_setting.beta:g}, aggregator=rule, nnm=True, arc=..., static_clip=...), transforms=[attack])`. Max "
             f"test accuracy over the evaluations (every {ddp_setting.eval_every} steps), mean over seeds "
             f"{sorted({r.run.seed for r in ddp})}, then the worst case over {', '.join(d_att)}; the best row of "
             "each rule in bold. Columns: heterogeneity / f Byzantine workers among n = "
@@ -1021,7 +1008,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"weight decay {setting.weight_decay:g}, no server momentum; {setting.steps} steps, test accuracy every "
         f"{setting.eval_every} steps; FOE-LS / ALIE-LS line-searched every step against the row's own pipeline. "
         "Static clipping clips *every* received vector (the paper's baseline), not only the known-Byzantine "
-        "ones as seed 001 does (an oracle).",
+        "ones, which would need an oracle.",
         "",
         *sections,
         "## Reading (computed)",

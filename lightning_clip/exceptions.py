@@ -8,7 +8,9 @@ from typing import Any
 
 __all__ = [
     "NonFiniteGradientError",
+    "PeerFailureError",
     "check_choice",
+    "check_finite_float",
     "check_fraction",
     "check_non_negative_int",
     "check_positive_float",
@@ -18,6 +20,10 @@ __all__ = [
 
 class NonFiniteGradientError(RuntimeError):
     """Raised when gradients contain NaN or Inf and the configured action is ``"raise"``."""
+
+
+class PeerFailureError(RuntimeError):
+    """Raised on a rank when a collective of the ``ddp_arc`` hook fails, typically because a peer rank died."""
 
 
 def _is_real(value: Any) -> bool:
@@ -35,6 +41,15 @@ def check_positive_float(name: str, value: Any, *, allow_zero: bool = False, all
         fin = "" if allow_inf else " finite"
         raise ValueError(f"Expected argument `{name}` to be {rng}{fin} number but got {value!r}")
     return value
+
+
+def check_finite_float(name: str, value: Any) -> float:
+    """Return ``float(value)`` or raise naming ``name`` when it is not a finite number (any sign)."""
+    if not _is_real(value):
+        raise TypeError(f"Expected argument `{name}` to be a number but got {value!r} of type {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"Expected argument `{name}` to be a finite number but got {value!r}")
+    return float(value)
 
 
 def check_positive_int(name: str, value: Any) -> int:

@@ -17,6 +17,8 @@ import torch
 from conftest import run_quick_benchmark
 
 from lightning_clip.robust.aggregators import aggregate
+from lightning_clip.robust.transforms import SendBuffers
+from lightning_clip.sim.transforms import simulate_sends
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "robustness.py"
@@ -141,29 +143,38 @@ def test_rows_map_to_the_hook_pipeline():
     setting = m.Setting()
     x = torch.randn(12, 5) * torch.linspace(0.5, 6.0, 12).unsqueeze(1)
     cases = {
-        "none": functools.partial(aggregate, name="geomed", num_byzantine=2, nnm=True),
-        "clip": functools.partial(aggregate, name="geomed", num_byzantine=2, nnm=True, static_clip=2.0),
-        "arc": functools.partial(aggregate, name="geomed", num_byzantine=2, nnm=True, arc=True),
-        "arc+clip": functools.partial(aggregate, name="geomed", num_byzantine=2, nnm=True, arc=True, static_clip=2.0),
+        "none": functools.partial(aggregate, rule="geomed", num_byzantine=2, nnm=True),
+        "clip": functools.partial(aggregate, rule="geomed", num_byzantine=2, nnm=True, static_clip=2.0),
+        "arc": functools.partial(aggregate, rule="geomed", num_byzantine=2, nnm=True, arc=True),
+        "arc+clip": functools.partial(aggregate, rule="geomed", num_byzantine=2, nnm=True, arc=True, static_clip=2.0),
     }
     for pre, expected in cases.items():
         run = m.Run("extreme", 2, "SF", "geomed", pre, 1)
-        kwargs = m.hook_kwargs(run, setting)
-        assert kwargs["worker_momentum"] == 0.9 and kwargs["byzantine"].ranks == (10, 11)
-        torch.testing.assert_close(m.server_aggregation(run, setting)(x), expected(x))
+        config = m.arc_config(run, setting)
+        assert config.worker_momentum == 0.9 and config.num_byzantine == 2
+        assert torch.equal(config.server_aggregation(x), expected(x))
+        # The chain every rank runs: worker momentum, then the attack of the last f ranks.
+        chain = m.send_chain(run, setting)
+        assert [type(t).__name__ for t in chain] == ["WorkerMomentum", "ByzantineTransform"]
+        assert chain[1].spec.ranks == (10, 11)
     assert m.row_label("cwtm", "arc+clip") == "ARC > clip(2) > NNM > cwtm"
-    assert m.hook_kwargs(m.Run("extreme", 0, None, "mean", "none", 1), setting)["num_byzantine"] == 0
+    assert m.arc_config(m.Run("extreme", 0, None, "mean", "none", 1), setting).num_byzantine == 0
 
 
-def test_byzantine_sends_replaces_only_byzantine_rows():
+def test_sim_sends_replace_only_byzantine_rows():
     m = _load_module()
+    setting = m.Setting(beta=0.0)  # no momentum: the sent rows are the gradients themselves
     g = torch.arange(15.0).reshape(5, 3)
-    spec = m.byzantine_spec(m.Run("extreme", 2, "SF", "cwtm", "none", 1, honest=3))
-    sent = m.byzantine_sends(g, spec, 3, lambda x: x.mean(0))
+
+    def sends(run):
+        chains = [m.send_chain(run, setting) for _ in range(run.n)]
+        bufs = [SendBuffers([g[r].clone()], [[torch.zeros(3)]]) for r in range(run.n)]
+        return simulate_sends(chains, bufs, 0, lambda x: x.mean(0))
+
+    sent = sends(m.Run("extreme", 2, "SF", "cwtm", "none", 1, honest=3))
     assert torch.equal(sent[:3], g[:3]) and torch.equal(sent[3:], -g[3:])
-    spec = m.byzantine_spec(m.Run("extreme", 2, "Mimic", "cwtm", "none", 1, honest=3))
-    sent = m.byzantine_sends(g, spec, 3, lambda x: x.mean(0))
-    assert torch.equal(sent[3], g[0]) and torch.equal(sent[4], g[0])
+    sent = sends(m.Run("extreme", 2, "Mimic", "cwtm", "none", 1, honest=3))
+    assert torch.equal(sent[:3], g[:3]) and torch.equal(sent[3], g[0]) and torch.equal(sent[4], g[0])
     assert m.byzantine_spec(m.Run("extreme", 1, "LF", "cwtm", "none", 1, honest=3)) is None  # data level
 
 

@@ -1,13 +1,24 @@
-"""The house rule: the pure core imports torch (and numpy/stdlib), never Lightning.
+"""The layers of the package, enforced: who may import whom.
+
+=================================== ===================================================================
+modules                             may not import (directly or through any module of ours they import)
+=================================== ===================================================================
+``core``, ``robust``, ``sim``,      Lightning, ``torch.distributed``, our Lightning glue (``callbacks``,
+``exceptions``, ``tags``            ``distributed.strategy``) and ``tools``
+``robust``, ``core``                also ``sim`` and ``distributed``
+``sim``                             also ``distributed``
+``distributed.hook`` (production)   ``sim``, Lightning, our glue and ``tools``
+everything outside ``tools``        ``tools``
+=================================== ===================================================================
 
 Two independent checks:
 
-* source level: every ``import`` in a pure module (top level or inside functions, relative or absolute,
-  ``importlib.import_module("...")`` with a literal) is parsed and checked against the forbidden names;
-* runtime: in a fresh interpreter where ``lightning``, ``pytorch_lightning`` and ``lightning_fabric`` (and our
-  Lightning glue) cannot be imported, each pure module is imported the way a user imports it, through the real
-  ``lightning_clip/__init__.py`` and ``lightning_clip/robust/__init__.py`` (the package re-exports its Lightning
-  glue lazily, so a pure submodule must not pull it in).
+* source level: every ``import`` of every module (top level or inside functions, relative or absolute,
+  ``importlib.import_module("...")`` with a literal) is parsed; imports of our own modules are followed
+  transitively, so a rule cannot be dodged through an intermediate module;
+* runtime: in a fresh interpreter where Lightning (and our Lightning glue) cannot be imported, every
+  Lightning-free module is imported the way a user imports it, through the real package ``__init__`` files
+  (the package re-exports its Lightning glue lazily, so a pure submodule must not pull it in).
 """
 
 from __future__ import annotations
@@ -17,57 +28,57 @@ import json
 import subprocess
 import sys
 import textwrap
+from functools import cache
 from pathlib import Path
 
 import pytest
 
 PKG_DIR = Path(__file__).resolve().parents[1] / "lightning_clip"
+PKG = "lightning_clip"
 
-#: modules that must stay usable from a plain PyTorch loop (path relative to the package, without ".py")
-PURE_MODULES = [
-    "core/grads",
-    "core/thresholds",
-    "core/functional",
-    "exceptions",
-    "tags",
-    "robust/arc",
-    "robust/aggregators",
-    "sim/attacks",
-    # pure torch by the same rule (only callbacks/, distributed/strategy.py and tools/ are Lightning glue)
-    "distributed/hook",
-    "sim/partition",
+LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric")
+GLUE = ("lightning_clip.callbacks", "lightning_clip.distributed.strategy", "lightning_clip.tools")
+TORCH_DISTRIBUTED = ("torch.distributed",)
+
+#: (modules the rule applies to, forbidden import prefixes, followed transitively through our modules)
+RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+    (("lightning_clip.core", "lightning_clip.robust", "lightning_clip.sim", "lightning_clip.exceptions",
+      "lightning_clip.tags"), LIGHTNING + GLUE + TORCH_DISTRIBUTED),
+    (("lightning_clip.core", "lightning_clip.robust"), ("lightning_clip.sim", "lightning_clip.distributed")),
+    (("lightning_clip.sim",), ("lightning_clip.distributed",)),
+    (("lightning_clip.distributed.hook", "lightning_clip.distributed.config"),
+     ("lightning_clip.sim",) + LIGHTNING + GLUE),
 ]
 
-FORBIDDEN_ROOTS = ("lightning", "pytorch_lightning", "lightning_fabric")
-FORBIDDEN_OWN = ("lightning_clip.callbacks", "lightning_clip.tools", "lightning_clip.distributed.strategy")
+
+def _matches(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def _dotted(rel: str) -> str:
-    return "lightning_clip." + rel.replace("/", ".")
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG_DIR.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
 
 
-def _file(rel: str) -> Path:
-    return PKG_DIR / f"{rel}.py"
+def _is_package(module: str) -> bool:
+    return (PKG_DIR.parent / module.replace(".", "/") / "__init__.py").exists()
 
 
-def _present(rel: str):
-    return pytest.param(rel, id=rel, marks=pytest.mark.skipif(not _file(rel).exists(), reason=f"{rel}.py not written"))
+def _exists(module: str) -> bool:
+    base = PKG_DIR.parent / module.replace(".", "/")
+    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
 
 
-PARAMS = [_present(rel) for rel in PURE_MODULES]
-
-
-def _is_forbidden(name: str) -> bool:
-    root = name.split(".")[0]
-    if root in FORBIDDEN_ROOTS:
-        return True
-    return any(name == own or name.startswith(own + ".") for own in FORBIDDEN_OWN)
-
-
-def _imported_names(path: Path, module: str) -> list[tuple[int, str]]:
-    """Every module name ``path`` imports, as (line, dotted name)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    package = module.rsplit(".", 1)[0]
+def imported_names(source: str, module: str, is_package: bool = False) -> list[tuple[int, str]]:
+    """Every module name ``source`` (the module ``module``) imports, as ``(line, dotted name)``."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):  # `if TYPE_CHECKING:` imports never run
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
+    package = module if is_package else module.rsplit(".", 1)[0]
     out: list[tuple[int, str]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -75,19 +86,12 @@ def _imported_names(path: Path, module: str) -> list[tuple[int, str]]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 parts = package.split(".")
-                base_parts = parts[: len(parts) - (node.level - 1)]
-                base = ".".join(base_parts + ([node.module] if node.module else []))
+                base = ".".join(parts[: len(parts) - (node.level - 1)] + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
             out.append((node.lineno, base))
+            # `from pkg import sub` imports the submodule `pkg.sub` when there is one
             out.extend((node.lineno, f"{base}.{a.name}") for a in node.names if a.name != "*")
-            if base == "lightning_clip":
-                # `from lightning_clip import X` runs the package __init__ and, unless X is a submodule,
-                # takes a re-exported name (the callbacks live there): only submodules are fine
-                for a in node.names:
-                    sub = PKG_DIR / a.name
-                    if not (sub.with_suffix(".py").exists() or (sub / "__init__.py").exists()):
-                        out.append((node.lineno, f"lightning_clip.__init__:{a.name}"))
         elif isinstance(node, ast.Call):
             fn = node.func
             fname = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
@@ -99,20 +103,81 @@ def _imported_names(path: Path, module: str) -> list[tuple[int, str]]:
     return out
 
 
-@pytest.mark.parametrize("rel", PARAMS)
-def test_source_imports_no_lightning(rel):
-    module = _dotted(rel)
-    bad = [
-        f"line {line}: {name}"
-        for line, name in _imported_names(_file(rel), module)
-        if _is_forbidden(name) or name.startswith("lightning_clip.__init__:")
-    ]
-    assert not bad, f"{module} must import torch only, never Lightning or our Lightning glue; found {bad}"
+@cache
+def graph() -> dict[str, list[tuple[int, str]]]:
+    """Every module of the package -> what it imports."""
+    return {
+        _module_name(path): imported_names(path.read_text(), _module_name(path), path.name == "__init__.py")
+        for path in sorted(PKG_DIR.rglob("*.py"))
+    }
 
 
-def test_source_check_is_not_vacuous(tmp_path):
-    sample = tmp_path / "sample.py"
-    sample.write_text(textwrap.dedent("""
+def _own(name: str) -> str | None:
+    """The module of ours that importing ``name`` runs (``None`` for a foreign module)."""
+    if not _matches(name, (PKG,)):
+        return None
+    while name and not _exists(name):  # `from lightning_clip.x import Name`: the module is lightning_clip.x
+        name = name.rsplit(".", 1)[0] if "." in name else ""
+    return name or None
+
+
+def reach(module: str) -> dict[str, list[str]]:
+    """Every name ``module`` imports directly or through our modules -> the import chain that gets there."""
+    seen: dict[str, list[str]] = {}
+    todo = [(module, [module])]
+    visited = {module}
+    while todo:
+        current, chain = todo.pop()
+        for line, name in graph().get(current, []):
+            seen.setdefault(name, chain + [f"{name} (line {line} of {current})"])
+            own = _own(name)
+            if own is None:
+                continue
+            # importing a.b.c runs a/__init__, a/b/__init__ and a/b/c
+            parts = own.split(".")
+            for i in range(1, len(parts) + 1):
+                step = ".".join(parts[:i])
+                if step not in visited and step in graph():
+                    visited.add(step)
+                    todo.append((step, chain + [f"{step} (line {line} of {current})"]))
+    return seen
+
+
+def _modules(prefixes: tuple[str, ...]) -> list[str]:
+    return [m for m in graph() if _matches(m, prefixes)]
+
+
+CASES = [
+    pytest.param(module, forbidden, id=f"{module} !-> {forbidden[0]}..")
+    for prefixes, forbidden in RULES
+    for module in _modules(prefixes)
+]
+
+
+@pytest.mark.parametrize(("module", "forbidden"), CASES)
+def test_layer_rules(module, forbidden):
+    bad = {name: chain for name, chain in reach(module).items() if _matches(name, forbidden)}
+    assert not bad, f"{module} must not import {sorted(bad)}: " + " | ".join(" -> ".join(c) for c in bad.values())
+
+
+def test_nothing_outside_tools_imports_tools():
+    for module, names in graph().items():
+        if _matches(module, ("lightning_clip.tools",)):
+            continue
+        bad = [f"line {line}: {name}" for line, name in names if _matches(name, ("lightning_clip.tools",))]
+        assert not bad, f"{module} imports the tools: {bad}"
+
+
+def test_every_layer_has_modules_and_the_rules_cover_them():
+    # The rules are not vacuous: each names modules that exist.
+    for prefixes, _ in RULES:
+        for prefix in prefixes:
+            assert _modules((prefix,)), prefix
+    assert "lightning_clip.distributed.hook" in graph() and "lightning_clip.sim.transforms" in graph()
+
+
+def test_source_check_is_not_vacuous():
+    sample = textwrap.dedent("""
         import torch
         import lightning.pytorch as pl
         from lightning_clip.callbacks.step import step_state
@@ -121,29 +186,36 @@ def test_source_check_is_not_vacuous(tmp_path):
         def later():
             import pytorch_lightning
             importlib.import_module("lightning_fabric")
-    """))
-    names = [n for _, n in _imported_names(sample, "lightning_clip.robust.sample")]
-    bad = [n for n in names if _is_forbidden(n) or n.startswith("lightning_clip.__init__:")]
-    assert set(bad) == {
-        "lightning.pytorch",
-        "lightning_clip.callbacks.step",
-        "lightning_clip.callbacks.step.step_state",
-        "lightning_clip.distributed.strategy",
-        "lightning_clip.__init__:GradientClipping",
-        "pytorch_lightning",
-        "lightning_fabric",
-    }
-    assert "torch" in names and not _is_forbidden("torch") and not _is_forbidden("lightning_clip.core.grads")
-    assert not _is_forbidden("lightning_clipper")
+        if TYPE_CHECKING:
+            import lightning_clip.tools.cli
+    """)
+    names = {n for _, n in imported_names(sample, "lightning_clip.robust.sample")}
+    assert {"lightning.pytorch", "lightning_clip.callbacks.step", "lightning_clip.distributed.strategy",
+            "lightning_clip.GradientClipping", "pytorch_lightning", "lightning_fabric", "torch"} <= names
+    assert "lightning_clip.tools.cli" not in names  # only for type checkers: never imported at run time
+    assert _matches("lightning_clip.distributed.strategy", GLUE) and not _matches("lightning_clipper", (PKG,))
 
+
+def test_transitive_check_follows_our_modules():
+    # The strategy reaches Lightning directly and the simulation through its own imports: both are seen.
+    reached = reach("lightning_clip.distributed.strategy")
+    assert any(_matches(n, LIGHTNING) for n in reached)
+    assert any(_matches(n, ("lightning_clip.sim",)) for n in reached)
+    # The hook reaches torch.distributed (allowed) and the robust maths through the config.
+    hook = reach("lightning_clip.distributed.hook")
+    assert "torch.distributed" in hook and any(_matches(n, ("lightning_clip.robust.aggregators",)) for n in hook)
+
+
+_PURE = ("lightning_clip.core", "lightning_clip.robust", "lightning_clip.sim", "lightning_clip.exceptions",
+         "lightning_clip.tags", "lightning_clip.distributed.hook", "lightning_clip.distributed.config")
 
 _RUNTIME_SCRIPT = r"""
 import importlib, importlib.abc, json, sys, traceback
 
-PKG_DIR, MODULES, FORBIDDEN_ROOTS, FORBIDDEN_OWN = json.loads(sys.argv[1])
+MODULES, FORBIDDEN = json.loads(sys.argv[1])
 
 def forbidden(name):
-    return name.split(".")[0] in FORBIDDEN_ROOTS or any(name == o or name.startswith(o + ".") for o in FORBIDDEN_OWN)
+    return any(name == f or name.startswith(f + ".") for f in FORBIDDEN)
 
 class Blocker(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
@@ -154,14 +226,13 @@ class Blocker(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Blocker())
 
 results = {}
-for name in ["lightning_clip", "lightning_clip.robust"] + MODULES:  # the package __init__ files run for real
+for name in ["lightning_clip"] + MODULES:  # the package __init__ files run for real
     try:
         importlib.import_module(name)
         results[name] = "ok"
     except BaseException:
         results[name] = traceback.format_exc()
 
-# sanity: the blocker works, and Lightning glue really fails to import here
 sanity = {}
 for name in ("lightning", "pytorch_lightning", "lightning.pytorch", "lightning_clip.callbacks.clipping"):
     try:
@@ -176,8 +247,8 @@ print(json.dumps({"results": results, "sanity": sanity, "leaked": leaked}))
 
 @pytest.fixture(scope="module")
 def runtime_report():
-    modules = [_dotted(rel) for rel in PURE_MODULES if _file(rel).exists()]
-    arg = json.dumps([str(PKG_DIR), modules, list(FORBIDDEN_ROOTS), list(FORBIDDEN_OWN)])
+    modules = _modules(_PURE)
+    arg = json.dumps([modules, list(LIGHTNING + GLUE)])
     proc = subprocess.run([sys.executable, "-c", _RUNTIME_SCRIPT, arg], capture_output=True, text=True,
                           timeout=120, cwd=str(PKG_DIR.parent))
     assert proc.returncode == 0, proc.stderr
@@ -185,18 +256,14 @@ def runtime_report():
 
 
 def test_blocker_blocks_lightning(runtime_report):
-    assert runtime_report["sanity"] == {
-        "lightning": "blocked",
-        "pytorch_lightning": "blocked",
-        "lightning.pytorch": "blocked",
-        "lightning_clip.callbacks.clipping": "blocked",
-    }
+    assert set(runtime_report["sanity"].values()) == {"blocked"}
     assert runtime_report["leaked"] == []
 
 
-def test_package_imports_with_lightning_blocked(runtime_report):
-    for name in ("lightning_clip", "lightning_clip.robust"):
-        assert runtime_report["results"][name] == "ok", runtime_report["results"][name]
+@pytest.mark.parametrize("module", ["lightning_clip", *_modules(_PURE)])
+def test_imports_with_lightning_blocked(module, runtime_report):
+    outcome = runtime_report["results"][module]
+    assert outcome == "ok", f"{module} cannot be imported without Lightning:\n{outcome}"
 
 
 _GLUE_SCRIPT = r"""
@@ -234,10 +301,3 @@ def test_unknown_attribute_still_raises():
 
     with pytest.raises(AttributeError, match="no_such_name"):
         lightning_clip.no_such_name  # noqa: B018
-
-
-@pytest.mark.parametrize("rel", PARAMS)
-def test_imports_with_lightning_blocked(rel, runtime_report):
-    module = _dotted(rel)
-    outcome = runtime_report["results"][module]
-    assert outcome == "ok", f"{module} cannot be imported without Lightning:\n{outcome}"

@@ -1,4 +1,4 @@
-"""Robust aggregation rules on stacked vectors ``[n, d]`` (pure torch, deterministic).
+"""Robust aggregation rules on stacked vectors ``[n, d]``, and the one pre-aggregation pipeline (pure torch).
 
 Every rule takes ``x`` of shape ``[n, d]`` (one worker's vector per row) and ``num_byzantine``
 (``f``, with ``0 <= f < n/2``; ignored by the rules that do not need it) and returns the aggregate
@@ -17,13 +17,15 @@ registry name   function                  aggregate
 ``"multikrum"`` :func:`multi_krum`        average of the ``n - f`` lowest-score vectors
 =============== ========================= =====================================================
 
-:func:`nnm` (nearest-neighbour mixing) and :func:`static_clip` (every row clipped to one fixed L2
-norm, the ARC paper's static-clipping baseline) are pre-aggregation steps returning ``[n, d]``;
-:func:`aggregate` composes ARC, static clipping, NNM and a rule by name, in that order.
+The pre-aggregation is ``NNM(clip_C(ARC(x)))``, each step optional (:func:`preaggregate`): ARC's scale
+factors and the static-clipping factors ``min(1, C / (||v|| + 1e-6))`` depend on the ``n`` norms only
+(:func:`preaggregation_stats`), so every row is scaled once, by the product of both; nearest-neighbour
+mixing (:func:`nearest_neighbor_mixing`) follows. :func:`aggregate` is ``rule(preaggregate(x))``. The
+DDP hook calls the same two functions, so its result is this module's bit for bit.
 
-Non-finite inputs: these rules expect finite vectors (ARC zeroes non-finite rows first). They do
-nothing special about NaN/Inf: ``mean`` propagates them; the sorting rules sort NaN above
-``+Inf`` (torch's order), so a NaN may be trimmed away where ``numpy`` would return NaN.
+Non-finite inputs: the rules expect finite vectors (ARC zeroes non-finite rows first). They do nothing
+special about NaN/Inf: ``mean`` propagates them; the sorting rules sort NaN above ``+Inf`` (torch's
+order), so a NaN may be trimmed away where ``numpy`` would return NaN.
 """
 
 from __future__ import annotations
@@ -33,41 +35,37 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightning_clip.core.functional import clip_coefficient
 from lightning_clip.exceptions import check_choice, check_positive_float, check_positive_int
-from lightning_clip.robust.arc import arc_clip, check_num_byzantine
+from lightning_clip.robust.arc import ARCStats, arc_stats, check_num_byzantine, scale_rows
+from lightning_clip.robust.checks import check_matrix, check_norms, compute_dtype
 
 __all__ = [
     "AGGREGATORS",
     "aggregate",
+    "aggregate_with_stats",
     "geometric_median",
     "krum",
     "mean",
     "median",
     "multi_krum",
     "nearest_neighbor_mixing",
-    "nnm",
+    "preaggregate",
+    "preaggregation_stats",
     "static_clip",
-    "static_clip_scales",
     "trimmed_mean",
 ]
-
-
-def _matrix(x: Tensor) -> Tensor:
-    """Validate ``x`` as a non-empty floating ``[n, d]`` tensor; return it in the compute dtype."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"Expected argument `x` to be a torch.Tensor but got {type(x).__name__}")
-    if x.ndim != 2:
-        raise ValueError(f"Expected argument `x` to be a 2-D tensor [n, d] but got shape {tuple(x.shape)}")
-    if x.shape[0] < 1:
-        raise ValueError("Expected argument `x` to hold at least one vector (row) but got n = 0")
-    if not x.is_floating_point():
-        raise TypeError(f"Expected argument `x` to have a floating dtype but got {x.dtype}")
-    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def _check_optional_byzantine(n: int, num_byzantine: int | None) -> None:
     if num_byzantine is not None:
         check_num_byzantine(n, num_byzantine)
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"Expected argument `{name}` to be a bool but got {value!r}")
+    return value
 
 
 def _squared_distances(x: Tensor) -> Tensor:
@@ -82,7 +80,7 @@ def mean(x: Tensor, num_byzantine: int | None = None) -> Tensor:
         x: Tensor ``[n, d]``.
         num_byzantine: Accepted for a uniform signature; validated when given, otherwise unused.
     """
-    xc = _matrix(x)
+    xc = check_matrix("x", x)
     _check_optional_byzantine(xc.shape[0], num_byzantine)
     return xc.mean(dim=0).to(x.dtype)
 
@@ -94,7 +92,7 @@ def trimmed_mean(x: Tensor, num_byzantine: int) -> Tensor:
         x: Tensor ``[n, d]``.
         num_byzantine: Number ``f`` of values trimmed at each end, ``0 <= f < n/2``.
     """
-    xc = _matrix(x)
+    xc = check_matrix("x", x)
     n = xc.shape[0]
     f = check_num_byzantine(n, num_byzantine)
     kept = torch.sort(xc, dim=0).values[f : n - f]
@@ -108,7 +106,7 @@ def median(x: Tensor, num_byzantine: int | None = None) -> Tensor:
         x: Tensor ``[n, d]``.
         num_byzantine: Accepted for a uniform signature; validated when given, otherwise unused.
     """
-    xc = _matrix(x)
+    xc = check_matrix("x", x)
     n = xc.shape[0]
     _check_optional_byzantine(n, num_byzantine)
     s = torch.sort(xc, dim=0).values
@@ -138,7 +136,7 @@ def geometric_median(
         max_iter: Maximum number of Weiszfeld iterations (positive).
         tol: Relative movement below which the iteration stops (non-negative).
     """
-    xc = _matrix(x)
+    xc = check_matrix("x", x)
     _check_optional_byzantine(xc.shape[0], num_byzantine)
     eps = check_positive_float("eps", eps)
     check_positive_int("max_iter", max_iter)
@@ -186,7 +184,7 @@ def multi_krum(x: Tensor, num_byzantine: int, m: int | None = None) -> Tensor:
         num_byzantine: Number ``f`` of possibly Byzantine rows, ``0 <= f < n/2``.
         m: Number of rows averaged, ``1 <= m <= n``; default ``n - f``.
     """
-    xc = _matrix(x)
+    xc = check_matrix("x", x)
     n = xc.shape[0]
     f = check_num_byzantine(n, num_byzantine)
     if m is None:
@@ -210,7 +208,7 @@ def nearest_neighbor_mixing(x: Tensor, num_byzantine: int) -> Tensor:
     Returns:
         Tensor ``[n, d]`` of the dtype of ``x``.
     """
-    xc = _matrix(x)
+    xc = check_matrix("x", x)
     n = xc.shape[0]
     f = check_num_byzantine(n, num_byzantine)
     d2 = _squared_distances(xc).fill_diagonal_(float("-inf"))
@@ -220,48 +218,82 @@ def nearest_neighbor_mixing(x: Tensor, num_byzantine: int) -> Tensor:
     return (weights @ xc).to(x.dtype)
 
 
-def static_clip_scales(norms: Tensor, max_norm: float) -> Tensor:
-    """Return the static-clipping factors ``min(1, max_norm / (norm + 1e-6))`` of the norms ``[n]``.
+def preaggregation_stats(
+    norms: Tensor, num_byzantine: int, *, arc: bool = True, static_clip: float | None = None
+) -> ARCStats:
+    """Return the scale factors of ``clip_C(ARC(.))`` for vectors of norms ``norms [n]``.
 
-    The formula of ``torch.nn.utils.clip_grad_norm_``. A NaN norm gives a NaN factor and an infinite
-    norm gives ``0`` (``inf * 0`` is NaN): static clipping does not neutralise non-finite vectors.
+    With ``arc``, ARC's factors (:func:`~lightning_clip.robust.arc.arc_stats`; a non-finite norm gets
+    ``0``). With ``static_clip = C``, each vector's norm after ARC is then clipped to ``C``: the factor
+    ``min(1, C / (norm * arc_scale + 1e-6))``, the formula of ``torch.nn.utils.clip_grad_norm_``, is
+    multiplied in. Without ARC a non-finite norm gets a NaN (NaN norm) or ``0`` (infinite norm) static
+    factor: static clipping does not neutralise non-finite vectors.
+
+    Returns:
+        :class:`~lightning_clip.robust.arc.ARCStats` whose ``scales`` are the combined factors and
+        ``clipped`` marks factors below 1. ``threshold`` is ARC's threshold; without ARC it is ``C``
+        (``+inf`` when there is no static clip either), and ``num_clipped`` is ``0``.
+    """
+    _check_bool("arc", arc)
+    bound = None if static_clip is None else check_positive_float("static_clip", static_clip)
+    if arc:
+        stats = arc_stats(norms, num_byzantine)
+    else:
+        x = check_norms("norms", norms)
+        check_num_byzantine(x.shape[0], num_byzantine)
+        ones = torch.ones_like(x)
+        fill = float("inf") if bound is None else bound
+        stats = ARCStats(norms=x, threshold=torch.full((), fill, dtype=x.dtype, device=x.device), scales=ones,
+                         clipped=ones < 1, num_clipped=0)
+    if bound is None:
+        return stats
+    post = stats.norms * stats.scales
+    if arc:  # a vector ARC zeroes has norm 0 afterwards
+        post = torch.where(torch.isfinite(stats.norms), post, torch.zeros_like(post))
+    scales = stats.scales * clip_coefficient(bound, post)
+    return stats._replace(scales=scales, clipped=scales < 1)
+
+
+def preaggregate(
+    x: Tensor, num_byzantine: int, *, arc: bool = True, static_clip: float | None = None, nnm: bool = False
+) -> tuple[Tensor, ARCStats]:
+    """Return ``NNM(clip_C(ARC(x)))`` (each step only when asked) and the clipping statistics.
 
     Args:
-        norms: 1-D tensor ``[n]`` of L2 norms.
-        max_norm: The norm bound ``C`` (positive, finite).
+        x: Tensor ``[n, d]``.
+        num_byzantine: Number ``f`` of possibly Byzantine rows, ``0 <= f < n/2``.
+        arc: Apply ARC; its non-finite rows become zeros.
+        static_clip: If set, clip every row (after ARC) to this L2 norm, a positive finite number.
+        nnm: Apply nearest-neighbour mixing last.
+
+    Returns:
+        The pre-aggregated ``[n, d]`` (dtype of ``x``) and :func:`preaggregation_stats` of the rows' norms.
     """
-    max_norm = check_positive_float("max_norm", max_norm)
-    return torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+    check_matrix("x", x)
+    _check_bool("nnm", nnm)
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=compute_dtype(x.dtype))
+    stats = preaggregation_stats(norms, num_byzantine, arc=arc, static_clip=static_clip)
+    if arc or static_clip is not None:
+        x = scale_rows(x, stats.scales, norms if arc else None)
+    if nnm:
+        x = nearest_neighbor_mixing(x, num_byzantine)
+    return x, stats
 
 
 def static_clip(x: Tensor, max_norm: float) -> Tensor:
     """Return ``x`` with every row scaled to L2 norm at most ``max_norm``: ``x_i * min(1, C / (||x_i|| + 1e-6))``.
 
     The ARC paper's static-clipping baseline: one fixed threshold ``C`` for every input, whatever the
-    inputs look like (ARC instead derives its threshold from them). Norms in float32 (float64 for
-    float64 inputs). A row with NaN/Inf stays non-finite, as with ``clip_grad_norm_``.
+    inputs look like (ARC instead derives its threshold from them). A row with NaN/Inf stays
+    non-finite, as with ``clip_grad_norm_``.
 
     Args:
         x: Tensor ``[n, d]``.
         max_norm: The norm bound ``C`` (positive, finite).
-
-    Returns:
-        Tensor ``[n, d]`` of the dtype of ``x``.
     """
-    return _static_clip_with_scales(x, max_norm)[0]
+    check_positive_float("max_norm", max_norm)
+    return preaggregate(x, 0, arc=False, static_clip=max_norm)[0]
 
-
-def _static_clip_with_scales(x: Tensor, max_norm: float) -> tuple[Tensor, Tensor]:
-    """:func:`static_clip` and its factors ``[n]`` (compute dtype); the DDP hook reuses both."""
-    xc = _matrix(x)
-    scales = static_clip_scales(torch.linalg.vector_norm(xc, dim=1), max_norm)
-    return (xc * scales.unsqueeze(1)).to(x.dtype), scales
-
-
-_static_clip = static_clip
-
-#: Short alias of :func:`nearest_neighbor_mixing`.
-nnm = nearest_neighbor_mixing
 
 #: Aggregation rules by name; each is called as ``rule(x, num_byzantine)``.
 AGGREGATORS: dict[str, Callable[..., Tensor]] = {
@@ -274,41 +306,40 @@ AGGREGATORS: dict[str, Callable[..., Tensor]] = {
 }
 
 
+def aggregate_with_stats(
+    x: Tensor,
+    rule: str,
+    num_byzantine: int,
+    nnm: bool = False,
+    arc: bool = False,
+    static_clip: float | None = None,
+) -> tuple[Tensor, ARCStats]:
+    """:func:`aggregate` and the :func:`preaggregation_stats` of the rows (what the DDP hook reports)."""
+    check_choice("rule", rule, tuple(AGGREGATORS))
+    pre, stats = preaggregate(x, num_byzantine, arc=arc, static_clip=static_clip, nnm=nnm)
+    return AGGREGATORS[rule](pre, num_byzantine), stats
+
+
 def aggregate(
     x: Tensor,
-    name: str,
+    rule: str,
     num_byzantine: int,
     nnm: bool = False,
     arc: bool = False,
     static_clip: float | None = None,
 ) -> Tensor:
-    """Return ``rule(NNM(clip_C(ARC(x))))`` for the rule called ``name``; each step only when asked.
+    """Return ``rule(NNM(clip_C(ARC(x))))``; each pre-aggregation step only when asked (:func:`preaggregate`).
 
     Args:
         x: Tensor ``[n, d]``.
-        name: One of the keys of :data:`AGGREGATORS`.
+        rule: One of the keys of :data:`AGGREGATORS`.
         num_byzantine: Number ``f`` of possibly Byzantine rows, ``0 <= f < n/2``.
         nnm: Apply nearest-neighbour mixing before the rule.
         arc: Apply ARC (:func:`~lightning_clip.robust.arc.arc_clip`) first.
-        static_clip: If set, clip every row to this L2 norm (:func:`static_clip`) after ARC and
-            before NNM; ``None`` (the default) skips it.
+        static_clip: If set, clip every row to this L2 norm after ARC and before NNM.
 
     Raises:
-        ValueError: If ``name`` is unknown, ``num_byzantine`` is out of range or ``static_clip`` is not
+        ValueError: If ``rule`` is unknown, ``num_byzantine`` is out of range or ``static_clip`` is not
             a positive finite number.
     """
-    check_choice("name", name, tuple(AGGREGATORS))
-    if not isinstance(nnm, bool):
-        raise TypeError(f"Expected argument `nnm` to be a bool but got {nnm!r}")
-    if not isinstance(arc, bool):
-        raise TypeError(f"Expected argument `arc` to be a bool but got {arc!r}")
-    if static_clip is not None:
-        static_clip = check_positive_float("static_clip", static_clip)
-    check_num_byzantine(_matrix(x).shape[0], num_byzantine)
-    if arc:
-        x = arc_clip(x, num_byzantine)
-    if static_clip is not None:
-        x = _static_clip(x, static_clip)
-    if nnm:
-        x = nearest_neighbor_mixing(x, num_byzantine)
-    return AGGREGATORS[name](x, num_byzantine)
+    return aggregate_with_stats(x, rule, num_byzantine, nnm=nnm, arc=arc, static_clip=static_clip)[0]

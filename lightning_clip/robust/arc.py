@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from lightning_clip.exceptions import check_non_negative_int, check_positive_int
+from lightning_clip.robust.checks import check_floating, check_norms, compute_dtype
 
 __all__ = [
     "ARCStats",
@@ -41,6 +42,7 @@ __all__ = [
     "arc_stats",
     "arc_threshold",
     "check_num_byzantine",
+    "scale_rows",
 ]
 
 
@@ -98,20 +100,6 @@ def arc_num_clipped(n: int, num_byzantine: int) -> int:
     return (2 * f * (n - f)) // n
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _as_norms(norms: Tensor) -> Tensor:
-    if not isinstance(norms, Tensor):
-        raise TypeError(f"Expected argument `norms` to be a torch.Tensor but got {type(norms).__name__}")
-    if norms.ndim != 1:
-        raise ValueError(f"Expected argument `norms` to be a 1-D tensor [n] but got shape {tuple(norms.shape)}")
-    if norms.dtype == torch.bool or norms.is_complex():
-        raise TypeError(f"Expected argument `norms` to have a real dtype but got {norms.dtype}")
-    return norms.to(_compute_dtype(norms.dtype))
-
-
 def _threshold(x: Tensor, finite: Tensor, k: int) -> Tensor:
     """Threshold for norms ``x`` (compute dtype) with finiteness mask ``finite``; see the module notes."""
     largest_finite = torch.where(finite, x, torch.zeros_like(x)).amax()
@@ -141,7 +129,7 @@ def arc_threshold(norms: Tensor, num_byzantine: int) -> Tensor:
         than ``k`` norms are non-finite it is the largest finite norm (``0`` if none); when ``k = 0``
         it is the largest finite norm.
     """
-    x = _as_norms(norms)
+    x = check_norms("norms", norms)
     k = arc_num_clipped(x.shape[0], num_byzantine)
     return _threshold(x, torch.isfinite(x), k)
 
@@ -157,7 +145,7 @@ def arc_scales(norms: Tensor, num_byzantine: int) -> Tensor:
         Scale factors ``[n]`` in ``[0, 1]`` (float32, or float64 for float64 norms) on the norms'
         device. Non-finite norms get ``0``, norms equal to the threshold and zero norms get ``1``.
     """
-    x = _as_norms(norms)
+    x = check_norms("norms", norms)
     finite = torch.isfinite(x)
     threshold = arc_threshold(x, num_byzantine)
     return _scales(x, finite, threshold)
@@ -170,12 +158,25 @@ def arc_stats(norms: Tensor, num_byzantine: int) -> ARCStats:
         norms: 1-D tensor ``[n]`` of per-vector L2 norms.
         num_byzantine: Number ``f`` of possibly Byzantine vectors, ``0 <= f < n/2``.
     """
-    x = _as_norms(norms)
+    x = check_norms("norms", norms)
     k = arc_num_clipped(x.shape[0], num_byzantine)
     finite = torch.isfinite(x)
     threshold = _threshold(x, finite, k)
     scales = _scales(x, finite, threshold)
     return ARCStats(norms=x, threshold=threshold, scales=scales, clipped=scales < 1, num_clipped=k)
+
+
+def scale_rows(x: Tensor, scales: Tensor, norms: Tensor | None = None) -> Tensor:
+    """Return ``x [n, d]`` with row ``i`` multiplied by ``scales[i]``, in the compute dtype, then cast back.
+
+    With ``norms`` given, rows whose norm is not finite are set to zero (``NaN * 0`` is NaN): the way
+    ARC neutralises a non-finite vector. Without it, non-finite rows pass through scaled.
+    """
+    cdt = compute_dtype(x.dtype)
+    scaled = x.to(cdt) * scales.to(cdt).unsqueeze(1)
+    if norms is not None:
+        scaled = torch.where(torch.isfinite(norms).unsqueeze(1), scaled, torch.zeros((), dtype=cdt, device=x.device))
+    return scaled.to(x.dtype)
 
 
 def arc_clip(vectors: Tensor, num_byzantine: int) -> Tensor:
@@ -189,17 +190,10 @@ def arc_clip(vectors: Tensor, num_byzantine: int) -> Tensor:
         Tensor ``[n, d]`` of the input's dtype and device. Rows with a non-finite entry (or whose
         norm overflows) are all zeros, so the result is always finite.
     """
-    if not isinstance(vectors, Tensor):
-        raise TypeError(f"Expected argument `vectors` to be a torch.Tensor but got {type(vectors).__name__}")
+    check_floating("vectors", vectors)
     if vectors.ndim != 2:
         raise ValueError(
             f"Expected argument `vectors` to be a 2-D tensor [n, d] but got shape {tuple(vectors.shape)}"
         )
-    if not vectors.is_floating_point():
-        raise TypeError(f"Expected argument `vectors` to have a floating dtype but got {vectors.dtype}")
-    cdt = _compute_dtype(vectors.dtype)
-    norms = torch.linalg.vector_norm(vectors, dim=1, dtype=cdt)
-    scales = arc_scales(norms, num_byzantine)
-    scaled = vectors.to(cdt) * scales.unsqueeze(1)
-    out = torch.where(torch.isfinite(norms).unsqueeze(1), scaled, torch.zeros((), dtype=cdt, device=scaled.device))
-    return out.to(vectors.dtype)
+    norms = torch.linalg.vector_norm(vectors, dim=1, dtype=compute_dtype(vectors.dtype))
+    return scale_rows(vectors, arc_scales(norms, num_byzantine), norms)

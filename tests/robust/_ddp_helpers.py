@@ -24,7 +24,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_clip.distributed.config import ARCConfig
 from lightning_clip.distributed.hook import ARCHookState, arc_hook
+from lightning_clip.sim.byzantine import ByzantineSpec
+from lightning_clip.sim.transforms import ByzantineTransform
 
 #: Per-rank loss multipliers: rank 2's gradient is the largest, so ARC (f=1, n=3, k=1) clips it.
 LOSS_SCALE = (1.0, 3.0, 10.0)
@@ -97,6 +100,56 @@ def param_vector(net: nn.Module) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
 
 
+def hook_state(byzantine: dict[str, Any] | None = None, seed: int = 0, **config: Any) -> ARCHookState:
+    """``ARCHookState`` for ``ARCConfig(**config)``, with a simulated attack appended as the strategy does."""
+    extra = [] if byzantine is None else [ByzantineTransform(ByzantineSpec.from_config(byzantine), seed=seed)]
+    return ARCHookState(ARCConfig(**config), transforms=extra)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Single-process references (never call the hook)
+
+
+def hand_arc(g: Tensor, f: int) -> tuple[Tensor, float, list[bool]]:
+    """ARC by hand on finite rows: sort the norms, clip the k largest to the (k+1)-th largest."""
+    n = g.shape[0]
+    norms = [float(row.double().norm()) for row in g]
+    k = (2 * f * (n - f)) // n
+    threshold = sorted(norms, reverse=True)[k]
+    out = g.clone()
+    clipped = []
+    for i, norm in enumerate(norms):
+        clipped.append(norm > threshold)
+        if norm > threshold:
+            out[i] = g[i] * (threshold / norm)
+    return out, threshold, clipped
+
+
+def rank_grads(net: nn.Module, idx: int | list[int], dtype: torch.dtype = torch.float32, divide: float = 1.0,
+               n: int = 3) -> Tensor:
+    """Every rank's local gradient ``[n, d]`` (parameter order) at ``net``'s current weights.
+
+    ``idx`` is the batch index, or several whose gradients accumulate (each loss divided by ``divide``).
+    """
+    rows = []
+    for rank in range(n):
+        net.zero_grad()
+        for i in [idx] if isinstance(idx, int) else idx:
+            (rank_loss(net, rank, i, dtype) / divide).backward()
+        rows.append(grad_vector(list(net.parameters())).clone())
+    net.zero_grad()
+    return torch.stack(rows)
+
+
+def sgd_step(net: nn.Module, grad: Tensor) -> None:
+    """``p <- p - LR * grad`` with ``grad`` flat in parameter order (cast to each parameter's dtype)."""
+    with torch.no_grad():
+        offset = 0
+        for p in net.parameters():
+            p -= LR * grad[offset : offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Raw torch.multiprocessing worker
 
@@ -108,12 +161,14 @@ def _ddp(net: nn.Module, state: ARCHookState | None, **kwargs: Any) -> DDP:
     return model
 
 
-def _stats(state: ARCHookState) -> dict[str, Any]:
+def hook_stats(state: ARCHookState) -> dict[str, Any]:
+    """The hook's statistics of its last step, as plain copies."""
+    stats = state.last_stats
     return {
-        "norms": state.last_norms.clone(),
-        "threshold": state.last_threshold.clone(),
-        "clipped": state.last_clipped.clone(),
-        "scales": state.last_scales.clone(),
+        "norms": stats.norms.clone(),
+        "threshold": stats.threshold.clone(),
+        "clipped": stats.clipped.clone(),
+        "scales": stats.scales.clone(),
         "num_buckets": state.last_num_buckets,
         "comm": dict(state.last_comm_bytes),
         "iter": state.iter,
@@ -129,7 +184,7 @@ def _train(model: DDP, rank: int, steps: int, state: ARCHookState | None = None)
         opt.step()
         rec = {"params": param_vector(model.module)}
         if state is not None:
-            rec.update(_stats(state))
+            rec.update(hook_stats(state))
         out.append(rec)
     return out
 
@@ -148,47 +203,66 @@ def raw_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     try:
         res: dict[str, Any] = {}
         # ARC + mean over 3 SGD steps (step 0: one bucket; later: one bucket per parameter).
-        state = ARCHookState(num_byzantine=1)
+        state = hook_state(num_byzantine=1)
         res["arc_mean"] = _train(_ddp(make_net(), state), rank, 3, state)
         # num_byzantine=0 against plain DDP, same buckets.
         res["plain"] = _train(_ddp(make_net(), None), rank, 2)
-        s0 = ARCHookState(num_byzantine=0)
+        s0 = hook_state(num_byzantine=0)
         res["f0"] = _train(_ddp(make_net(), s0), rank, 2, s0)
         # Byzantine rank 1 with several attacks.
         for i, spec in enumerate(ATTACK_CASES):
-            st = ARCHookState(num_byzantine=1, byzantine=spec)
+            st = hook_state(num_byzantine=1, byzantine=spec)
             grad = _one_backward(_ddp(make_net(), st), rank)
-            res[f"attack{i}"] = {"grad": grad, **_stats(st)}
+            res[f"attack{i}"] = {"grad": grad, **hook_stats(st)}
         # Robust aggregators on the gathered, ARC-clipped gradients.
         for i, (name, nnm, spec) in enumerate(ROBUST_CASES):
-            st = ARCHookState(num_byzantine=1, aggregator=name, nnm=nnm, byzantine=spec)
+            st = hook_state(num_byzantine=1, aggregator=name, nnm=nnm, byzantine=spec)
             grad = _one_backward(_ddp(make_net(), st), rank)
-            res[f"robust{i}"] = {"grad": grad, **_stats(st)}
+            res[f"robust{i}"] = {"grad": grad, **hook_stats(st)}
         # Gradient accumulation: the first micro-batch under no_sync does not call the hook.
-        st = ARCHookState(num_byzantine=1)
+        st = hook_state(num_byzantine=1)
         model = _ddp(make_net(), st)
         with model.no_sync():
             rank_loss(model, rank, 0).backward()
         iter_after_no_sync = st.iter
         rank_loss(model, rank, 1).backward()
         res["accumulate"] = {"grad": grad_vector(list(model.parameters())), "iter_no_sync": iter_after_no_sync,
-                             **_stats(st)}
+                             **hook_stats(st)}
         # bf16 gradients: norms in float32.
-        st = ARCHookState(num_byzantine=1)
+        st = hook_state(num_byzantine=1)
         grad = _one_backward(_ddp(make_net().to(torch.bfloat16), st), rank, torch.bfloat16)
-        res["bf16"] = {"grad": grad, **_stats(st)}
+        res["bf16"] = {"grad": grad, **hook_stats(st)}
         # find_unused_parameters=True: the unused parameter's bucket entries are zeros.
-        st = ARCHookState(num_byzantine=1)
+        st = hook_state(num_byzantine=1)
         model = _ddp(make_net(unused=True), st, find_unused_parameters=True)
         model.zero_grad()
         rank_loss(model, rank, 0).backward()
         res["unused"] = {
             "grads": {n: (None if p.grad is None else p.grad.clone()) for n, p in model.module.named_parameters()},
-            **_stats(st),
+            **hook_stats(st),
         }
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def peer_failure_worker(rank: int, world_size: int, port: int, out_dir: str, dead_rank: int, dead_step: int) -> None:
+    """Train with ARC; rank ``dead_rank`` exits abruptly at ``dead_step``; the others save what they raised."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    model = _ddp(make_net(), hook_state(num_byzantine=1))
+    try:
+        for step in range(dead_step + 2):
+            if rank == dead_rank and step == dead_step:
+                os._exit(3)  # a crash: no clean shutdown of the process group
+            model.zero_grad()
+            rank_loss(model, rank, step).backward()
+        outcome = {"type": None, "message": "finished"}
+    except BaseException as exc:
+        outcome = {"type": type(exc).__name__, "message": str(exc)}
+    torch.save(outcome, Path(out_dir) / f"peer{rank}.pt")
 
 
 # ---------------------------------------------------------------------------------------------------

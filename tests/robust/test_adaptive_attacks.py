@@ -13,23 +13,18 @@ import pytest
 import torch
 
 from lightning_clip.robust.aggregators import aggregate
-from lightning_clip.sim.attacks import (
+from lightning_clip.sim.adaptive import (
     ADAPTIVE_ATTACKS,
     ALIE_LS_GRID,
-    ATTACK_NAMES,
-    ATTACKS,
-    FOE_EPS,
     FOE_LS_GRID,
-    ByzantineSpec,
-    alie,
     alie_ls,
-    alie_z,
     attack_deviation,
-    foe,
     foe_ls,
     mimic,
     search_factor,
 )
+from lightning_clip.sim.attacks import ATTACKS, FOE_EPS, alie, alie_z, foe
+from lightning_clip.sim.byzantine import ATTACK_NAMES, ByzantineSpec
 
 # 5 honest workers in 3 dimensions; 2 Byzantine copies -> n = 7.
 HONEST = torch.tensor(
@@ -39,7 +34,7 @@ COPIES = 2
 
 
 def server(name: str, f: int, nnm: bool = False, arc: bool = False):
-    return functools.partial(aggregate, name=name, num_byzantine=f, nnm=nnm, arc=arc)
+    return functools.partial(aggregate, rule=name, num_byzantine=f, nnm=nnm, arc=arc)
 
 
 def fixed(attack: str) -> torch.Tensor:
@@ -102,7 +97,7 @@ def test_line_search_against_static_clipping():
     # Static clipping (C = 1, below most honest norms) bounds every vector. FOE's direction is fixed, so once
     # its copies exceed C every eps sends the same clipped vector: the search can only tie the default there.
     # ALIE's direction changes with z: the search finds a z the clipped pipeline follows further.
-    agg = functools.partial(aggregate, name="cwtm", num_byzantine=2, nnm=True, static_clip=1.0)
+    agg = functools.partial(aggregate, rule="cwtm", num_byzantine=2, nnm=True, static_clip=1.0)
     assert deviation(searched("foe", agg), agg) == pytest.approx(deviation(fixed("foe"), agg), rel=1e-9)
     d_ls = deviation(searched("alie", agg), agg)
     assert d_ls > deviation(fixed("alie"), agg) * 1.01

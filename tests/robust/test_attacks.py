@@ -14,7 +14,6 @@ from lightning_clip.sim.attacks import (
     ATTACKS,
     FOE_EPS,
     IPM_EPS,
-    ByzantineSpec,
     alie,
     alie_z,
     fixed_clip_defence,
@@ -27,6 +26,7 @@ from lightning_clip.sim.attacks import (
     sign_flip,
     zero,
 )
+from lightning_clip.sim.byzantine import ByzantineSpec
 
 OWN = torch.tensor([3.0, -4.0, 0.5])
 HONEST = torch.tensor([[1.0, 2.0, 0.0], [3.0, 2.0, 1.0], [2.0, 5.0, -1.0], [2.0, 3.0, 0.0]])
@@ -117,7 +117,7 @@ def test_alie_vector():
     assert alie(HONEST.double(), z=1.0).dtype == torch.float64
     with pytest.raises(ValueError, match=r"`num_byzantine` or `z`"):
         alie(HONEST)
-    with pytest.raises(ValueError, match=r"`honest` to be a 2-D tensor \[h, d\]"):
+    with pytest.raises(ValueError, match=r"`honest` to be a 2-D tensor \[n, d\]"):
         alie(OWN, z=1.0)
 
 

@@ -9,6 +9,8 @@ recomputed in this process.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import inspect
 import pickle
 import sys
 from pathlib import Path
@@ -24,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _ddp_helpers as h  # noqa: E402
 
 from lightning_clip import ARCDDPStrategy  # noqa: E402
+from lightning_clip.distributed.config import ARCConfig  # noqa: E402
 from lightning_clip.distributed.hook import ARCHookState  # noqa: E402
 from lightning_clip.robust.aggregators import aggregate  # noqa: E402
-from lightning_clip.sim.attacks import ByzantineSpec  # noqa: E402
+from lightning_clip.sim.byzantine import ByzantineSpec  # noqa: E402
 from lightning_clip.tags import ARC_CLIPPED_RANKS, ARC_THRESHOLD, arc_norm_tag  # noqa: E402
 
 N = 3  # ranks
@@ -37,39 +40,11 @@ F = 1  # num_byzantine -> k = floor(2 * 1 * 2 / 3) = 1
 # References
 
 
-def hand_arc(g: Tensor, f: int) -> tuple[Tensor, float, list[bool]]:
-    """ARC by hand on finite rows: sort the norms, clip the k largest to the (k+1)-th largest."""
-    n = g.shape[0]
-    norms = [float(row.double().norm()) for row in g]
-    k = (2 * f * (n - f)) // n
-    threshold = sorted(norms, reverse=True)[k]
-    out = g.clone()
-    clipped = []
-    for i, norm in enumerate(norms):
-        clipped.append(norm > threshold)
-        if norm > threshold:
-            out[i] = g[i] * (threshold / norm)
-    return out, threshold, clipped
+hand_arc, sgd_step = h.hand_arc, h.sgd_step
 
 
 def rank_grads(net: torch.nn.Module, idx: int | list[int], dtype=torch.float32, divide: float = 1.0) -> Tensor:
-    """Every rank's local gradient ``[n, d]`` (parameter order) at ``net``'s current weights."""
-    rows = []
-    for rank in range(N):
-        net.zero_grad()
-        for i in [idx] if isinstance(idx, int) else idx:
-            (h.rank_loss(net, rank, i, dtype) / divide).backward()
-        rows.append(h.grad_vector(list(net.parameters())).clone())
-    net.zero_grad()
-    return torch.stack(rows)
-
-
-def sgd_step(net: torch.nn.Module, grad: Tensor) -> None:
-    with torch.no_grad():
-        offset = 0
-        for p in net.parameters():
-            p -= h.LR * grad[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
+    return h.rank_grads(net, idx, dtype, divide, n=N)
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +130,24 @@ def test_robust_aggregator_matches_pure_function(raw, case):
     assert rec["comm"] == {"all_reduce": 0, "all_gather": 4 * N * x.shape[1]}
 
 
+def test_a_dead_peer_is_reported_with_the_step_by_the_survivors(tmp_path):
+    ctx = mp.get_context("spawn")
+    port = h.free_port()
+    # Rank 2 dies at step 2 (after DDP's bucket rebuild at step 1, whose broadcast is not ours).
+    procs = [ctx.Process(target=h.peer_failure_worker, args=(r, N, port, str(tmp_path), 2, 2)) for r in range(N)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 3]
+    for rank in (0, 1):
+        outcome = torch.load(tmp_path / f"peer{rank}.pt", weights_only=False)
+        assert outcome["type"] == "PeerFailureError", outcome
+        first_line = outcome["message"].splitlines()[0]
+        assert first_line.startswith(f"ddp_arc: the all-gather of step 2 failed on rank {rank} of {N}: a peer rank")
+        assert "Cause: [" in first_line and "gloo" in first_line  # gloo's own message, on the same line
+
+
 def test_gradient_accumulation_with_no_sync(raw):
     rec = raw[0]["accumulate"]
     assert rec["iter_no_sync"] == 0 and rec["iter"] == 1  # the hook ran once, on the synced backward
@@ -231,7 +224,7 @@ def test_trainer_fit_spawn_matches_hand_arc_and_logs(tmp_path, monkeypatch):
 def test_string_registry_and_world_size_errors():
     trainer = pl.Trainer(strategy="ddp_arc", accelerator="cpu", devices=3, logger=False)
     assert isinstance(trainer.strategy, ARCDDPStrategy)
-    assert trainer.strategy.num_byzantine == 1 and trainer.strategy.aggregator == "mean"
+    assert trainer.strategy.arc_config == ARCConfig(num_byzantine=1, aggregator="mean")
     spawn = pl.Trainer(strategy="ddp_arc_spawn", accelerator="cpu", devices=3, logger=False).strategy
     assert isinstance(spawn, ARCDDPStrategy) and spawn._start_method == "spawn"
     with pytest.raises(ValueError, match=r"num_byzantine.*world size 3.*got 2"):
@@ -261,44 +254,59 @@ def test_string_registry_and_world_size_errors():
         ({"static_clip": -2}, ValueError, r"`static_clip`"),
         ({"static_clip": float("inf")}, ValueError, r"`static_clip`"),
         ({"static_clip": "2"}, TypeError, r"`static_clip` to be a number"),
+        ({"seed": -1}, ValueError, r"`seed`"),
+        ({"numbyzantine": 1}, TypeError, r"unexpected keyword argument `numbyzantine`; did you mean `num_byzantine`"),
+        ({"bucket_cap": 25}, TypeError, r"`bucket_cap`; did you mean `bucket_cap_mb`"),
+        ({"arc_config": {"num_byzantine": 1}}, TypeError, r"`arc_config` to be an ARCConfig"),
+        ({"arc_config": ARCConfig(), "num_byzantine": 2}, ValueError, r"either `arc_config` or the keyword"),
     ],
 )
 def test_strategy_argument_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         ARCDDPStrategy(**kwargs)
-    if set(kwargs) <= {"arc", "static_clip"}:
+    config_keys = {"num_byzantine", "aggregator", "nnm", "arc", "static_clip"}
+    if set(kwargs) <= config_keys:  # the same check, once, in the config the strategy builds
         with pytest.raises(error, match=match):
-            ARCHookState(**kwargs)
+            ARCConfig(**kwargs)
 
 
-def test_ablation_switches_defaults_and_properties():
+def test_strategy_builds_or_takes_one_config_and_forwards_it():
     strategy = ARCDDPStrategy()
-    assert strategy.arc is True and strategy.static_clip is None
+    assert strategy.arc_config == ARCConfig() and strategy.arc_config.arc is True
     strategy = ARCDDPStrategy(arc=False, static_clip=2)
-    assert strategy.arc is False and strategy.static_clip == 2.0 and isinstance(strategy.static_clip, float)
-    state = ARCHookState(num_byzantine=1, aggregator="cwtm", nnm=True, arc=False, static_clip=2.0)
+    assert strategy.arc_config.static_clip == 2.0 and isinstance(strategy.arc_config.static_clip, float)
+    config = ARCConfig(num_byzantine=2, aggregator="cwtm", nnm=True, worker_momentum=0.9)
+    assert ARCDDPStrategy(arc_config=config).arc_config is config
+    # The strategy's keyword defaults are the config's defaults (declared once, checked here).
+    params = inspect.signature(ARCDDPStrategy.__init__).parameters
+    for field in dataclasses.fields(ARCConfig):
+        assert params[field.name].default == field.default, field.name
+    # Unknown DDP keywords fail at construction; known ones pass through to DDPStrategy.
+    assert ARCDDPStrategy(find_unused_parameters=True, bucket_cap_mb=1)._ddp_kwargs["bucket_cap_mb"] == 1
+
+
+def test_server_aggregation_is_the_pure_pipeline():
+    config = ARCConfig(num_byzantine=1, aggregator="cwtm", nnm=True, arc=False, static_clip=2.0)
     x = torch.randn(5, 4) * torch.tensor([[1.0], [2.0], [3.0], [40.0], [0.5]])
     # The aggregation the line search attacks is the hook's own pipeline, switches included.
-    torch.testing.assert_close(state.server_aggregation(x), aggregate(x, "cwtm", 1, nnm=True, static_clip=2.0))
-    copy = pickle.loads(pickle.dumps(state))
-    assert (copy.arc, copy.static_clip) == (False, 2.0)
-    old = ARCHookState(num_byzantine=1).__getstate__()
-    for key in ("arc", "static_clip", "worker_momentum"):
-        del old[key]  # a state pickled before these settings existed
-    legacy = ARCHookState.__new__(ARCHookState)
-    legacy.__setstate__(old)
-    assert (legacy.arc, legacy.static_clip, legacy.worker_momentum) == (True, None, 0.0)
+    assert torch.equal(config.server_aggregation(x), aggregate(x, "cwtm", 1, nnm=True, static_clip=2.0))
 
 
 def test_hook_state_validation_and_pickle():
     with pytest.raises(ValueError, match="aggregator"):
-        ARCHookState(aggregator="sum")
-    with pytest.raises(ValueError, match="num_byzantine"):
-        ARCHookState(num_byzantine=-2)
-    state = ARCHookState(num_byzantine=2, aggregator="cwtm", nnm=True, byzantine={"ranks": [0], "attack": "zero"})
+        ARCConfig(aggregator="sum")
+    with pytest.raises(TypeError, match="ARCConfig"):
+        ARCHookState({"num_byzantine": 1})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="transforms"):
+        ARCHookState(transforms=[3])  # type: ignore[list-item]
+    state = h.hook_state(num_byzantine=2, aggregator="cwtm", nnm=True, worker_momentum=0.5,
+                         byzantine={"ranks": [0], "attack": "zero"})
+    assert [type(t).__name__ for t in state.transforms] == ["WorkerMomentum", "ByzantineTransform"]
     state.iter = 7
+    state.worker_momentum.buffers[0] = torch.ones(3)
     copy = pickle.loads(pickle.dumps(state))
     assert copy.process_group is None and copy.held == []
-    assert (copy.num_byzantine, copy.aggregator, copy.nnm, copy.iter) == (2, "cwtm", True, 7)
-    assert copy.byzantine == state.byzantine
+    assert copy.config == state.config and copy.iter == 7
+    assert copy.transforms[1].spec == state.transforms[1].spec
+    assert copy.worker_momentum.beta == 0.5 and copy.worker_momentum.buffers == {}  # keyed by live parameters
     assert "process_group" not in state.__getstate__()

@@ -39,10 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _ddp_helpers as h  # noqa: E402
 
 from lightning_clip import ARCDDPStrategy  # noqa: E402
+from lightning_clip.distributed.config import ARCConfig  # noqa: E402
 from lightning_clip.distributed.hook import ARCHookState, arc_hook  # noqa: E402
 from lightning_clip.distributed.strategy import WORKER_MOMENTUM_KEY  # noqa: E402
 from lightning_clip.robust.aggregators import aggregate  # noqa: E402
-from lightning_clip.sim.attacks import ByzantineSpec  # noqa: E402
+from lightning_clip.robust.transforms import WorkerMomentum  # noqa: E402
+from lightning_clip.sim.byzantine import ByzantineSpec  # noqa: E402
 
 N = 3  # ranks
 F = 1  # num_byzantine: k = 1, ARC clips rank 2 (the largest loss scale)
@@ -50,7 +52,7 @@ BETA = 0.9
 STEPS = 4
 STATIC = 0.3  # static_clip bound: below ranks 1 and 2's momentum norms from the first step on
 
-#: Raw scenarios: name -> (ARCHookState kwargs, steps).
+#: Raw scenarios: name -> (``h.hook_state`` kwargs: ARCConfig fields and ``byzantine``, steps).
 SCENARIOS: dict[str, tuple[dict[str, Any], int]] = {
     "mean": ({"worker_momentum": BETA}, STEPS),
     "cwtm_nnm": ({"worker_momentum": 0.5, "aggregator": "cwtm", "nnm": True}, 3),
@@ -66,7 +68,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], int]] = {
     "arc_static_mean": ({"worker_momentum": BETA, "static_clip": STATIC}, 3),
     "arc_static_geomed": ({"worker_momentum": BETA, "aggregator": "geomed", "nnm": True, "static_clip": 0.5,
                            "byzantine": {"ranks": [1], "attack": "alie_ls", "refine": 2}}, 2),
-    # Two Byzantine ranks of an omniscient attack: the first computes it, the gather copies it to the other.
+    # Two Byzantine ranks of an omniscient attack: both compute it from the same gathered rows.
     "shared_foe_ls": ({"worker_momentum": BETA, "aggregator": "cwtm",
                        "byzantine": {"ranks": [1, 2], "attack": "foe_ls", "refine": 2}}, 2),
     "shared_mimic_no_arc": ({"aggregator": "median", "arc": False,
@@ -91,12 +93,10 @@ def _train(rank: int, steps: int, state: ARCHookState | None, dtype: torch.dtype
         opt.step()
         rec: dict[str, Any] = {"params": h.param_vector(net).clone()}
         if state is not None:
-            rec["momentum"] = state.momentum_vector(list(net.parameters()))
-            rec["momentum_dtypes"] = sorted({str(m.dtype) for m in state.momentum.values()})
-            rec["num_buckets"] = state.last_num_buckets
-            rec["norms"] = state.last_norms.clone()
-            rec["scales"] = state.last_scales.clone()
-            rec["threshold"] = state.last_threshold.clone()
+            momentum = state.worker_momentum or WorkerMomentum(0.0)  # none: zeros, what a buffer starts from
+            rec["momentum"] = momentum.vector(list(net.parameters()))
+            rec["momentum_dtypes"] = sorted({str(m.dtype) for m in momentum.buffers.values()})
+            rec.update(h.hook_stats(state))
         out.append(rec)
     return out
 
@@ -110,15 +110,15 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     try:
         res: dict[str, Any] = {}
         for name, (kwargs, steps) in SCENARIOS.items():
-            res[name] = _train(rank, steps, ARCHookState(num_byzantine=F, **kwargs))
+            res[name] = _train(rank, steps, h.hook_state(num_byzantine=F, **kwargs))
         # beta = 0.0 passed explicitly against the state without the argument.
-        res["default"] = _train(rank, 3, ARCHookState(num_byzantine=F))
-        res["beta0"] = _train(rank, 3, ARCHookState(num_byzantine=F, worker_momentum=0.0))
-        res["bf16"] = _train(rank, 2, ARCHookState(num_byzantine=F, worker_momentum=BETA), torch.bfloat16)
+        res["default"] = _train(rank, 3, h.hook_state(num_byzantine=F))
+        res["beta0"] = _train(rank, 3, h.hook_state(num_byzantine=F, worker_momentum=0.0))
+        res["bf16"] = _train(rank, 2, h.hook_state(num_byzantine=F, worker_momentum=BETA), torch.bfloat16)
         # A NaN rank without ARC poisons the average, as in plain DDP (with ARC it is zeroed).
-        res["nan_no_arc"] = _train(rank, 1, ARCHookState(num_byzantine=F, arc=False,
+        res["nan_no_arc"] = _train(rank, 1, h.hook_state(num_byzantine=F, arc=False,
                                                          byzantine={"ranks": [1], "attack": "nan"}))
-        res["nan_arc"] = _train(rank, 1, ARCHookState(num_byzantine=F, byzantine={"ranks": [1], "attack": "nan"}))
+        res["nan_arc"] = _train(rank, 1, h.hook_state(num_byzantine=F, byzantine={"ranks": [1], "attack": "nan"}))
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
         # Lightning: uninterrupted, checkpointing every 2 steps; then resumed from step 2.
         root = Path(out_dir)
@@ -135,21 +135,10 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 def rank_grads(net: torch.nn.Module, idx: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    rows = []
-    for rank in range(N):
-        net.zero_grad()
-        h.rank_loss(net, rank, idx, dtype).backward()
-        rows.append(h.grad_vector(list(net.parameters())).clone())
-    net.zero_grad()
-    return torch.stack(rows)
+    return h.rank_grads(net, idx, dtype, n=N)
 
 
-def sgd_step(net: torch.nn.Module, grad: Tensor) -> None:
-    with torch.no_grad():
-        offset = 0
-        for p in net.parameters():
-            p -= h.LR * grad[offset : offset + p.numel()].view_as(p).to(p.dtype)
-            offset += p.numel()
+sgd_step = h.sgd_step
 
 
 def reference(steps: int, worker_momentum: float = 0.0, aggregator: str = "mean", nnm: bool = False,
@@ -159,7 +148,7 @@ def reference(steps: int, worker_momentum: float = 0.0, aggregator: str = "mean"
     [ARC], [static clip], [NNM], the rule, an SGD step."""
     spec = None if byzantine is None else ByzantineSpec.from_config(byzantine)
     honest = [r for r in range(N) if spec is None or not spec.is_byzantine(r)]
-    server = functools.partial(aggregate, name=aggregator, num_byzantine=F, nnm=nnm, arc=arc,
+    server = functools.partial(aggregate, rule=aggregator, num_byzantine=F, nnm=nnm, arc=arc,
                                static_clip=static_clip)
     net = h.make_net().to(dtype)
     m = None
@@ -282,7 +271,7 @@ def test_without_arc_a_nan_rank_poisons_the_average_and_with_arc_it_does_not(raw
 
 
 def test_shared_omniscient_attack_sends_the_same_vector_from_every_byzantine_rank(raw):
-    # The reference applies the attack on each Byzantine rank separately; the hook computes it once.
+    # The reference applies the attack on each Byzantine rank separately, as every Byzantine rank of the hook does.
     for name in ("shared_foe_ls", "shared_mimic_no_arc"):
         kwargs, steps = SCENARIOS[name]
         ref = reference(steps, kwargs.get("worker_momentum", 0.0), kwargs["aggregator"],
@@ -334,7 +323,7 @@ class MomentumModule(pl.LightningModule):
     def on_train_end(self) -> None:
         state = self.trainer.strategy.arc_state
         names = [n for n, p in self.named_parameters()]
-        momentum = state.momentum_vector([p for p in self.parameters()])
+        momentum = state.worker_momentum.vector([p for p in self.parameters()])
         torch.save({"records": self.records, "momentum": momentum, "names": names},
                    Path(self.out_dir) / f"{self.tag}_rank{self.global_rank}.pt")
 
@@ -430,33 +419,36 @@ def test_worker_momentum_validation(value, error, match):
     with pytest.raises(error, match=match):
         ARCDDPStrategy(worker_momentum=value)
     with pytest.raises(error, match=match):
-        ARCHookState(worker_momentum=value)
+        ARCConfig(worker_momentum=value)
+    with pytest.raises(error, match=match):
+        WorkerMomentum(value)
 
 
 def test_strategy_and_state_accept_worker_momentum():
-    assert ARCDDPStrategy().worker_momentum == 0.0
-    assert ARCDDPStrategy(worker_momentum=0.9).worker_momentum == 0.9
-    assert ARCDDPStrategy(worker_momentum=0).worker_momentum == 0.0
-    state = ARCHookState(worker_momentum=0.5)
-    assert state.uses_momentum and not ARCHookState().uses_momentum
+    assert ARCDDPStrategy().arc_config.worker_momentum == 0.0
+    assert ARCDDPStrategy(worker_momentum=0.9).arc_config.worker_momentum == 0.9
+    assert ARCDDPStrategy(worker_momentum=0).arc_config.worker_momentum == 0.0
+    state = ARCHookState(ARCConfig(worker_momentum=0.5))
+    assert state.worker_momentum is not None and state.worker_momentum.beta == 0.5
+    assert ARCHookState().worker_momentum is None and ARCHookState().transforms == []
 
 
 def test_momentum_vector_round_trip_and_pickle():
     net = h.make_net()
     params = list(net.parameters())
-    state = ARCHookState(num_byzantine=1, worker_momentum=0.9)
+    momentum = WorkerMomentum(0.9)
     d = sum(p.numel() for p in params)
-    assert torch.equal(state.momentum_vector(params), torch.zeros(d))  # m_0 = 0
+    assert torch.equal(momentum.vector(params), torch.zeros(d))  # m_0 = 0
     vec = torch.arange(d, dtype=torch.float32)
-    state.load_momentum_vector(vec, params)
-    assert torch.equal(state.momentum_vector(params), vec)
-    assert torch.equal(state.momentum_vector(params[::-1]), torch.cat([vec[-2:], vec[-18:-2], vec[32:40], vec[:32]]))
+    momentum.load_vector(vec, params)
+    assert torch.equal(momentum.vector(params), vec)
+    assert torch.equal(momentum.vector(params[::-1]), torch.cat([vec[-2:], vec[-18:-2], vec[32:40], vec[:32]]))
     with pytest.raises(ValueError, match=rf"1-D tensor of {d} elements"):
-        state.load_momentum_vector(vec[:-1], params)
-    copy = pickle.loads(pickle.dumps(state))
-    assert copy.worker_momentum == 0.9 and copy.momentum == {}
-    state.reset_momentum()
-    assert not state.momentum_vector(params).any()
+        momentum.load_vector(vec[:-1], params)
+    copy = pickle.loads(pickle.dumps(momentum))
+    assert copy.beta == 0.9 and copy.buffers == {}
+    momentum.reset()
+    assert not momentum.vector(params).any()
 
 
 def _strategy_with(module: pl.LightningModule, worker_momentum: float) -> ARCDDPStrategy:

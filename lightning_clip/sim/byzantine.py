@@ -1,0 +1,251 @@
+"""Which simulated ranks are Byzantine and what they send: :class:`ByzantineSpec` (validated, YAML-friendly)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_clip.exceptions import check_choice, check_finite_float, check_non_negative_int, check_positive_float
+from lightning_clip.robust.checks import check_floating
+from lightning_clip.sim.adaptive import (
+    ADAPTIVE_ATTACKS,
+    Aggregation,
+    alie_ls,
+    check_aggregation,
+    check_grid,
+    check_target,
+    foe_ls,
+    mimic,
+)
+from lightning_clip.sim.attacks import ATTACKS, alie, alie_z, fixed_clip_defence, gaussian
+
+__all__ = ["ATTACK_NAMES", "ByzantineSpec"]
+
+#: Every attack name :class:`ByzantineSpec` accepts: :data:`ATTACKS` then :data:`ADAPTIVE_ATTACKS`.
+ATTACK_NAMES: tuple[str, ...] = (*ATTACKS, *ADAPTIVE_ATTACKS)
+
+_NEEDS_HONEST = frozenset({"alie", "foe", "ipm", "mimic", "foe_ls", "alie_ls"})
+_NEEDS_AGGREGATION = frozenset({"foe_ls", "alie_ls"})
+
+
+def _foe_grid(name: str, value: Any) -> tuple[float, ...]:
+    return check_grid(name, value, positive=True)
+
+
+def _alie_grid(name: str, value: Any) -> tuple[float, ...]:
+    return check_grid(name, value, positive=False)
+
+
+# Parameters each attack accepts in a spec, with their validators (name, value) -> value.
+_PARAMS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
+    "sign_flip": {},
+    "scale": {"factor": check_finite_float},
+    "gaussian": {"std": check_positive_float, "mean": check_finite_float},
+    "nan": {},
+    "inf": {},
+    "zero": {},
+    "alie": {"z": check_finite_float},
+    "foe": {"eps": check_positive_float},
+    "ipm": {"eps": check_positive_float},
+    "mimic": {"target": check_target},
+    "foe_ls": {"grid": _foe_grid, "refine": check_non_negative_int},
+    "alie_ls": {"grid": _alie_grid, "refine": check_non_negative_int},
+}
+_REQUIRED: dict[str, tuple[str, ...]] = {"scale": ("factor",)}
+
+
+@dataclass(frozen=True, init=False)
+class ByzantineSpec:
+    """Which ranks are Byzantine and what they send; validated on construction.
+
+    Example:
+        ``ByzantineSpec(ranks=[1], attack="scale", factor=-100.0)`` or, from YAML,
+        ``ByzantineSpec.from_config({"ranks": [1], "attack": "sign_flip"})``.
+
+    Attributes:
+        ranks: The Byzantine ranks, sorted, unique, non-negative.
+        attack: One of :data:`ATTACK_NAMES` (a key of :data:`ATTACKS` or :data:`ADAPTIVE_ATTACKS`).
+        params: Keyword arguments of the attack (see the attack functions); a ``grid`` is stored as
+            a tuple of floats.
+        fixed_clip: If set, the Byzantine vector is then clipped to this norm with
+            :func:`~lightning_clip.sim.attacks.fixed_clip_defence` (a baseline); ``None`` disables it.
+    """
+
+    ranks: tuple[int, ...]
+    attack: str
+    params: dict[str, Any]
+    fixed_clip: float | None
+
+    def __init__(
+        self, ranks: Sequence[int], attack: str, fixed_clip: float | None = None, **params: Any
+    ) -> None:
+        if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
+            raise TypeError(f"Expected argument `ranks` to be a sequence of integers but got {ranks!r}")
+        for r in ranks:
+            if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+                raise ValueError(f"Expected argument `ranks` to hold non-negative integers but got {list(ranks)!r}")
+        if not ranks:
+            raise ValueError("Expected argument `ranks` to name at least one rank but got []")
+        if len(set(ranks)) != len(ranks):
+            raise ValueError(f"Expected argument `ranks` to hold distinct ranks but got {list(ranks)!r}")
+        if not isinstance(attack, str):
+            raise TypeError(f"Expected argument `attack` to be a string but got {attack!r}")
+        check_choice("attack", attack, ATTACK_NAMES)
+        allowed = _PARAMS[attack]
+        checked: dict[str, Any] = {}
+        for key, value in params.items():
+            if key not in allowed:
+                names = ", ".join(f"`{k}`" for k in allowed) or "none"
+                raise ValueError(
+                    f"Attack {attack!r} got an unexpected parameter `{key}` = {value!r}; allowed: {names}"
+                )
+            checked[key] = allowed[key](key, value)
+        for key in _REQUIRED.get(attack, ()):
+            if key not in checked:
+                raise ValueError(f"Attack {attack!r} needs the parameter `{key}` but it was not given")
+        if fixed_clip is not None:
+            fixed_clip = check_positive_float("fixed_clip", fixed_clip)
+        object.__setattr__(self, "ranks", tuple(sorted(ranks)))
+        object.__setattr__(self, "attack", attack)
+        object.__setattr__(self, "params", checked)
+        object.__setattr__(self, "fixed_clip", fixed_clip)
+
+    def __hash__(self) -> int:
+        return hash((self.ranks, self.attack, tuple(sorted(self.params.items())), self.fixed_clip))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ByzantineSpec:
+        """Build a spec from a plain mapping such as YAML's ``{ranks: [1], attack: sign_flip}``.
+
+        Keys other than ``ranks``, ``attack`` and ``fixed_clip`` are attack parameters; they may
+        also be nested under ``params``.
+        """
+        if not isinstance(config, Mapping):
+            raise TypeError(f"Expected argument `config` to be a mapping but got {type(config).__name__}")
+        missing = [key for key in ("ranks", "attack") if key not in config]
+        if missing:
+            raise ValueError(f"Expected argument `config` to have the keys `ranks` and `attack` but {missing} missing")
+        rest = {k: v for k, v in config.items() if k not in ("ranks", "attack", "fixed_clip", "params")}
+        nested = config.get("params") or {}
+        if not isinstance(nested, Mapping):
+            raise TypeError(f"Expected `params` in argument `config` to be a mapping but got {nested!r}")
+        both = sorted(set(rest) & set(nested))
+        if both:
+            raise ValueError(f"Expected each attack parameter once in argument `config` but {both} given twice")
+        ranks = config["ranks"]
+        if isinstance(ranks, int) and not isinstance(ranks, bool):
+            ranks = [ranks]
+        return cls(ranks=ranks, attack=config["attack"], fixed_clip=config.get("fixed_clip"), **rest, **nested)
+
+    def to_config(self) -> dict[str, Any]:
+        """Return the flat plain-value mapping :meth:`from_config` reads back."""
+        params = {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}
+        config: dict[str, Any] = {"ranks": list(self.ranks), "attack": self.attack, **params}
+        if self.fixed_clip is not None:
+            config["fixed_clip"] = self.fixed_clip
+        return config
+
+    @property
+    def needs_honest(self) -> bool:
+        """Whether :meth:`apply` needs the honest vectors (``alie``, ``foe``, ``ipm`` and the adaptive attacks)."""
+        return self.attack in _NEEDS_HONEST
+
+    @property
+    def needs_aggregation(self) -> bool:
+        """Whether :meth:`apply` needs the server's aggregation (``foe_ls``, ``alie_ls``)."""
+        return self.attack in _NEEDS_AGGREGATION
+
+    @property
+    def num_byzantine(self) -> int:
+        """The number of Byzantine ranks."""
+        return len(self.ranks)
+
+    def is_byzantine(self, rank: int) -> bool:
+        """Return whether ``rank`` is one of the Byzantine ranks."""
+        return rank in self.ranks
+
+    def honest_ranks(self, world_size: int) -> list[int]:
+        """The ranks of ``range(world_size)`` that are not Byzantine, in rank order."""
+        return [r for r in range(world_size) if r not in self.ranks]
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise ``ValueError`` unless every rank exists and the attack can run with ``world_size`` workers."""
+        if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+            raise ValueError(f"Expected argument `world_size` to be a positive integer but got {world_size!r}")
+        if self.ranks[-1] >= world_size:
+            raise ValueError(
+                f"Expected the Byzantine `ranks` to be in [0, world_size) = [0, {world_size}) but got "
+                f"{list(self.ranks)}"
+            )
+        if self.needs_honest and self.num_byzantine >= world_size:
+            raise ValueError(
+                f"Attack {self.attack!r} needs at least one honest rank but all {world_size} ranks are Byzantine"
+            )
+        if self.attack == "alie" and "z" not in self.params:
+            alie_z(world_size, self.num_byzantine)
+        target = self.params.get("target")
+        if self.attack == "mimic" and isinstance(target, int) and target >= world_size - self.num_byzantine:
+            raise ValueError(
+                f"Expected the mimic `target` to index an honest rank, 0 <= target < "
+                f"{world_size - self.num_byzantine} (world size {world_size}, {self.num_byzantine} Byzantine), "
+                f"but got {target}"
+            )
+
+    def apply(
+        self,
+        own: Tensor,
+        honest: Tensor | None = None,
+        generator: torch.Generator | int | None = None,
+        aggregation: Aggregation | None = None,
+    ) -> Tensor:
+        """Return the vector a Byzantine worker sends instead of ``own``.
+
+        The line-searched attacks assume all :attr:`num_byzantine` Byzantine workers send the same
+        vector (what every Byzantine rank computes from the same inputs).
+
+        Args:
+            own: The worker's own (honest) vector; the result has its shape, dtype and device.
+            honest: The honest workers' vectors ``[h, *own.shape]``; required when :attr:`needs_honest`.
+            generator: Randomness of ``gaussian`` (a ``torch.Generator``, an int seed, or ``None``).
+            aggregation: The server's aggregation, a callable ``[n, d] -> [d]``; required when
+                :attr:`needs_aggregation`. A ``fixed_clip`` applies after the attack and is not seen
+                by the line search.
+        """
+        own = check_floating("own", own)
+        if self.needs_aggregation and aggregation is None:
+            raise ValueError(
+                f"Attack {self.attack!r} line-searches against the server's aggregation: pass `aggregation`, "
+                "a callable [n, d] -> [d] such as functools.partial(aggregate, rule='cwtm', num_byzantine=1, "
+                "nnm=True, arc=True)"
+            )
+        if self.needs_honest:
+            if honest is None:
+                raise ValueError(f"Attack {self.attack!r} needs the honest vectors: pass `honest` of shape [h, d]")
+            if not isinstance(honest, Tensor) or tuple(honest.shape[1:]) != tuple(own.shape) or honest.ndim < 2:
+                shape = tuple(honest.shape) if isinstance(honest, Tensor) else type(honest).__name__
+                raise ValueError(
+                    f"Expected argument `honest` to have shape [h, *own.shape] = [h, {', '.join(map(str, own.shape))}]"
+                    f" but got {shape}"
+                )
+            flat = honest.reshape(honest.shape[0], -1)
+            if self.attack == "alie":
+                out = alie(flat, num_byzantine=self.num_byzantine, **self.params)
+            elif self.attack == "mimic":
+                out = mimic(flat, **self.params)
+            elif self.needs_aggregation:
+                fn = foe_ls if self.attack == "foe_ls" else alie_ls
+                out = fn(flat, self.num_byzantine, check_aggregation(aggregation), **self.params)
+            else:
+                out = ATTACKS[self.attack](flat, **self.params)
+            out = out.reshape(own.shape).to(device=own.device, dtype=own.dtype)
+        elif self.attack == "gaussian":
+            out = gaussian(own, generator=generator, **self.params)
+        else:
+            out = ATTACKS[self.attack](own, **self.params)
+        if self.fixed_clip is not None:
+            out = fixed_clip_defence(out, self.fixed_clip)
+        return out
