@@ -1,9 +1,12 @@
-"""Demo data: the adding problem and heterogeneous digit splits."""
+"""Demo data (the adding problem, heterogeneous digit splits) and the demo models' logged metrics."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torch import nn
 
 from lightning_clip.sim.data import adding_problem, load_digits_tensors
 from lightning_clip.sim.partition import dirichlet_split, extreme_split
@@ -95,3 +98,81 @@ def test_shard_sampler_validation():
         ShardSampler(torch.utils.data.TensorDataset(torch.zeros(3)), 0)
     with pytest.raises(ValueError, match="shard size"):
         ShardSampler(torch.utils.data.TensorDataset(torch.zeros(0)), 4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The demo models' logged metrics (torchmetrics objects) against a hand computation over every sample.
+
+
+def _validate(model, datamodule, tmp_path) -> dict[str, float]:
+    from conftest import make_trainer
+
+    (metrics,) = make_trainer(tmp_path).validate(model, datamodule=datamodule, verbose=False)
+    return metrics
+
+
+def test_digits_validation_metrics_are_over_every_sample(tmp_path):
+    from lightning_clip.tools.demo import DigitsClassifier, DigitsDataModule
+
+    torch.manual_seed(0)
+    model, dm = DigitsClassifier(hidden=16), DigitsDataModule(test_fraction=0.2)
+    metrics = _validate(model, dm, tmp_path)
+    x, y = dm.test_set.tensors
+    assert len(y) == 359  # two batches of 256 and 103: a mean of batch means would be wrong
+    with torch.no_grad():
+        logits = model(x).double()
+    correct = (logits.argmax(-1) == y).double()
+    assert metrics["val/acc"] == pytest.approx(float(correct.mean()), abs=1e-7)
+    losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    assert metrics["val/loss"] == pytest.approx(float(losses.mean()), rel=1e-6)
+    # non-vacuous: the unweighted mean of the two batch means differs from the value over every sample
+    batch_means = [float(losses[:256].mean()), float(losses[256:].mean())]
+    assert abs(sum(batch_means) / 2 - float(losses.mean())) > 1e-4
+    assert 0.0 < metrics["val/acc"] < 1.0
+
+
+def test_digits_validation_loss_keeps_a_nan(tmp_path):
+    # One NaN sample: the loss over the validation set is NaN (it is not silently left out).
+    from lightning_clip.tools.demo import DigitsClassifier, DigitsDataModule
+
+    torch.manual_seed(0)
+    model, dm = DigitsClassifier(hidden=16), DigitsDataModule(test_fraction=0.2)
+    dm.setup("validate")
+    dm.setup = lambda stage=None: None  # keep the poisoned set
+    dm.test_set.tensors[0][5, 0] = float("nan")
+    assert math.isnan(_validate(model, dm, tmp_path)["val/loss"])
+
+
+def test_adding_rnn_validation_mse_is_over_every_sample(tmp_path):
+    from lightning_clip.tools.demo import AddingProblemDataModule, AddingRNN
+
+    torch.manual_seed(0)
+    model = AddingRNN(hidden_size=8)
+    dm = AddingProblemDataModule(seq_len=12, num_train=64, num_val=70, batch_size=32)  # batches of 32, 32, 6
+    metrics = _validate(model, dm, tmp_path)
+    x, y = dm.val_set.tensors
+    with torch.no_grad():
+        errors = (model(x).double() - y.double()) ** 2
+    assert metrics["val/loss"] == pytest.approx(float(errors.mean()), rel=1e-6)
+    assert abs(float(errors[:64].mean() + errors[64:].mean()) / 2 - float(errors.mean())) > 1e-6  # non-vacuous
+
+
+@pytest.mark.parametrize("which", ["digits", "adding"])
+def test_train_loss_is_the_first_batch_loss_at_the_first_step(which, tmp_path):
+    from conftest import RecordingLogger, make_trainer
+
+    from lightning_clip.tools.demo import AddingProblemDataModule, AddingRNN, DigitsClassifier, DigitsDataModule
+
+    torch.manual_seed(0)
+    if which == "digits":
+        model, dm, loss_fn = DigitsClassifier(hidden=16), DigitsDataModule(batch_size=16), nn.functional.cross_entropy
+    else:
+        model, loss_fn = AddingRNN(hidden_size=8), nn.functional.mse_loss
+        dm = AddingProblemDataModule(seq_len=12, num_train=64, num_val=16, batch_size=16)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))  # the loader's generator is seeded: fit draws the same first batch
+    with torch.no_grad():
+        expected = float(loss_fn(model(x), y))
+    logger = RecordingLogger()
+    make_trainer(tmp_path, max_steps=1, logger=logger, limit_val_batches=0).fit(model, datamodule=dm)
+    assert logger.series("train/loss") == [pytest.approx(expected, rel=1e-6)]

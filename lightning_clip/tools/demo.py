@@ -6,6 +6,9 @@
 - :class:`DigitsDataModule` + :class:`DigitsClassifier`: an MLP on scikit-learn's bundled 8x8
   digits. The classifier has ``label_flip`` and ``gradient_ascent`` switches that turn the ranks
   listed in ``byzantine_ranks`` into data/loss-level attackers for DDP experiments.
+
+Validation metrics are torchmetrics objects logged with ``self.log``: each epoch's value is computed
+over every validation sample of every rank (not a mean of per-batch or per-rank means).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics import MeanMetric, MeanSquaredError
+from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_clip.exceptions import check_choice, check_fraction, check_positive_float, check_positive_int
 from lightning_clip.sim.data import ShardSampler, adding_problem, load_digits_tensors
@@ -86,6 +91,8 @@ class AddingRNN(pl.LightningModule):
         rnn_cls = nn.RNN if cell == "rnn" else nn.LSTM
         self.rnn = rnn_cls(input_size=2, hidden_size=hidden_size, batch_first=True)
         self.head = nn.Linear(hidden_size, 1)
+        self.val_mse = MeanSquaredError()
+        self.lr, self.momentum = lr, momentum
         for name, p in self.rnn.named_parameters():
             if name.startswith("weight_hh"):
                 for chunk in p.data.chunk(1 if cell == "rnn" else 4, dim=0):
@@ -103,10 +110,11 @@ class AddingRNN(pl.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.log("val/loss", nn.functional.mse_loss(self(x), y), prog_bar=True)
+        self.val_mse.update(self(x), y)
+        self.log("val/loss", self.val_mse, prog_bar=True)  # MSE over the whole validation set
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -188,7 +196,11 @@ class DigitsClassifier(pl.LightningModule):
         check_positive_float("weight_decay", weight_decay, allow_zero=True)
         self.save_hyperparameters()
         self.byzantine_ranks = tuple(int(r) for r in byzantine_ranks)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.label_flip, self.gradient_ascent = label_flip, gradient_ascent
         self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+        self.val_loss = MeanMetric(nan_strategy=float("nan"))  # NaN is kept, not dropped: divergence shows
+        self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -199,20 +211,21 @@ class DigitsClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        if self.is_byzantine and self.hparams.label_flip:
+        if self.is_byzantine and self.label_flip:
             y = 9 - y
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train/loss", loss, prog_bar=True)
-        if self.is_byzantine and self.hparams.gradient_ascent:
+        if self.is_byzantine and self.gradient_ascent:
             return -loss
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        self.log("val/loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
-        self.log("val/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True, sync_dist=True)
+        self.val_loss.update(nn.functional.cross_entropy(logits, y, reduction="none"))  # one weight per sample
+        self.val_acc.update(logits, y)
+        self.log("val/loss", self.val_loss)
+        self.log("val/acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
-        return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
