@@ -241,13 +241,12 @@ class ARCDDPStrategy(DDPStrategy):
         else:
             vec = WorkerMomentum(self.arc_config.worker_momentum).vector(params)  # zeros: m_0
         vec = vec.to(self.root_device)
+        rows: list[Tensor] = [vec]
+        world_size, rank = 1, 0
         if dist.is_available() and dist.is_initialized():
-            world_size = dist.get_world_size()
-            rank = dist.get_rank()
-            rows = [torch.empty_like(vec) for _ in range(world_size)] if rank == 0 else None
-            dist.gather(vec, gather_list=rows, dst=0)
-        else:
-            world_size, rank, rows = 1, 0, [vec]
+            world_size, rank = dist.get_world_size(), dist.get_rank()
+            rows = [torch.empty_like(vec) for _ in range(world_size)] if rank == 0 else []
+            dist.gather(vec, gather_list=rows if rank == 0 else None, dst=0)
         if rank != 0:
             return None
         return {

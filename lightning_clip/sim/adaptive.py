@@ -122,7 +122,7 @@ def mimic(honest: Tensor, target: int | str = 0) -> Tensor:
     """
     hc = _honest(honest)
     target = check_target("target", target)
-    if target == "farthest":
+    if isinstance(target, str):  # "farthest"
         dist = torch.linalg.vector_norm(hc - hc.mean(dim=0), dim=1)
         index = int(torch.argmax(torch.nan_to_num(dist, nan=-1.0)))  # first maximum
     else:
@@ -213,7 +213,7 @@ def search_factor(
     check_non_negative_int("refine", refine)
     h = hc.shape[0]
     mean = hc.mean(dim=0)
-    std = hc.std(dim=0, correction=0) if attack == "alie" else None
+    std = hc.std(dim=0, correction=0)
 
     def score(factor: float) -> float:
         vec = -factor * mean if attack == "foe" else mean - factor * std
