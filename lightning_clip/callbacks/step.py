@@ -62,7 +62,8 @@ _STATES: weakref.WeakKeyDictionary[Optimizer, StepState] = weakref.WeakKeyDictio
 
 def unwrap_optimizer(optimizer: Any) -> Optimizer:
     """The torch optimizer behind a ``LightningOptimizer`` (or the optimizer itself)."""
-    return getattr(optimizer, "_optimizer", optimizer)
+    inner: Optimizer = getattr(optimizer, "_optimizer", optimizer)
+    return inner
 
 
 def optimizer_index(trainer: pl.Trainer, optimizer: Optimizer) -> int:

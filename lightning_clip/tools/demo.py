@@ -59,11 +59,11 @@ class AddingProblemDataModule(pl.LightningDataModule):
         self.train_set = TensorDataset(x[: self.num_train], y[: self.num_train])
         self.val_set = TensorDataset(x[self.num_train :], y[self.num_train :])
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
         g = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
         return DataLoader(self.val_set, batch_size=self.batch_size)
 
 
@@ -162,7 +162,7 @@ class DigitsDataModule(pl.LightningDataModule):
             self.train_set = TensorDataset(self.train_x, self.train_y)
             self._presharded = False
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
         if self._presharded:
             # Already this rank's shard: the same number of draws on every rank, and Lightning must not re-shard it.
             sampler = ShardSampler(self.train_set, len(self.train_y) // self.world, seed=self.seed * 7_919 + self.rank)
@@ -170,7 +170,7 @@ class DigitsDataModule(pl.LightningDataModule):
         g = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
         return DataLoader(self.test_set, batch_size=256)
 
 

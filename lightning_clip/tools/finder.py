@@ -143,7 +143,7 @@ class ClipThresholdResult:
         if fin.size:
             lo, hi = float(fin.min()), float(fin.max())
             log_bins = hi > 10 * lo
-            bins = np.geomspace(lo, hi * (1 + 1e-9), 40) if log_bins and lo > 0 else 40
+            bins: int | list[float] = np.geomspace(lo, hi * (1 + 1e-9), 40).tolist() if log_bins and lo > 0 else 40
             ax.hist(fin, bins=bins, color="tab:blue", alpha=0.75, label=f"{fin.size} finite norms")
             if log_bins:
                 ax.set_xscale("log")

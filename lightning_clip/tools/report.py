@@ -34,6 +34,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -287,7 +288,7 @@ class RunReport:
 
 
 def _finite(values: np.ndarray) -> np.ndarray:
-    return values[np.isfinite(values)]
+    return np.asarray(values[np.isfinite(values)])
 
 
 def _aligned(a: Series, b: Series) -> tuple[np.ndarray, np.ndarray]:
@@ -479,6 +480,7 @@ def plot_report(report: RunReport, path: str | os.PathLike[str]) -> Path:
     ARC's per-rank norms and threshold get an extra panel. Uses matplotlib's Agg canvas directly
     (no pyplot, no global backend change, no display needed).
     """
+    from matplotlib.axes import Axes
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -491,7 +493,7 @@ def plot_report(report: RunReport, path: str | os.PathLike[str]) -> Path:
     if not panels:
         axes[0].text(0.5, 0.5, "no gradient tags logged", ha="center", va="center", transform=axes[0].transAxes)
 
-    def curve(ax, s: Series | None, style: str, label: str, **kw) -> None:
+    def curve(ax: Axes, s: Series | None, style: str, label: str, **kw: Any) -> None:
         if s is not None and len(s):
             ok = np.isfinite(s.values) & (s.values > 0)
             ax.plot(s.steps[ok], s.values[ok], style, label=label, **kw)
