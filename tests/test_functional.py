@@ -8,6 +8,7 @@ from torch.nn.utils import clip_grad_norm_, clip_grad_value_
 
 from lightning_clip.core.functional import (
     EPS,
+    _clamp_by_tensor_,
     clip_coefficient,
     clip_grads_by_value_,
     clip_grads_with_norm_,
@@ -166,3 +167,36 @@ def test_clip_by_value_equals_torch(threshold, as_tensor, dtypes):
     # not vacuous: something was clamped (randn * 2 exceeds these thresholds)
     if threshold < 5:
         assert all(not torch.equal(g, b) for g, b in zip(grads, base) if b.numel() > 20)
+
+
+@pytest.mark.parametrize("threshold", [0.01, 0.3, 3.0])
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float32, torch.float64, torch.bfloat16, torch.float16)],
+                         ids=["fp32", "mixed"])
+def test_clamp_against_a_device_tensor_equals_torch(threshold, dtypes):
+    """The path a threshold tensor on an accelerator takes (never read on the host), run on CPU tensors."""
+    base = _grads(8, 2.0, dtypes=dtypes)
+    thr = torch.tensor(threshold, dtype=torch.float32)
+    ref_params = _params(base)
+    clip_grad_value_(ref_params, float(thr))
+    grads = [g.clone() for g in base]
+    for g in grads:
+        _clamp_by_tensor_([g], thr.to(g.dtype))
+    for g, p in zip(grads, ref_params):
+        assert torch.equal(g, p.grad)
+    assert any(not torch.equal(g, b) for g, b in zip(grads, base))  # not vacuous
+
+
+def test_tensor_threshold_never_reads_the_device():
+    """On the meta device any host read (.item(), float(), bool()) raises: none of these may read."""
+    meta = torch.device("meta")
+    grads = [torch.empty(s, device=meta) for s in SHAPES] + [torch.empty(3, dtype=torch.bfloat16, device=meta)]
+    threshold = torch.empty((), device=meta)
+    total = torch.empty((), device=meta)
+    coef = clip_coefficient(threshold, total)
+    assert coef.device == meta and coef.shape == ()
+    assert clip_grads_with_norm_(grads, threshold, total).device == meta
+    clip_grads_by_value_(grads, threshold)
+    scale_grads_(grads, coef)
+    # and the same with the threshold on the host and the gradients on the device
+    clip_grads_by_value_(grads, torch.tensor(0.5))
+    clip_grads_with_norm_(grads, torch.tensor(0.5), total)

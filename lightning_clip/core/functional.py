@@ -57,13 +57,26 @@ def clip_grads_with_norm_(grads: Sequence[Tensor], threshold: Tensor | float, to
 
 @torch.no_grad()
 def clip_grads_by_value_(grads: Sequence[Tensor], threshold: Tensor | float) -> None:
-    """Clamp every gradient entry in place to ``[-threshold, threshold]``."""
+    """Clamp every gradient entry in place to ``[-threshold, threshold]``.
+
+    A float ``threshold`` gives exactly ``torch.nn.utils.clip_grad_value_`` (one foreach pass per
+    device and dtype). So does a 0-d ``threshold`` tensor on the CPU, whose value is read for free.
+    A ``threshold`` tensor anywhere else is never read on the host: each gradient is clamped
+    against it on its device (one kernel per gradient, no host-device synchronisation).
+    """
     if isinstance(threshold, Tensor):
-        for (device, dtype), tensors in _grouped(grads).items():
-            t = threshold.to(device, dtype)
-            torch._foreach_clamp_min_(tensors, -t)
-            torch._foreach_clamp_max_(tensors, t)
-        return
+        if threshold.device.type != "cpu":
+            for (device, dtype), tensors in _grouped(grads).items():
+                _clamp_by_tensor_(tensors, threshold.to(device, dtype))
+            return
+        threshold = float(threshold)
     for tensors in _grouped(grads).values():
         torch._foreach_clamp_min_(tensors, -threshold)
         torch._foreach_clamp_max_(tensors, threshold)
+
+
+def _clamp_by_tensor_(tensors: Sequence[Tensor], bound: Tensor) -> None:
+    # torch's foreach clamps take Python scalars only (a tensor would be read on the host).
+    low = -bound
+    for t in tensors:
+        torch.clamp_(t, min=low, max=bound)
