@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -86,14 +87,15 @@ def gradient_stats(grads: Sequence[Tensor]) -> GradientStats:
     dtensor_idx: list[int] = []
     for i, g in enumerate(grads):
         (dtensor_idx if _is_dtensor(g) else plain_idx).append(i)
-    plain = [grads[i] for i in plain_idx]
+    plain: list[Tensor | None] = [grads[i] for i in plain_idx]  # torch's grouping accepts None entries
 
     order: list[int] = []
     parts: list[Tensor] = []
     if plain:
         # torch's own grouping, so groups come in the order get_total_norm stacks them
-        grouped = _group_tensors_by_device_and_dtype([plain], with_indices=True)  # type: ignore[arg-type]
-        for (_device, dtype), ([tensors], idx) in grouped.items():
+        grouped = _group_tensors_by_device_and_dtype([plain], with_indices=True)
+        for (_device, dtype), ([group], idx) in grouped.items():
+            tensors = cast(list[Tensor], group)  # no None went in, none comes out
             if dtype in _LOW_PRECISION:
                 norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
             else:
