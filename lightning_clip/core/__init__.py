@@ -1,10 +1,12 @@
-"""The pure-torch core: one-pass gradient statistics, clipping primitives and threshold policies.
+"""The pure-torch core: one-pass gradient statistics, clipping primitives, threshold policies and the
+exact-percentile histories behind :class:`PercentileThreshold`.
 
 Nothing here imports Lightning or ``torch.distributed``: usable from a plain PyTorch loop or Fabric.
 """
 
 from lightning_clip.core.functional import clip_coefficient, clip_grads_by_value_, clip_grads_with_norm_, scale_grads_
 from lightning_clip.core.grads import GradientStats, collect_grads, gradient_stats
+from lightning_clip.core.histories import NormHistory, make_history
 from lightning_clip.core.thresholds import (
     FixedThreshold,
     PercentileThreshold,
@@ -17,6 +19,7 @@ from lightning_clip.core.thresholds import (
 __all__ = [
     "FixedThreshold",
     "GradientStats",
+    "NormHistory",
     "PercentileThreshold",
     "ThresholdPolicy",
     "WarmupThreshold",
@@ -27,5 +30,6 @@ __all__ = [
     "clip_grads_with_norm_",
     "collect_grads",
     "gradient_stats",
+    "make_history",
     "scale_grads_",
 ]

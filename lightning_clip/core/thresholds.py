@@ -1,10 +1,10 @@
 """Threshold policies: small stateful objects that turn this step's gradient norm into a threshold.
 
-Pure torch (and numpy for the CPU history). A policy is called once per optimizer step with the
-pre-clip total norm (a 0-d fp32 tensor, possibly NaN/Inf) and returns the threshold in force for
-that step as a 0-d fp32 tensor on the same device. Non-finite norms never enter a history or an
-EMA. Every policy has ``state_dict()`` / ``load_state_dict()`` holding all state that changes the
-thresholds it will produce, so a resumed run continues bit for bit.
+Pure torch. A policy is called once per optimizer step with the pre-clip total norm (a 0-d tensor,
+possibly NaN/Inf) and returns the threshold in force for that step as a 0-d fp32 tensor on the same
+device. Non-finite norms never enter a history or an EMA. Every policy has ``state_dict()`` /
+``load_state_dict()`` holding all state that changes the thresholds it will produce, so a resumed
+run continues bit for bit.
 
 =========================== ========================================================================
 policy                      threshold at step ``t`` (0-based)
@@ -18,20 +18,24 @@ policy                      threshold at step ``t`` (0-based)
 ``ZScoreThreshold``         ZClip: EMA mean/variance of the norm; a norm whose z-score exceeds
                             ``z_thresh`` is clipped to ``mean + z_thresh**2 * std / z``
 =========================== ========================================================================
+
+The histories behind ``PercentileThreshold`` live in :mod:`lightning_clip.core.histories`. This
+module (a little over 400 lines) keeps the four policies next to the base class whose loading
+protocol they implement; a further policy belongs in a module of its own.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from abc import ABC, abstractmethod
-from bisect import bisect_left
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_clip.core.histories import BACKENDS, NormHistory, make_history
 from lightning_clip.exceptions import (
     check_choice,
     check_fraction,
@@ -40,32 +44,77 @@ from lightning_clip.exceptions import (
     check_positive_int,
 )
 
-__all__ = [
-    "FixedThreshold",
-    "PercentileThreshold",
-    "ThresholdPolicy",
-    "WarmupThreshold",
-    "ZScoreThreshold",
-    "as_policy",
-]
-
-_INF = float("inf")
+__all__ = ["FixedThreshold", "PercentileThreshold", "ThresholdPolicy", "WarmupThreshold", "ZScoreThreshold",
+           "as_policy"]
 
 
 class ThresholdPolicy(ABC):
-    """Base class: ``policy(norm) -> threshold``, called exactly once per optimizer step."""
+    """Base class: ``policy(norm) -> threshold``, called exactly once per optimizer step.
 
-    @abstractmethod
+    State that lives on the norms' device is created at the first call, on that call's device (and
+    moved when a later call comes from another device). A state loaded before the first call is
+    kept as given and applied then, so ``load_state_dict(s)`` followed by ``state_dict()`` returns
+    ``s``. A subclass implements :meth:`_threshold` (one step), :meth:`_materialize` (build its
+    device state, from a loaded state or empty) and :meth:`_state` (export it), and calls
+    ``super().__init__()`` once its hyperparameters are set.
+
+    Attributes:
+        steps: number of calls so far (restored by :meth:`load_state_dict`).
+    """
+
+    steps: int
+    _loaded: dict[str, Any] | None  # a state loaded but not yet placed on a device
+    _device: torch.device | None  # where the device state lives (None: not built yet)
+    #: The constructor's arguments, shown by ``repr`` (which callbacks use in their state keys).
+    _ARGS: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.reset()
+
     def __call__(self, norm: Tensor) -> Tensor:
         """Observe this step's pre-clip total norm and return this step's threshold (0-d fp32)."""
+        if norm.device != self._device:  # first call, first call after a load, or the norms moved
+            moved = self._state() if self._device is not None else None
+            self._materialize(self._loaded if self._loaded is not None else moved, norm.device)
+            self._loaded, self._device = None, norm.device
+        threshold = self._threshold(norm)
+        self.steps += 1
+        return threshold
 
     @abstractmethod
+    def _threshold(self, norm: Tensor) -> Tensor:
+        """This step's threshold; ``self.steps`` is the 0-based index of this step."""
+
+    @abstractmethod
+    def _materialize(self, state: Mapping[str, Any] | None, device: torch.device) -> None:
+        """Build the device state on ``device`` from ``state`` (a :meth:`state_dict`), or empty."""
+
+    @abstractmethod
+    def _state(self) -> dict[str, Any]:
+        """The policy's own state as plain values and CPU tensors (``steps`` is added by the base)."""
+
+    def _check_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Validate a state about to be loaded and return it in the form :meth:`state_dict` gives."""
+        return state
+
     def state_dict(self) -> dict[str, Any]:
         """Everything that changes future thresholds, as plain values and CPU tensors."""
+        if self._loaded is not None:
+            return dict(self._loaded)
+        return {"steps": self.steps, **self._state()}
 
-    @abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; device state is rebuilt at the next call."""
+        checked = self._check_state(dict(state))
+        self.reset()
+        self.steps = int(checked.get("steps", 0))
+        self._loaded = checked
+
+    def reset(self) -> None:
+        """Forget every observed norm (and any loaded state)."""
+        self.steps = 0
+        self._loaded = None
+        self._device = None
 
     def fresh(self) -> ThresholdPolicy:
         """A copy with the same hyperparameters and empty state (one per optimizer)."""
@@ -73,9 +122,8 @@ class ThresholdPolicy(ABC):
         clone.reset()
         return clone
 
-    @abstractmethod
-    def reset(self) -> None:
-        """Forget every observed norm."""
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self._ARGS)})"
 
 
 class FixedThreshold(ThresholdPolicy):
@@ -85,251 +133,43 @@ class FixedThreshold(ThresholdPolicy):
         max_norm: the threshold, a positive finite number.
     """
 
+    _ARGS = ("max_norm",)
+
     def __init__(self, max_norm: float = 1.0) -> None:
         self.max_norm = check_positive_float("max_norm", max_norm)
         self._cache: Tensor | None = None
+        super().__init__()
 
-    def __call__(self, norm: Tensor) -> Tensor:
-        # in the norm's dtype (fp64 norms keep max_norm exact, as torch's Python float does)
-        c = self._cache
+    def _materialize(self, state: Mapping[str, Any] | None, device: torch.device) -> None:
+        self._cache = None
+
+    def _threshold(self, norm: Tensor) -> Tensor:
+        # in the norm's dtype when it is fp64 (keeps max_norm exact, as torch's Python float does)
         dtype = norm.dtype if norm.dtype == torch.float64 else torch.float32
-        if c is None or c.device != norm.device or c.dtype != dtype:
+        c = self._cache
+        if c is None or c.dtype != dtype:
             c = self._cache = torch.tensor(self.max_norm, dtype=dtype, device=norm.device)
         return c
 
-    def state_dict(self) -> dict[str, Any]:
+    def _state(self) -> dict[str, Any]:
         return {"max_norm": self.max_norm}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.max_norm = float(state.get("max_norm", self.max_norm))
-        self._cache = None
-
-    def reset(self) -> None:
-        self._cache = None
-
-    def __repr__(self) -> str:
-        return f"FixedThreshold(max_norm={self.max_norm})"
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the state, ``max_norm`` included."""
+        super().load_state_dict(state)
+        self.max_norm = check_positive_float("max_norm", state.get("max_norm", self.max_norm))
 
 
-# --------------------------------------------------------------------------------------------------
-# Exact order statistics for PercentileThreshold.
-
-
-def _lerp(a: float, b: float, t: float) -> float:
-    # numpy's _lerp: symmetric form, exact at t = 0 and t = 1.
-    d = b - a
-    return b - d * (1.0 - t) if t >= 0.5 else a + d * t
-
-
-def _virtual_index(n: int, q: float) -> tuple[int, float]:
-    # numpy's "linear" method (alpha = beta = 1): index = n*q + (1 - q) - 1 = q * (n - 1).
-    idx = n * q + (1.0 + q * (1.0 - 1.0 - 1.0)) - 1.0
-    idx = min(max(idx, 0.0), n - 1.0)
-    lo = math.floor(idx)
-    return lo, idx - lo
-
-
-class _SortedChunks:
-    """A sorted multiset of float32 values in preallocated chunks, with cached prefix sizes.
-
-    4 bytes per value. Insert/remove shift at most ``2 * load`` values inside one chunk and update
-    the prefix sizes with one vectorised add; a rank lookup is one binary search over the prefix
-    sizes. Each operation is a handful of numpy calls whose cost does not depend on the number of
-    values for any realistic run length (one chunk per ``load`` values).
-    """
-
-    def __init__(self, load: int = 1024) -> None:
-        self.load = load
-        self.cap = 2 * load + 1
-        self.chunks: list[np.ndarray] = []
-        self.sizes: list[int] = []
-        self.maxes: list[float] = []
-        self.cum = np.zeros(0, dtype=np.int64)
-        self.size = 0
-
-    def _rebuild(self) -> None:
-        self.cum = np.cumsum(np.asarray(self.sizes, dtype=np.int64))
-
-    def add(self, x: float) -> None:
-        xf = np.float32(x)
-        if not self.chunks:
-            buf = np.empty(self.cap, dtype=np.float32)
-            buf[0] = xf
-            self.chunks, self.sizes, self.maxes = [buf], [1], [float(xf)]
-            self.size = 1
-            self._rebuild()
-            return
-        ci = bisect_left(self.maxes, float(xf))
-        if ci == len(self.maxes):
-            ci -= 1
-        buf, n = self.chunks[ci], self.sizes[ci]
-        j = int(np.searchsorted(buf[:n], xf, side="right"))
-        buf[j + 1 : n + 1] = buf[j:n]
-        buf[j] = xf
-        n += 1
-        self.sizes[ci] = n
-        self.maxes[ci] = float(buf[n - 1])
-        self.size += 1
-        if n > 2 * self.load:
-            half = n // 2
-            lo = np.empty(self.cap, dtype=np.float32)
-            hi = np.empty(self.cap, dtype=np.float32)
-            lo[:half] = buf[:half]
-            hi[: n - half] = buf[half:n]
-            self.chunks[ci : ci + 1] = [lo, hi]
-            self.sizes[ci : ci + 1] = [half, n - half]
-            self.maxes[ci : ci + 1] = [float(lo[half - 1]), float(hi[n - half - 1])]
-            self._rebuild()
-        else:
-            self.cum[ci:] += 1
-
-    def remove(self, x: float) -> None:
-        xf = np.float32(x)
-        ci = bisect_left(self.maxes, float(xf))
-        buf, n = self.chunks[ci], self.sizes[ci]
-        j = int(np.searchsorted(buf[:n], xf, side="left"))
-        if j >= n or buf[j] != xf:  # pragma: no cover - internal invariant
-            raise KeyError(x)
-        buf[j : n - 1] = buf[j + 1 : n]
-        n -= 1
-        self.size -= 1
-        if n == 0:
-            del self.chunks[ci], self.sizes[ci], self.maxes[ci]
-            self._rebuild()
-        else:
-            self.sizes[ci] = n
-            self.maxes[ci] = float(buf[n - 1])
-            self.cum[ci:] -= 1
-
-    def at(self, rank: int) -> float:
-        """The value of 0-based rank ``rank``."""
-        ci = int(np.searchsorted(self.cum, rank, side="right"))
-        before = int(self.cum[ci - 1]) if ci else 0
-        return float(self.chunks[ci][rank - before])
-
-    def values(self) -> np.ndarray:
-        if not self.chunks:
-            return np.zeros(0, dtype=np.float32)
-        return np.concatenate([c[:n] for c, n in zip(self.chunks, self.sizes)])
-
-    def nbytes(self) -> int:
-        """Bytes held by the value storage."""
-        return sum(c.nbytes for c in self.chunks)
-
-
-class _HostHistory:
-    """CPU backend: exact percentile on the host (``.item()`` costs nothing on CPU tensors)."""
-
-    def __init__(self, window: int | None) -> None:
-        self.window = window
-        self.sorted = _SortedChunks()
-        self.ring = np.zeros(window, dtype=np.float32) if window else None
-        self.ring_pos = 0  # number of finite values ever inserted
-
-    def insert(self, x: float) -> None:
-        if self.ring is not None and self.window is not None:
-            slot = self.ring_pos % self.window
-            if self.ring_pos >= self.window:
-                self.sorted.remove(float(self.ring[slot]))
-            self.ring[slot] = x
-            self.ring_pos += 1
-        self.sorted.add(x)
-
-    def __len__(self) -> int:
-        return self.sorted.size
-
-    def percentile(self, q: float) -> float:
-        lo, frac = _virtual_index(self.sorted.size, q)
-        a = self.sorted.at(lo)
-        if frac == 0.0:
-            return a
-        return _lerp(a, self.sorted.at(lo + 1), frac)
-
-    def ordered_values(self) -> np.ndarray:
-        """Finite history, oldest first for a window (sorted for all-history, order is irrelevant)."""
-        if self.ring is not None and self.window is not None:
-            n = min(self.ring_pos, self.window)
-            start = self.ring_pos % self.window if self.ring_pos >= self.window else 0
-            return np.roll(self.ring, -start)[:n].copy()
-        return self.sorted.values()
-
-
-class _DeviceHistory:
-    """Accelerator backend: a sorted buffer on the device, updated with O(capacity) parallel work
-    and no host-device synchronisation (insertion position and count stay on the device).
-
-    Memory: a float32 buffer plus an int64 index of the same capacity; the capacity doubles ahead
-    of the number of calls (NaN steps included), so up to ~24 bytes per step on the device.
-    """
-
-    def __init__(self, window: int | None, device: torch.device) -> None:
-        self.window = window
-        self.device = device
-        self.capacity = 16 if window is None else window + 1
-        self.buf = torch.full((self.capacity,), _INF, dtype=torch.float32, device=device)
-        self.count = torch.zeros((), dtype=torch.long, device=device)
-        self.upper = 0  # host-known upper bound of count (number of insert calls)
-        if window:
-            self.ring = torch.zeros(window, dtype=torch.float32, device=device)
-            self.ring_pos = torch.zeros((), dtype=torch.long, device=device)
-        self._idx = torch.arange(self.capacity, device=device)
-
-    def _grow(self) -> None:
-        new_cap = self.capacity * 2
-        pad = torch.full((new_cap - self.capacity,), _INF, dtype=torch.float32, device=self.device)
-        self.buf = torch.cat([self.buf, pad])
-        self.capacity = new_cap
-        self._idx = torch.arange(new_cap, device=self.device)
-
-    def insert(self, x: Tensor) -> None:
-        if self.window is None and self.upper + 1 >= self.capacity:
-            self._grow()
-        self.upper += 1
-        fin = torch.isfinite(x)
-        xv = torch.where(fin, x, torch.full_like(x, _INF))
-        buf, idx = self.buf, self._idx
-        if self.window:
-            w = self.window
-            slot = torch.remainder(self.ring_pos, w)
-            oldest = self.ring.index_select(0, slot.reshape(1)).reshape(())
-            evict = fin & (self.ring_pos >= w)
-            pos_o = torch.searchsorted(buf, oldest.reshape(1), right=False).reshape(())
-            shifted_left = torch.cat([buf[1:], buf.new_full((1,), _INF)])
-            removed = torch.where(idx >= pos_o, shifted_left, buf)
-            buf = torch.where(evict, removed, buf)
-            self.ring.index_put_((slot.reshape(1),), torch.where(fin, xv, oldest).reshape(1))
-            self.ring_pos = self.ring_pos + fin.long()
-            self.count = self.count - evict.long()
-        pos = torch.searchsorted(buf, xv.reshape(1), right=True).reshape(())
-        shifted_right = torch.cat([buf.new_full((1,), -_INF), buf[:-1]])
-        self.buf = torch.where(idx < pos, buf, torch.where(idx == pos, xv, shifted_right))
-        self.count = self.count + fin.long()
-
-    def percentile(self, q: float, fallback: Tensor) -> Tensor:
-        n = self.count
-        idx = (n.double() * q + (1.0 - q) - 1.0).clamp(min=0.0)
-        idx = torch.minimum(idx, (n - 1).clamp(min=0).double())
-        lo = idx.floor().long()
-        frac = (idx - lo.double()).float()
-        hi = torch.minimum(lo + 1, (n - 1).clamp(min=0))
-        a = self.buf.index_select(0, lo.reshape(1)).reshape(())
-        b = self.buf.index_select(0, hi.reshape(1)).reshape(())
-        d = b - a
-        val = torch.where(frac >= 0.5, b - d * (1.0 - frac), a + d * frac)
-        return torch.where(n > 0, val, fallback)
-
-    def __len__(self) -> int:  # pragma: no cover - host needs a sync; used in tests only
-        return int(self.count.item())
-
-    def ordered_values(self) -> np.ndarray:
-        n = int(self.count.item())
-        if self.window:
-            pos = int(self.ring_pos.item())
-            w = self.window
-            start = pos % w if pos >= w else 0
-            ring = self.ring.detach().cpu().numpy()
-            return np.roll(ring, -start)[:n].copy()
-        return self.buf[:n].detach().cpu().numpy().copy()
+def _check_percentile(value: Any) -> float:
+    try:
+        return check_fraction("percentile", value, low=0.0, high=100.0, open_low=True, open_high=True)
+    except ValueError as err:
+        reason = {0.0: "the 0th percentile is the smallest norm seen, so nearly every step would be clipped",
+                  100.0: "the 100th percentile is the largest norm seen, the current one included, so no step "
+                         "would be clipped"}.get(float(value))
+        if reason is None:
+            raise
+        raise ValueError(f"{err}: {reason}") from None
 
 
 class PercentileThreshold(ThresholdPolicy):
@@ -337,114 +177,77 @@ class PercentileThreshold(ThresholdPolicy):
 
     During the first ``warmup_steps`` optimizer steps the threshold is ``warmup_threshold`` (the
     norms seen meanwhile already enter the history). Afterwards it is
-    ``numpy.percentile(history, percentile)`` (linear interpolation) where ``history`` holds every
-    finite pre-clip norm so far, the current step's included, or only the last ``window`` of them.
+    ``numpy.percentile(history, percentile)`` bit for bit, where ``history`` holds every finite
+    pre-clip norm so far (as float32), the current step's included, or only the last ``window``.
 
-    History is exact and costs 4 bytes per step. On CPU tensors it is a chunked sorted array on the
-    host (per-step cost flat in the number of steps); on accelerators it is a sorted buffer on the
-    device updated without any host-device synchronisation.
+    The history is exact and costs 4 bytes per step (see :mod:`lightning_clip.core.histories`).
 
     Args:
-        percentile: in ``[0, 100]``.
+        percentile: in the open interval ``(0, 100)``.
         warmup_steps: number of optimizer steps that use ``warmup_threshold``.
         warmup_threshold: positive threshold used during warmup (and while no finite norm was seen).
         window: ``None`` for all history, or a positive number of most recent finite norms.
+        backend: where the history lives: ``"host"`` (numpy, per-step cost flat in the number of
+            steps; reads the norm on the host), ``"device"`` (on the norms' device, no host-device
+            synchronisation) or ``"auto"`` (host for CPU norms, device otherwise, decided at the
+            first call).
     """
 
-    def __init__(
-        self,
-        percentile: float = 90.0,
-        warmup_steps: int = 100,
-        warmup_threshold: float = 1.0,
-        window: int | None = None,
-    ) -> None:
-        self.percentile = check_fraction("percentile", percentile, low=0.0, high=100.0)
+    _ARGS = ("percentile", "warmup_steps", "warmup_threshold", "window", "backend")
+
+    def __init__(self, percentile: float = 90.0, warmup_steps: int = 100, warmup_threshold: float = 1.0,
+                 window: int | None = None, backend: str = "auto") -> None:
+        self.percentile = _check_percentile(percentile)
         self.warmup_steps = check_non_negative_int("warmup_steps", warmup_steps)
         self.warmup_threshold = check_positive_float("warmup_threshold", warmup_threshold, allow_inf=True)
         self.window = None if window is None else check_positive_int("window", window)
-        self._backend: str | None = None  # "host" | "device"; None = choose from the first norm's device
-        self.reset()
+        self.backend = check_choice("backend", backend, BACKENDS)
+        self._history: NormHistory | None = None
+        self._fallback: Tensor | None = None
+        super().__init__()
+
+    @property
+    def history(self) -> NormHistory | None:
+        """The history in use (``None`` until the first call after construction, reset or load)."""
+        return self._history
 
     def reset(self) -> None:
-        self.steps = 0
-        self._hist: _HostHistory | _DeviceHistory | None = None
-        self._pending: np.ndarray | None = None
-        self._fallback: Tensor | None = None
+        super().reset()
+        self._history = None
 
-    def _make_history(self, device: torch.device) -> _HostHistory | _DeviceHistory:
-        backend = self._backend or ("host" if device.type == "cpu" else "device")
-        hist: _HostHistory | _DeviceHistory
-        if backend == "host":
-            hist = _HostHistory(self.window)
-            if self._pending is not None:
-                for v in self._pending.tolist():
-                    hist.insert(v)
-        else:
-            hist = _DeviceHistory(self.window, device)
-            if self._pending is not None:
-                for v in torch.from_numpy(self._pending).to(device):
-                    hist.insert(v)
-        self._pending = None
-        return hist
+    def _materialize(self, state: Mapping[str, Any] | None, device: torch.device) -> None:
+        values = None if state is None or state.get("history") is None else state["history"].numpy()
+        self._history = make_history(self.backend, self.window, device, values)
+        self._fallback = torch.tensor(self.warmup_threshold, dtype=torch.float32, device=device)
 
-    def __call__(self, norm: Tensor) -> Tensor:
-        device = norm.device
-        if self._hist is None:
-            self._hist = self._make_history(device)
-        if self._fallback is None or self._fallback.device != device:
-            self._fallback = torch.tensor(self.warmup_threshold, dtype=torch.float32, device=device)
-        step = self.steps
-        self.steps += 1
-        q = self.percentile / 100.0
-        hist = self._hist
-        if isinstance(hist, _HostHistory):
-            x = float(norm)
-            if math.isfinite(x):
-                hist.insert(x)
-            if step < self.warmup_steps or len(hist) == 0:
-                return self._fallback
-            return torch.tensor(hist.percentile(q), dtype=torch.float32, device=device)
-        hist.insert(norm.detach().reshape(()).float())
-        if step < self.warmup_steps:
+    def _threshold(self, norm: Tensor) -> Tensor:
+        assert self._history is not None and self._fallback is not None  # set by _materialize
+        self._history.insert(norm)
+        if self.steps < self.warmup_steps:
             return self._fallback
-        return hist.percentile(q, self._fallback)
+        return self._history.percentile(self.percentile / 100.0, self._fallback)
 
-    def state_dict(self) -> dict[str, Any]:
-        if self._hist is not None:
-            values = self._hist.ordered_values()
-        elif self._pending is not None:
-            values = self._pending
-        else:
-            values = np.zeros(0, dtype=np.float32)
+    def _state(self) -> dict[str, Any]:
+        values = np.zeros(0, dtype=np.float32) if self._history is None else self._history.values()
         return {
-            "steps": self.steps,
             "history": torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)),
             "percentile": self.percentile,
             "window": self.window,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def _check_state(self, state: dict[str, Any]) -> dict[str, Any]:
         saved_window = state.get("window", self.window)
         if saved_window != self.window:
             raise ValueError(
                 f"PercentileThreshold: the checkpoint was saved with window={saved_window} but this policy has "
                 f"window={self.window}; resume with the same `window`."
             )
-        self.reset()
-        self.steps = int(state.get("steps", 0))
-        hist = state.get("history")
-        if hist is not None:
-            arr = hist.detach().cpu().numpy() if isinstance(hist, Tensor) else np.asarray(hist)
-            arr = arr.astype(np.float32)
-            if self.window is not None and arr.size > self.window:
-                arr = arr[-self.window :]
-            self._pending = arr
-
-    def __repr__(self) -> str:
-        return (
-            f"PercentileThreshold(percentile={self.percentile}, warmup_steps={self.warmup_steps}, "
-            f"warmup_threshold={self.warmup_threshold}, window={self.window})"
-        )
+        if state.get("history") is not None:
+            history = torch.as_tensor(state["history"], dtype=torch.float32).detach().cpu()
+            if self.window is not None and history.numel() > self.window:
+                history = history[-self.window :]
+            state["history"] = history
+        return state
 
 
 class WarmupThreshold(ThresholdPolicy):
@@ -455,50 +258,41 @@ class WarmupThreshold(ThresholdPolicy):
     Args:
         warmup_steps: number of optimizer steps that use ``warmup_threshold``.
         warmup_threshold: positive threshold during warmup.
-        then: the policy that takes over (a :class:`ThresholdPolicy` or a positive float).
+        then: the policy that takes over (a :class:`ThresholdPolicy` or a positive float);
+            ``PercentileThreshold(warmup_steps=0)`` by default.
     """
+
+    _ARGS = ("warmup_steps", "warmup_threshold", "then")
 
     def __init__(self, warmup_steps: int = 100, warmup_threshold: float = 1.0,
                  then: ThresholdPolicy | float | None = None) -> None:
         self.warmup_steps = check_non_negative_int("warmup_steps", warmup_steps)
         self.warmup_threshold = check_positive_float("warmup_threshold", warmup_threshold, allow_inf=True)
-        if then is None:
-            then = PercentileThreshold(warmup_steps=0)
-        self.then = as_policy(then, name="then")
-        self.reset_counters()
-
-    def reset_counters(self) -> None:
-        self.steps = 0
+        self.then = as_policy(PercentileThreshold(warmup_steps=0) if then is None else then, name="then")
         self._fallback: Tensor | None = None
+        super().__init__()
 
     def reset(self) -> None:
-        self.reset_counters()
+        super().reset()
         self.then.reset()
 
-    def __call__(self, norm: Tensor) -> Tensor:
+    def _materialize(self, state: Mapping[str, Any] | None, device: torch.device) -> None:
+        # `then` holds and places its own state (see load_state_dict)
+        self._fallback = torch.tensor(self.warmup_threshold, dtype=torch.float32, device=device)
+
+    def _threshold(self, norm: Tensor) -> Tensor:
+        assert self._fallback is not None  # set by _materialize
         inner = self.then(norm)
-        step = self.steps
-        self.steps += 1
-        if step < self.warmup_steps:
-            if self._fallback is None or self._fallback.device != norm.device:
-                self._fallback = torch.tensor(self.warmup_threshold, dtype=torch.float32, device=norm.device)
-            return self._fallback
-        return inner
+        return self._fallback if self.steps < self.warmup_steps else inner
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "then": self.then.state_dict()}
+    def _state(self) -> dict[str, Any]:
+        return {"then": self.then.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = int(state.get("steps", 0))
-        self._fallback = None
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the state; the wrapped policy's part goes to ``then``."""
+        super().load_state_dict(state)
         if "then" in state:
             self.then.load_state_dict(state["then"])
-
-    def __repr__(self) -> str:
-        return (
-            f"WarmupThreshold(warmup_steps={self.warmup_steps}, warmup_threshold={self.warmup_threshold}, "
-            f"then={self.then!r})"
-        )
 
 
 class ZScoreThreshold(ThresholdPolicy):
@@ -525,17 +319,12 @@ class ZScoreThreshold(ThresholdPolicy):
         eps: positive constant added to the standard deviation.
     """
 
-    def __init__(
-        self,
-        alpha: float = 0.97,
-        z_thresh: float = 2.5,
-        warmup_steps: int = 25,
-        max_norm: float | None = 1.0,
-        clip_option: str = "adaptive_scaling",
-        clip_factor: float = 1.0,
-        skip_update_on_spike: bool = False,
-        eps: float = 1e-6,
-    ) -> None:
+    _ARGS = ("alpha", "z_thresh", "warmup_steps", "max_norm", "clip_option", "clip_factor", "skip_update_on_spike",
+             "eps")
+
+    def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
+                 max_norm: float | None = 1.0, clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
+                 skip_update_on_spike: bool = False, eps: float = 1e-6) -> None:
         self.alpha = check_fraction("alpha", alpha, open_low=True, open_high=True)
         self.z_thresh = check_positive_float("z_thresh", z_thresh)
         self.warmup_steps = check_positive_int("warmup_steps", warmup_steps)
@@ -546,37 +335,41 @@ class ZScoreThreshold(ThresholdPolicy):
             raise TypeError(f"Expected argument `skip_update_on_spike` to be a bool but got {skip_update_on_spike!r}")
         self.skip_update_on_spike = skip_update_on_spike
         self.eps = check_positive_float("eps", eps)
-        self.reset()
+        self._ema: dict[str, Tensor] | None = None
+        super().__init__()
 
     def reset(self) -> None:
-        self.steps = 0
-        self._state: dict[str, Tensor] | None = None
-        self._loaded: dict[str, Tensor] | None = None
+        super().reset()
+        self._ema = None
 
-    def _init_state(self, device: torch.device) -> dict[str, Tensor]:
-        f32 = {"dtype": torch.float32, "device": device}
-        st = {
-            "mean": torch.zeros((), **f32),
-            "var": torch.zeros((), **f32),
-            "initialized": torch.zeros((), dtype=torch.bool, device=device),
-            "num_warmup": torch.zeros((), dtype=torch.long, device=device),
-            "buffer": torch.zeros(self.warmup_steps, **f32),
-        }
-        if self._loaded is not None:
-            for k, v in self._loaded.items():
-                if k in st:
-                    st[k] = v.to(device=device, dtype=st[k].dtype).clone()
-            self._loaded = None
-        return st
+    def _empty(self, device: torch.device) -> dict[str, Tensor]:
+        def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
 
-    def __call__(self, norm: Tensor) -> Tensor:
-        device = norm.device
-        if self._state is None or self._state["mean"].device != device:
-            if self._state is not None:
-                self._loaded = self._state
-            self._state = self._init_state(device)
-        st = self._state
-        self.steps += 1
+        return {"mean": zeros(), "var": zeros(), "initialized": zeros(dtype=torch.bool),
+                "num_warmup": zeros(dtype=torch.long), "buffer": zeros(self.warmup_steps)}
+
+    def _materialize(self, state: Mapping[str, Any] | None, device: torch.device) -> None:
+        ema = self._empty(device)
+        for k, v in (state or {}).items():
+            if k in ema:
+                ema[k] = torch.as_tensor(v).to(device=device, dtype=ema[k].dtype).clone()
+        self._ema = ema
+
+    def _state(self) -> dict[str, Any]:
+        ema = self._ema if self._ema is not None else self._empty(torch.device("cpu"))
+        return {k: v.detach().cpu().clone() for k, v in ema.items()}
+
+    def _check_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        saved = torch.as_tensor(state.get("buffer", torch.zeros(self.warmup_steps))).numel()
+        if saved != self.warmup_steps:
+            raise ValueError(f"ZScoreThreshold: the checkpoint was saved with warmup_steps={saved} but this policy has "
+                             f"warmup_steps={self.warmup_steps}; resume with the same `warmup_steps`.")
+        return state
+
+    def _threshold(self, norm: Tensor) -> Tensor:
+        st = self._ema
+        assert st is not None  # set by _materialize
         g = norm.detach().reshape(()).float()
         fin = torch.isfinite(g)
         g0 = torch.where(fin, g, torch.zeros_like(g))
@@ -604,7 +397,7 @@ class ZScoreThreshold(ThresholdPolicy):
             clip_val = mean
         cutoff = mean + self.z_thresh * (std + self.eps)
         thr = torch.where(spike, clip_val, cutoff)
-        cap = _INF if self.max_norm is None else self.max_norm
+        cap = float("inf") if self.max_norm is None else self.max_norm
         thr = torch.where(init, thr, torch.full_like(thr, cap))
         if self.max_norm is not None:
             thr = thr.clamp(max=self.max_norm)
@@ -621,26 +414,6 @@ class ZScoreThreshold(ThresholdPolicy):
         st["num_warmup"] = num_warmup
         st["initialized"] = init | just_init
         return thr
-
-    def state_dict(self) -> dict[str, Any]:
-        src = self._state if self._state is not None else self._loaded
-        out: dict[str, Any] = {"steps": self.steps}
-        if src is not None:
-            out.update({k: v.detach().cpu().clone() for k, v in src.items()})
-        return out
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reset()
-        self.steps = int(state.get("steps", 0))
-        loaded = {k: v for k, v in state.items() if isinstance(v, Tensor)}
-        self._loaded = loaded or None
-
-    def __repr__(self) -> str:
-        return (
-            f"ZScoreThreshold(alpha={self.alpha}, z_thresh={self.z_thresh}, warmup_steps={self.warmup_steps}, "
-            f"max_norm={self.max_norm}, clip_option={self.clip_option!r}, clip_factor={self.clip_factor}, "
-            f"skip_update_on_spike={self.skip_update_on_spike}, eps={self.eps})"
-        )
 
 
 def as_policy(threshold: ThresholdPolicy | float | int, name: str = "threshold") -> ThresholdPolicy:
