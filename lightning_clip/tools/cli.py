@@ -28,13 +28,18 @@ import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from lightning_clip.tools.errors import UsageError, describe_error
+
+if TYPE_CHECKING:
+    from lightning.pytorch.cli import LightningCLI
 
 __all__ = ["cli_class", "describe_error", "main"]
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: Set on an exception raised once batches have run: a runtime failure, not a configuration error.
+_RUNTIME = "_lightning_clip_runtime"
 EXIT_USAGE = 2
 
 _DESCRIPTION = "Observable, adaptive and robust gradient clipping for PyTorch Lightning."
@@ -96,37 +101,31 @@ def _register_strategies() -> None:
         import lightning_clip.distributed.strategy  # noqa: F401  (registers "ddp_arc")
 
 
-def _import_lightning_cli() -> Any:
-    try:
-        from lightning.pytorch.cli import LightningCLI
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise UsageError(
-            "The `lightning-clip` command needs jsonargparse: pip install 'lightning-clip[cli]'"
-        ) from err
-    return LightningCLI
-
-
 @functools.cache
-def cli_class() -> type:
+def cli_class() -> type[LightningCLI]:
     """The :class:`~lightning.pytorch.cli.LightningCLI` subclass behind ``lightning-clip fit`` (needs jsonargparse).
 
     It adds :class:`~lightning_clip.callbacks.tb_layout.TensorBoardLayout` when a TensorBoardLogger is
     configured and tells configuration errors from runtime failures.
     """
-    LightningCLI = _import_lightning_cli()
+    try:
+        from lightning.pytorch.cli import LightningCLI
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise UsageError("The `lightning-clip` command needs jsonargparse: pip install 'lightning-clip[cli]'") from err
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_clip.callbacks.tb_layout import TensorBoardLayout
 
-    class ClipLightningCLI(LightningCLI):  # type: ignore[misc, valid-type]
+    class ClipLightningCLI(LightningCLI):
         """LightningCLI that adds the TensorBoard custom-scalars layout and remembers which phase failed."""
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
             trainer = super().instantiate_trainer(**kwargs)
+            callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set at runtime, not declared on Trainer
             if any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers) and not any(
-                isinstance(cb, TensorBoardLayout) for cb in trainer.callbacks
+                isinstance(cb, TensorBoardLayout) for cb in callbacks
             ):
-                trainer.callbacks.append(TensorBoardLayout())
+                callbacks.append(TensorBoardLayout())
             return trainer
 
         def _run_subcommand(self, subcommand: str) -> None:
@@ -136,9 +135,9 @@ def cli_class() -> type:
                 # Errors once batches have run are runtime failures, not configuration errors: keep
                 # their traceback. Errors in setup (e.g. a callback's trainer-compatibility check) are not.
                 loop = self.trainer.fit_loop
-                exc._lightning_clip_runtime = bool(  # type: ignore[attr-defined]
+                setattr(exc, _RUNTIME, bool(
                     self.trainer.global_step > 0 or loop.epoch_loop.batch_progress.total.ready > 0
-                )
+                ))
                 raise
 
     return ClipLightningCLI
@@ -174,7 +173,7 @@ def _run_lightning(args: list[str]) -> int:
     try:
         _lightning_cli(args, run=True)
     except _config_errors() as exc:
-        if getattr(exc, "_lightning_clip_runtime", False):
+        if getattr(exc, _RUNTIME, False):
             raise
         return _fail(exc)
     return 0

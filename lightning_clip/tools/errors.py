@@ -71,6 +71,18 @@ class _Node:
             node = node.parent
         return out[::-1]
 
+    @property
+    def key(self) -> str | None:
+        """The option of a ``Parser key "..."`` line."""
+        m = _KEY_RE.match(self.text)
+        return m.group(1) if m else None
+
+    @property
+    def class_path(self) -> str | None:
+        """The class of a ``Problem with given class_path '...'`` line."""
+        m = _CLASS_RE.match(self.text)
+        return m.group(1) if m else None
+
     def child_value(self, prefix: str) -> str | None:
         """The rest of the first child line that starts with ``prefix``."""
         return next((c.text[len(prefix):].strip() for c in self.children if c.text.startswith(prefix)), None)
@@ -100,11 +112,14 @@ def _where(path: list[_Node]) -> str:
     """``trainer.callbacks (GradientClipping) > threshold (PercentileThreshold)`` from the key/class lines."""
     parts: list[str] = []
     for node in path:
-        key, cls = _KEY_RE.match(node.text), _CLASS_RE.match(node.text)
-        if key:
-            parts.append(key.group(1))
-        elif cls and parts:
-            parts[-1] += f" ({cls.group(1).rsplit('.', 1)[-1]})"
+        if node.key is not None:
+            parts.append(node.key)
+        elif node.class_path is not None:
+            name = node.class_path.rsplit(".", 1)[-1]
+            if parts:
+                parts[-1] += f" ({name})"
+            else:
+                parts.append(name)
     return " > ".join(parts)
 
 
@@ -208,11 +223,12 @@ def _suggest(bad: str, options: list[str]) -> str:
 
 def _unknown_option(leaf: _Node, option: str) -> str:
     path = leaf.ancestors()
-    cls_node = next((n for n in reversed(path) if _CLASS_RE.match(n.text)), None)
+    class_path = next((n.class_path for n in reversed(path) if n.class_path is not None), None)
     bad = option.split(".")[0]
-    msg = f"{_where(path)}: unknown option `{bad}`"
-    if cls_node is not None:
-        cls = _import(_CLASS_RE.match(cls_node.text).group(1))  # type: ignore[union-attr]
+    where = _where(path)
+    msg = f"{where}: unknown option `{bad}`" if where else f"unknown option `{bad}`"
+    if class_path is not None:
+        cls = _import(class_path)
         if isinstance(cls, type):
             options = _options(cls)
             suggestion = _suggest(bad, options)
@@ -248,17 +264,18 @@ def _given_init_args(union: _Node) -> list[str]:
 
 def _mismatch(leaf: _Node) -> str | None:
     union = next((n for n in reversed(leaf.ancestors()) if n.child_value("Subtypes:") is not None), None)
-    if union is None or not _KEY_RE.match(union.text):
+    param = union.key if union is not None else None
+    if union is None or param is None:
         return None
     path = union.ancestors() + [union]
     where = _where(union.ancestors())
-    param = _KEY_RE.match(union.text).group(1)  # type: ignore[union-attr]
     name_m = re.match(r"Expected a dot import path string: (\S+)", leaf.text)
-    strategy = _registered_strategy(name_m.group(1)) if name_m else None
+    name = name_m.group(1) if name_m else ""
+    strategy = _registered_strategy(name) if name else None
     if strategy is not None:
         path_txt = f"{strategy.__module__}.{strategy.__qualname__}"
-        note = (f"`{name_m.group(1)}` is a registered strategy name, which takes no init_args: write "  # type: ignore[union-attr]
-                f"`class_path: {path_txt}` with them")
+        note = (f"`{name}` is a registered strategy name, which takes no init_args: write `class_path: {path_txt}` "
+                "with them")
         options = _options(strategy)
         bad = [k for k in _given_init_args(union) if k not in options]
         if bad:
@@ -268,8 +285,8 @@ def _mismatch(leaf: _Node) -> str | None:
     value = union.child_value("Given value:") or ""
     value = value if len(value) <= 80 else value[:77] + "..."
     plain, classes = _kinds(union.child_value("Subtypes:") or "")
-    owner_node = next((n for n in reversed(union.ancestors()) if _CLASS_RE.match(n.text)), None)
-    owner = _import(_CLASS_RE.match(owner_node.text).group(1)) if owner_node else None  # type: ignore[union-attr]
+    owner_path = next((n.class_path for n in reversed(union.ancestors()) if n.class_path is not None), None)
+    owner = _import(owner_path) if owner_path is not None else None
     takes = _param_help(owner, param) if isinstance(owner, type) else None
     if takes is None:
         described = [f"a {name} ({', '.join(subs)})" if subs else f"a {name}" for name, subs in classes]
@@ -310,8 +327,9 @@ def _owner(tb: TracebackType | None) -> str | None:
         if obj is None:
             continue
         module = type(obj).__module__ or ""
-        if module.startswith("lightning_clip") and not module.startswith(("lightning_clip.exceptions",
-                                                                            "lightning_clip.tools")):
+        if module.startswith("lightning_clip") and not module.startswith(
+            ("lightning_clip.exceptions", "lightning_clip.tools.cli", "lightning_clip.tools.errors")
+        ):
             return type(obj).__name__
         if frame.f_code.co_name == "__init__" and not module.startswith(
             ("lightning", "jsonargparse", "torch", "argparse", "builtins")
