@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -18,7 +19,92 @@ from lightning_clip.core.grads import gradient_stats
 from lightning_clip.core.thresholds import FixedThreshold, ThresholdPolicy, as_policy
 from lightning_clip.exceptions import check_choice
 
-__all__ = ["GradientClipping"]
+__all__ = ["CLIP_RATE_BANDS", "GradientClipping", "OptimizerClipState", "clip_rate_advice"]
+
+_COUNTERS = ("clipped", "norm_sum", "norm_max", "nonfinite")
+
+#: How to read a clip rate: ``(upper bound, reading)``; a rate takes the first band it is below.
+CLIP_RATE_BANDS: tuple[tuple[float, str], ...] = (
+    (0.01, "threshold may be too high"),
+    (0.05, "rare clipping"),
+    (0.25, "healthy"),
+    (0.50, "frequent: consider a lower learning rate"),
+    (1.01, "excessive: the threshold is too low or the learning rate too high; lower the learning rate"),
+)
+
+
+def clip_rate_advice(rate: float) -> str:
+    """Return the reading of a clip rate in ``[0, 1]`` (<1% too high, 5-25% healthy, >50% excessive)."""
+    for upper, text in CLIP_RATE_BANDS:
+        if rate < upper:
+            return text
+    return CLIP_RATE_BANDS[-1][1]
+
+
+@dataclass
+class OptimizerClipState:
+    """What :class:`GradientClipping` keeps for one optimizer: its policy and its counters.
+
+    The counters are 0-d tensors on the gradients' device (moved there at the first update), so
+    counting never synchronises the host with the device; reading them (:meth:`clip_rate`,
+    :meth:`health`, :meth:`state_dict`) does.
+
+    Attributes:
+        policy: this optimizer's threshold policy.
+        steps: optimizer steps seen.
+        clipped: steps whose gradients were clipped (int64).
+        norm_sum: sum of the finite pre-clip norms (fp64).
+        norm_max: largest finite pre-clip norm (the norms' dtype, at least fp32).
+        nonfinite: steps whose norm was NaN or Inf (int64).
+    """
+
+    policy: ThresholdPolicy
+    steps: int = 0
+    clipped: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    norm_sum: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    norm_max: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float32))
+    nonfinite: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+
+    def update(self, total: Tensor, finite: Tensor, was_clipped: Tensor) -> None:
+        """Count one step with pre-clip norm ``total`` (0-d tensors; nothing is read on the host)."""
+        if self.clipped.device != total.device:
+            for k in _COUNTERS:
+                setattr(self, k, getattr(self, k).to(total.device))
+        finite_total = torch.where(finite, total, torch.zeros_like(total))
+        self.steps += 1
+        self.clipped = self.clipped + was_clipped.long()
+        self.norm_sum = self.norm_sum + finite_total.double()
+        self.norm_max = torch.maximum(self.norm_max, finite_total)
+        self.nonfinite = self.nonfinite + (~finite).long()
+
+    def clip_rate(self) -> float:
+        """Fraction of the steps that were clipped (0 before the first step)."""
+        return float(self.clipped) / self.steps if self.steps else 0.0
+
+    def health(self) -> dict[str, float]:
+        """Steps, clip rate, mean and max finite norm, non-finite steps."""
+        nonfinite = int(self.nonfinite)
+        return {
+            "steps": float(self.steps),
+            "clip_rate": self.clip_rate(),
+            "mean_norm": float(self.norm_sum) / max(self.steps - nonfinite, 1),
+            "max_norm": float(self.norm_max),
+            "nonfinite_steps": float(nonfinite),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The policy's state and the counters (CPU tensors, dtypes kept, so resume is exact)."""
+        counters = {k: getattr(self, k).detach().cpu().clone() for k in _COUNTERS}
+        return {"policy": self.policy.state_dict(), "steps": self.steps, **counters}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (missing entries keep their current value)."""
+        if "policy" in state:
+            self.policy.load_state_dict(state["policy"])
+        self.steps = int(state.get("steps", self.steps))
+        for k in _COUNTERS:
+            if k in state:
+                setattr(self, k, torch.as_tensor(state[k]).detach().cpu().clone())
 
 
 class GradientClipping(Callback):
@@ -70,13 +156,7 @@ class GradientClipping(Callback):
         self.log = bool(log)
         self.log_every_n_steps = log_every_n_steps
         self.summary = bool(summary)
-        self._policies: dict[int, ThresholdPolicy] = {}
-        self._loaded_policies: dict[int, dict[str, Any]] = {}
-        self.steps: dict[int, int] = {}
-        self._clipped: dict[int, Tensor] = {}
-        self._norm_sum: dict[int, Tensor] = {}
-        self._norm_max: dict[int, Tensor] = {}
-        self._nonfinite: dict[int, Tensor] = {}
+        self._optimizers: dict[int, OptimizerClipState] = {}
 
     @property
     def state_key(self) -> str:
@@ -95,27 +175,30 @@ class GradientClipping(Callback):
 
         write_layout(trainer)  # TensorBoard custom-scalars layout, once per logger
 
+    def optimizer_state(self, optimizer_idx: int) -> OptimizerClipState:
+        """The policy and counters of optimizer ``optimizer_idx`` (created on first use).
+
+        Optimizer 0 uses ``self.policy`` itself; the others get a fresh copy of it.
+        """
+        state = self._optimizers.get(optimizer_idx)
+        if state is None:
+            policy = self.policy if optimizer_idx == 0 else self.policy.fresh()
+            state = self._optimizers[optimizer_idx] = OptimizerClipState(policy)
+        return state
+
     def policy_for(self, optimizer_idx: int) -> ThresholdPolicy:
         """The threshold policy of optimizer ``optimizer_idx`` (created on first use)."""
-        policy = self._policies.get(optimizer_idx)
-        if policy is None:
-            policy = self.policy if optimizer_idx == 0 else self.policy.fresh()
-            if optimizer_idx in self._loaded_policies:
-                policy.load_state_dict(self._loaded_policies.pop(optimizer_idx))
-            self._policies[optimizer_idx] = policy
-        return policy
+        return self.optimizer_state(optimizer_idx).policy
 
     def clip_rate(self, optimizer_idx: int = 0) -> float:
         """Fraction of optimizer ``optimizer_idx``'s steps that were clipped so far."""
-        steps = self.steps.get(optimizer_idx, 0)
-        return float(self._clipped[optimizer_idx]) / steps if steps else 0.0
+        state = self._optimizers.get(optimizer_idx)
+        return state.clip_rate() if state is not None else 0.0
 
-    def _counter(self, table: dict[int, Tensor], idx: int, like: Tensor, dtype: torch.dtype) -> Tensor:
-        t = table.get(idx)
-        if t is None or t.device != like.device:
-            t = (t if t is not None else torch.zeros((), dtype=dtype)).to(like.device, dtype)
-            table[idx] = t
-        return t
+    @property
+    def steps(self) -> dict[int, int]:
+        """Optimizer steps seen so far, per optimizer index (optimizers that stepped only)."""
+        return {i: s.steps for i, s in sorted(self._optimizers.items()) if s.steps}
 
     @torch.no_grad()
     def on_before_optimizer_step(
@@ -124,32 +207,26 @@ class GradientClipping(Callback):
         state = step_state(trainer, pl_module, optimizer)
         if not state.grads:
             return
-        idx = state.optimizer_idx
+        opt = self.optimizer_state(state.optimizer_idx)
         total = state.stats.total_norm
-        threshold = self.policy_for(idx)(total)
+        threshold = opt.policy(total)
         finite = torch.isfinite(total)
         if self.mode == "norm":
             coef = clip_grads_with_norm_(state.grads, threshold, total)
-            clipped_total = total * coef
+            clipped_total: Tensor | None = total * coef
             was_clipped = finite & (coef < 1.0)
         else:
             max_abs = torch.stack(torch._foreach_norm(state.grads, float("inf"))).max().float()
-            clip_grads_by_value_(state.grads, float(self.policy.max_norm))  # type: ignore[attr-defined]
+            clip_grads_by_value_(state.grads, cast(FixedThreshold, opt.policy).max_norm)  # checked in __init__
             was_clipped = finite & (max_abs > threshold)
             clipped_total = None
         state.threshold = threshold
-        self.steps[idx] = self.steps.get(idx, 0) + 1
-        self._clipped[idx] = self._counter(self._clipped, idx, total, torch.long) + was_clipped.long()
-        finite_total = torch.where(finite, total, torch.zeros_like(total))
-        self._norm_sum[idx] = self._counter(self._norm_sum, idx, total, torch.float64) + finite_total.double()
-        self._norm_max[idx] = torch.maximum(self._counter(self._norm_max, idx, total, torch.float32), finite_total)
-        self._nonfinite[idx] = self._counter(self._nonfinite, idx, total, torch.long) + (~finite).long()
+        opt.update(total, finite, was_clipped)
         if not (self.log and should_log(trainer, self.log_every_n_steps)):
             return
         if clipped_total is None:  # value mode: one extra norm pass, on logging steps only
             clipped_total = gradient_stats(state.grads).total_norm
         state.clipped_total = clipped_total
-        rate = self._clipped[idx].double() / self.steps[idx]
         log_values(
             trainer,
             state,
@@ -157,30 +234,17 @@ class GradientClipping(Callback):
                 tags.GRAD_NORM_TOTAL: total,
                 tags.CLIP_THRESHOLD: threshold,
                 tags.GRAD_NORM_CLIPPED: clipped_total,
-                tags.CLIP_RATE: rate,
+                tags.CLIP_RATE: opt.clipped.double() / opt.steps,
             },
         )
 
     def health(self) -> dict[int, dict[str, float]]:
-        """Per optimizer: steps, clip rate, mean and max finite norm, non-finite steps."""
-        out: dict[int, dict[str, float]] = {}
-        for idx, steps in sorted(self.steps.items()):
-            nonfinite = int(self._nonfinite[idx]) if idx in self._nonfinite else 0
-            finite_steps = max(steps - nonfinite, 1)
-            out[idx] = {
-                "steps": float(steps),
-                "clip_rate": self.clip_rate(idx),
-                "mean_norm": float(self._norm_sum[idx]) / finite_steps if idx in self._norm_sum else 0.0,
-                "max_norm": float(self._norm_max[idx]) if idx in self._norm_max else 0.0,
-                "nonfinite_steps": float(nonfinite),
-            }
-        return out
+        """Per optimizer that stepped: steps, clip rate, mean and max finite norm, non-finite steps."""
+        return {i: s.health() for i, s in sorted(self._optimizers.items()) if s.steps}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.summary:
             return
-        from lightning_clip.tools.report import clip_rate_advice
-
         for idx, h in self.health().items():
             name = f"optimizer {idx}" if len(self.steps) > 1 else "gradients"
             rank_zero_info(
@@ -190,23 +254,10 @@ class GradientClipping(Callback):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        policies = {i: p.state_dict() for i, p in self._policies.items()}
-        policies.update({i: s for i, s in self._loaded_policies.items() if i not in policies})
-        return {
-            "policies": policies,
-            "steps": dict(self.steps),
-            "clipped": {i: int(v) for i, v in self._clipped.items()},
-            "norm_sum": {i: float(v) for i, v in self._norm_sum.items()},
-            "norm_max": {i: float(v) for i, v in self._norm_max.items()},
-            "nonfinite": {i: int(v) for i, v in self._nonfinite.items()},
-        }
+        return {"optimizers": {i: s.state_dict() for i, s in self._optimizers.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._policies = {}
-        self._loaded_policies = {int(i): s for i, s in state_dict.get("policies", {}).items()}
-        self.steps = {int(i): int(v) for i, v in state_dict.get("steps", {}).items()}
-        self._clipped = {int(i): torch.tensor(int(v)) for i, v in state_dict.get("clipped", {}).items()}
-        self._norm_sum = {int(i): torch.tensor(float(v), dtype=torch.float64)
-                          for i, v in state_dict.get("norm_sum", {}).items()}
-        self._norm_max = {int(i): torch.tensor(float(v)) for i, v in state_dict.get("norm_max", {}).items()}
-        self._nonfinite = {int(i): torch.tensor(int(v)) for i, v in state_dict.get("nonfinite", {}).items()}
+        self._optimizers = {}
+        self.policy.reset()
+        for i, state in state_dict.get("optimizers", {}).items():
+            self.optimizer_state(int(i)).load_state_dict(state)

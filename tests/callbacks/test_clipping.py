@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from lightning_clip import (
     WarmupThreshold,
     ZScoreThreshold,
 )
+from lightning_clip.callbacks.clipping import CLIP_RATE_BANDS, clip_rate_advice
 
 
 def _fit(tmp_path, callbacks=(), steps=12, model_kwargs=None, **trainer_kwargs):
@@ -105,6 +108,106 @@ def test_resume_continues_with_identical_thresholds(tmp_path, make_policy):
     assert _thresholds(resumed_logger) == _thresholds(full_logger)[k:]
     for p, q in zip(model.parameters(), full.parameters()):
         assert torch.equal(p, q)
+
+
+def _state_equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+def test_two_clipping_callbacks_share_a_checkpoint_and_resume_independently(tmp_path):
+    steps, k = 20, 8
+
+    def callbacks():
+        return [GradientClipping(PercentileThreshold(60.0, warmup_steps=2, window=5)),
+                GradientClipping(ZScoreThreshold(warmup_steps=3, z_thresh=1.0, max_norm=None), log=False)]
+
+    full_cbs = callbacks()
+    full, _ = _fit(tmp_path / "full", full_cbs, steps=steps)
+
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=k, save_top_k=-1)
+    part_cbs = callbacks()
+    _fit(tmp_path / "part", [*part_cbs, ckpt_cb], steps=k, enable_checkpointing=True)
+    ckpt_path = next((tmp_path / "ck").glob("*.ckpt"))
+    saved = torch.load(ckpt_path, weights_only=False)["callbacks"]
+    keys = [cb.state_key for cb in part_cbs]
+    assert keys[0] != keys[1] and set(keys) <= set(saved)
+    assert saved[keys[0]]["optimizers"][0]["steps"] == saved[keys[1]]["optimizers"][0]["steps"] == k
+
+    seed_everything(0, verbose=False)
+    model = TinyRegressor()
+    resumed_cbs = callbacks()
+    make_trainer(tmp_path / "res", callbacks=resumed_cbs, max_steps=steps).fit(model, make_loader(),
+                                                                               ckpt_path=str(ckpt_path))
+    for p, q in zip(model.parameters(), full.parameters()):
+        assert torch.equal(p, q)
+    for resumed, reference in zip(resumed_cbs, full_cbs):
+        assert _state_equal(resumed.state_dict(), reference.state_dict())
+        assert resumed.health() == reference.health()
+    # not vacuous: both clipped, and their policies ended in different states
+    assert all(cb.clip_rate() > 0 for cb in full_cbs)
+    assert full_cbs[0].policy_for(0).state_dict().keys() != full_cbs[1].policy_for(0).state_dict().keys()
+
+
+def test_health_and_counters_against_logged_norms(tmp_path):
+    logger = RecordingLogger()
+    cb = GradientClipping(0.5)
+    _fit(tmp_path, [cb], steps=12, logger=logger)
+    total = np.array(logger.series("grad_norm/total"), dtype=np.float32)
+    health = cb.health()
+    assert list(health) == [0] and cb.steps == {0: 12}
+    h = health[0]
+    assert h["steps"] == 12.0 and h["nonfinite_steps"] == 0.0
+    assert h["clip_rate"] == cb.clip_rate(0) == pytest.approx(float(np.mean(total > 0.5)))
+    assert h["mean_norm"] == pytest.approx(float(np.mean(total.astype(np.float64))), rel=1e-6)
+    assert h["max_norm"] == float(total.max())
+    state = cb.optimizer_state(0)
+    assert state.clipped.dtype == torch.long and state.norm_sum.dtype == torch.float64
+    # the counters round-trip exactly, dtypes included
+    other = GradientClipping(0.5)
+    other.load_state_dict(cb.state_dict())
+    assert _state_equal(other.state_dict(), cb.state_dict()) and other.health() == health
+    assert cb.clip_rate(3) == 0.0 and 3 not in cb.health()
+
+
+def test_nonfinite_steps_are_counted_and_kept_out_of_the_norm_statistics(tmp_path):
+    logger = RecordingLogger()
+    cb = GradientClipping(0.5)
+    _fit(tmp_path, [cb], steps=6, logger=logger, model_kwargs={"nan_at": {5}})  # the last step's loss is NaN
+    total = np.array(logger.series("grad_norm/total"), dtype=np.float32)
+    assert np.isnan(total[5]) and np.isfinite(total[:5]).all()
+    h = cb.health()[0]
+    assert h["steps"] == 6.0 and h["nonfinite_steps"] == 1.0
+    assert h["mean_norm"] == pytest.approx(float(np.mean(total[:5].astype(np.float64))), rel=1e-6)
+    assert h["max_norm"] == float(total[:5].max())
+    assert h["clip_rate"] == pytest.approx(float(np.sum(total[:5] > 0.5)) / 6)  # a NaN step is not "clipped"
+
+
+@pytest.mark.parametrize("rate,words", [(0.0, "too high"), (0.03, "rare"), (0.1, "healthy"), (0.3, "frequent"),
+                                        (0.6, "excessive"), (1.0, "excessive")])
+def test_clip_rate_advice_bands(rate, words):
+    assert words in clip_rate_advice(rate)
+
+
+def test_clip_rate_bands_are_the_reports(tmp_path):
+    from lightning_clip.tools import report
+
+    assert report.CLIP_RATE_BANDS == CLIP_RATE_BANDS  # one reading of a clip rate everywhere
+
+
+def test_end_of_fit_summary(tmp_path, caplog):
+    cb = GradientClipping(0.5)
+    with caplog.at_level(logging.INFO):
+        _fit(tmp_path, [cb], steps=6)
+    h = cb.health()[0]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[lightning_clip] gradients:")]
+    assert lines == [
+        f"[lightning_clip] gradients: 6 steps, clip rate {h['clip_rate']:.1%} ({clip_rate_advice(h['clip_rate'])}), "
+        f"mean norm {h['mean_norm']:.4g}, max norm {h['max_norm']:.4g}, non-finite steps 0"
+    ]
 
 
 def test_policy_is_not_shared_between_runs_of_different_optimizers():
