@@ -186,7 +186,7 @@ def test_percentile_backend_argument():
     auto(torch.empty((), device=META))
     assert auto.history is not None and auto.history.backend == "device"  # elsewhere: device
     assert "backend='device'" in repr(PercentileThreshold(backend="device"))
-    with pytest.raises(ValueError, match=r"Expected argument `backend` to be one of 'auto', 'host', 'device' but got 'gp"):
+    with pytest.raises(ValueError, match=r"argument `backend` to be one of 'auto', 'host', 'device' but got 'gpu'"):
         PercentileThreshold(backend="gpu")
 
 
