@@ -1,7 +1,6 @@
 """Gradient-health reports: read a run's logged scalars back and summarise them.
 
-Shared by the end-of-fit summary of :class:`~lightning_clip.GradientClipping` (:func:`clip_rate_advice`)
-and the ``lightning-clip report`` command. Everything here is plain data in, plain data out, so it
+Behind the ``lightning-clip report`` command. Everything here is plain data in, plain data out, so it
 is testable without a trainer:
 
 - :func:`find_runs` locates the runs under a directory (TensorBoard event files or CSVLogger
@@ -11,7 +10,8 @@ is testable without a trainer:
   optimizer, from the ``_opt<i>`` suffixes, plus :class:`ARCHealth` when ARC's tags exist);
 - :func:`format_report` renders it as text and :func:`plot_report` as a PNG (matplotlib, Agg).
 
-Tags are read with :mod:`lightning_clip.tags`. How to read a clip rate:
+Tags are read with :mod:`lightning_clip.tags`. How to read a clip rate (the readings are
+:class:`~lightning_clip.GradientClipping`'s own, ``CLIP_RATE_BANDS``, as in its end-of-fit summary):
 
 =============== ================================ ==========================================
 clip rate       interpretation                   action
@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from lightning_clip import tags
+from lightning_clip.callbacks.clipping import CLIP_RATE_BANDS, clip_rate_advice
 
 __all__ = [
     "CLIP_RATE_BANDS",
@@ -56,24 +57,8 @@ __all__ = [
     "summarize",
 ]
 
-#: Clip-rate bands and their reading (the table above): ``(upper bound, reading)``.
-CLIP_RATE_BANDS: tuple[tuple[float, str], ...] = (
-    (0.01, "threshold may be too high"),
-    (0.05, "rare clipping"),
-    (0.25, "healthy"),
-    (0.50, "frequent: consider a lower learning rate"),
-    (1.01, "excessive: the threshold is too low or the learning rate too high; lower the learning rate"),
-)
-
+#: The label of each band of ``CLIP_RATE_BANDS``.
 _BAND_LABELS: tuple[str, ...] = ("< 1%", "1-5%", "5-25%", "25-50%", "> 50%")
-
-
-def clip_rate_advice(rate: float) -> str:
-    """Return the reading of a clip rate in ``[0, 1]`` (<1% too high, 5-25% healthy, >50% excessive)."""
-    for upper, text in CLIP_RATE_BANDS:
-        if rate < upper:
-            return text
-    return CLIP_RATE_BANDS[-1][1]
 
 
 def clip_rate_band(rate: float) -> str:
