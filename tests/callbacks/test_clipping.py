@@ -19,7 +19,7 @@ from lightning_clip import (
     WarmupThreshold,
     ZScoreThreshold,
 )
-from lightning_clip.callbacks.clipping import CLIP_RATE_BANDS, clip_rate_advice
+from lightning_clip.callbacks.clipping import clip_rate_advice
 
 
 def _fit(tmp_path, callbacks=(), steps=12, model_kwargs=None, **trainer_kwargs):
@@ -190,12 +190,6 @@ def test_nonfinite_steps_are_counted_and_kept_out_of_the_norm_statistics(tmp_pat
                                         (0.6, "excessive"), (1.0, "excessive")])
 def test_clip_rate_advice_bands(rate, words):
     assert words in clip_rate_advice(rate)
-
-
-def test_clip_rate_bands_are_the_reports(tmp_path):
-    from lightning_clip.tools import report
-
-    assert report.CLIP_RATE_BANDS == CLIP_RATE_BANDS  # one reading of a clip rate everywhere
 
 
 def test_end_of_fit_summary(tmp_path, caplog):
