@@ -125,14 +125,22 @@ class NormRecorder(pl.Callback):
                        "weights": [p.detach().flatten().tolist() for p in pl_module.parameters()]}, f)
 
 
-def run_quick_benchmark(name: str, out: Path, timeout: float = 300.0) -> str:
-    """Run ``benchmarks/<name>.py --quick --out <out>`` in a fresh process; return what it printed.
+def quick_benchmark(name: str, tmp_path_factory: pytest.TempPathFactory, min_png_bytes: int,
+                    wall_time: str) -> tuple[Path, str, str]:
+    """Run ``benchmarks/<name>.py --quick --out <new dir>`` in a fresh process: ``(out, <name>.md, stdout)``.
 
-    Fails the calling test, with the end of its output, when the script exits non-zero.
+    Fails the calling test, with the end of the script's output, when it exits non-zero; checks what
+    every benchmark report holds: its PNG (at least ``min_png_bytes``), the command that made it, the
+    machine and the line starting with ``wall_time``.
     """
-    script = ROOT / "benchmarks" / f"{name}.py"
+    out = tmp_path_factory.mktemp(name)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    md = (out / f"{name}.md").read_text()
+    png = (out / f"{name}.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > min_png_bytes
+    assert f"Command: `python benchmarks/{name}.py --quick --out " in md
+    assert "nproc=" in md and "torch " in md and wall_time in md
+    return out, md, proc.stdout

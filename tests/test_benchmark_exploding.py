@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import run_quick_benchmark
+from conftest import quick_benchmark
 
 EXPECTED_PREFIXES = [
     "none",
@@ -46,19 +46,12 @@ def _parse_table(md: str) -> tuple[list[str], list[list[str]]]:
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory) -> tuple[Path, str, str]:
-    out = tmp_path_factory.mktemp("exploding")
-    stdout = run_quick_benchmark("exploding", out)
-    return out, (out / "exploding.md").read_text(), stdout
+    # checks the PNG, the command, the machine and the wall time in the report
+    return quick_benchmark("exploding", tmp_path_factory, min_png_bytes=10_000, wall_time="Total wall time:")
 
 
-def test_quick_writes_report_and_plot(quick_report):
-    out, md, stdout = quick_report
-    png = (out / "exploding.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert "Command: `python benchmarks/exploding.py --quick --out " in md
-    assert "nproc=" in md and "torch " in md and "Total wall time:" in md
-    # the table is printed too
-    assert "| method | diverged / seeds |" in stdout
+def test_quick_prints_the_table(quick_report):
+    assert "| method | diverged / seeds |" in quick_report[2]
 
 
 def test_every_method_has_a_row(quick_report):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_quick_benchmark
+from conftest import quick_benchmark
 
 from lightning_clip.robust.aggregators import aggregate
 from lightning_clip.robust.transforms import SendBuffers
@@ -65,17 +65,13 @@ def _load_module():
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory) -> tuple[Path, str, str]:
-    out = tmp_path_factory.mktemp("robustness")
-    stdout = run_quick_benchmark("robustness", out)
-    return out, (out / "robustness.md").read_text(), stdout
+    # checks the PNG, the command, the machine and the wall time in the report
+    return quick_benchmark("robustness", tmp_path_factory, min_png_bytes=5_000,
+                           wall_time="Wall time of this invocation:")
 
 
 def test_quick_writes_report_and_plot(quick_report):
-    out, md, stdout = quick_report
-    png = (out / "robustness.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
-    assert "Command: `python benchmarks/robustness.py --quick --out " in md
-    assert "nproc=" in md and "torch " in md and "Wall time of this invocation:" in md
+    _, md, stdout = quick_report
     assert "## Reading (computed)" in md
     assert "| aggregation | extreme f=1 |" in stdout  # the tables are printed too
 
