@@ -67,7 +67,7 @@ separate invocations that a final one assembles.
 Usage::
 
     python benchmarks/robustness.py --cache /tmp/rob           # the study (hours on 2 cores)
-    python benchmarks/robustness.py --quick                    # smoke run, < 60 s, into a temporary directory
+    python benchmarks/robustness.py --quick                    # smoke run, about 80 s on 2 cores, into a temporary directory
 
 Writes ``robustness.md`` (tables, command, machine, wall times, reading) and ``robustness.png`` (heatmaps)
 into ``--out``; by default ``benchmarks/results`` for a full run and a new temporary directory with
@@ -817,7 +817,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--mode", choices=("sim", "ddp", "both"), default="both",
                    help="sim: the sim grid; ddp: the DDP grid and the same runs in sim; both (default): both grids")
-    add_output_arguments(p, "tiny grid, 30 steps, a 3-rank DDP smoke run (< 60 s)")
+    add_output_arguments(p, "tiny grid, 30 steps, a 3-rank DDP smoke run (about 80 s on 2 cores)")
     p.add_argument("--cache", default=None, help="directory keeping every finished run, reused on the next call")
     p.add_argument("--hets", default=",".join(DEFAULT_HETS), help=f"heterogeneity ({', '.join(HETEROGENEITY)})")
     p.add_argument("--f", default="1,2,3,4", help="numbers of Byzantine workers (n = honest + f)")
