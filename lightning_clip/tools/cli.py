@@ -279,77 +279,11 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _demo_fit(ns: argparse.Namespace, model: Any, data: Any, clipping: Any) -> Path:
-    import lightning.pytorch as pl
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from lightning_clip import GradientNormMonitor, NonFiniteGradientGuard
-    from lightning_clip.callbacks.tb_layout import TensorBoardLayout
-
-    pl.seed_everything(ns.seed, verbose=False)
-    logger = TensorBoardLogger(save_dir=ns.out, name="demo")
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=ns.max_steps,
-        max_epochs=-1,
-        logger=logger,
-        log_every_n_steps=1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=sys.stderr.isatty(),
-        callbacks=[GradientNormMonitor(per_parameter=True), clipping, NonFiniteGradientGuard("skip"),
-                   TensorBoardLayout()],
-    )
-    print(f"Training a vanilla RNN on the adding problem (seq_len={ns.seq_len}, lr={ns.lr}) for {ns.max_steps} "
-          f"steps on CPU, clipping with {clipping.policy!r} ...", flush=True)
-    trainer.fit(model, datamodule=data)
-    logger.experiment.flush()
-    loss = trainer.callback_metrics.get("train/loss")
-    if loss is not None:
-        print(f"Final training loss: {float(loss):.4f} (always predicting 1.0 gives ~0.167)")
-    return Path(logger.log_dir)
-
-
 def _demo(ns: argparse.Namespace) -> int:
-    import torch
+    from lightning_clip.tools.demo import run_demo
 
-    from lightning_clip import GradientClipping, PercentileThreshold
-    from lightning_clip.tools.demo import AddingProblemDataModule, AddingRNN
-    from lightning_clip.tools.report import format_report, load_reports, plot_report
-
-    threshold: Any = ns.threshold
-    if ns.percentile is not None:
-        threshold = PercentileThreshold(percentile=ns.percentile, warmup_steps=25, warmup_threshold=ns.threshold,
-                                        window=200)
-    clipping = GradientClipping(threshold)  # validates --threshold
-    model = AddingRNN(hidden_size=64, cell="rnn", lr=ns.lr, momentum=0.9, init_scale=1.2)  # validates --lr
-    data = AddingProblemDataModule(seq_len=ns.seq_len, seed=ns.seed)
-    # A 64-unit RNN gains nothing from intra-op threads, and oversubscribed threads slow it down
-    # by an order of magnitude on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        log_dir = _demo_fit(ns, model, data, clipping)
-    finally:
-        torch.set_num_threads(threads)
-    print(f"\nTensorBoard logs: {log_dir}")
-    print(f"Open them with:   tensorboard --logdir {ns.out}")
-    print("  (Custom Scalars tab: pre-clip norm, post-clip norm and threshold in one chart)\n")
-    for rep in load_reports(log_dir):
-        print(format_report(rep))
-        plot = Path(ns.plot) if ns.plot else log_dir / "gradient_norms.png"
-        plot_report(rep, plot)
-        print(f"\nPlot: {plot}")
-        rate = rep.optimizers[0].clip_rate if rep.optimizers else None
-        if rate is not None and rate > 0.5:
-            print("Clipping kept every step finite, but it clipped more than half of the steps: the threshold is "
-                  "too low or the learning rate too high; lower the learning rate.\n"
-                  "Try: lightning-clip demo --lr 0.01 --percentile 90    (adaptive threshold, healthy clip rate)")
-    print(f"Report again later with: lightning-clip report {log_dir}")
-    return 0
+    return run_demo(max_steps=ns.max_steps, out=ns.out, threshold=ns.threshold, percentile=ns.percentile, lr=ns.lr,
+                    seq_len=ns.seq_len, seed=ns.seed, plot=ns.plot)
 
 
 def _report(ns: argparse.Namespace) -> int:

@@ -7,13 +7,19 @@
   digits. The classifier has ``label_flip`` and ``gradient_ascent`` switches that turn the ranks
   listed in ``byzantine_ranks`` into data/loss-level attackers for DDP experiments.
 
+:func:`run_demo` is the ``lightning-clip demo`` command: the RNN trained with the three callbacks, then
+its health report and plot.
+
 Validation metrics are torchmetrics objects logged with ``self.log``: each epoch's value is computed
 over every validation sample of every rank (not a mean of per-batch or per-rank means).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -25,11 +31,15 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_clip.exceptions import check_choice, check_fraction, check_positive_float, check_positive_int
 from lightning_clip.sim.data import ShardSampler, adding_problem, load_digits_tensors
 
+if TYPE_CHECKING:
+    from lightning_clip.callbacks import GradientClipping
+
 __all__ = [
     "AddingProblemDataModule",
     "AddingRNN",
     "DigitsClassifier",
     "DigitsDataModule",
+    "run_demo",
 ]
 
 
@@ -229,3 +239,94 @@ class DigitsClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+
+# --------------------------------------------------------------------------------------------------
+# The `lightning-clip demo` command.
+
+
+def _demo_fit(model: AddingRNN, data: AddingProblemDataModule, clipping: GradientClipping, max_steps: int, out: str,
+              seed: int) -> Path:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_clip.callbacks import GradientNormMonitor, NonFiniteGradientGuard
+    from lightning_clip.callbacks.tb_layout import TensorBoardLayout
+
+    pl.seed_everything(seed, verbose=False)
+    logger = TensorBoardLogger(save_dir=out, name="demo")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        max_epochs=-1,
+        logger=logger,
+        log_every_n_steps=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=sys.stderr.isatty(),
+        callbacks=[GradientNormMonitor(per_parameter=True), clipping, NonFiniteGradientGuard("skip"),
+                   TensorBoardLayout()],
+    )
+    print(f"Training a vanilla RNN on the adding problem (seq_len={data.seq_len}, lr={model.lr}) for {max_steps} "
+          f"steps on CPU, clipping with {clipping.policy!r} ...", flush=True)
+    trainer.fit(model, datamodule=data)
+    logger.experiment.flush()
+    loss = trainer.callback_metrics.get("train/loss")
+    if loss is not None:
+        print(f"Final training loss: {float(loss):.4f} (always predicting 1.0 gives ~0.167)")
+    return Path(logger.log_dir)
+
+
+def run_demo(max_steps: int = 600, out: str = "lightning_logs", threshold: float = 1.0,
+             percentile: float | None = None, lr: float = 0.05, seq_len: int = 100, seed: int = 0,
+             plot: str | None = None) -> int:
+    """Train the exploding-gradient RNN demo with the three callbacks, then print its health report and plot.
+
+    Args:
+        max_steps: Optimizer steps.
+        out: TensorBoard ``save_dir``.
+        threshold: Fixed clipping threshold (and the warmup threshold of the adaptive one).
+        percentile: Clip at this percentile of the last 200 norms instead of the fixed threshold.
+        lr: SGD learning rate (momentum 0.9).
+        seq_len: Adding-problem sequence length.
+        seed: Random seed.
+        plot: PNG path of the norms (default ``<log dir>/gradient_norms.png``).
+
+    Returns:
+        The exit status, 0.
+    """
+    from lightning_clip.callbacks import GradientClipping
+    from lightning_clip.core.thresholds import PercentileThreshold
+    from lightning_clip.tools.report import format_report, load_reports, plot_report
+
+    policy: Any = threshold
+    if percentile is not None:
+        policy = PercentileThreshold(percentile=percentile, warmup_steps=25, warmup_threshold=threshold, window=200)
+    clipping = GradientClipping(policy)  # validates the threshold
+    model = AddingRNN(hidden_size=64, cell="rnn", lr=lr, momentum=0.9, init_scale=1.2)  # validates lr
+    data = AddingProblemDataModule(seq_len=seq_len, seed=seed)
+    # A 64-unit RNN gains nothing from intra-op threads, and oversubscribed threads slow it down
+    # by an order of magnitude on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        log_dir = _demo_fit(model, data, clipping, max_steps, out, seed)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"\nTensorBoard logs: {log_dir}")
+    print(f"Open them with:   tensorboard --logdir {out}")
+    print("  (Custom Scalars tab: pre-clip norm, post-clip norm and threshold in one chart)\n")
+    for rep in load_reports(log_dir):
+        print(format_report(rep))
+        png = Path(plot) if plot else log_dir / "gradient_norms.png"
+        plot_report(rep, png)
+        print(f"\nPlot: {png}")
+        rate = rep.optimizers[0].clip_rate if rep.optimizers else None
+        if rate is not None and rate > 0.5:
+            print("Clipping kept every step finite, but it clipped more than half of the steps: the threshold is "
+                  "too low or the learning rate too high; lower the learning rate.\n"
+                  "Try: lightning-clip demo --lr 0.01 --percentile 90    (adaptive threshold, healthy clip rate)")
+    print(f"Report again later with: lightning-clip report {log_dir}")
+    return 0

@@ -3,9 +3,8 @@
 Behind the ``lightning-clip report`` command. Everything here is plain data in, plain data out, so it
 is testable without a trainer:
 
-- :func:`find_runs` locates the runs under a directory (TensorBoard event files or CSVLogger
-  ``metrics.csv``, searched recursively);
-- :func:`read_scalars` reads one run's scalars into ``{tag: Series(steps, values)}``;
+- :func:`~lightning_clip.tools.logs.find_runs` and :func:`~lightning_clip.tools.logs.read_scalars` (in
+  :mod:`lightning_clip.tools.logs`, re-exported here) read a run's TensorBoard or CSV scalars;
 - :func:`summarize` turns them into a :class:`RunReport` (one :class:`OptimizerHealth` per
   optimizer, from the ``_opt<i>`` suffixes, plus :class:`ARCHealth` when ARC's tags exist);
 - :func:`format_report` renders it as text and :func:`plot_report` as a PNG (matplotlib, Agg).
@@ -27,11 +26,9 @@ clip rate       interpretation                   action
 
 from __future__ import annotations
 
-import csv
 import math
 import os
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +37,7 @@ import numpy as np
 
 from lightning_clip import tags
 from lightning_clip.callbacks.clipping import CLIP_RATE_BANDS, clip_rate_advice
+from lightning_clip.tools.logs import Series, find_runs, log_source, read_scalars
 
 __all__ = [
     "CLIP_RATE_BANDS",
@@ -67,110 +65,6 @@ def clip_rate_band(rate: float) -> str:
         if rate < upper:
             return label
     return _BAND_LABELS[-1]
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading.
-
-
-@dataclass(frozen=True)
-class Series:
-    """One scalar tag of a run: ``values[i]`` was logged at optimizer step ``steps[i]`` (sorted by step)."""
-
-    steps: np.ndarray
-    values: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.steps.size)
-
-    @property
-    def last(self) -> float:
-        """The value at the largest step (``nan`` when empty)."""
-        return float(self.values[-1]) if self.values.size else float("nan")
-
-
-_EVENT_RE = re.compile(r"events\.out\.tfevents\.")
-
-
-def find_runs(root: str | os.PathLike[str]) -> list[Path]:
-    """Directories under ``root`` (``root`` included) that hold a run's logs, sorted by path.
-
-    A run directory holds TensorBoard event files (``events.out.tfevents.*``) or a CSVLogger
-    ``metrics.csv``. ``root`` may also be an event file or a ``metrics.csv`` itself.
-
-    Raises:
-        FileNotFoundError: if ``root`` does not exist or holds no run.
-    """
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"Log directory {str(root)!r} does not exist")
-    if root.is_file():
-        if _EVENT_RE.match(root.name) or root.name == "metrics.csv":
-            return [root]
-        raise FileNotFoundError(f"{str(root)!r} is neither a TensorBoard event file nor a CSVLogger metrics.csv")
-    runs = set()
-    for dirpath, _dirnames, filenames in os.walk(root):
-        if any(_EVENT_RE.match(f) for f in filenames) or "metrics.csv" in filenames:
-            runs.add(Path(dirpath))
-    if not runs:
-        raise FileNotFoundError(
-            f"No TensorBoard event files (events.out.tfevents.*) or CSVLogger metrics.csv found under {str(root)!r}"
-        )
-    return sorted(runs)
-
-
-def _to_series(points: Iterable[tuple[int, float]]) -> Series:
-    pts = sorted(points, key=lambda p: p[0])
-    steps = np.array([p[0] for p in pts], dtype=np.int64)
-    values = np.array([p[1] for p in pts], dtype=np.float64)
-    return Series(steps=steps, values=values)
-
-
-def _read_tensorboard(path: Path) -> dict[str, Series]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    series: dict[str, dict[int, float]] = {}
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if _EVENT_RE.match(p.name))
-    for file in files:  # several files in one directory: a resumed run; later files win per step
-        acc = EventAccumulator(str(file), size_guidance={"scalars": 0, "tensors": 0})
-        acc.Reload()
-        for tag in acc.Tags().get("scalars", []):
-            target = series.setdefault(tag, {})
-            for ev in acc.Scalars(tag):
-                target[int(ev.step)] = float(ev.value)
-    return {tag: _to_series(points.items()) for tag, points in series.items()}
-
-
-def _read_csv(path: Path) -> dict[str, Series]:
-    file = path if path.is_file() else path / "metrics.csv"
-    series: dict[str, dict[int, float]] = {}
-    with open(file, newline="") as f:
-        for row in csv.DictReader(f):
-            step_text = row.get("step", "")
-            if not step_text:
-                continue
-            step = int(float(step_text))
-            for key, text in row.items():
-                if key in ("step", "epoch") or key is None or text in ("", None):
-                    continue
-                try:
-                    series.setdefault(key, {})[step] = float(text)
-                except ValueError:
-                    continue
-    return {tag: _to_series(points.items()) for tag, points in series.items()}
-
-
-def read_scalars(run: str | os.PathLike[str]) -> dict[str, Series]:
-    """Every scalar tag of one run directory (from :func:`find_runs`), TensorBoard or CSV.
-
-    When a directory holds both, the TensorBoard events are read.
-    """
-    path = Path(run)
-    if path.is_file():
-        return _read_csv(path) if path.name == "metrics.csv" else _read_tensorboard(path)
-    if any(_EVENT_RE.match(p.name) for p in path.iterdir()):
-        return _read_tensorboard(path)
-    return _read_csv(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -405,9 +299,7 @@ def load_reports(root: str | os.PathLike[str]) -> list[RunReport]:
     """:func:`summarize` every run found under ``root`` (see :func:`find_runs`)."""
     reports = []
     for run in find_runs(root):
-        is_tb = (_EVENT_RE.match(run.name) is not None) if run.is_file() else any(
-            _EVENT_RE.match(p.name) for p in run.iterdir())
-        reports.append(summarize(read_scalars(run), run, "tensorboard" if is_tb else "csv"))
+        reports.append(summarize(read_scalars(run), run, log_source(run)))
     return reports
 
 
