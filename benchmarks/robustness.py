@@ -67,7 +67,7 @@ separate invocations that a final one assembles.
 Usage::
 
     python benchmarks/robustness.py --cache /tmp/rob           # the study (hours on 2 cores)
-    python benchmarks/robustness.py --quick                    # smoke run, about 80 s on 2 cores, into a temporary directory
+    python benchmarks/robustness.py --quick                    # smoke run (~80 s on 2 cores), to a temporary dir
 
 Writes ``robustness.md`` (tables, command, machine, wall times, reading) and ``robustness.png`` (heatmaps)
 into ``--out``; by default ``benchmarks/results`` for a full run and a new temporary directory with

@@ -134,7 +134,7 @@ def test_foe_and_ipm():
         ipm(HONEST, eps=-1.0)
 
 
-# ----------------------------------------------------------------------------- fixed clipping of known-Byzantine vectors
+# ----------------------------------------------------------------------------- fixed clipping of Byzantine vectors
 
 
 def test_fixed_clip_defence_matches_torch_clip_grad_norm():
