@@ -3,8 +3,9 @@
 =================================== ===================================================================
 modules                             may not import (directly or through any module of ours they import)
 =================================== ===================================================================
-``core``, ``robust``, ``sim``,      Lightning, ``torch.distributed``, our Lightning glue (``callbacks``,
-``exceptions``, ``tags``            ``distributed.strategy``) and ``tools``
+``core``, ``robust``, ``sim``,      Lightning, our Lightning glue (``callbacks``, ``distributed.strategy``)
+``exceptions``, ``tags``            and ``tools``; nor ``torch.distributed`` directly, except
+                                    ``core.sharded`` (the one batched norm reduction of sharded gradients)
 ``robust``, ``core``                also ``sim`` and ``distributed``
 ``sim``                             also ``distributed``
 ``distributed.hook`` (production)   ``sim``, Lightning, our glue and ``tools``
@@ -40,14 +41,22 @@ LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric")
 GLUE = ("lightning_clip.callbacks", "lightning_clip.distributed.strategy", "lightning_clip.tools")
 TORCH_DISTRIBUTED = ("torch.distributed",)
 
-#: (modules the rule applies to, forbidden import prefixes, followed transitively through our modules)
+#: (modules the rule applies to, forbidden import prefixes), followed transitively through our modules
 RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("lightning_clip.core", "lightning_clip.robust", "lightning_clip.sim", "lightning_clip.exceptions",
-      "lightning_clip.tags"), LIGHTNING + GLUE + TORCH_DISTRIBUTED),
+      "lightning_clip.tags"), LIGHTNING + GLUE),
     (("lightning_clip.core", "lightning_clip.robust"), ("lightning_clip.sim", "lightning_clip.distributed")),
     (("lightning_clip.sim",), ("lightning_clip.distributed",)),
     (("lightning_clip.distributed.hook", "lightning_clip.distributed.config"),
      ("lightning_clip.sim",) + LIGHTNING + GLUE),
+]
+
+#: Modules that may issue collectives themselves: everything in DIRECT_RULES' scope but these must not
+#: import ``torch.distributed`` directly (the one batched norm reduction for sharded gradients is in core).
+COLLECTIVES_ALLOWED = ("lightning_clip.core.sharded",)
+DIRECT_RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+    (("lightning_clip.core", "lightning_clip.robust", "lightning_clip.sim", "lightning_clip.exceptions",
+      "lightning_clip.tags"), TORCH_DISTRIBUTED),
 ]
 
 
@@ -158,6 +167,26 @@ CASES = [
 def test_layer_rules(module, forbidden):
     bad = {name: chain for name, chain in reach(module).items() if _matches(name, forbidden)}
     assert not bad, f"{module} must not import {sorted(bad)}: " + " | ".join(" -> ".join(c) for c in bad.values())
+
+
+DIRECT_CASES = [
+    pytest.param(module, forbidden, id=f"{module} !-> {forbidden[0]} (direct)")
+    for prefixes, forbidden in DIRECT_RULES
+    for module in _modules(prefixes)
+    if module not in COLLECTIVES_ALLOWED
+]
+
+
+@pytest.mark.parametrize(("module", "forbidden"), DIRECT_CASES)
+def test_no_collectives_of_their_own(module, forbidden):
+    bad = [f"line {line}: {name}" for line, name in graph()[module] if _matches(name, forbidden)]
+    assert not bad, f"{module} must not use torch.distributed itself: {bad}"
+
+
+def test_the_collective_exception_is_real():
+    # The allowed module exists and really uses torch.distributed (the exception is not stale).
+    for module in COLLECTIVES_ALLOWED:
+        assert any(_matches(name, TORCH_DISTRIBUTED) for _, name in graph()[module]), module
 
 
 def test_nothing_outside_tools_imports_tools():

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clip import tags
-from lightning_clip.callbacks.step import log_values, should_log, step_state
+from lightning_clip.callbacks.step import check_strategy, log_values, should_log, step_state
 from lightning_clip.core.functional import clip_grads_by_value_, clip_grads_with_norm_
 from lightning_clip.core.grads import gradient_stats
 from lightning_clip.core.thresholds import FixedThreshold, ThresholdPolicy, as_policy
@@ -163,6 +163,7 @@ class GradientClipping(Callback):
         return self._generate_state_key(mode=self.mode, threshold=repr(self.policy))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, "GradientClipping")
         clip_val = getattr(trainer, "gradient_clip_val", None)
         if clip_val:
             raise ValueError(

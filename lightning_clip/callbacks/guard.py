@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_clip import tags
-from lightning_clip.callbacks.step import StepState, log_values, should_log, step_state
+from lightning_clip.callbacks.step import StepState, check_strategy, log_values, should_log, step_state
 from lightning_clip.exceptions import NonFiniteGradientError, check_choice, check_positive_int
 
 __all__ = ["NonFiniteGradientGuard"]
@@ -62,6 +62,7 @@ class NonFiniteGradientGuard(Callback):
         return self._generate_state_key(action=self.action)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, "NonFiniteGradientGuard")
         self._defer_to_scaler = _uses_grad_scaler(trainer)
         if self._defer_to_scaler:
             rank_zero_info(

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_clip import tags
-from lightning_clip.callbacks.step import log_values, should_log, step_state
+from lightning_clip.callbacks.step import check_strategy, log_values, should_log, step_state
 
 __all__ = ["GradientNormMonitor"]
 
@@ -63,6 +63,7 @@ class GradientNormMonitor(Callback):
         return self._generate_state_key(per_parameter=self.per_parameter, histograms=self.histograms)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, "GradientNormMonitor", warn_only=True)  # its norms would be per-rank ones
         if stage == "fit" and not trainer.loggers:
             rank_zero_warn("GradientNormMonitor: the Trainer has no logger, nothing will be logged.")
         if self.histograms and not any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers):

@@ -18,7 +18,8 @@ from torch.optim import Optimizer
 
 from lightning_clip.core.grads import GradientStats, gradient_stats
 
-__all__ = ["StepState", "log_values", "optimizer_index", "should_log", "step_state", "unwrap_optimizer"]
+__all__ = [
+    "check_strategy","StepState", "log_values", "optimizer_index", "should_log", "step_state", "unwrap_optimizer"]
 
 
 @dataclass
@@ -156,3 +157,46 @@ def log_values(trainer: pl.Trainer, state: StepState, values: dict[str, Tensor |
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
     return metrics
+
+
+def _strategy_names(trainer: Any) -> set[str]:
+    strategy = getattr(trainer, "strategy", None)
+    return {cls.__name__ for cls in type(strategy).__mro__}
+
+
+def check_strategy(trainer: Any, callback: str, warn_only: bool = False) -> None:
+    """Raise ``ValueError`` (or warn, with ``warn_only``) under a strategy whose gradients ``callback``
+    would measure or change wrongly.
+
+    * Lightning's ``FSDPStrategy`` (FSDP1): each rank holds a shard of a flattened parameter, so a norm
+      taken there is local and each rank would clip by its own coefficient (or skip alone).
+    * ``DeepSpeedStrategy``: the engine clips inside its own step, from its ``gradient_clipping`` config.
+    """
+    names = _strategy_names(trainer)
+    message = None
+    if "FSDPStrategy" in names:
+        message = (
+            f"{callback} does not support Lightning's FSDPStrategy (FSDP1) yet: each rank holds a shard of a "
+            "flattened parameter, so the norm would be a local one and every rank would clip (or skip) on its own. "
+            "Use ModelParallelStrategy with fully_shard (FSDP2), whose sharded gradients are measured whole, "
+            "with one all-reduce per mesh dimension."
+        )
+    elif "DeepSpeedStrategy" in names and warn_only:
+        message = (
+            f"{callback}: under DeepSpeed the gradients seen before the optimizer step may be partitioned (ZeRO), "
+            "so the logged norms may be per-rank ones; the engine reports and clips its own global norm."
+        )
+    elif "DeepSpeedStrategy" in names:
+        message = (
+            f"{callback} cannot act on DeepSpeed's gradients: the DeepSpeed engine clips inside its own optimizer "
+            "step. Set `gradient_clipping` in the DeepSpeed config (DeepSpeedStrategy(config={..., "
+            '"gradient_clipping": 1.0})) instead.'
+        )
+    if message is None:
+        return
+    if not warn_only:
+        raise ValueError(message)
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    rank_zero_warn(message)
+

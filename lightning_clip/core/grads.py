@@ -3,7 +3,9 @@
 Pure torch. The total norm is computed the way :func:`torch.nn.utils.get_total_norm` computes it
 (per-tensor ``torch._foreach_norm`` grouped by device and dtype, then the norm of the stacked norms),
 so for fp32 gradients the result is bit-identical to torch's and Lightning's clipping; for bf16/fp16
-gradients every norm is accumulated in fp32 (no fp16 overflow, no bf16 rounding of the sum).
+gradients every norm is accumulated in fp32 (no fp16 overflow, no bf16 rounding of the sum). Sharded
+gradients (``DTensor``) are measured whole, with one all-reduce per mesh dimension
+(:mod:`lightning_clip.core.sharded`), so every rank gets the same norms.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import cast
 import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from lightning_clip.core.sharded import is_dtensor, sharded_norms
 
 __all__ = ["GradientStats", "collect_grads", "gradient_stats"]
 
@@ -55,18 +59,6 @@ def collect_grads(params: Iterable[Tensor]) -> tuple[list[Tensor], list[int]]:
     return grads, index
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
-
-
-def _dtensor_norm(g: Tensor) -> Tensor:
-    # A DTensor's vector norm is a Partial(norm) DTensor; full_tensor() reduces it over the mesh,
-    # giving the norm of the whole (unsharded) gradient, not of the local shard.
-    local = torch.linalg.vector_norm(g, 2.0, dtype=torch.float32)
-    full = local.full_tensor() if _is_dtensor(local) else local
-    return full
-
-
 @torch.no_grad()
 def gradient_stats(grads: Sequence[Tensor]) -> GradientStats:
     """Measure ``grads`` in one foreach pass.
@@ -86,7 +78,7 @@ def gradient_stats(grads: Sequence[Tensor]) -> GradientStats:
     plain_idx: list[int] = []
     dtensor_idx: list[int] = []
     for i, g in enumerate(grads):
-        (dtensor_idx if _is_dtensor(g) else plain_idx).append(i)
+        (dtensor_idx if is_dtensor(g) else plain_idx).append(i)
     plain: list[Tensor | None] = [grads[i] for i in plain_idx]  # torch's grouping accepts None entries
 
     order: list[int] = []
@@ -102,13 +94,13 @@ def gradient_stats(grads: Sequence[Tensor]) -> GradientStats:
                 norms = torch._foreach_norm(tensors, 2.0)
             order.extend(plain_idx[j] for j in idx)
             parts.extend(n_.to(first_device) for n_ in norms)
-    for i in dtensor_idx:
-        order.append(i)
-        parts.append(_dtensor_norm(grads[i]).to(first_device, torch.float32))
-
     # Grouped order and dtype promotion exactly as torch.nn.utils.get_total_norm stacks them
-    # (fp64 when any gradient is fp64), so the total is bit-identical to torch's.
-    stacked = torch.stack(parts)
+    # (fp64 when any gradient is fp64), so the total of plain gradients is bit-identical to torch's.
+    chunks = [torch.stack(parts)] if parts else []
+    if dtensor_idx:  # norms of the whole sharded gradients: one all-reduce per mesh dimension
+        order.extend(dtensor_idx)
+        chunks.append(sharded_norms([grads[i] for i in dtensor_idx]).to(first_device))
+    stacked = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
     total = torch.linalg.vector_norm(stacked, 2.0)
     stacked = stacked.float()
     if order == list(range(n)):

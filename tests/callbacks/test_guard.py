@@ -156,3 +156,31 @@ def test_stacked_callbacks_measure_once(tmp_path, monkeypatch):
     )
     trainer.fit(TinyRegressor(), make_loader())
     assert len(calls) == 5
+
+
+# ----------------------------------------------------------------------------- strategies we cannot serve
+
+
+def test_fsdp1_and_deepspeed_are_refused_at_setup_not_silently_wrong():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from lightning_clip import GradientClipping, GradientNormMonitor, NonFiniteGradientGuard
+
+    class DeepSpeedStrategy(DDPStrategy):  # a stand-in (Lightning's own derives from DDPStrategy): checked by name
+        pass
+
+    fsdp1 = SimpleNamespace(strategy=FSDPStrategy(), gradient_clip_val=None, loggers=[], precision_plugin=None)
+    deepspeed = SimpleNamespace(strategy=DeepSpeedStrategy(), gradient_clip_val=None,
+                                loggers=[], precision_plugin=None)
+    for callback in (GradientClipping(1.0), NonFiniteGradientGuard("skip")):
+        name = type(callback).__name__
+        with pytest.raises(ValueError, match=rf"^{name} does not support Lightning's FSDPStrategy \(FSDP1\)"):
+            callback.setup(fsdp1, None, "fit")
+        with pytest.raises(ValueError, match=r"`gradient_clipping` in the DeepSpeed config"):
+            callback.setup(deepspeed, None, "fit")
+    with pytest.warns(UserWarning, match=r"GradientNormMonitor does not support .*FSDP1"):
+        GradientNormMonitor().setup(fsdp1, None, "fit")
+    with pytest.warns(UserWarning, match=r"partitioned \(ZeRO\)"):
+        GradientNormMonitor().setup(deepspeed, None, "fit")

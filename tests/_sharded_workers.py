@@ -1,0 +1,179 @@
+"""Spawned workers for the sharded-norm tests (module level: the children import this file).
+
+Each worker builds the same MLP on every rank, shards it with FSDP2 (``fully_shard``) on a 1-D mesh, or
+with tensor parallelism plus FSDP2 on a 2-D (data x tensor) mesh, runs one backward on its own batch,
+and saves what :func:`lightning_clip.core.grads.gradient_stats` and torch measured, with the number of
+collectives each issued.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+SIZES = (5, 8, 7, 1)  # widths: tensor-parallel dims even, FSDP shards uneven (7 rows), a 1-element bias
+
+
+def make_mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(len(SIZES) - 1):
+        layers += [nn.Linear(SIZES[i], SIZES[i + 1]), nn.Tanh()]
+    return nn.Sequential(*layers[:-1])
+
+
+def batch(data_rank: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(100 + data_rank)
+    return torch.randn(6, SIZES[0], generator=g) * 3.0, torch.randn(6, SIZES[-1], generator=g)
+
+
+def loss_of(net: nn.Module, data_rank: int) -> Tensor:
+    x, y = batch(data_rank)
+    return nn.functional.mse_loss(net(x), y)
+
+
+def _count_collectives(fn: Any) -> tuple[Any, int, int]:
+    """Run ``fn()``; return its result, the calls to ``dist.all_reduce`` and the gloo all-reduces run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    calls = []
+    original = dist.all_reduce
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counting  # type: ignore[assignment]
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            result = fn()
+    finally:
+        dist.all_reduce = original
+    gloo = sum(1 for e in prof.events() if e.name == "gloo:all_reduce")
+    return result, len(calls), gloo
+
+
+def worker(rank: int, world_size: int, port: int, out_dir: str, layout: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from lightning_clip.core.grads import gradient_stats
+
+        net = make_mlp()
+        linears = [m for m in net if isinstance(m, nn.Linear)]
+        if layout == "fsdp":
+            mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp",))
+            dp_mesh, data_rank, data_world = mesh, rank, world_size
+        else:  # "2d": data parallel x tensor parallel
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("dp", "tp"))
+            dp_mesh = mesh["dp"]
+            plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+            parallelize_module(net, mesh["tp"], plan)
+            data_rank, data_world = mesh.get_local_rank("dp"), 2
+        for m in linears:
+            fully_shard(m, mesh=dp_mesh)
+        fully_shard(net, mesh=dp_mesh)
+        loss_of(net, data_rank).backward()
+        grads = [p.grad for p in net.parameters()]
+        stats, calls, gloo = _count_collectives(lambda: gradient_stats(grads))
+        try:  # torch's own norm of the same DTensor gradients (it refuses gradients on several meshes)
+            torch_total, _, torch_gloo = _count_collectives(
+                lambda: torch.nn.utils.get_total_norm(grads).full_tensor())  # type: ignore[union-attr]
+            torch_error = None
+        except Exception as exc:  # noqa: BLE001 - recorded for the parent to check
+            torch_total, torch_gloo, torch_error = None, 0, f"{type(exc).__name__}: {exc}"
+        # A gradient still Partial (not yet reduced) falls back to torch's own DTensor norm, in place.
+        from torch.distributed.tensor import DTensor, Partial
+
+        partial = DTensor.from_local(torch.full((3,), float(rank + 1)), mesh, [Partial()] * mesh.ndim)
+        with_partial = gradient_stats([grads[0], partial, *grads[1:]]).norms
+        placements = [str(g.placements) for g in grads]  # type: ignore[union-attr]
+        meshes = {str(g.device_mesh) for g in grads}  # type: ignore[union-attr]
+        torch.save({"norms": stats.norms, "total": stats.total_norm, "calls": calls, "gloo": gloo,
+                    "torch_total": torch_total, "torch_gloo": torch_gloo, "torch_error": torch_error,
+                    "placements": placements, "data_world": data_world, "mesh_ndim": mesh.ndim,
+                    "num_meshes": len(meshes), "with_partial": with_partial},
+                   Path(out_dir) / f"{layout}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lightning ModelParallelStrategy (FSDP2) with the callbacks
+
+
+CLIP = 0.05  # below every step's norm: each step is clipped
+LR = 0.1
+STEPS = 3
+
+
+def lightning_batch_index(rank: int, step: int) -> int:
+    return 100 * rank + step
+
+
+def make_fsdp_module(out_dir: str) -> Any:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class FSDPModule(pl.LightningModule):
+        """The MLP, sharded with ``fully_shard`` over the data-parallel mesh; rank r's step t uses batch 100 r + t."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_mlp()
+
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for m in self.net:
+                if isinstance(m, nn.Linear):
+                    fully_shard(m, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            return loss_of(self.net, lightning_batch_index(self.global_rank, self.global_step))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=LR)
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(torch.zeros(2 * STEPS, 1)), batch_size=1)
+
+        def on_train_end(self) -> None:
+            full = [p.full_tensor().detach().clone() for p in self.parameters()]  # type: ignore[attr-defined]
+            torch.save(full, Path(out_dir) / f"lightning_final{self.global_rank}.pt")
+
+    return FSDPModule()
+
+
+def lightning_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """``Trainer.fit`` under ``ModelParallelStrategy`` in a process launched like an external launcher would."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "NODE_RANK": "0"})
+    torch.set_num_threads(1)
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_clip import GradientClipping, GradientNormMonitor, NonFiniteGradientGuard
+
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=world_size, max_steps=STEPS, log_every_n_steps=1,
+        strategy=ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1),
+        logger=pl.loggers.CSVLogger(out_dir, name=f"rank{rank}", version=0),
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+        callbacks=[GradientNormMonitor(), GradientClipping(CLIP), NonFiniteGradientGuard("skip")],
+    )
+    trainer.fit(make_fsdp_module(out_dir))
