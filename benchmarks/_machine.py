@@ -1,9 +1,10 @@
-"""The one-line machine description the benchmark scripts print and write into their results."""
+"""What the benchmark scripts share about the machine: its one-line description and a free local port."""
 
 from __future__ import annotations
 
 import os
 import platform
+import socket
 
 
 def machine() -> str:
@@ -22,3 +23,10 @@ def machine() -> str:
         pass
     return (f"nproc={os.cpu_count()}, CPU: {cpu}, torch {torch.__version__}, lightning {lightning.__version__}, "
             f"Python {platform.python_version()}, {platform.system()}")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a gloo process group's ``MASTER_PORT``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _machine import free_port  # noqa: E402
 from _results import StdoutRecord, add_output_arguments, output_dir  # noqa: E402
 
 from lightning_clip.distributed.config import ARCConfig  # noqa: E402
@@ -50,12 +50,6 @@ MODES = (
     ("ddp_arc mean", "mean"),
     ("ddp_arc cwtm", "cwtm"),
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _make_model(width: int, depth: int) -> nn.Module:
@@ -146,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(args.world, _free_port(), args, queue), nprocs=args.world,
+    mp.start_processes(_worker, args=(args.world, free_port(), args, queue), nprocs=args.world,
                        start_method="spawn", join=True)
     rows = queue.get()
     record.start()

@@ -81,7 +81,6 @@ import hashlib
 import math
 import os
 import shlex
-import socket
 import statistics
 import sys
 import tempfile
@@ -101,7 +100,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import machine  # noqa: E402
+from _machine import free_port, machine  # noqa: E402
 from _results import add_output_arguments, output_dir, write_results  # noqa: E402
 
 from lightning_clip.distributed.config import ARCConfig  # noqa: E402
@@ -481,12 +480,6 @@ def run_sim_all(runs: list[Run], setting: Setting, jobs: int, threads: int, cach
 # --------------------------------------------------------------------------------------------- ddp mode
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _ddp_worker(rank: int, world: int, port: int, runs: list[Run], setting: Setting, data: Data,
                 out_path: str, cache: str | None) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -557,7 +550,7 @@ def run_ddp_all(runs: list[Run], setting: Setting, cache: str | None) -> tuple[l
             out = os.path.join(tmp, f"ddp_{world}.pt")
             print(f"  [ddp] launching {world} gloo processes for {len(group)} runs", flush=True)
             t0 = time.perf_counter()
-            mp.spawn(_ddp_worker, args=(world, _free_port(), group, setting, data, out, cache), nprocs=world,
+            mp.spawn(_ddp_worker, args=(world, free_port(), group, setting, data, out, cache), nprocs=world,
                      join=True)
             walls[world] = time.perf_counter() - t0
             results += torch.load(out, weights_only=False)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import machine  # noqa: E402
+from _machine import free_port, machine  # noqa: E402
 from _results import StdoutRecord, add_output_arguments, output_dir  # noqa: E402
 
 from lightning_clip.core.functional import clip_grads_with_norm_  # noqa: E402
@@ -103,12 +102,6 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=150, help="Linear layers (2 gradient tensors each; 150)")
@@ -123,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     world = 2
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, _free_port(), args, queue), nprocs=world, start_method="spawn",
+    mp.start_processes(_worker, args=(world, free_port(), args, queue), nprocs=world, start_method="spawn",
                        join=True)
     num_tensors, num_params, medians, collectives = queue.get()
     record.start()

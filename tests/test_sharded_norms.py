@@ -6,7 +6,6 @@ reference and to torch's own norm of the DTensor gradients, with one all-reduce 
 from __future__ import annotations
 
 import csv
-import socket
 import sys
 from pathlib import Path
 
@@ -15,22 +14,18 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "robust"))
 
 import _sharded_workers as w  # noqa: E402
+from _ddp_helpers import free_port  # noqa: E402
 
 from lightning_clip import tags  # noqa: E402
 from lightning_clip.core.grads import gradient_stats  # noqa: E402
 from lightning_clip.core.sharded import is_dtensor  # noqa: E402
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _run(tmp_path: Path, layout: str, world: int) -> list[dict]:
-    mp.spawn(w.worker, args=(world, _port(), str(tmp_path), layout), nprocs=world, join=True)
+    mp.spawn(w.worker, args=(world, free_port(), str(tmp_path), layout), nprocs=world, join=True)
     return [torch.load(tmp_path / f"{layout}{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -79,7 +74,7 @@ def test_plain_gradients_issue_no_collective_and_dtensor_detection():
 def test_lightning_model_parallel_clips_like_the_unsharded_reference(tmp_path):
     """FSDP2 under Lightning's ModelParallelStrategy (2 CPU ranks): the callbacks measure the whole gradient,
     clip every shard by the same coefficient and train exactly like clip_grad_norm_ on the unsharded model."""
-    mp.spawn(w.lightning_worker, args=(2, _port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(w.lightning_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     net = w.make_mlp()
     opt = torch.optim.SGD(net.parameters(), lr=w.LR)
     totals = []
