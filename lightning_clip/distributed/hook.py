@@ -56,8 +56,8 @@ class ARCHookState:
     Args:
         config: ARC's settings (default ``ARCConfig()``: ``num_byzantine=1``, the mean).
         process_group: The group the gradients are aggregated over; ``None`` for the default group.
-        transforms: Extra send transforms after the configuration's own (worker momentum), e.g. a
-            simulated attack (:class:`~lightning_clip.sim.transforms.ByzantineTransform`).
+        transforms: Extra send transforms after the configuration's own (worker momentum), e.g. the
+            simulated attack the strategy injects for experiments.
 
     Attributes:
         transforms: The whole chain, :meth:`ARCConfig.send_chain` of ``transforms``.

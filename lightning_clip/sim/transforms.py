@@ -47,15 +47,17 @@ class ByzantineTransform:
 
     def __call__(self, sent: SendBuffers, ctx: SendContext) -> None:
         spec = self.spec
+        byzantine = spec.is_byzantine(ctx.rank)
+        if not (byzantine or spec.needs_honest):
+            return
+        flat = sent.flatten()
         honest: Tensor | None = None
-        if spec.needs_honest:
-            gathered = ctx.gather(sent.flatten())
-            honest = gathered[spec.honest_ranks(ctx.world_size)]
-        if not spec.is_byzantine(ctx.rank):
+        if spec.needs_honest:  # every rank takes part in the gather
+            honest = ctx.gather(flat)[spec.honest_ranks(ctx.world_size)]
+        if not byzantine:
             return
         aggregation = ctx.aggregation if spec.needs_aggregation else None
-        out = spec.apply(sent.flatten(), honest, generator=self.generator(ctx.rank, ctx.step), aggregation=aggregation)
-        sent.write_(out)
+        sent.write_(spec.apply(flat, honest, generator=self.generator(ctx.rank, ctx.step), aggregation=aggregation))
 
     def __repr__(self) -> str:
         return f"ByzantineTransform({self.spec!r}, seed={self.seed})"
