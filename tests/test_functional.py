@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.nn.utils import clip_grad_norm_, clip_grad_value_
@@ -12,6 +14,7 @@ from lightning_clip.core.functional import (
     clip_coefficient,
     clip_grads_by_value_,
     clip_grads_with_norm_,
+    geometric_quantile_update,
     scale_grads_,
 )
 from lightning_clip.core.grads import gradient_stats
@@ -200,3 +203,16 @@ def test_tensor_threshold_never_reads_the_device():
     # and the same with the threshold on the host and the gradients on the device
     clip_grads_by_value_(grads, torch.tensor(0.5))
     clip_grads_with_norm_(grads, torch.tensor(0.5), total)
+
+
+def test_geometric_quantile_update_matches_the_formula_by_hand() -> None:
+    # C_{t+1} = C_t * exp(-eta * (b - gamma)), Andrew et al. 2021, on a hand sequence.
+    c, eta, gamma = 1.0, 0.2, 0.5
+    threshold = torch.tensor(c)
+    for norm in [0.5, 2.0, 3.0, 0.1]:
+        below = float(norm <= c)
+        c = c * math.exp(-eta * (below - gamma))
+        threshold = geometric_quantile_update(threshold, torch.tensor(below), gamma, eta)
+        assert float(threshold) == pytest.approx(c, rel=1e-6)
+    # a fraction (the DP noisy count over clients) works the same way
+    assert float(geometric_quantile_update(torch.tensor(2.0), 0.25, 0.5, 0.2)) == pytest.approx(2.0 * math.exp(0.05))

@@ -4,7 +4,13 @@ exact-percentile histories behind :class:`PercentileThreshold`.
 Nothing here imports Lightning or ``torch.distributed``: usable from a plain PyTorch loop or Fabric.
 """
 
-from lightning_clip.core.functional import clip_coefficient, clip_grads_by_value_, clip_grads_with_norm_, scale_grads_
+from lightning_clip.core.functional import (
+    clip_coefficient,
+    clip_grads_by_value_,
+    clip_grads_with_norm_,
+    geometric_quantile_update,
+    scale_grads_,
+)
 from lightning_clip.core.grads import GradientStats, collect_grads, gradient_stats
 from lightning_clip.core.histories import NormHistory, make_history
 from lightning_clip.core.thresholds import (
@@ -29,6 +35,7 @@ __all__ = [
     "clip_grads_by_value_",
     "clip_grads_with_norm_",
     "collect_grads",
+    "geometric_quantile_update",
     "gradient_stats",
     "make_history",
     "scale_grads_",

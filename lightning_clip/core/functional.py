@@ -13,7 +13,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["clip_coefficient", "clip_grads_by_value_", "clip_grads_with_norm_", "scale_grads_"]
+__all__ = [
+    "clip_coefficient",
+    "clip_grads_by_value_",
+    "clip_grads_with_norm_",
+    "geometric_quantile_update",
+    "scale_grads_",
+]
 
 #: The epsilon torch and Lightning add to the total norm before dividing.
 EPS = 1e-6
@@ -26,6 +32,19 @@ def clip_coefficient(threshold: Tensor | float, total_norm: Tensor) -> Tensor:
     ``max_norm / (total_norm + 1e-6)`` for a Python ``max_norm``, so results match it bit for bit.
     """
     return torch.clamp((total_norm + EPS).reciprocal() * threshold, max=1.0)
+
+
+def geometric_quantile_update(threshold: Tensor, below: Tensor | float, quantile: float,
+                              learning_rate: float) -> Tensor:
+    """Return ``threshold * exp(-learning_rate * (below - quantile))``: one step of the geometric quantile tracker.
+
+    ``below`` is the fraction of norms at or under ``threshold`` (an indicator ``1[norm <= threshold]``
+    for one norm, or a noisy clipped count divided by the number of clients, as in Andrew et al. 2021,
+    "Differentially Private Learning with Adaptive Clipping"). The threshold then drifts towards the
+    ``quantile`` of the norms: it shrinks while more than that fraction is under it and grows otherwise.
+    Pure and on the device: callers decide what to do with a non-finite norm before calling.
+    """
+    return threshold * torch.exp((below - quantile) * -learning_rate)
 
 
 def _grouped(grads: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
