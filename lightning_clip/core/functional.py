@@ -44,7 +44,8 @@ def geometric_quantile_update(threshold: Tensor, below: Tensor | float, quantile
     ``quantile`` of the norms: it shrinks while more than that fraction is under it and grows otherwise.
     Pure and on the device: callers decide what to do with a non-finite norm before calling.
     """
-    return threshold * torch.exp((below - quantile) * -learning_rate)
+    step = torch.as_tensor(below, dtype=threshold.dtype, device=threshold.device) - quantile
+    return threshold * torch.exp(step * -learning_rate)
 
 
 def _grouped(grads: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
