@@ -88,7 +88,7 @@ def test_percentile_matches_numpy(backend, percentile, window, ties):
     exp = _expected_percentiles(norms, percentile, window, 5, 2.5)
     np.testing.assert_array_equal(got.view(np.int32), exp.view(np.int32))  # bit for bit
     assert policy.steps == len(norms)
-    assert policy.history is not None and policy.history.backend == backend
+    assert policy.norm_history is not None and policy.norm_history.backend == backend
     # non-finite norms never entered the history
     hist = policy.state_dict()["history"]
     assert torch.isfinite(hist).all()
@@ -130,7 +130,7 @@ def test_percentile_long_run_matches_numpy(backend, window):
     np.testing.assert_array_equal(got, exp)
     finite = norms[np.isfinite(norms)]
     kept = finite.size if window is None else min(window, finite.size)
-    assert policy.history is not None and len(policy.history) == kept
+    assert policy.norm_history is not None and len(policy.norm_history) == kept
     history = policy.state_dict()["history"]
     assert history.dtype == torch.float32
     expected = np.sort(finite) if window is None else finite[-window:]  # a window is saved oldest first
@@ -154,7 +154,7 @@ def test_percentile_state_round_trip(save_backend, load_backend, window, split):
     resumed = _policy(load_backend, **kwargs)
     resumed.load_state_dict(state)
     assert torch.equal(resumed.state_dict()["history"], state["history"])  # pending state is reported back
-    assert resumed.steps == split and resumed.history is None  # placed on the device at the first call
+    assert resumed.steps == split and resumed.norm_history is None  # placed on the device at the first call
     rest = _run_tensors(resumed, norms[split:])
     for t, (a, b) in enumerate(zip(rest, uninterrupted[split:]), start=split):
         assert torch.equal(a, b), f"step {t}: {a.item()} != {b.item()}"
@@ -163,6 +163,75 @@ def test_percentile_state_round_trip(save_backend, load_backend, window, split):
     _run(ref, norms)
     assert torch.equal(resumed.state_dict()["history"], ref.state_dict()["history"])
     assert resumed.state_dict()["steps"] == ref.state_dict()["steps"] == len(norms)
+
+
+def _expected_clipped(norms, percentile, window, warmup_steps, warmup_threshold):
+    """numpy reference of history="clipped": the threshold comes from the earlier records, then min(norm, it)."""
+    out, hist = [], []
+    for t, v in enumerate(norms):
+        h = hist if window is None else hist[-window:]
+        if t < warmup_steps or not h:
+            thr = np.float32(warmup_threshold)
+        else:
+            thr = np.float32(np.percentile(np.asarray(h, dtype=np.float32), percentile))
+        out.append(thr)
+        if np.isfinite(v):
+            hist.append(min(np.float32(v), thr))
+    return np.asarray(out, dtype=np.float32)
+
+
+@pytest.mark.parametrize("backend", ["host", "device"])
+def test_percentile_clipped_history_by_hand(backend):
+    # p50, 2 warmup steps at 1.0: records are min(norm, threshold in force)
+    norms = np.asarray([0.5, 3.0, 0.8, NAN, 100.0, 0.2, INF, 0.9], dtype=np.float32)
+    policy = _policy(backend, percentile=50.0, warmup_steps=2, warmup_threshold=1.0, history="clipped")
+    got = _run(policy, norms)
+    # t0: 1.0, records 0.5 | t1: 1.0, records 1.0 (3.0 clipped) | t2: median(0.5, 1) = 0.75, records 0.75
+    # t3 (NaN): median(0.5, 1, 0.75) = 0.75, nothing recorded | t4: 0.75, the explosion records 0.75
+    # t5: median(0.5, 1, 0.75, 0.75) = 0.75, records 0.2 | t6 (inf): median(.2, .5, .75, .75, 1) = 0.75
+    # t7: 0.75 (nothing recorded at t6), records 0.75 (0.9 clipped)
+    expected = np.asarray([1.0, 1.0, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75], dtype=np.float32)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, _expected_clipped(norms, 50.0, None, 2, 1.0))
+    np.testing.assert_array_equal(np.sort(policy.state_dict()["history"].numpy()),
+                                  np.asarray([0.2, 0.5, 0.75, 0.75, 0.75, 1.0], dtype=np.float32))
+    # the raw history follows the explosion instead
+    raw = _run(_policy(backend, percentile=50.0, warmup_steps=2, warmup_threshold=1.0), norms)
+    assert raw[4] == np.float32(np.median([0.5, 3.0, 0.8, 100.0]))
+
+
+@pytest.mark.parametrize("backend", ["host", "device"])
+@pytest.mark.parametrize("window", [None, 9])
+def test_percentile_clipped_history_matches_numpy(backend, window):
+    norms = _norms(400, seed=5) * np.float32(1.0 + np.arange(400) / 50.0)  # growing norms, spikes, NaN/Inf
+    policy = _policy(backend, percentile=90.0, warmup_steps=5, warmup_threshold=2.0, window=window,
+                     history="clipped")
+    got = _run(policy, norms)
+    np.testing.assert_array_equal(got, _expected_clipped(norms, 90.0, window, 5, 2.0))
+    assert got.max() <= np.float32(2.0)  # no record exceeds its step's threshold: it never rises above the first
+
+
+@pytest.mark.parametrize("backend", ["host", "device"])
+@pytest.mark.parametrize("window", [None, 7])
+def test_percentile_clipped_history_round_trip(backend, window):
+    norms = _norms(90, seed=8)
+    kwargs = dict(percentile=75.0, warmup_steps=10, warmup_threshold=3.0, window=window, history="clipped")
+    uninterrupted = _run_tensors(_policy(backend, **kwargs), norms)
+    first = _policy(backend, **kwargs)
+    _run(first, norms[:40])
+    resumed = _policy(backend, **kwargs)
+    resumed.load_state_dict(_round_trip(first.state_dict()))
+    rest = _run_tensors(resumed, norms[40:])
+    assert all(torch.equal(a, b) for a, b in zip(rest, uninterrupted[40:]))
+    with pytest.raises(ValueError, match=r"history='clipped' .* history='raw'; resume with the same `history`"):
+        _policy(backend, window=window).load_state_dict(first.state_dict())
+
+
+def test_zscore_refuses_a_state_of_another_history():
+    first = ZScoreThreshold(warmup_steps=2, history="clipped")
+    _run(first, [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"history='clipped' .* history='zclip'; resume with the same `history`"):
+        ZScoreThreshold(warmup_steps=2).load_state_dict(first.state_dict())
 
 
 def test_percentile_reset_and_fresh():
@@ -181,10 +250,10 @@ def test_percentile_backend_argument():
     assert PercentileThreshold().backend == "auto"
     auto = PercentileThreshold(warmup_steps=0)
     auto(torch.tensor(1.0))
-    assert auto.history is not None and auto.history.backend == "host"  # CPU norms: host
+    assert auto.norm_history is not None and auto.norm_history.backend == "host"  # CPU norms: host
     auto = PercentileThreshold(warmup_steps=0)
     auto(torch.empty((), device=META))
-    assert auto.history is not None and auto.history.backend == "device"  # elsewhere: device
+    assert auto.norm_history is not None and auto.norm_history.backend == "device"  # elsewhere: device
     assert "backend='device'" in repr(PercentileThreshold(backend="device"))
     with pytest.raises(ValueError, match=r"argument `backend` to be one of 'auto', 'host', 'device' but got 'gpu'"):
         PercentileThreshold(backend="gpu")
@@ -220,7 +289,7 @@ def test_policy_follows_the_norms_to_another_device(make):
     out = policy(torch.empty((), device=META))
     assert out.device == META and policy.steps == 5
     if isinstance(policy, PercentileThreshold):  # "auto" chose again for the new device
-        assert policy.history is not None and policy.history.backend == "device"
+        assert policy.norm_history is not None and policy.norm_history.backend == "device"
 
 
 # Every policy, and WarmupThreshold around each of them, with and without steps taken.
@@ -287,7 +356,8 @@ class RefZClip:
     """ZClip's algorithm, written from its description, in Python floats; NaN/Inf never touch the state."""
 
     def __init__(self, alpha, z_thresh, warmup_steps, max_norm, clip_option, clip_factor, skip_update_on_spike,
-                 eps):
+                 eps, history="zclip"):
+        self.clipped = history == "clipped"  # record min(norm, threshold in force) in the buffer and the EMA
         self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
         self.max_norm, self.clip_option, self.clip_factor = max_norm, clip_option, clip_factor
         self.skip, self.eps = skip_update_on_spike, eps
@@ -298,7 +368,7 @@ class RefZClip:
         cap = INF if self.max_norm is None else self.max_norm
         if self.mean is None:  # warmup
             if math.isfinite(g):
-                self.buffer.append(g)
+                self.buffer.append(min(g, cap) if self.clipped else g)
                 if len(self.buffer) >= self.warmup_steps:
                     self.mean = sum(self.buffer) / len(self.buffer)
                     self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
@@ -318,6 +388,8 @@ class RefZClip:
             thr = self.mean + self.z_thresh * (std + self.eps)
             x = g
             spike = False
+        if self.clipped:
+            x = min(g, thr, cap)
         if not (spike and self.skip):
             self.mean = self.alpha * self.mean + (1 - self.alpha) * x
             self.var = self.alpha * self.var + (1 - self.alpha) * (x - self.mean) ** 2
@@ -343,6 +415,9 @@ ZCONFIGS = [
     dict(max_norm=1.12, clip_factor=0.7),
     dict(alpha=0.9, z_thresh=1.5, warmup_steps=5, max_norm=None, clip_factor=1.3),
     dict(alpha=0.5, z_thresh=3.0, warmup_steps=1, max_norm=50.0, clip_option="mean", skip_update_on_spike=True),
+    dict(history="clipped"),
+    dict(history="clipped", max_norm=1.05),  # the cap binds: warmup buffer and EMA take min(norm, 1.05)
+    dict(history="clipped", max_norm=None, alpha=0.9, warmup_steps=5),
 ]
 
 
@@ -516,6 +591,8 @@ BAD_ARGS = [
     (PercentileThreshold, {"window": False}, TypeError, "window"),
     (PercentileThreshold, {"backend": "cuda"}, ValueError, "backend"),
     (PercentileThreshold, {"backend": None}, ValueError, "backend"),
+    (PercentileThreshold, {"history": "clip"}, ValueError, "history"),
+    (ZScoreThreshold, {"history": "raw"}, ValueError, "history"),
     (WarmupThreshold, {"warmup_steps": -2}, ValueError, "warmup_steps"),
     (WarmupThreshold, {"warmup_steps": 1.5}, TypeError, "warmup_steps"),
     (WarmupThreshold, {"warmup_threshold": -1.0}, ValueError, "warmup_threshold"),

@@ -180,6 +180,13 @@ class PercentileThreshold(ThresholdPolicy):
     ``numpy.percentile(history, percentile)`` bit for bit, where ``history`` holds every finite
     pre-clip norm so far (as float32), the current step's included, or only the last ``window``.
 
+    With ``history="clipped"`` the history records ``min(norm, threshold)`` instead of the raw norm, as
+    AdaGC does: the threshold in force at a step is then the percentile of the earlier records only
+    (``warmup_threshold`` while warming up or while none is held), and the step records its norm clipped
+    to it. No record can exceed the threshold of its step, so an exploding norm cannot raise the
+    threshold; the threshold never exceeds the largest one in force before it (``warmup_threshold``
+    after a warmup) and follows the norms downwards.
+
     The history is exact and costs 4 bytes per step (see :mod:`lightning_clip.core.histories`).
 
     Args:
@@ -191,12 +198,15 @@ class PercentileThreshold(ThresholdPolicy):
             steps; reads the norm on the host), ``"device"`` (on the norms' device, no host-device
             synchronisation) or ``"auto"`` (host for CPU norms, device otherwise, decided at the
             first call).
+        history: ``"raw"`` records every finite pre-clip norm; ``"clipped"`` records
+            ``min(norm, threshold)``.
     """
 
-    _ARGS = ("percentile", "warmup_steps", "warmup_threshold", "window", "backend")
+    _ARGS = ("percentile", "warmup_steps", "warmup_threshold", "window", "backend", "history")
 
     def __init__(self, percentile: float = 90.0, warmup_steps: int = 100, warmup_threshold: float = 1.0,
-                 window: int | None = None, backend: str = "auto") -> None:
+                 window: int | None = None, backend: str = "auto", history: str = "raw") -> None:
+        self.history = check_choice("history", history, ("raw", "clipped"))
         self.percentile = _check_percentile(percentile)
         self.warmup_steps = check_non_negative_int("warmup_steps", warmup_steps)
         self.warmup_threshold = check_positive_float("warmup_threshold", warmup_threshold, allow_inf=True)
@@ -207,7 +217,7 @@ class PercentileThreshold(ThresholdPolicy):
         super().__init__()
 
     @property
-    def history(self) -> NormHistory | None:
+    def norm_history(self) -> NormHistory | None:
         """The history in use (``None`` until the first call after construction, reset or load)."""
         return self._history
 
@@ -222,7 +232,17 @@ class PercentileThreshold(ThresholdPolicy):
 
     def _threshold(self, norm: Tensor) -> Tensor:
         assert self._history is not None and self._fallback is not None  # set by _materialize
+        if self.history == "clipped":
+            threshold = self._current()
+            norm = norm.detach().reshape(())
+            # min(norm, threshold) for finite norms; a non-finite norm stays non-finite and is never recorded
+            self._history.insert(torch.where(torch.isfinite(norm), torch.minimum(norm.float(), threshold), norm))
+            return threshold
         self._history.insert(norm)
+        return self._current()
+
+    def _current(self) -> Tensor:
+        assert self._history is not None and self._fallback is not None  # set by _materialize
         if self.steps < self.warmup_steps:
             return self._fallback
         return self._history.percentile(self.percentile / 100.0, self._fallback)
@@ -233,6 +253,7 @@ class PercentileThreshold(ThresholdPolicy):
             "history": torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)),
             "percentile": self.percentile,
             "window": self.window,
+            "history_mode": self.history,
         }
 
     def _check_state(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -241,6 +262,12 @@ class PercentileThreshold(ThresholdPolicy):
             raise ValueError(
                 f"PercentileThreshold: the checkpoint was saved with window={saved_window} but this policy has "
                 f"window={self.window}; resume with the same `window`."
+            )
+        saved_mode = state.get("history_mode", self.history)
+        if saved_mode != self.history:
+            raise ValueError(
+                f"PercentileThreshold: the checkpoint was saved with history={saved_mode!r} but this policy has "
+                f"history={self.history!r}; resume with the same `history`."
             )
         if state.get("history") is not None:
             history = torch.as_tensor(state["history"], dtype=torch.float32).detach().cpu()
@@ -308,6 +335,11 @@ class ZScoreThreshold(ThresholdPolicy):
     ``skip_update_on_spike``). Unlike ZClip, non-finite norms never touch the EMA or the warmup
     buffer, and all state stays on the device (no host-device synchronisation).
 
+    ``history="zclip"`` records what ZClip records: raw norms in the warmup buffer, and in the EMA the
+    norm clipped to the z-score threshold before the ``max_norm`` cap. ``history="clipped"`` records
+    ``min(norm, threshold)`` with the threshold in force (cap included) in both, so neither a spike
+    nor a norm above ``max_norm`` enters the statistics unclipped.
+
     Args:
         alpha: EMA smoothing factor in ``(0, 1)``.
         z_thresh: positive z-score cut-off.
@@ -317,14 +349,16 @@ class ZScoreThreshold(ThresholdPolicy):
         clip_factor: positive multiplier of the adaptive threshold.
         skip_update_on_spike: keep the EMA unchanged on spikes.
         eps: positive constant added to the standard deviation.
+        history: ``"zclip"`` or ``"clipped"`` (what the warmup buffer and the EMA record, see above).
     """
 
     _ARGS = ("alpha", "z_thresh", "warmup_steps", "max_norm", "clip_option", "clip_factor", "skip_update_on_spike",
-             "eps")
+             "eps", "history")
 
     def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25,
                  max_norm: float | None = 1.0, clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
-                 skip_update_on_spike: bool = False, eps: float = 1e-6) -> None:
+                 skip_update_on_spike: bool = False, eps: float = 1e-6, history: str = "zclip") -> None:
+        self.history = check_choice("history", history, ("zclip", "clipped"))
         self.alpha = check_fraction("alpha", alpha, open_low=True, open_high=True)
         self.z_thresh = check_positive_float("z_thresh", z_thresh)
         self.warmup_steps = check_positive_int("warmup_steps", warmup_steps)
@@ -358,9 +392,13 @@ class ZScoreThreshold(ThresholdPolicy):
 
     def _state(self) -> dict[str, Any]:
         ema = self._ema if self._ema is not None else self._empty(torch.device("cpu"))
-        return {k: v.detach().cpu().clone() for k, v in ema.items()}
+        return {**{k: v.detach().cpu().clone() for k, v in ema.items()}, "history_mode": self.history}
 
     def _check_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        saved_mode = state.get("history_mode", self.history)
+        if saved_mode != self.history:
+            raise ValueError(f"ZScoreThreshold: the checkpoint was saved with history={saved_mode!r} but this policy "
+                             f"has history={self.history!r}; resume with the same `history`.")
         saved = torch.as_tensor(state.get("buffer", torch.zeros(self.warmup_steps))).numel()
         if saved != self.warmup_steps:
             raise ValueError(f"ZScoreThreshold: the checkpoint was saved with warmup_steps={saved} but this policy has "
@@ -376,11 +414,13 @@ class ZScoreThreshold(ThresholdPolicy):
         init = st["initialized"]
         mean, var = st["mean"], st["var"]
 
-        # Warmup: collect finite norms into the buffer; initialise when full.
+        cap = float("inf") if self.max_norm is None else self.max_norm
+        # Warmup: collect finite norms (clipped to the cap with history="clipped"); initialise when full.
         warm = (~init) & fin
         slot = st["num_warmup"].clamp(max=self.warmup_steps - 1).reshape(1)
         old = st["buffer"].index_select(0, slot)
-        st["buffer"].index_put_((slot,), torch.where(warm, g0, old.reshape(())).reshape(1))
+        record = g0.clamp(max=cap) if self.history == "clipped" else g0
+        st["buffer"].index_put_((slot,), torch.where(warm, record, old.reshape(())).reshape(1))
         num_warmup = st["num_warmup"] + warm.long()
         just_init = (~init) & (num_warmup >= self.warmup_steps)
         buf_mean = st["buffer"].mean()
@@ -397,13 +437,12 @@ class ZScoreThreshold(ThresholdPolicy):
             clip_val = mean
         cutoff = mean + self.z_thresh * (std + self.eps)
         thr = torch.where(spike, clip_val, cutoff)
-        cap = float("inf") if self.max_norm is None else self.max_norm
         thr = torch.where(init, thr, torch.full_like(thr, cap))
         if self.max_norm is not None:
             thr = thr.clamp(max=self.max_norm)
 
         # EMA update with the effective (clipped) norm.
-        x = torch.where(spike, clip_val, g0)
+        x = torch.minimum(g0, thr) if self.history == "clipped" else torch.where(spike, clip_val, g0)
         update = init & fin
         if self.skip_update_on_spike:
             update = update & ~spike
