@@ -4,49 +4,76 @@ Every rule takes ``x`` of shape ``[n, d]`` (one worker's vector per row) and ``n
 (``f``, with ``0 <= f < n/2``; ignored by the rules that do not need it) and returns the aggregate
 ``[d]`` in the dtype of ``x``. Arithmetic runs in float32 (float64 for float64 inputs).
 
-=============== ========================= =====================================================
-registry name   function                  aggregate
-=============== ========================= =====================================================
-``"mean"``      :func:`mean`              coordinate-wise average
-``"cwtm"``      :func:`trimmed_mean`      per coordinate: drop the ``f`` largest and ``f``
-                                          smallest values, average the other ``n - 2f``
-``"median"``    :func:`median`            per coordinate: the median (average of the two middle
-                                          values for even ``n``, like ``numpy.median``)
-``"geomed"``    :func:`geometric_median`  smoothed Weiszfeld iterations
-``"krum"``      :func:`krum`              the vector with the lowest Krum score
-``"multikrum"`` :func:`multi_krum`        average of the ``n - f`` lowest-score vectors
-=============== ========================= =====================================================
+=============== =========================== ===================================================
+registry name   function                    aggregate
+=============== =========================== ===================================================
+``"mean"``      :func:`mean`                coordinate-wise average
+``"cwtm"``      :func:`trimmed_mean`        per coordinate: drop the ``f`` largest and ``f``
+                                            smallest values, average the other ``n - 2f``
+``"median"``    :func:`median`              per coordinate: the median (average of the two middle
+                                            values for even ``n``, like ``numpy.median``)
+``"meamed"``    :func:`meamed`              per coordinate: the mean of the ``n - f`` values
+                                            closest to the median
+``"geomed"``    :func:`geometric_median`    smoothed Weiszfeld iterations
+``"krum"``      :func:`krum`                the vector with the lowest Krum score
+``"multikrum"`` :func:`multi_krum`          average of the ``n - f`` lowest-score vectors
+``"cclip"``     :func:`centered_clipping`   ``v <- v + mean_i clip_tau(x_i - v)`` from a centre
+=============== =========================== ===================================================
 
-The pre-aggregation is ``NNM(clip_C(ARC(x)))``, each step optional (:func:`preaggregate`): ARC's scale
-factors and the static-clipping factors ``min(1, C / (||v|| + 1e-6))`` depend on the ``n`` norms only
-(:func:`preaggregation_stats`), so every row is scaled once, by the product of both; nearest-neighbour
-mixing (:func:`nearest_neighbor_mixing`) follows. :func:`aggregate` is ``rule(preaggregate(x))``. The
-DDP hook calls the same two functions, so its result is this module's bit for bit.
+The pre-aggregation is ``NNM(bucket(clip_C(ARC(x))))``, each step optional (:func:`preaggregate`): ARC's
+scale factors and the static-clipping factors ``min(1, C / (||v|| + 1e-6))`` depend on the ``n`` norms
+only (:func:`preaggregation_stats`), so every row is scaled once, by the product of both; bucketing
+(:func:`bucketing`) then averages random groups of ``s`` rows, and nearest-neighbour mixing
+(:func:`nearest_neighbor_mixing`) follows. :func:`aggregate` is ``rule(preaggregate(x))``.
+
+**One pipeline for one process and for coordinate shards.** Every step is either coordinate-wise or
+needs only sums over the coordinates of small quantities (``n`` norms, the ``n x n`` squared
+distances of NNM and Krum, ``n`` distances per Weiszfeld or centered-clipping iteration). The
+pipeline is written once, :func:`aggregate_shard`, on a block of coordinates ``[n, m]`` with a
+``reduce`` callable that sums such a small tensor over all the blocks. In one process there is one
+block and ``reduce`` is the identity (:func:`aggregate`); the sharded DDP path
+(:mod:`lightning_clip.distributed.sharded`) gives each rank ``d / n`` coordinates and an all-reduce.
+Coordinate-wise rules compute each coordinate from its own column only, so both give the same bits;
+the distance-based steps differ only in the order their partial sums are added.
 
 Non-finite inputs: the rules expect finite vectors (ARC zeroes non-finite rows first). They do nothing
-special about NaN/Inf: ``mean`` propagates them; the sorting rules sort NaN above ``+Inf`` (torch's
-order), so a NaN may be trimmed away where ``numpy`` would return NaN.
+special about NaN/Inf: ``mean`` propagates them; ``cwtm`` and ``median`` rank NaN above ``+Inf``
+(torch's order), so a NaN may be trimmed away where ``numpy`` would return NaN.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lightning_clip.core.functional import clip_coefficient
-from lightning_clip.exceptions import check_choice, check_positive_float, check_positive_int
+from lightning_clip.exceptions import (
+    check_choice,
+    check_non_negative_int,
+    check_positive_float,
+    check_positive_int,
+)
 from lightning_clip.robust.arc import ARCStats, arc_stats, check_num_byzantine, scale_rows
-from lightning_clip.robust.checks import check_matrix, check_norms, compute_dtype
+from lightning_clip.robust.checks import check_floating, check_matrix, check_norms, compute_dtype
 
 __all__ = [
     "AGGREGATORS",
+    "Reduce",
+    "RuleOptions",
     "aggregate",
+    "aggregate_shard",
     "aggregate_with_stats",
+    "bucket_permutation",
+    "bucketing",
+    "centered_clipping",
     "geometric_median",
     "krum",
     "mean",
+    "meamed",
     "median",
     "multi_krum",
     "nearest_neighbor_mixing",
@@ -55,6 +82,13 @@ __all__ = [
     "static_clip",
     "trimmed_mean",
 ]
+
+#: Sums a small tensor (norms, distances) over every block of coordinates; the identity for one block.
+Reduce = Callable[[Tensor], Tensor]
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
 
 
 def _check_optional_byzantine(n: int, num_byzantine: int | None) -> None:
@@ -73,6 +107,14 @@ def _squared_distances(x: Tensor) -> Tensor:
     return torch.stack([(x - row).pow(2).sum(dim=1) for row in x])
 
 
+def _row_sq_dist(x: Tensor, z: Tensor) -> Tensor:
+    """``||x_i - z||^2`` for every row ``i`` (this block's part of it)."""
+    return (x - z).pow(2).sum(dim=1)
+
+
+# ----------------------------------------------------------------------------- coordinate-wise rules
+
+
 def mean(x: Tensor, num_byzantine: int | None = None) -> Tensor:
     """Return the coordinate-wise average of the rows of ``x``.
 
@@ -85,18 +127,49 @@ def mean(x: Tensor, num_byzantine: int | None = None) -> Tensor:
     return xc.mean(dim=0).to(x.dtype)
 
 
+def _trim_mask(xc: Tensor, f: int) -> Tensor:
+    """Boolean ``[n, d]``: ``False`` at the ``f`` largest and ``f`` smallest values of each column.
+
+    Selection by ``f`` rounds of argmax/argmin (each a pass over the data) instead of a sort along the
+    short axis, which costs several times more. NaN counts as the largest value.
+    """
+    keep = torch.ones_like(xc, dtype=torch.bool)
+    if f == 0:
+        return keep
+    low = torch.full((), float("-inf"), dtype=xc.dtype, device=xc.device)
+    high = torch.full((), float("inf"), dtype=xc.dtype, device=xc.device)
+    for _ in range(f):
+        keep.scatter_(0, torch.where(keep, xc, low).argmax(dim=0, keepdim=True), False)
+        keep.scatter_(0, torch.where(keep, xc, high).argmin(dim=0, keepdim=True), False)
+    return keep
+
+
+def _trimmed_mean(xc: Tensor, f: int) -> Tensor:
+    n = xc.shape[0]
+    if f == 0:
+        return xc.mean(dim=0)
+    kept = torch.where(_trim_mask(xc, f), xc, torch.zeros((), dtype=xc.dtype, device=xc.device))
+    return kept.sum(dim=0) / (n - 2 * f)
+
+
 def trimmed_mean(x: Tensor, num_byzantine: int) -> Tensor:
     """Return the coordinate-wise trimmed mean: drop the ``f`` largest and ``f`` smallest values per coordinate.
+
+    The kept values are summed in row order and divided by ``n - 2f``.
 
     Args:
         x: Tensor ``[n, d]``.
         num_byzantine: Number ``f`` of values trimmed at each end, ``0 <= f < n/2``.
     """
     xc = check_matrix("x", x)
+    f = check_num_byzantine(xc.shape[0], num_byzantine)
+    return _trimmed_mean(xc, f).to(x.dtype)
+
+
+def _median(xc: Tensor) -> Tensor:
     n = xc.shape[0]
-    f = check_num_byzantine(n, num_byzantine)
-    kept = torch.sort(xc, dim=0).values[f : n - f]
-    return kept.mean(dim=0).to(x.dtype)
+    s = torch.sort(xc, dim=0).values
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 def median(x: Tensor, num_byzantine: int | None = None) -> Tensor:
@@ -107,11 +180,55 @@ def median(x: Tensor, num_byzantine: int | None = None) -> Tensor:
         num_byzantine: Accepted for a uniform signature; validated when given, otherwise unused.
     """
     xc = check_matrix("x", x)
+    _check_optional_byzantine(xc.shape[0], num_byzantine)
+    return _median(xc).to(x.dtype)
+
+
+def _meamed(xc: Tensor, f: int) -> Tensor:
     n = xc.shape[0]
-    _check_optional_byzantine(n, num_byzantine)
-    s = torch.sort(xc, dim=0).values
-    mid = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-    return mid.to(x.dtype)
+    if f == 0:
+        return xc.mean(dim=0)
+    dev = (xc - _median(xc)).abs()
+    nearest = torch.sort(dev, dim=0, stable=True).indices[: n - f]
+    return torch.gather(xc, 0, nearest).mean(dim=0)
+
+
+def meamed(x: Tensor, num_byzantine: int) -> Tensor:
+    """Return the mean around the median: per coordinate, the mean of the ``n - f`` values closest to the median.
+
+    Ties in the distance to the median are broken by the lower row index. ``f = 0`` gives the mean.
+
+    Args:
+        x: Tensor ``[n, d]``.
+        num_byzantine: Number ``f`` of values left out per coordinate, ``0 <= f < n/2``.
+    """
+    xc = check_matrix("x", x)
+    f = check_num_byzantine(xc.shape[0], num_byzantine)
+    return _meamed(xc, f).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- distance-based rules
+
+
+def _weiszfeld(xc: Tensor, eps: float, max_iter: int, tol: float, reduce: Reduce) -> Tensor:
+    n = xc.shape[0]
+    z = xc.mean(dim=0)
+    d2 = reduce(_row_sq_dist(xc, z))
+    for it in range(max_iter):
+        w = 1.0 / torch.clamp(d2.sqrt(), min=eps)
+        z_new = (w.unsqueeze(1) * xc).sum(dim=0) / w.sum()
+        if tol > 0:  # next distances, the move and the new norm: one reduction
+            both = reduce(torch.cat([_row_sq_dist(xc, z_new), (z_new - z).pow(2).sum().reshape(1),
+                                     z_new.pow(2).sum().reshape(1)]))
+            d2, step, bound = both[:n], both[n].sqrt(), tol * torch.clamp(both[n + 1].sqrt(), min=1.0)
+            z = z_new
+            if bool(step <= bound):
+                break
+        else:
+            z = z_new
+            if it + 1 < max_iter:
+                d2 = reduce(_row_sq_dist(xc, z))
+    return z
 
 
 def geometric_median(
@@ -141,27 +258,27 @@ def geometric_median(
     eps = check_positive_float("eps", eps)
     check_positive_int("max_iter", max_iter)
     tol = check_positive_float("tol", tol, allow_zero=True)
-    z = xc.mean(dim=0)
-    for _ in range(max_iter):
-        dist = torch.linalg.vector_norm(xc - z, dim=1)
-        w = 1.0 / torch.clamp(dist, min=eps)
-        z_new = (w.unsqueeze(1) * xc).sum(dim=0) / w.sum()
-        if tol > 0:
-            step = torch.linalg.vector_norm(z_new - z)
-            bound = tol * torch.clamp(torch.linalg.vector_norm(z_new), min=1.0)
-            z = z_new
-            if bool(step <= bound):
-                break
-        else:
-            z = z_new
-    return z.to(x.dtype)
+    return _weiszfeld(xc, eps, max_iter, tol, _identity).to(x.dtype)
 
 
-def _krum_scores(xc: Tensor, f: int) -> Tensor:
-    n = xc.shape[0]
-    d2 = _squared_distances(xc).fill_diagonal_(float("inf"))
-    nearest = torch.sort(d2, dim=1).values[:, : n - f - 1]
-    return nearest.sum(dim=1)
+def _krum_scores(d2: Tensor, f: int) -> Tensor:
+    n = d2.shape[0]
+    d2 = d2.clone().fill_diagonal_(float("inf"))
+    return torch.sort(d2, dim=1).values[:, : n - f - 1].sum(dim=1)
+
+
+def _krum_selection(d2: Tensor, f: int, m: int) -> Tensor:
+    """Indices of the ``m`` rows of lowest Krum score (ties: lower index first), from squared distances."""
+    return torch.sort(_krum_scores(d2, f), stable=True).indices[:m]
+
+
+def _check_m(n: int, m: int | None, f: int) -> int:
+    if m is None:
+        return n - f
+    check_positive_int("m", m)
+    if m > n:
+        raise ValueError(f"Expected argument `m` to satisfy 1 <= m <= n = {n} but got {m}")
+    return m
 
 
 def krum(x: Tensor, num_byzantine: int) -> Tensor:
@@ -187,13 +304,67 @@ def multi_krum(x: Tensor, num_byzantine: int, m: int | None = None) -> Tensor:
     xc = check_matrix("x", x)
     n = xc.shape[0]
     f = check_num_byzantine(n, num_byzantine)
-    if m is None:
-        m = n - f
-    check_positive_int("m", m)
-    if m > n:
-        raise ValueError(f"Expected argument `m` to satisfy 1 <= m <= n = {n} but got {m}")
-    order = torch.sort(_krum_scores(xc, f), stable=True).indices[:m]
-    return xc[order].mean(dim=0).to(x.dtype)
+    m = _check_m(n, m, f)
+    return xc[_krum_selection(_squared_distances(xc), f, m)].mean(dim=0).to(x.dtype)
+
+
+def _centered_clipping(xc: Tensor, center: Tensor | None, tau: float, iters: int, reduce: Reduce) -> Tensor:
+    v = torch.zeros_like(xc[0]) if center is None else center.to(xc.dtype)
+    for _ in range(iters):
+        diff = xc - v
+        dist = reduce(diff.pow(2).sum(dim=1)).sqrt()
+        coeff = torch.where(dist > tau, tau / dist, torch.ones_like(dist))
+        v = v + (diff * coeff.unsqueeze(1)).mean(dim=0)
+    return v
+
+
+def centered_clipping(
+    x: Tensor,
+    num_byzantine: int | None = None,
+    center: Tensor | None = None,
+    tau: float = 1.0,
+    iters: int = 1,
+) -> Tensor:
+    """Return centered clipping (Karimireddy et al., 2021): ``iters`` times ``v <- v + mean_i clip_tau(x_i - v)``.
+
+    ``clip_tau(z) = z * min(1, tau / ||z||)``. The iteration starts from ``center``, in training the
+    previous step's aggregate: that is the rule's state, kept by the caller (the ``ddp_arc`` hook keeps
+    and checkpoints it). Without a centre it starts from zero.
+
+    Args:
+        x: Tensor ``[n, d]``.
+        num_byzantine: Accepted for a uniform signature; validated when given, otherwise unused.
+        center: The starting point ``[d]``, or ``None`` for zeros.
+        tau: The clipping radius (positive, finite).
+        iters: Number of iterations (positive).
+    """
+    xc = check_matrix("x", x)
+    _check_optional_byzantine(xc.shape[0], num_byzantine)
+    tau = check_positive_float("tau", tau)
+    check_positive_int("iters", iters)
+    _check_center(center, xc.shape[1])
+    return _centered_clipping(xc, center, tau, iters, _identity).to(x.dtype)
+
+
+def _check_center(center: Tensor | None, d: int) -> None:
+    if center is None:
+        return
+    check_floating("center", center)
+    if center.ndim != 1 or center.shape[0] != d:
+        raise ValueError(f"Expected argument `center` to be a 1-D tensor of {d} elements but got shape "
+                         f"{tuple(center.shape)}")
+
+
+# ----------------------------------------------------------------------------- pre-aggregation
+
+
+def _nnm_weights(d2: Tensor, f: int) -> Tensor:
+    """The mixing matrix ``[n, n]`` of NNM from squared distances: row ``i`` averages its ``n - f`` nearest."""
+    n = d2.shape[0]
+    d2 = d2.clone().fill_diagonal_(float("-inf"))
+    nearest = torch.sort(d2, dim=1, stable=True).indices[:, : n - f]
+    weights = torch.zeros((n, n), dtype=d2.dtype, device=d2.device)
+    return weights.scatter_(1, nearest, 1.0 / (n - f))
 
 
 def nearest_neighbor_mixing(x: Tensor, num_byzantine: int) -> Tensor:
@@ -209,13 +380,63 @@ def nearest_neighbor_mixing(x: Tensor, num_byzantine: int) -> Tensor:
         Tensor ``[n, d]`` of the dtype of ``x``.
     """
     xc = check_matrix("x", x)
-    n = xc.shape[0]
-    f = check_num_byzantine(n, num_byzantine)
-    d2 = _squared_distances(xc).fill_diagonal_(float("-inf"))
-    nearest = torch.sort(d2, dim=1, stable=True).indices[:, : n - f]
-    weights = torch.zeros((n, n), dtype=xc.dtype, device=xc.device)
-    weights.scatter_(1, nearest, 1.0 / (n - f))
-    return (weights @ xc).to(x.dtype)
+    f = check_num_byzantine(xc.shape[0], num_byzantine)
+    return (_nnm_weights(_squared_distances(xc), f) @ xc).to(x.dtype)
+
+
+def bucket_permutation(n: int, seed: int, step: int) -> Tensor:
+    """The row permutation of :func:`bucketing` at ``step``: the same on every rank, replayed on resume.
+
+    Drawn on the CPU from a generator seeded by ``(seed, step)`` alone.
+
+    Args:
+        n: Number of rows (positive).
+        seed: Non-negative seed.
+        step: Non-negative step counter.
+    """
+    check_positive_int("n", n)
+    check_non_negative_int("seed", seed)
+    check_non_negative_int("step", step)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 7_919 + 17)
+    return torch.randperm(n, generator=gen)
+
+
+def _num_buckets(n: int, bucket_size: int) -> int:
+    return math.ceil(n / bucket_size)
+
+
+def _bucketing(x: Tensor, bucket_size: int, permutation: Tensor) -> Tensor:
+    n = x.shape[0]
+    shuffled = x[permutation.to(x.device)]
+    rows = [shuffled[i : i + bucket_size].mean(dim=0) for i in range(0, n, bucket_size)]
+    return torch.stack(rows)
+
+
+def bucketing(x: Tensor, bucket_size: int, permutation: Tensor) -> Tensor:
+    """Return the means of random buckets of ``bucket_size`` rows: ``[ceil(n / s), d]`` in the dtype of ``x``.
+
+    Bucket ``j`` averages rows ``permutation[j s : (j + 1) s]`` (the last bucket may hold fewer), in
+    the compute dtype (Karimireddy et al., 2022). A robust rule on the buckets tolerates the same ``f``
+    if ``f < ceil(n / s) / 2``.
+
+    Args:
+        x: Tensor ``[n, d]``.
+        bucket_size: ``s``, rows per bucket (positive; ``1`` only permutes).
+        permutation: A permutation of ``range(n)``, e.g. :func:`bucket_permutation`.
+    """
+    xc = check_matrix("x", x)
+    check_positive_int("bucket_size", bucket_size)
+    _check_permutation(permutation, xc.shape[0])
+    return _bucketing(xc, bucket_size, permutation).to(x.dtype)
+
+
+def _check_permutation(permutation: Tensor, n: int) -> None:
+    if not isinstance(permutation, Tensor) or permutation.ndim != 1 or permutation.shape[0] != n:
+        raise ValueError(f"Expected argument `permutation` to be a 1-D tensor holding a permutation of range({n}) "
+                         f"but got {permutation!r}")
+    if permutation.device.type != "meta" and not torch.equal(torch.sort(permutation.cpu()).values, torch.arange(n)):
+        raise ValueError(f"Expected argument `permutation` to be a permutation of range({n}) but got "
+                         f"{permutation.tolist()}")
 
 
 def preaggregation_stats(
@@ -254,10 +475,130 @@ def preaggregation_stats(
     return stats._replace(scales=scales, clipped=scales < 1)
 
 
-def preaggregate(
-    x: Tensor, num_byzantine: int, *, arc: bool = True, static_clip: float | None = None, nnm: bool = False
+@dataclass(frozen=True)
+class RuleOptions:
+    """Everything :func:`aggregate_shard` needs besides the vectors, validated once.
+
+    Attributes:
+        rule: A key of :data:`AGGREGATORS`.
+        num_byzantine: ``f``, with ``0 <= f < n/2`` and, with bucketing, ``f < ceil(n / s) / 2``.
+        nnm: Nearest-neighbour mixing before the rule.
+        arc: ARC first.
+        static_clip: Static clipping bound after ARC, or ``None``.
+        bucket_size: ``s`` of :func:`bucketing`; ``1`` (the default) skips bucketing.
+        bucket_seed: Seed of :func:`bucket_permutation`.
+        cclip_tau: Radius of :func:`centered_clipping`.
+        cclip_iters: Iterations of :func:`centered_clipping`.
+    """
+
+    rule: str = "mean"
+    num_byzantine: int = 0
+    nnm: bool = False
+    arc: bool = False
+    static_clip: float | None = None
+    bucket_size: int = 1
+    bucket_seed: int = 0
+    cclip_tau: float = 1.0
+    cclip_iters: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rule, str):
+            raise TypeError(f"Expected argument `rule` to be a string but got {self.rule!r}")
+        check_choice("rule", self.rule, tuple(AGGREGATORS))
+        check_non_negative_int("num_byzantine", self.num_byzantine)
+        _check_bool("nnm", self.nnm)
+        _check_bool("arc", self.arc)
+        if self.static_clip is not None:
+            object.__setattr__(self, "static_clip", check_positive_float("static_clip", self.static_clip))
+        check_positive_int("bucket_size", self.bucket_size)
+        check_non_negative_int("bucket_seed", self.bucket_seed)
+        object.__setattr__(self, "cclip_tau", check_positive_float("cclip_tau", self.cclip_tau))
+        check_positive_int("cclip_iters", self.cclip_iters)
+
+    def num_rows(self, n: int) -> int:
+        """How many rows reach NNM and the rule: ``ceil(n / bucket_size)``."""
+        return _num_buckets(n, self.bucket_size)
+
+    def check_world_size(self, n: int) -> None:
+        """Raise ``ValueError`` unless ``f < n/2`` and, with bucketing, ``f < ceil(n / s) / 2``."""
+        check_num_byzantine(n, self.num_byzantine)
+        rows = self.num_rows(n)
+        if self.bucket_size > 1 and 2 * self.num_byzantine >= rows:
+            raise ValueError(
+                f"Expected argument `bucket_size` to leave more than 2 num_byzantine = {2 * self.num_byzantine} "
+                f"buckets of {n} vectors but got bucket_size={self.bucket_size} ({rows} buckets); use "
+                f"bucket_size <= {max(1, (n - 1) // (2 * self.num_byzantine)) if self.num_byzantine else n}"
+            )
+
+
+def aggregate_shard(
+    xs: Tensor,
+    norms: Tensor,
+    options: RuleOptions,
+    *,
+    step: int = 0,
+    center: Tensor | None = None,
+    reduce: Reduce = _identity,
 ) -> tuple[Tensor, ARCStats]:
-    """Return ``NNM(clip_C(ARC(x)))`` (each step only when asked) and the clipping statistics.
+    """The whole pipeline on one block of coordinates: ``rule(NNM(bucket(clip_C(ARC(x)))))`` restricted to them.
+
+    Args:
+        xs: The block ``[n, m]`` of every row (any floating dtype; the steps cast back to it as
+            :func:`aggregate` does).
+        norms: The L2 norms ``[n]`` of the *whole* rows, in the compute dtype.
+        options: The rule and its pre-aggregation.
+        step: Step counter of the bucketing permutation.
+        center: The block ``[m]`` of centered clipping's starting point, or ``None`` for zeros.
+        reduce: Sums a small tensor over every block (all-reduce); the identity when ``xs`` is everything.
+
+    Returns:
+        The aggregate's block ``[m]`` (dtype of ``xs``) and :func:`preaggregation_stats` of ``norms``.
+    """
+    o = options
+    n = xs.shape[0]
+    o.check_world_size(n)
+    f = o.num_byzantine
+    stats = preaggregation_stats(norms, f, arc=o.arc, static_clip=o.static_clip)
+    x = xs
+    if o.arc or o.static_clip is not None:
+        x = scale_rows(x, stats.scales, norms if o.arc else None)
+    if o.bucket_size > 1:
+        x = _bucketing(x.to(compute_dtype(x.dtype)), o.bucket_size, bucket_permutation(n, o.bucket_seed, step)
+                       ).to(xs.dtype)
+    if o.nnm:
+        xc = x.to(compute_dtype(x.dtype))
+        x = (_nnm_weights(reduce(_squared_distances(xc)), f) @ xc).to(xs.dtype)
+    xc = x.to(compute_dtype(x.dtype))
+    rule = o.rule
+    if rule == "mean":
+        out = xc.mean(dim=0)
+    elif rule == "cwtm":
+        out = _trimmed_mean(xc, f)
+    elif rule == "median":
+        out = _median(xc)
+    elif rule == "meamed":
+        out = _meamed(xc, f)
+    elif rule == "geomed":
+        out = _weiszfeld(xc, 1e-8, 100, 1e-6, reduce)
+    elif rule in ("krum", "multikrum"):
+        m = 1 if rule == "krum" else xc.shape[0] - f
+        out = xc[_krum_selection(reduce(_squared_distances(xc)), f, m)].mean(dim=0)
+    else:  # "cclip"
+        out = _centered_clipping(xc, center, o.cclip_tau, o.cclip_iters, reduce)
+    return out.to(xs.dtype), stats
+
+
+def preaggregate(
+    x: Tensor,
+    num_byzantine: int,
+    *,
+    arc: bool = True,
+    static_clip: float | None = None,
+    nnm: bool = False,
+    bucket_size: int = 1,
+    permutation: Tensor | None = None,
+) -> tuple[Tensor, ARCStats]:
+    """Return ``NNM(bucket(clip_C(ARC(x))))`` (each step only when asked) and the clipping statistics.
 
     Args:
         x: Tensor ``[n, d]``.
@@ -265,16 +606,22 @@ def preaggregate(
         arc: Apply ARC; its non-finite rows become zeros.
         static_clip: If set, clip every row (after ARC) to this L2 norm, a positive finite number.
         nnm: Apply nearest-neighbour mixing last.
+        bucket_size: Average random buckets of this many rows before NNM (:func:`bucketing`); ``1`` skips it.
+        permutation: The bucketing permutation (default :func:`bucket_permutation` ``(n, 0, 0)``).
 
     Returns:
-        The pre-aggregated ``[n, d]`` (dtype of ``x``) and :func:`preaggregation_stats` of the rows' norms.
+        The pre-aggregated ``[ceil(n / bucket_size), d]`` (dtype of ``x``) and :func:`preaggregation_stats`
+        of the rows' norms.
     """
     check_matrix("x", x)
     _check_bool("nnm", nnm)
+    check_positive_int("bucket_size", bucket_size)
     norms = torch.linalg.vector_norm(x, dim=1, dtype=compute_dtype(x.dtype))
     stats = preaggregation_stats(norms, num_byzantine, arc=arc, static_clip=static_clip)
     if arc or static_clip is not None:
         x = scale_rows(x, stats.scales, norms if arc else None)
+    if bucket_size > 1:
+        x = bucketing(x, bucket_size, bucket_permutation(x.shape[0], 0, 0) if permutation is None else permutation)
     if nnm:
         x = nearest_neighbor_mixing(x, num_byzantine)
     return x, stats
@@ -303,6 +650,8 @@ AGGREGATORS: dict[str, Callable[..., Tensor]] = {
     "geomed": geometric_median,
     "krum": krum,
     "multikrum": multi_krum,
+    "meamed": meamed,
+    "cclip": centered_clipping,
 }
 
 
@@ -313,11 +662,24 @@ def aggregate_with_stats(
     nnm: bool = False,
     arc: bool = False,
     static_clip: float | None = None,
+    *,
+    center: Tensor | None = None,
+    cclip_tau: float = 1.0,
+    cclip_iters: int = 1,
+    bucket_size: int = 1,
+    bucket_seed: int = 0,
+    step: int = 0,
 ) -> tuple[Tensor, ARCStats]:
     """:func:`aggregate` and the :func:`preaggregation_stats` of the rows (what the DDP hook reports)."""
     check_choice("rule", rule, tuple(AGGREGATORS))
-    pre, stats = preaggregate(x, num_byzantine, arc=arc, static_clip=static_clip, nnm=nnm)
-    return AGGREGATORS[rule](pre, num_byzantine), stats
+    xc = check_matrix("x", x)
+    options = RuleOptions(rule=rule, num_byzantine=num_byzantine, nnm=nnm, arc=arc, static_clip=static_clip,
+                          bucket_size=bucket_size, bucket_seed=bucket_seed, cclip_tau=cclip_tau,
+                          cclip_iters=cclip_iters)
+    check_non_negative_int("step", step)
+    _check_center(center, xc.shape[1])
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=compute_dtype(x.dtype))
+    return aggregate_shard(x, norms, options, step=step, center=center)
 
 
 def aggregate(
@@ -327,8 +689,15 @@ def aggregate(
     nnm: bool = False,
     arc: bool = False,
     static_clip: float | None = None,
+    *,
+    center: Tensor | None = None,
+    cclip_tau: float = 1.0,
+    cclip_iters: int = 1,
+    bucket_size: int = 1,
+    bucket_seed: int = 0,
+    step: int = 0,
 ) -> Tensor:
-    """Return ``rule(NNM(clip_C(ARC(x))))``; each pre-aggregation step only when asked (:func:`preaggregate`).
+    """Return ``rule(NNM(bucket(clip_C(ARC(x)))))``; each pre-aggregation step only when asked.
 
     Args:
         x: Tensor ``[n, d]``.
@@ -336,10 +705,18 @@ def aggregate(
         num_byzantine: Number ``f`` of possibly Byzantine rows, ``0 <= f < n/2``.
         nnm: Apply nearest-neighbour mixing before the rule.
         arc: Apply ARC (:func:`~lightning_clip.robust.arc.arc_clip`) first.
-        static_clip: If set, clip every row to this L2 norm after ARC and before NNM.
+        static_clip: If set, clip every row to this L2 norm after ARC and before bucketing and NNM.
+        center: Centered clipping's starting point ``[d]`` (the previous aggregate); ``None`` for zeros.
+        cclip_tau: Centered clipping's radius.
+        cclip_iters: Centered clipping's iterations.
+        bucket_size: Average random buckets of this many rows before NNM (:func:`bucketing`); ``1`` skips it.
+        bucket_seed: Seed of the bucketing permutation (:func:`bucket_permutation`).
+        step: Step counter of the bucketing permutation.
 
     Raises:
-        ValueError: If ``rule`` is unknown, ``num_byzantine`` is out of range or ``static_clip`` is not
-            a positive finite number.
+        ValueError: If ``rule`` is unknown, ``num_byzantine`` is out of range (for ``n`` rows, and for the
+            ``ceil(n / bucket_size)`` buckets) or an option is out of its range.
     """
-    return aggregate_with_stats(x, rule, num_byzantine, nnm=nnm, arc=arc, static_clip=static_clip)[0]
+    return aggregate_with_stats(x, rule, num_byzantine, nnm, arc, static_clip, center=center, cclip_tau=cclip_tau,
+                                cclip_iters=cclip_iters, bucket_size=bucket_size, bucket_seed=bucket_seed,
+                                step=step)[0]

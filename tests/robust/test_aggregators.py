@@ -11,8 +11,12 @@ import torch
 from lightning_clip.robust.aggregators import (
     AGGREGATORS,
     aggregate,
+    bucket_permutation,
+    bucketing,
+    centered_clipping,
     geometric_median,
     krum,
+    meamed,
     mean,
     median,
     multi_krum,
@@ -228,7 +232,7 @@ def test_nnm_f_zero_is_the_mean_everywhere_and_matches_numpy():
 
 
 def test_registry_names():
-    assert list(AGGREGATORS) == ["mean", "cwtm", "median", "geomed", "krum", "multikrum"]
+    assert list(AGGREGATORS) == ["mean", "cwtm", "median", "geomed", "krum", "multikrum", "meamed", "cclip"]
 
 
 def test_aggregate_unknown_name_lists_allowed():
@@ -328,3 +332,119 @@ def test_no_host_sync_runs_on_meta_device():
     for name in ["mean", "cwtm", "median", "krum", "multikrum"]:
         assert aggregate(x, name, 2, nnm=True, arc=True).shape == (3,)
     assert geometric_median(x, 2, tol=0.0, max_iter=3).shape == (3,)
+
+
+# ----------------------------------------------------------------------------- meamed
+
+
+def test_meamed_hand_cases():
+    # column 0: median 2.5, distances [1.5, .5, .5, 97.5] -> keep 1, 2, 3; column 1: the mean of 3 equal values
+    x = torch.tensor([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0], [100.0, -50.0]])
+    torch.testing.assert_close(meamed(x, 1), torch.tensor([2.0, 5.0]))
+    # n = 5, f = 2: median 11, distances [11, 1, 0, 1, 2] -> keep 10, 11, 12
+    assert meamed(torch.tensor([[0.0], [10.0], [11.0], [12.0], [13.0]]), 2).item() == pytest.approx(11.0)
+    # a tie in distance keeps the lower index: [0, 2, 4], median 2 -> keep 2 and 0
+    assert meamed(torch.tensor([[0.0], [2.0], [4.0]]), 1).item() == pytest.approx(1.0)
+    # f = 0 is the mean
+    torch.testing.assert_close(meamed(x, 0), x.mean(dim=0))
+
+
+def test_meamed_matches_numpy():
+    rng = np.random.default_rng(21)
+    for n, f in [(5, 1), (6, 2), (9, 4)]:
+        x = rng.standard_normal((n, 11))
+        med = np.median(x, axis=0)
+        idx = np.argsort(np.abs(x - med), axis=0, kind="stable")[: n - f]
+        expected = np.take_along_axis(x, idx, axis=0).mean(axis=0)
+        np.testing.assert_allclose(meamed(torch.from_numpy(x), f).numpy(), expected, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- centered clipping
+
+
+def numpy_cclip(x: np.ndarray, v: np.ndarray, tau: float, iters: int) -> np.ndarray:
+    for _ in range(iters):
+        diff = x - v
+        norms = np.linalg.norm(diff, axis=1)
+        coeff = np.where(norms > tau, tau / np.where(norms > 0, norms, 1.0), 1.0)
+        v = v + (diff * coeff[:, None]).mean(axis=0)
+    return v
+
+
+def test_centered_clipping_hand_case():
+    # From 0 with tau = 1: the row (3, 4) is clipped to (0.6, 0.8), the zero rows stay: mean (0.2, 0.8/3)
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0], [0.0, 0.0]])
+    torch.testing.assert_close(centered_clipping(x, tau=1.0), torch.tensor([0.2, 0.8 / 3]))
+    # Second iteration from v1 = (0.2, 0.2667), by hand through numpy
+    expected = numpy_cclip(x.double().numpy(), np.zeros(2), 1.0, 2)
+    torch.testing.assert_close(centered_clipping(x.double(), tau=1.0, iters=2), torch.from_numpy(expected))
+    # A radius above every distance gives the mean in one iteration, from any centre
+    c = torch.tensor([10.0, -10.0])
+    torch.testing.assert_close(centered_clipping(x, center=c, tau=1e6), x.mean(dim=0))
+
+
+def test_centered_clipping_matches_numpy_and_bounds_an_outlier():
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((7, 5))
+    x[0] *= 1e6
+    c = rng.standard_normal(5)
+    out = centered_clipping(torch.from_numpy(x), center=torch.from_numpy(c), tau=0.5, iters=3)
+    np.testing.assert_allclose(out.numpy(), numpy_cclip(x, c, 0.5, 3), rtol=1e-12)
+    # Each iteration moves the centre by at most tau, whatever the outlier
+    assert np.linalg.norm(out.numpy() - c) <= 3 * 0.5 + 1e-12
+    torch.testing.assert_close(aggregate(torch.from_numpy(x), "cclip", 2, center=torch.from_numpy(c), cclip_tau=0.5,
+                                         cclip_iters=3), out)
+
+
+def test_centered_clipping_validation():
+    x = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match=r"`tau`"):
+        centered_clipping(x, tau=0.0)
+    with pytest.raises(ValueError, match=r"`iters`"):
+        centered_clipping(x, iters=0)
+    with pytest.raises(ValueError, match=r"`center` to be a 1-D tensor of 2 elements"):
+        centered_clipping(x, center=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"`cclip_tau`"):
+        aggregate(x, "cclip", 1, cclip_tau=-1.0)
+
+
+# ----------------------------------------------------------------------------- bucketing
+
+
+def test_bucketing_hand_case():
+    x = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0], [8.0, 9.0]])
+    out = bucketing(x, 2, torch.tensor([2, 0, 4, 1, 3]))
+    # buckets {2, 0}, {4, 1}, {3}
+    torch.testing.assert_close(out, torch.tensor([[2.0, 3.0], [5.0, 6.0], [6.0, 7.0]]))
+    torch.testing.assert_close(bucketing(x, 1, torch.tensor([4, 3, 2, 1, 0])), x.flip(0))
+
+
+def test_bucket_permutation_is_seeded_by_seed_and_step_only():
+    p = bucket_permutation(8, 3, 5)
+    assert sorted(p.tolist()) == list(range(8))
+    torch.manual_seed(123)  # the global generator plays no part
+    assert torch.equal(bucket_permutation(8, 3, 5), p)
+    others = [bucket_permutation(8, 3, s) for s in range(6, 12)] + [bucket_permutation(8, 4, 5)]
+    assert any(not torch.equal(q, p) for q in others)
+
+
+def test_aggregate_with_bucketing_is_rule_of_the_buckets_of_the_clipped_rows():
+    rng = np.random.default_rng(23)
+    x = rand(rng, 9, 4).float()
+    x[0] *= 100
+    perm = bucket_permutation(9, 7, 2)
+    expected = trimmed_mean(nnm(bucketing(arc_clip(x, 1), 2, perm), 1), 1)
+    out = aggregate(x, "cwtm", 1, nnm=True, arc=True, bucket_size=2, bucket_seed=7, step=2)
+    torch.testing.assert_close(out, expected)
+    # another step draws another permutation and (here) another aggregate
+    assert not torch.equal(aggregate(x, "cwtm", 1, nnm=True, arc=True, bucket_size=2, bucket_seed=7, step=3), out)
+
+
+def test_bucketing_validation():
+    x = torch.zeros(5, 2)
+    with pytest.raises(ValueError, match=r"`bucket_size` to leave more than 2 num_byzantine = 2 buckets"):
+        aggregate(x, "cwtm", 1, bucket_size=3)  # 2 buckets cannot hold an honest majority
+    with pytest.raises(ValueError, match=r"`permutation` to be a permutation of range\(5\)"):
+        bucketing(x, 2, torch.tensor([0, 0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"`bucket_size`"):
+        bucketing(x, 0, torch.arange(5))
