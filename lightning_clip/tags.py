@@ -28,6 +28,7 @@ reads such a tag as the total.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "GRAD_NORM_PREFIX",
     "GRAD_NORM_TOTAL",
     "HISTOGRAM_PREFIX",
+    "LOSS_TAGS",
     "NONFINITE_SKIPPED",
     "OPTIMIZER_SUFFIX_PATTERN",
     "PARAM_NORM_PATTERN",
@@ -51,6 +53,7 @@ __all__ = [
     "arc_norm_rank",
     "arc_norm_tag",
     "histogram_tag",
+    "loss_tag",
     "param_name",
     "param_tag",
     "parse",
@@ -75,6 +78,10 @@ PROGRESS_BAR_NORM = GRAD_NORM_PREFIX.rstrip("/")
 
 #: The per-step tags of one optimizer (without suffix), in the order the callbacks document them.
 STEP_TAGS: tuple[str, ...] = (GRAD_NORM_TOTAL, GRAD_NORM_CLIPPED, CLIP_THRESHOLD, CLIP_RATE, NONFINITE_SKIPPED)
+
+#: The model's training-loss tags that reports read (the demo models log the first), most specific first.
+#: Not written by this package: a LightningModule logs its own loss under one of these names.
+LOSS_TAGS: tuple[str, ...] = ("train/loss", "train/loss_step", "train_loss", "train_loss_step", "loss")
 
 # The patterns below have one plain group at most (no named groups): TensorBoard's layout uses them too.
 _OPT = "_opt"
@@ -153,6 +160,12 @@ def arc_norm_rank(tag: str) -> int | None:
     """The rank of an ``arc/norm_rank<i>`` tag (``None`` for any other tag)."""
     m = ARC_NORM_RANK_PATTERN.match(tag)
     return int(m.group(1)) if m else None
+
+
+def loss_tag(logged: Iterable[str]) -> str | None:
+    """The first of :data:`LOSS_TAGS` among the ``logged`` tags (``None`` when the run logged none)."""
+    present = set(logged)
+    return next((t for t in LOSS_TAGS if t in present), None)
 
 
 @dataclass(frozen=True)

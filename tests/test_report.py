@@ -357,3 +357,127 @@ def test_report_on_demo_matches_the_event_files(demo_run, tmp_path, capsys):
     assert h.skipped_steps == 0
     assert f"clip rate: {rate:.1%}" in printed
     assert f"max {pre.max():.4g}" in printed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Divergence: a non-finite loss, or a loss above 1000x its first value, is reported with its step.
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([0.5, 0.4, 0.3, 0.2], None),
+        ([0.5, 2.0, 499.0, 500.0], None),  # 500 = 1000 x 0.5 exactly: not above it
+        ([0.5, 2.0, 500.5, 0.1], (20, 500.5)),  # the first step above, even if the loss comes back
+        ([0.5, 0.4, float("nan"), 1e30], (20, math.nan)),
+        ([0.5, float("inf")], (10, math.inf)),
+        ([float("nan"), 0.4], (0, math.nan)),
+        ([-2.0, -1.0, 1e9], None),  # a loss that starts negative: only NaN/Inf count
+        ([-2.0, float("nan")], (10, math.nan)),
+    ],
+)
+def test_detect_divergence(values, expected):
+    from lightning_clip.tools.logs import Series
+    from lightning_clip.tools.report import detect_divergence
+
+    s = Series(steps=np.arange(len(values)) * 10, values=np.array(values, dtype=np.float64))
+    got = detect_divergence(s)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and got[0] == expected[0]
+        np.testing.assert_equal(got[1], expected[1])
+
+
+def _write_run(run_dir, series: dict[str, list[float]]) -> None:
+    writer = SummaryWriter(str(run_dir))
+    for tag, values in series.items():
+        for step, v in enumerate(values):
+            writer.add_scalar(tag, v, step)
+    writer.close()
+
+
+def test_a_diverged_run_is_reported_as_diverged_never_as_a_low_threshold(tmp_path, capsys):
+    # Clipped on 90% of steps (the "threshold too low" band) while the loss explodes at step 3.
+    _write_run(tmp_path / "run", {
+        "train/loss": [0.4, 0.3, 50.0, 2e28, float("nan")],
+        "grad_norm/total": [1.0, 5.0, 50.0, 1e6, float("nan")],
+        "grad_norm/clipped_total": [1.0, 2.0, 3.0, 4.0, float("nan")],
+        "grad_clip/threshold": [1.0, 2.0, 3.0, 4.0, 4.0],
+        "grad_clip/clip_rate": [0.0, 0.5, 0.67, 0.75, 0.9],
+    })
+    assert "too low" in clip_rate_advice(0.9)  # what the band alone would say
+    (report,) = load_reports(tmp_path / "run")
+    assert report.diverged and report.loss is not None
+    assert (report.loss.diverged_step, report.loss.diverged_value) == (3, pytest.approx(2e28, rel=1e-6))
+    (h,) = report.optimizers
+    assert "diverged at step 3" in h.advice and "too low" not in h.advice
+    assert main(["report", str(tmp_path / "run"), "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "DIVERGED: diverged at step 3: train/loss = 2e+28" in out
+    for line in out.splitlines():
+        assert "too low" not in line or "diverged" in line, line
+
+
+def test_a_run_that_did_not_diverge_says_so(tmp_path):
+    _write_run(tmp_path / "run", {"train/loss": [0.4, 0.3, 0.2], "grad_norm/total": [1.0, 2.0, 1.5]})
+    (report,) = load_reports(tmp_path / "run")
+    assert not report.diverged and report.loss is not None and report.loss.minimum == pytest.approx(0.2)
+    text = format_report(report)
+    assert "did not diverge" in text and "DIVERGED" not in text
+    _write_run(tmp_path / "noloss", {"grad_norm/total": [1.0, 2.0]})
+    (report,) = load_reports(tmp_path / "noloss")
+    assert report.loss is None and "divergence not checked" in format_report(report)
+
+
+class _LossLoggingRegressor(TinyRegressor):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/loss", loss)
+        return loss
+
+
+def test_report_on_a_real_diverging_fit(tmp_path, seed, capsys):
+    # SGD at lr 3 on the tiny regressor, clipping at a threshold no norm reaches: the loss blows up.
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    trainer = make_trainer(tmp_path, callbacks=[GradientNormMonitor(), GradientClipping(1e30, summary=False)],
+                           max_steps=30, logger=logger)
+    trainer.fit(_LossLoggingRegressor(lr=3.0), make_loader())
+    logger.experiment.flush()
+    loss = _independent_scalars(tmp_path / "run" / "version_0")["train/loss"]
+    bad = ~np.isfinite(loss[1]) | (loss[1] > 1e3 * loss[1][0])
+    assert bad.any(), loss  # the reference: the first logged step whose loss is NaN/Inf or > 1000x the first
+    first_bad = int(loss[0][np.argmax(bad)])
+    assert main(["report", str(tmp_path / "run"), "--no-plot"]) == 0
+    assert f"diverged at step {first_bad}:" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The PNG: written by default next to the logs; --plot elsewhere; --no-plot none; without matplotlib, how.
+
+
+def test_report_writes_the_png_next_to_the_logs_by_default(tmp_path, capsys):
+    _write_tensorboard(tmp_path / "logs" / "version_0")
+    _write_csv(tmp_path / "logs" / "version_1")
+    assert main(["report", str(tmp_path / "logs")]) == 0
+    out = capsys.readouterr().out
+    for run in ("version_0", "version_1"):
+        png = tmp_path / "logs" / run / "gradient_norms.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        assert f"Plot: {png}" in out
+    assert main(["report", str(tmp_path / "logs" / "version_1" / "metrics.csv"), "--no-plot"]) == 0
+    (tmp_path / "logs" / "version_0" / "gradient_norms.png").unlink()
+    assert main(["report", str(tmp_path / "logs" / "version_0"), "--no-plot"]) == 0
+    assert not (tmp_path / "logs" / "version_0" / "gradient_norms.png").exists()
+    assert "Plot:" not in capsys.readouterr().out
+
+
+def test_report_without_matplotlib_says_how_to_get_the_png(tmp_path, capsys, monkeypatch):
+    import sys
+
+    _write_tensorboard(tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    assert main(["report", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "Run: " in out and "pip install matplotlib" in out
+    assert not (tmp_path / "run" / "gradient_norms.png").exists()

@@ -7,7 +7,7 @@
         --trainer.callbacks.init_args.threshold=2.0               # any option from the command line
     lightning-clip fit --trainer.callbacks.help lightning_clip.GradientClipping   # a class's options
     lightning-clip demo [--max-steps N] [--out DIR]               # ~20 s CPU demo + report
-    lightning-clip report LOG_DIR [--plot out.png]                # gradient-health summary of a run
+    lightning-clip report LOG_DIR [--plot out.png | --no-plot]    # gradient-health summary + PNG of a run
     lightning-clip find-threshold --config configs/monitor.yaml [--num-batches N] [--percentile P]
 
 ``fit`` (and ``validate``/``test``/``predict``) is a :class:`~lightning.pytorch.cli.LightningCLI` over
@@ -50,7 +50,7 @@ examples:
   lightning-clip fit --config configs/percentile.yaml --trainer.max_steps=200
   lightning-clip fit --config configs/percentile.yaml \\
       --trainer.callbacks.init_args.threshold.init_args.percentile=95
-  lightning-clip report lightning_logs/percentile --plot norms.png
+  lightning-clip report lightning_logs/percentile    # also writes gradient_norms.png next to the logs
   lightning-clip find-threshold --config configs/monitor.yaml --num-batches 50
 
 fit/validate/test/predict are LightningCLI subcommands over any LightningModule/LightningDataModule;
@@ -261,8 +261,10 @@ def _build_parser() -> argparse.ArgumentParser:
                             "(searched recursively) and print a gradient-health summary per run and optimizer.")
     report.add_argument("log_dir", help="a run's log directory (or a parent of several runs)")
     report.add_argument("--plot", default=None,
-                        help="write a PNG of pre-clip norm, post-clip norm and threshold (several runs: one file "
-                        "per run, suffixed with the run's directory name)")
+                        help="where to write the PNG of pre-clip norm, post-clip norm and threshold (default: "
+                        "gradient_norms.png in each run's log directory; several runs with --plot: one file per "
+                        "run, suffixed with the run's directory name)")
+    report.add_argument("--no-plot", dest="no_plot", action="store_true", help="write no PNG")
 
     finder = sub.add_parser(
         "find-threshold", help="suggest a clipping threshold from unclipped gradient norms",
@@ -286,6 +288,21 @@ def _demo(ns: argparse.Namespace) -> int:
                     seq_len=ns.seq_len, seed=ns.seed, plot=ns.plot)
 
 
+#: The PNG ``report`` writes in each run's log directory unless ``--plot`` says where.
+REPORT_PNG = "gradient_norms.png"
+
+
+def _report_png(plot: str | None, log_dir: Path, run: Path, several: bool) -> Path:
+    """Where ``report`` writes the PNG of ``run``: ``--plot`` (suffixed per run when several), else next to its logs."""
+    if plot is None:
+        return (run.parent if run.is_file() else run) / REPORT_PNG
+    out = Path(plot)
+    if several:
+        name = "-".join(run.relative_to(log_dir).parts) if log_dir.is_dir() else ""
+        out = out.with_name(f"{out.stem}-{name or 'run'}{out.suffix or '.png'}")
+    return out
+
+
 def _report(ns: argparse.Namespace) -> int:
     from lightning_clip.tools.report import format_report, load_reports, plot_report
 
@@ -294,15 +311,17 @@ def _report(ns: argparse.Namespace) -> int:
         if i:
             print()
         print(format_report(rep))
-    if ns.plot:
-        plot = Path(ns.plot)
-        for rep in reports:
-            out = plot
-            if len(reports) > 1:
-                name = "-".join(rep.path.relative_to(Path(ns.log_dir)).parts) if Path(ns.log_dir).is_dir() else ""
-                out = plot.with_name(f"{plot.stem}-{name or 'run'}{plot.suffix or '.png'}")
-            plot_report(rep, out)
-            print(f"Plot: {out}")
+    if ns.no_plot:
+        return 0
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("Plot: not written: matplotlib is not installed (pip install matplotlib, or the package's [plot] "
+              "extra: pip install 'lightning-clip[plot]')")
+        return 0
+    for rep in reports:
+        out = plot_report(rep, _report_png(ns.plot, Path(ns.log_dir), rep.path, len(reports) > 1))
+        print(f"Plot: {out}")
     return 0
 
 

@@ -41,12 +41,15 @@ from lightning_clip.tools.logs import Series, find_runs, log_source, read_scalar
 
 __all__ = [
     "CLIP_RATE_BANDS",
+    "DIVERGENCE_FACTOR",
     "ARCHealth",
+    "LossHealth",
     "OptimizerHealth",
     "RunReport",
     "Series",
     "clip_rate_advice",
     "clip_rate_band",
+    "detect_divergence",
     "find_runs",
     "format_report",
     "load_reports",
@@ -54,6 +57,9 @@ __all__ = [
     "read_scalars",
     "summarize",
 ]
+
+#: A logged loss above this multiple of its first value (or not finite) means the run diverged.
+DIVERGENCE_FACTOR = 1e3
 
 #: The label of each band of ``CLIP_RATE_BANDS``.
 _BAND_LABELS: tuple[str, ...] = ("< 1%", "1-5%", "5-25%", "25-50%", "> 50%")
@@ -124,6 +130,78 @@ class OptimizerHealth:
 
 
 @dataclass
+class LossHealth:
+    """The run's training loss, and whether (and where) it diverged.
+
+    Attributes:
+        tag: the loss tag read (:data:`~lightning_clip.tags.LOSS_TAGS`).
+        logged_steps: number of logged values.
+        first: the first logged value.
+        last: the last logged value.
+        minimum: the smallest finite logged value (``nan`` when none is finite).
+        diverged_step: the first step whose loss is not finite or above ``DIVERGENCE_FACTOR`` times
+            ``first`` (``None``: it did not diverge).
+        diverged_value: the loss at ``diverged_step``.
+    """
+
+    tag: str
+    logged_steps: int
+    first: float
+    last: float
+    minimum: float
+    diverged_step: int | None = None
+    diverged_value: float | None = None
+
+    @property
+    def diverged(self) -> bool:
+        """Whether the loss diverged."""
+        return self.diverged_step is not None
+
+    def describe(self) -> str:
+        """One line: ``diverged at step N: <tag> = <value> (...)``, or empty when it did not diverge."""
+        if self.diverged_step is None or self.diverged_value is None:
+            return ""
+        value = self.diverged_value
+        why = ("not finite" if not math.isfinite(value)
+               else f"over {DIVERGENCE_FACTOR:g}x its first value {self.first:.4g}")
+        return f"diverged at step {self.diverged_step}: {self.tag} = {value:.4g} ({why})"
+
+
+def detect_divergence(series: Series, factor: float = DIVERGENCE_FACTOR) -> tuple[int, float] | None:
+    """The first ``(step, value)`` of ``series`` that is not finite or above ``factor`` times its first value.
+
+    The ratio applies only to a positive first value (a loss that can be negative is checked for
+    NaN/Inf only). ``None`` when no value qualifies.
+    """
+    values = np.asarray(series.values, dtype=np.float64)
+    if not values.size:
+        return None
+    bad = ~np.isfinite(values)
+    start = float(values[0])
+    if math.isfinite(start) and start > 0:
+        bad |= values > factor * start
+    hits = np.flatnonzero(bad)
+    if not hits.size:
+        return None
+    i = int(hits[0])
+    return int(series.steps[i]), float(values[i])
+
+
+def _loss_health(scalars: Mapping[str, Series]) -> LossHealth | None:
+    tag = tags.loss_tag(scalars)
+    if tag is None or not len(scalars[tag]):
+        return None
+    s = scalars[tag]
+    fin = _finite(s.values)
+    health = LossHealth(tag=tag, logged_steps=len(s), first=float(s.values[0]), last=s.last,
+                        minimum=float(fin.min()) if fin.size else float("nan"))
+    hit = detect_divergence(s)
+    if hit is not None:
+        health.diverged_step, health.diverged_value = hit
+    return health
+
+
+@dataclass
 class ARCHealth:
     """What ARC did across the ranks (the ARC tags of :class:`~lightning_clip.distributed.strategy.ARCDDPStrategy`).
 
@@ -156,6 +234,7 @@ class RunReport:
         source: ``"tensorboard"`` or ``"csv"``.
         optimizers: one entry per optimizer, in index order.
         arc: ARC statistics, if the run logged ARC's tags.
+        loss: the training loss and its divergence check, if the run logged a loss tag.
         scalars: every scalar tag read (for plotting or further analysis).
     """
 
@@ -163,7 +242,13 @@ class RunReport:
     source: str
     optimizers: list[OptimizerHealth]
     arc: ARCHealth | None
+    loss: LossHealth | None = None
     scalars: dict[str, Series] = field(repr=False, default_factory=dict)
+
+    @property
+    def diverged(self) -> bool:
+        """Whether the run's loss diverged (see :func:`detect_divergence`)."""
+        return self.loss is not None and self.loss.diverged
 
 
 def _finite(values: np.ndarray) -> np.ndarray:
@@ -291,7 +376,14 @@ def summarize(scalars: Mapping[str, Series], path: str | os.PathLike[str] = "", 
         params.setdefault(0, {}).update(params.pop(None))
     keys = sorted(per_opt, key=lambda i: -1 if i is None else i)
     optimizers = [_optimizer_health(i, per_opt[i], params.get(i, {})) for i in keys]
-    return RunReport(path=Path(path), source=source, optimizers=optimizers, arc=_arc_health(scalars),
+    loss = _loss_health(scalars)
+    if loss is not None and loss.diverged:
+        # A diverged run's clip rate says nothing about the threshold being too low: say what happened.
+        for h in optimizers:
+            if h.clip_rate is not None:
+                h.advice = (f"not read: training {loss.describe()}; lower the learning rate, or clip at a "
+                            "fixed or lower threshold")
+    return RunReport(path=Path(path), source=source, optimizers=optimizers, arc=_arc_health(scalars), loss=loss,
                      scalars=dict(scalars))
 
 
@@ -317,6 +409,14 @@ def _fmt(x: float | None) -> str:
 def format_report(report: RunReport) -> str:
     """The gradient-health summary of ``report`` as text (one block per optimizer, then ARC)."""
     lines = [f"Run: {report.path} ({report.source})"]
+    loss = report.loss
+    if loss is None:
+        lines.append(f"  loss: not logged (none of {', '.join(tags.LOSS_TAGS)}): divergence not checked")
+    else:
+        if loss.diverged:
+            lines.append(f"  DIVERGED: {loss.describe()}")
+        lines.append(f"  loss ({loss.tag}): first {_fmt(loss.first)}, min {_fmt(loss.minimum)}, last {_fmt(loss.last)} "
+                     f"over {loss.logged_steps} logged steps{'' if loss.diverged else ', did not diverge'}")
     if not report.optimizers and report.arc is None:
         lines.append(f"  no gradient tags ({_FAMILIES}) were logged in this run")
     for h in report.optimizers:
@@ -345,7 +445,7 @@ def format_report(report: RunReport) -> str:
             frac = a.rank_clip_fraction.get(rank)
             clip = "" if frac is None else f", above threshold {frac:.1%} of steps"
             lines.append(f"    rank {rank}: mean local norm {_fmt(norm)}{clip}")
-    if any(h.clip_rate is not None for h in report.optimizers):
+    if any(h.clip_rate is not None for h in report.optimizers) and not report.diverged:
         lines.append("  clip-rate guide: <1% threshold may be too high | 5-25% healthy | 25-50% frequent, "
                      "consider a lower learning rate | >50% excessive")
     return "\n".join(lines)
@@ -389,6 +489,9 @@ def plot_report(report: RunReport, path: str | os.PathLike[str]) -> Path:
                 curve(ax, s, "-", f"rank {rank}", linewidth=0.8)
             curve(ax, report.scalars.get(tags.ARC_THRESHOLD), "k--", "ARC threshold", linewidth=1.2)
             ax.set_title("ARC: local gradient norms per rank")
+        if report.loss is not None and report.loss.diverged_step is not None:
+            ax.axvline(report.loss.diverged_step, color="tab:red", linestyle=":",
+                       label=f"loss diverged (step {report.loss.diverged_step})")
         if ax.has_data():
             ax.set_yscale("log")
             ax.legend(loc="best", fontsize=8)
