@@ -17,14 +17,15 @@ from lightning_clip.core.grads import GradientStats, gradient_stats
 from lightning_clip.core.thresholds import (
     FixedThreshold,
     PercentileThreshold,
+    QuantileThreshold,
     ThresholdPolicy,
     WarmupThreshold,
     ZScoreThreshold,
 )
-from lightning_clip.exceptions import NonFiniteGradientError
+from lightning_clip.exceptions import GradientSpikeError, NonFiniteGradientError
 
 if TYPE_CHECKING:
-    from lightning_clip.callbacks import GradientClipping, GradientNormMonitor, NonFiniteGradientGuard
+    from lightning_clip.callbacks import GradientClipping, GradientNormMonitor, NonFiniteGradientGuard, SpikeGuard
     from lightning_clip.distributed.strategy import ARCDDPStrategy
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ _LIGHTNING_EXPORTS: dict[str, str] = {
     "GradientClipping": "lightning_clip.callbacks",
     "GradientNormMonitor": "lightning_clip.callbacks",
     "NonFiniteGradientGuard": "lightning_clip.callbacks",
+    "SpikeGuard": "lightning_clip.callbacks",
     "ARCDDPStrategy": "lightning_clip.distributed.strategy",
 }
 
@@ -42,10 +44,13 @@ __all__ = [
     "FixedThreshold",
     "GradientClipping",
     "GradientNormMonitor",
+    "GradientSpikeError",
     "GradientStats",
     "NonFiniteGradientError",
     "NonFiniteGradientGuard",
     "PercentileThreshold",
+    "QuantileThreshold",
+    "SpikeGuard",
     "ThresholdPolicy",
     "WarmupThreshold",
     "ZScoreThreshold",

@@ -7,6 +7,7 @@ from collections.abc import Collection
 from typing import Any
 
 __all__ = [
+    "GradientSpikeError",
     "NonFiniteGradientError",
     "PeerFailureError",
     "check_choice",
@@ -20,6 +21,10 @@ __all__ = [
 
 class NonFiniteGradientError(RuntimeError):
     """Raised when gradients contain NaN or Inf and the configured action is ``"raise"``."""
+
+
+class GradientSpikeError(RuntimeError):
+    """Raised by ``SpikeGuard`` on a spike with ``action="raise"``, or after too many spikes in a row."""
 
 
 class PeerFailureError(RuntimeError):

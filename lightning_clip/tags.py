@@ -9,10 +9,14 @@ tag                          meaning (per optimizer step)
 ``grad_clip/threshold``      threshold in force this step
 ``grad_clip/clip_rate``      fraction of optimizer steps clipped so far
 ``grad_nonfinite/skipped``   number of optimizer steps skipped so far (guard, ``"skip"``)
+``grad_spike/skipped``       number of spikes so far (``SpikeGuard``; skipped with ``"skip"``)
+``grad_spike/zscore``        this step's z-score of the monitored value(s) (the largest)
 ``grad_hist/<param name>``   histogram of a parameter's gradient (TensorBoard only)
 ``arc/threshold``            ARC clipping threshold across ranks
 ``arc/clipped_ranks``        number of ranks ARC clipped this step
 ``arc/norm_rank<i>``         local gradient norm of rank ``i`` before ARC
+``dp/epsilon``               client-level DP: epsilon spent so far (at the run's ``delta``)
+``dp/clip_bound``            client-level DP: the clip bound in force (adaptive bound)
 ============================ ==========================================================
 
 With several optimizers the suffix ``_opt<i>`` is appended to each ``grad_*`` tag (``arc/*`` tags
@@ -38,6 +42,9 @@ __all__ = [
     "ARC_PREFIX",
     "ARC_THRESHOLD",
     "CLIP_RATE",
+    "DP_CLIP_BOUND",
+    "DP_EPSILON",
+    "DP_PREFIX",
     "CLIP_THRESHOLD",
     "GRAD_NORM_CLIPPED",
     "GRAD_NORM_PREFIX",
@@ -48,6 +55,8 @@ __all__ = [
     "OPTIMIZER_SUFFIX_PATTERN",
     "PARAM_NORM_PATTERN",
     "PROGRESS_BAR_NORM",
+    "SPIKE_SKIPPED",
+    "SPIKE_ZSCORE",
     "STEP_TAGS",
     "Tag",
     "arc_norm_rank",
@@ -68,16 +77,23 @@ GRAD_NORM_CLIPPED = GRAD_NORM_PREFIX + "clipped_total"
 CLIP_THRESHOLD = "grad_clip/threshold"
 CLIP_RATE = "grad_clip/clip_rate"
 NONFINITE_SKIPPED = "grad_nonfinite/skipped"
+SPIKE_SKIPPED = "grad_spike/skipped"
+SPIKE_ZSCORE = "grad_spike/zscore"
 HISTOGRAM_PREFIX = "grad_hist/"
 ARC_PREFIX = "arc/"
 ARC_THRESHOLD = ARC_PREFIX + "threshold"
 ARC_CLIPPED_RANKS = ARC_PREFIX + "clipped_ranks"
 ARC_NORM_RANK = ARC_PREFIX + "norm_rank{rank}"
+DP_PREFIX = "dp/"
+DP_EPSILON = DP_PREFIX + "epsilon"
+DP_CLIP_BOUND = DP_PREFIX + "clip_bound"
 #: Progress-bar key of the pre-clip total norm (``GradientNormMonitor(prog_bar=True)``).
 PROGRESS_BAR_NORM = GRAD_NORM_PREFIX.rstrip("/")
 
 #: The per-step tags of one optimizer (without suffix), in the order the callbacks document them.
-STEP_TAGS: tuple[str, ...] = (GRAD_NORM_TOTAL, GRAD_NORM_CLIPPED, CLIP_THRESHOLD, CLIP_RATE, NONFINITE_SKIPPED)
+STEP_TAGS: tuple[str, ...] = (
+    GRAD_NORM_TOTAL, GRAD_NORM_CLIPPED, CLIP_THRESHOLD, CLIP_RATE, NONFINITE_SKIPPED, SPIKE_SKIPPED, SPIKE_ZSCORE,
+)
 
 #: The model's training-loss tags that reports read (the demo models log the first), most specific first.
 #: Not written by this package: a LightningModule logs its own loss under one of these names.
@@ -196,7 +212,7 @@ def parse(tag: str, suffixed: bool | None = None) -> Tag | None:
     rank = arc_norm_rank(tag)
     if rank is not None:
         return Tag(ARC_NORM_RANK, rank=rank)
-    if tag in (ARC_THRESHOLD, ARC_CLIPPED_RANKS):
+    if tag in (ARC_THRESHOLD, ARC_CLIPPED_RANKS, DP_EPSILON, DP_CLIP_BOUND):
         return Tag(tag)
     if tag in STEP_TAGS:  # a total never carries a suffix-looking name
         return Tag(tag)

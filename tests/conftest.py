@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -123,6 +124,34 @@ class NormRecorder(pl.Callback):
         with open(path, "w") as f:
             json.dump({"norms": self.norms, "logged": logged,
                        "weights": [p.detach().flatten().tolist() for p in pl_module.parameters()]}, f)
+
+
+class Snapshot(pl.Callback):
+    """Records weights and optimizer state before and after each optimizer step."""
+
+    def __init__(self) -> None:
+        self.before: dict[int, tuple] = {}
+        self.after: dict[int, tuple] = {}
+
+    def _snap(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        return ([p.detach().clone() for p in pl_module.parameters()], copy.deepcopy(opt.state_dict()))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before[trainer.global_step] = self._snap(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after[trainer.global_step - 1] = self._snap(trainer, pl_module)
+
+
+def states_equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(states_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
 
 
 def quick_benchmark(name: str, tmp_path_factory: pytest.TempPathFactory, min_png_bytes: int,

@@ -19,7 +19,7 @@ from lightning_clip import (
 
 CONTRACT = [
     "GradientNormMonitor", "GradientClipping", "NonFiniteGradientGuard", "FixedThreshold", "PercentileThreshold",
-    "WarmupThreshold", "ZScoreThreshold",
+    "WarmupThreshold", "ZScoreThreshold", "SpikeGuard", "GradientSpikeError",
 ]
 
 
@@ -43,6 +43,7 @@ FACTORIES = [
     lambda: GradientClipping(PercentileThreshold(75.0, warmup_steps=2, window=4)),
     lambda: GradientClipping(WarmupThreshold(2, 1.0, then=ZScoreThreshold(warmup_steps=2))),
     lambda: NonFiniteGradientGuard("skip", max_consecutive_skips=3),
+    lambda: lightning_clip.SpikeGuard(("grad_norm", "loss"), window=3, warmup_steps=2),
 ]
 
 

@@ -12,13 +12,13 @@ from lightning_clip import tags
 AWKWARD_NAMES = ["net.0.weight", "scale_opt2", "encoder_opt1.weight", "block/attn/q_proj.weight", "a/b_opt3",
                  "totalizer", "_opt", "w_opt12_opt3"]
 STEP_TAGS = ["grad_norm/total", "grad_norm/clipped_total", "grad_clip/threshold", "grad_clip/clip_rate",
-             "grad_nonfinite/skipped"]
+             "grad_nonfinite/skipped", "grad_spike/skipped", "grad_spike/zscore"]
 
 
 def test_the_spelled_out_tags():
     # The public contract, written out by hand (DESIGN.md §4).
     assert [tags.GRAD_NORM_TOTAL, tags.GRAD_NORM_CLIPPED, tags.CLIP_THRESHOLD, tags.CLIP_RATE,
-            tags.NONFINITE_SKIPPED] == STEP_TAGS
+            tags.NONFINITE_SKIPPED, tags.SPIKE_SKIPPED, tags.SPIKE_ZSCORE] == STEP_TAGS
     assert list(tags.STEP_TAGS) == STEP_TAGS
     assert tags.param_tag("rnn.weight_hh_l0") == "grad_norm/rnn.weight_hh_l0"
     assert tags.histogram_tag("rnn.weight_hh_l0") == "grad_hist/rnn.weight_hh_l0"

@@ -3,5 +3,6 @@
 from lightning_clip.callbacks.clipping import GradientClipping
 from lightning_clip.callbacks.guard import NonFiniteGradientGuard
 from lightning_clip.callbacks.monitor import GradientNormMonitor
+from lightning_clip.callbacks.spike import SpikeGuard
 
-__all__ = ["GradientClipping", "GradientNormMonitor", "NonFiniteGradientGuard"]
+__all__ = ["GradientClipping", "GradientNormMonitor", "NonFiniteGradientGuard", "SpikeGuard"]

@@ -12,7 +12,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_clip import tags
-from lightning_clip.callbacks.step import StepState, check_strategy, log_values, should_log, step_state
+from lightning_clip.callbacks.step import (
+    FINITE,
+    StepState,
+    check_strategy,
+    host_decisions,
+    log_values,
+    should_log,
+    step_state,
+)
 from lightning_clip.exceptions import NonFiniteGradientError, check_choice, check_positive_int
 
 __all__ = ["NonFiniteGradientGuard"]
@@ -38,7 +46,8 @@ class NonFiniteGradientGuard(Callback):
 
     Under fp16 mixed precision with a ``GradScaler`` the scaler already skips steps with non-finite
     gradients and lowers its scale; the guard then stays out of the way (it does nothing), so infs
-    are not handled twice. The check reads one boolean from the device per step.
+    are not handled twice. The check reads one boolean from the device per step, in the same read as
+    :class:`~lightning_clip.SpikeGuard`'s decision when both are used.
 
     Args:
         action: ``"warn"``, ``"skip"`` or ``"raise"``.
@@ -86,7 +95,7 @@ class NonFiniteGradientGuard(Callback):
         state = step_state(trainer, pl_module, optimizer)
         if not state.grads:
             return
-        finite = bool(state.stats.finite)  # the one host decision of this callback
+        finite = host_decisions(trainer, pl_module, state)[FINITE] > 0.0  # one read, shared with SpikeGuard
         if finite:
             self.consecutive_skips = 0
         else:

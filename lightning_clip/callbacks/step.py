@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
@@ -19,7 +19,9 @@ from torch.optim import Optimizer
 from lightning_clip.core.grads import GradientStats, gradient_stats
 
 __all__ = [
-    "check_strategy","StepState", "log_values", "optimizer_index", "should_log", "step_state", "unwrap_optimizer"]
+    "StepState", "check_strategy", "host_decisions", "log_values", "optimizer_index", "should_log", "step_state",
+    "unwrap_optimizer",
+]
 
 
 @dataclass
@@ -43,6 +45,7 @@ class StepState:
         threshold: threshold applied by :class:`GradientClipping` this step, if any.
         clipped_total: norm after clipping, if clipping ran.
         logged: tags already logged this step (so two callbacks never log one tag twice).
+        host: the guards' decisions read on the host this step (see :func:`host_decisions`), once read.
     """
 
     token: tuple[int, ...]
@@ -55,6 +58,7 @@ class StepState:
     threshold: Tensor | None = None
     clipped_total: Tensor | None = None
     logged: set[str] = field(default_factory=set)
+    host: dict[str, float] | None = None
 
 
 _PARAMS: weakref.WeakKeyDictionary[Optimizer, _ParamIndex] = weakref.WeakKeyDictionary()
@@ -117,6 +121,39 @@ def step_state(trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: An
     )
     _STATES[optimizer] = state
     return state
+
+
+@runtime_checkable
+class StepDecider(Protocol):
+    """A callback that decides on the host each step (a guard): it hands its device-side flags to
+    :func:`host_decisions`, which reads every guard's flags in one device-to-host copy."""
+
+    def step_flags(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: StepState) -> dict[str, Tensor]:
+        """This step's flags, as 0-d device tensors, keyed by names unique to this callback.
+
+        Must not change the callback's state (it may run inside another guard's hook)."""
+        ...
+
+
+FINITE = "finite"
+
+
+def host_decisions(trainer: pl.Trainer, pl_module: pl.LightningModule, state: StepState) -> dict[str, float]:
+    """Every guard's flags for this step, read on the host in ONE device-to-host copy (then cached).
+
+    Holds :data:`FINITE` (``1.0`` when every gradient entry is finite) and the flags of every
+    :class:`StepDecider` among the trainer's callbacks, so stacked guards (the non-finite guard and
+    the spike guard) share one read per optimizer step, whichever of them asks first.
+    """
+    if state.host is None:
+        flags: dict[str, Tensor] = {FINITE: state.stats.finite}
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, StepDecider):
+                flags.update(callback.step_flags(trainer, pl_module, state))
+        device = state.stats.total_norm.device
+        values = torch.stack([f.detach().reshape(()).to(device, torch.float32) for f in flags.values()]).tolist()
+        state.host = dict(zip(flags, values))
+    return state.host
 
 
 def should_log(trainer: pl.Trainer, every_n_steps: int | None = None) -> bool:

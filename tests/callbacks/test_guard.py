@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import RecordingLogger, TinyRegressor, make_loader, make_trainer
-from lightning.pytorch import Callback, seed_everything
+from conftest import RecordingLogger, Snapshot, TinyRegressor, make_loader, make_trainer, states_equal
+from lightning.pytorch import seed_everything
 
 from lightning_clip import (
     GradientClipping,
@@ -17,34 +15,6 @@ from lightning_clip import (
     PercentileThreshold,
     ZScoreThreshold,
 )
-
-
-class Snapshot(Callback):
-    """Records weights and optimizer state before and after each optimizer step."""
-
-    def __init__(self) -> None:
-        self.before: dict[int, tuple] = {}
-        self.after: dict[int, tuple] = {}
-
-    def _snap(self, trainer, pl_module):
-        opt = trainer.optimizers[0]
-        return ([p.detach().clone() for p in pl_module.parameters()], copy.deepcopy(opt.state_dict()))
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.before[trainer.global_step] = self._snap(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.after[trainer.global_step - 1] = self._snap(trainer, pl_module)
-
-
-def _states_equal(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_states_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_states_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    return a == b
 
 
 @pytest.mark.parametrize("optimizer,momentum", [("sgd", 0.9), ("adam", 0.0)])
@@ -62,7 +32,7 @@ def test_skip_leaves_weights_and_optimizer_state_untouched(tmp_path, optimizer, 
     before_w, before_opt = snap.before[3]
     after_w, after_opt = snap.after[3]
     assert all(torch.equal(a, b) for a, b in zip(before_w, after_w))
-    assert _states_equal(before_opt, after_opt)
+    assert states_equal(before_opt, after_opt)
     # the other steps did move the weights
     assert not all(torch.equal(a, b) for a, b in zip(snap.before[4][0], snap.after[4][0]))
     assert guard.skipped_steps == 1
