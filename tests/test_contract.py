@@ -19,7 +19,7 @@ from lightning_clip import (
 
 CONTRACT = [
     "GradientNormMonitor", "GradientClipping", "NonFiniteGradientGuard", "FixedThreshold", "PercentileThreshold",
-    "WarmupThreshold", "ZScoreThreshold", "SpikeGuard", "GradientSpikeError",
+    "WarmupThreshold", "ZScoreThreshold", "QuantileThreshold", "SpikeGuard", "GradientSpikeError",
 ]
 
 
@@ -42,6 +42,7 @@ FACTORIES = [
     lambda: GradientClipping(0.01, mode="value"),
     lambda: GradientClipping(PercentileThreshold(75.0, warmup_steps=2, window=4)),
     lambda: GradientClipping(WarmupThreshold(2, 1.0, then=ZScoreThreshold(warmup_steps=2))),
+    lambda: GradientClipping(lightning_clip.QuantileThreshold(0.5, initial=0.05)),
     lambda: NonFiniteGradientGuard("skip", max_consecutive_skips=3),
     lambda: lightning_clip.SpikeGuard(("grad_norm", "loss"), window=3, warmup_steps=2),
 ]

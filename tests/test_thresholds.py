@@ -12,6 +12,7 @@ import torch
 from lightning_clip.core.thresholds import (
     FixedThreshold,
     PercentileThreshold,
+    QuantileThreshold,
     ThresholdPolicy,
     WarmupThreshold,
     ZScoreThreshold,
@@ -281,6 +282,7 @@ def test_warmup_default_then_is_a_valid_percentile_policy():
 @pytest.mark.parametrize("make", [
     lambda: PercentileThreshold(percentile=60.0, warmup_steps=2, window=5),
     lambda: ZScoreThreshold(warmup_steps=3, max_norm=None),
+    lambda: QuantileThreshold(),
 ])
 def test_policy_follows_the_norms_to_another_device(make):
     """State built on one device moves with the norms (here to meta, where nothing can be read)."""
@@ -298,6 +300,7 @@ POLICIES = {
     "percentile-host": lambda: _policy("host", percentile=70.0, warmup_steps=3),
     "percentile-device-window": lambda: _policy("device", percentile=70.0, warmup_steps=3, window=6),
     "zscore": lambda: ZScoreThreshold(warmup_steps=4, max_norm=None),
+    "quantile": lambda: QuantileThreshold(0.8, initial=0.3, learning_rate=0.1),
 }
 POLICIES.update({f"warmup({k})": (lambda make=make: WarmupThreshold(5, 2.0, then=make()))
                  for k, make in list(POLICIES.items())})
@@ -599,6 +602,13 @@ BAD_ARGS = [
     (WarmupThreshold, {"then": "percentile"}, TypeError, "then"),
     (WarmupThreshold, {"then": -1.0}, ValueError, "then"),
     (WarmupThreshold, {"then": True}, TypeError, "then"),
+    (QuantileThreshold, {"quantile": 0.0}, ValueError, "quantile"),
+    (QuantileThreshold, {"quantile": 1.0}, ValueError, "quantile"),
+    (QuantileThreshold, {"quantile": "0.5"}, TypeError, "quantile"),
+    (QuantileThreshold, {"initial": 0.0}, ValueError, "initial"),
+    (QuantileThreshold, {"initial": INF}, ValueError, "initial"),
+    (QuantileThreshold, {"learning_rate": -0.2}, ValueError, "learning_rate"),
+    (QuantileThreshold, {"learning_rate": NAN}, ValueError, "learning_rate"),
     (ZScoreThreshold, {"alpha": 0.0}, ValueError, "alpha"),
     (ZScoreThreshold, {"alpha": 1.0}, ValueError, "alpha"),
     (ZScoreThreshold, {"alpha": 1.5}, ValueError, "alpha"),
@@ -635,3 +645,69 @@ def test_bad_arguments_raise_naming_the_argument(cls, kwargs, exc, name):
 def test_as_policy_rejects_bad_values(bad, exc):
     with pytest.raises(exc, match="`threshold`"):
         as_policy(bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# QuantileThreshold vs the geometric update of Andrew et al. 2021, in Python floats
+
+
+def _quantile_reference(norms, quantile, initial, learning_rate):
+    """C_t is in force at step t; C_{t+1} = C_t * exp(-lr * (1[norm <= C_t] - q)); NaN/Inf leave C alone."""
+    out, c = [], initial
+    for g in norms:
+        out.append(c)
+        if math.isfinite(g):
+            c = c * math.exp(-learning_rate * ((1.0 if g <= c else 0.0) - quantile))
+    return out, c
+
+
+def test_quantile_by_hand():
+    # learning_rate = 2 ln 2 and quantile 1/2: halve after a norm at or under C, double after one above
+    policy = QuantileThreshold(quantile=0.5, initial=1.0, learning_rate=2 * math.log(2.0))
+    got = _run(policy, [0.5, 2.0, NAN, 3.0, INF, 1.0, -INF, 2.0, 0.1])
+    # 1 (0.5 <= 1: halve) -> 0.5 (2 > 0.5: double) -> 1 (NaN: keep) -> 1 (3 > 1) -> 2 (Inf: keep) -> 2
+    # (1 <= 2: halve) -> 1 (-Inf: keep) -> 1 (2 > 1) -> 2 (0.1 <= 2) -> 1
+    np.testing.assert_allclose(got, [1.0, 0.5, 1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 2.0], rtol=1e-6)
+    assert policy.state_dict()["threshold"].item() == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("quantile,initial,learning_rate", [(0.5, 1.0, 0.2), (0.9, 0.01, 0.05), (0.1, 50.0, 0.5)])
+def test_quantile_matches_the_formula_and_tracks_the_quantile(quantile, initial, learning_rate):
+    norms = [float(x) for x in _norms(1500, seed=3)]
+    got = _run(QuantileThreshold(quantile, initial, learning_rate), norms)
+    exp, _ = _quantile_reference(norms[:100], quantile, initial, learning_rate)
+    np.testing.assert_allclose(got[:100], exp, rtol=1e-5)
+    # every step, from the policy's own fp32 C_t (over thousands of steps float64 drifts to another side of
+    # some norm and the whole sequence shifts; the rule itself must hold exactly at every step)
+    for t in range(1, len(norms)):
+        _, step = _quantile_reference([norms[t - 1]], quantile, float(got[t - 1]), learning_rate)
+        assert got[t] == pytest.approx(step, rel=1e-6), f"step {t}"
+    late = [(g, c) for g, c in zip(norms[700:], got[700:]) if math.isfinite(g)]
+    below = np.mean([g <= c for g, c in late])
+    assert abs(below - quantile) < 0.06  # it tracks the quantile
+
+
+def test_quantile_explosion_raises_it_by_one_factor_per_step():
+    policy = QuantileThreshold()
+    got = _run(policy, [1e30, 1e30, 1e30])
+    np.testing.assert_allclose(got, [1.0, math.exp(0.1), math.exp(0.2)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("split", [0, 17, 200])
+def test_quantile_round_trip_gives_the_same_thresholds(split):
+    norms = [float(x) for x in _norms(300, seed=9)]
+    kw = dict(quantile=0.7, initial=2.0, learning_rate=0.3)
+    uninterrupted = _run_tensors(QuantileThreshold(**kw), norms)
+    first = QuantileThreshold(**kw)
+    _run(first, norms[:split])
+    state = _round_trip(first.state_dict())
+    assert state["steps"] == split and state["threshold"].dtype == torch.float32
+    resumed = QuantileThreshold(**kw)
+    resumed.load_state_dict(state)
+    rest = _run_tensors(resumed, norms[split:])
+    assert all(torch.equal(a, b) for a, b in zip(rest, uninterrupted[split:]))
+
+
+def test_quantile_refuses_a_bad_checkpoint_threshold():
+    with pytest.raises(ValueError, match="`threshold` to be a positive finite number but got nan"):
+        QuantileThreshold().load_state_dict({"steps": 3, "threshold": torch.tensor(NAN)})

@@ -16,6 +16,7 @@ from lightning_clip.core.histories import NormHistory, make_history
 from lightning_clip.core.thresholds import (
     FixedThreshold,
     PercentileThreshold,
+    QuantileThreshold,
     ThresholdPolicy,
     WarmupThreshold,
     ZScoreThreshold,
@@ -27,6 +28,7 @@ __all__ = [
     "GradientStats",
     "NormHistory",
     "PercentileThreshold",
+    "QuantileThreshold",
     "ThresholdPolicy",
     "WarmupThreshold",
     "ZScoreThreshold",
