@@ -25,13 +25,20 @@ from lightning_clip.core.thresholds import (
 from lightning_clip.exceptions import GradientSpikeError, NonFiniteGradientError
 
 if TYPE_CHECKING:
-    from lightning_clip.callbacks import GradientClipping, GradientNormMonitor, NonFiniteGradientGuard, SpikeGuard
+    from lightning_clip.callbacks import (
+        AdaptiveGradientClipping,
+        GradientClipping,
+        GradientNormMonitor,
+        NonFiniteGradientGuard,
+        SpikeGuard,
+    )
     from lightning_clip.distributed.strategy import ARCDDPStrategy
 
 __version__ = "0.1.0"
 
 #: Re-exported Lightning glue: name -> module that defines it (imported on first access).
 _LIGHTNING_EXPORTS: dict[str, str] = {
+    "AdaptiveGradientClipping": "lightning_clip.callbacks",
     "GradientClipping": "lightning_clip.callbacks",
     "GradientNormMonitor": "lightning_clip.callbacks",
     "NonFiniteGradientGuard": "lightning_clip.callbacks",
@@ -41,6 +48,7 @@ _LIGHTNING_EXPORTS: dict[str, str] = {
 
 __all__ = [
     "ARCDDPStrategy",
+    "AdaptiveGradientClipping",
     "FixedThreshold",
     "GradientClipping",
     "GradientNormMonitor",

@@ -14,6 +14,7 @@ __all__ = [
     "check_finite_float",
     "check_fraction",
     "check_non_negative_int",
+    "check_patterns",
     "check_positive_float",
     "check_positive_int",
 ]
@@ -96,3 +97,12 @@ def check_choice(name: str, value: Any, choices: Collection[str]) -> str:
         allowed = ", ".join(repr(c) for c in choices)
         raise ValueError(f"Expected argument `{name}` to be one of {allowed} but got {value!r}")
     return value
+
+
+def check_patterns(name: str, value: Any) -> tuple[str, ...]:
+    """Return ``value`` (a string or a sequence of non-empty strings) as a tuple, or raise naming ``name``."""
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) and p for p in items):
+        raise TypeError(f"Expected argument `{name}` to be a parameter-name pattern or a list of non-empty "
+                        f"patterns (strings, fnmatch style) but got {value!r}")
+    return tuple(items)

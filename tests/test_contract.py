@@ -19,7 +19,8 @@ from lightning_clip import (
 
 CONTRACT = [
     "GradientNormMonitor", "GradientClipping", "NonFiniteGradientGuard", "FixedThreshold", "PercentileThreshold",
-    "WarmupThreshold", "ZScoreThreshold", "QuantileThreshold", "SpikeGuard", "GradientSpikeError",
+    "WarmupThreshold", "ZScoreThreshold", "QuantileThreshold", "AdaptiveGradientClipping", "SpikeGuard",
+    "GradientSpikeError",
 ]
 
 
@@ -44,6 +45,7 @@ FACTORIES = [
     lambda: GradientClipping(WarmupThreshold(2, 1.0, then=ZScoreThreshold(warmup_steps=2))),
     lambda: GradientClipping(lightning_clip.QuantileThreshold(0.5, initial=0.05)),
     lambda: NonFiniteGradientGuard("skip", max_consecutive_skips=3),
+    lambda: lightning_clip.AdaptiveGradientClipping(0.05, exclude=("net.2.*",)),
     lambda: lightning_clip.SpikeGuard(("grad_norm", "loss"), window=3, warmup_steps=2),
 ]
 

@@ -1,8 +1,11 @@
 """Lightning callbacks (thin glue over the pure core)."""
 
+from lightning_clip.callbacks.agc import AdaptiveGradientClipping
 from lightning_clip.callbacks.clipping import GradientClipping
 from lightning_clip.callbacks.guard import NonFiniteGradientGuard
 from lightning_clip.callbacks.monitor import GradientNormMonitor
 from lightning_clip.callbacks.spike import SpikeGuard
 
-__all__ = ["GradientClipping", "GradientNormMonitor", "NonFiniteGradientGuard", "SpikeGuard"]
+__all__ = [
+    "AdaptiveGradientClipping", "GradientClipping", "GradientNormMonitor", "NonFiniteGradientGuard", "SpikeGuard",
+]
