@@ -310,17 +310,65 @@ def test_python_dash_m_entry_point():
 # find-threshold.
 
 
-def test_find_threshold_command(tmp_path, capsys):
-    png = tmp_path / "hist.png"
-    args = ["find-threshold", "--config", _config("monitor"), "--num-batches", "4", "--percentile", "50",
-            "--plot", str(png), "--data.init_args.num_train=128", "--model.init_args.lr=0.01"]
-    assert main(args) == 0
+def _printed_fit_command(out: str) -> list[str]:
+    """The `lightning-clip fit ...` command find-threshold printed, as argv (after `lightning-clip`)."""
+    import shlex
+
+    (line,) = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("lightning-clip fit ")]
+    argv = shlex.split(line)
+    assert argv[:2] == ["lightning-clip", "fit"]
+    return argv[2:]
+
+
+def test_find_threshold_prints_a_command_with_exactly_one_clipping_at_the_suggestion(tmp_path, capsys):
+    # guard_skip.yaml: GradientClipping sits between two callbacks. The printed command, parsed by LightningCLI,
+    # holds exactly one GradientClipping, at the suggested threshold, and every other configured callback once.
+    from lightning_clip import FixedThreshold, GradientClipping
+    from lightning_clip.tools.cli import _lightning_cli
+
+    png = tmp_path / "range.png"
+    small = ["--data.init_args.seq_len=10", "--data.init_args.num_train=128", "--model.init_args.hidden_size=8"]
+    name = "guard_skip"
+    assert main(["find-threshold", "--config", _config(name), "--num-batches", "3", "--candidates", "0.5,0.05",
+                 "--plot", str(png), *small]) == 0
     out = capsys.readouterr().out
-    assert "suggested threshold (p50)" in out and "over 4 unclipped optimizer steps" in out
+    assert "Range test: 2 clipping thresholds, 3 optimizer steps each" in out
+    (line,) = [ln for ln in out.splitlines() if "suggested threshold:" in ln]
+    suggestion = float(line.split("suggested threshold:")[1].split()[0])
+    assert suggestion in (0.5, 0.05)
     assert png.read_bytes()[:8] == PNG_MAGIC
 
+    argv = _printed_fit_command(out)
+    assert argv[:2] == ["--config", _config(name)] and all(a in argv for a in small)
+    cli = _lightning_cli([*argv, "--trainer.logger=false"], run=False)
+    clipping = [cb for cb in cli.trainer.callbacks if isinstance(cb, GradientClipping)]
+    assert len(clipping) == 1
+    assert isinstance(clipping[0].policy, FixedThreshold) and clipping[0].policy.max_norm == suggestion
+    configured = _lightning_cli(["--config", _config(name), "--trainer.logger=false"], run=False)
+    others = sorted(type(cb).__name__ for cb in configured.trainer.callbacks if not isinstance(cb, GradientClipping))
+    assert sorted(type(cb).__name__ for cb in cli.trainer.callbacks if not isinstance(cb, GradientClipping)) == others
 
-@pytest.mark.parametrize(("bad", "named"), [(["--percentile", "150"], "--percentile"),
+
+def test_the_replacement_callbacks_hold_one_clipping():
+    from lightning_clip.tools.cli import callbacks_with_threshold
+
+    monitor = {"class_path": "lightning_clip.GradientNormMonitor", "init_args": {"per_parameter": True}}
+    policy = {"class_path": "lightning_clip.GradientClipping", "init_args": {
+        "mode": "norm", "threshold": {"class_path": "lightning_clip.PercentileThreshold", "init_args": {"window": 9}}}}
+    guard = {"class_path": "lightning_clip.NonFiniteGradientGuard", "init_args": {"action": "skip"}}
+    # none configured: one is appended
+    assert callbacks_with_threshold([monitor], 0.3) == [
+        monitor, {"class_path": "lightning_clip.GradientClipping", "init_args": {"threshold": 0.3}}]
+    assert callbacks_with_threshold(None, 0.3) == [
+        {"class_path": "lightning_clip.GradientClipping", "init_args": {"threshold": 0.3}}]
+    # a policy becomes the number, the other options stay; a second GradientClipping is dropped
+    fixed = {"class_path": "lightning_clip.GradientClipping", "init_args": {"mode": "norm", "threshold": 0.3}}
+    assert callbacks_with_threshold([monitor, policy, guard, dict(policy)], 0.3) == [monitor, fixed, guard]
+
+
+@pytest.mark.parametrize(("bad", "named"), [(["--candidates", "0.1,-1"], "--candidates"),
+                                           (["--candidates", "x"], "--candidates"),
+                                           (["--num-candidates", "0"], "--num-candidates"),
                                            (["--num-batches", "0"], "--num-batches"),
                                            (["--num-batches", "x"], "--num-batches")])
 def test_find_threshold_bad_arguments(bad, named, capsys):
@@ -335,12 +383,3 @@ def test_demo_percentile_is_in_the_open_interval(value, tmp_path, capsys):
     line = _error_line(capsys.readouterr().err)
     assert "--percentile" in line and "(0, 100)" in line
     assert not any(tmp_path.iterdir())  # rejected before anything ran
-
-
-def test_find_threshold_percentile_is_the_closed_interval():
-    # find-threshold reports a percentile of measured norms: its ends (min, max) are fine.
-    from lightning_clip.tools.cli import _build_parser
-
-    for value in ("0", "100"):
-        ns, _ = _build_parser().parse_known_args(["find-threshold", "--config", "x.yaml", "--percentile", value])
-        assert ns.percentile == float(value)

@@ -1,4 +1,7 @@
-"""find_clip_threshold: records the norms of unclipped steps, suggests a percentile, restores the model."""
+"""The clip-threshold finder: the range test (find_clip_threshold) and the norm survey (measure_gradient_norms).
+
+Both restore the model; the range test's runs are checked against plain torch loops with clip_grad_norm_.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,13 @@ from conftest import TinyRegressor, make_loader, make_trainer
 from torch import nn
 
 from lightning_clip.tools.demo import AddingProblemDataModule, AddingRNN
-from lightning_clip.tools.finder import ClipThresholdResult, find_clip_threshold
+from lightning_clip.tools.finder import (
+    ClipRangeResult,
+    GradientNormStats,
+    default_candidates,
+    find_clip_threshold,
+    measure_gradient_norms,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -44,7 +53,7 @@ def test_norms_match_a_plain_torch_loop_and_weights_are_restored(tmp_path, seed)
     loader = make_loader(n=64, batch_size=8)  # 8 batches: 12 steps cross an epoch boundary
     trainer = make_trainer(tmp_path, max_steps=5)
 
-    result = find_clip_threshold(trainer, model, train_dataloaders=loader, num_batches=12, percentile=80.0)
+    result = measure_gradient_norms(trainer, model, train_dataloaders=loader, num_batches=12, percentile=80.0)
 
     expected = _torch_loop_norms(reference, loader, 12)
     assert result.norms.shape == (12,)
@@ -63,22 +72,22 @@ def test_norms_match_a_plain_torch_loop_and_weights_are_restored(tmp_path, seed)
 
 def test_suggestion_is_the_numpy_percentile_of_the_recorded_norms(tmp_path, seed):
     trainer = make_trainer(tmp_path)
-    result = find_clip_threshold(trainer, TinyRegressor(lr=0.05), train_dataloaders=make_loader(), num_batches=10,
-                                 percentile=75.0)
+    result = measure_gradient_norms(trainer, TinyRegressor(lr=0.05), train_dataloaders=make_loader(), num_batches=10,
+                                    percentile=75.0)
     assert result.suggestion == np.percentile(result.norms, 75.0)
     assert result.median == np.percentile(result.norms, 50.0)
     assert result.p90 == np.percentile(result.norms, 90.0)
     assert result.p99 == np.percentile(result.norms, 99.0)
     assert result.max == result.norms.max()
     assert result.num_nonfinite == 0 and result.percentile == 75.0
-    assert "suggested threshold (p75)" in str(result)
+    assert "p75: " in str(result)
 
 
 def test_no_step_measures_the_initial_weights(tmp_path, seed):
     model = TinyRegressor(lr=0.05, momentum=0.9)
     reference = copy.deepcopy(model)
     loader = make_loader()
-    result = find_clip_threshold(make_trainer(tmp_path), model, train_dataloaders=loader, num_batches=6, step=False)
+    result = measure_gradient_norms(make_trainer(tmp_path), model, train_dataloaders=loader, num_batches=6, step=False)
     np.testing.assert_allclose(result.norms, _torch_loop_norms(reference, loader, 6, step=False), rtol=1e-6)
 
 
@@ -87,7 +96,7 @@ def test_fit_after_the_finder_equals_fit_without_it(tmp_path):
     a = TinyRegressor(lr=0.02)
     b = copy.deepcopy(a)
     torch.manual_seed(1)
-    find_clip_threshold(make_trainer(tmp_path), a, train_dataloaders=make_loader(), num_batches=4)
+    find_clip_threshold(make_trainer(tmp_path), a, train_dataloaders=make_loader(), num_batches=4, candidates=[0.1, 1])
     make_trainer(tmp_path, max_steps=3).fit(a, make_loader())
     torch.manual_seed(1)
     make_trainer(tmp_path, max_steps=3).fit(b, make_loader())
@@ -99,7 +108,7 @@ def test_with_a_datamodule(tmp_path, seed):
     model = AddingRNN(hidden_size=8, lr=0.01)
     before = _state(model)
     dm = AddingProblemDataModule(seq_len=10, num_train=64, num_val=16, batch_size=16)
-    result = find_clip_threshold(make_trainer(tmp_path), model, datamodule=dm, num_batches=5, percentile=50.0)
+    result = measure_gradient_norms(make_trainer(tmp_path), model, datamodule=dm, num_batches=5, percentile=50.0)
     assert result.norms.shape == (5,) and np.isfinite(result.suggestion)
     assert dm.trainer is None
     for k, v in model.state_dict().items():
@@ -109,14 +118,14 @@ def test_with_a_datamodule(tmp_path, seed):
 
 
 def test_result_from_norms_ignores_nonfinite():
-    r = ClipThresholdResult.from_norms([1.0, float("nan"), 3.0, float("inf"), 2.0], percentile=50.0)
+    r = GradientNormStats.from_norms([1.0, float("nan"), 3.0, float("inf"), 2.0], percentile=50.0)
     assert r.suggestion == 2.0 and r.num_nonfinite == 2 and r.max == 3.0
     assert "NaN/Inf" in str(r)
-    empty = ClipThresholdResult.from_norms([float("nan")], percentile=90.0)
-    assert np.isnan(empty.suggestion) and "no suggestion" in str(empty)
-    diverging = ClipThresholdResult.from_norms(np.geomspace(1.0, 1e6, 20))
-    assert diverging.diverged and "diverges" in str(diverging)
-    assert not ClipThresholdResult.from_norms(np.linspace(1.0, 2.0, 20)).diverged
+    empty = GradientNormStats.from_norms([float("nan")], percentile=90.0)
+    assert np.isnan(empty.suggestion) and "no finite gradient norm" in str(empty)
+    diverging = GradientNormStats.from_norms(np.geomspace(1.0, 1e6, 20))
+    assert diverging.diverged and "diverges" in str(diverging) and "range test" in str(diverging)
+    assert not GradientNormStats.from_norms(np.linspace(1.0, 2.0, 20)).diverged
 
 
 @pytest.mark.parametrize(
@@ -133,7 +142,28 @@ def test_result_from_norms_ignores_nonfinite():
         ({"datamodule": AddingProblemDataModule(seq_len=4, num_train=8, num_val=8)}, ValueError, "not both"),
     ],
 )
-def test_bad_arguments(tmp_path, kwargs, error, match):
+def test_measure_bad_arguments(tmp_path, kwargs, error, match):
+    model = TinyRegressor()
+    before = _state(model)
+    with pytest.raises(error, match=match):
+        measure_gradient_norms(make_trainer(tmp_path), model, train_dataloaders=make_loader(), **kwargs)
+    for k, v in model.state_dict().items():
+        assert torch.equal(before[k], v)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_batches": 0}, ValueError, "num_batches"),
+        ({"num_candidates": 0}, ValueError, "num_candidates"),
+        ({"candidates": [0.1, -1.0]}, ValueError, "candidates"),
+        ({"candidates": [0.1, float("nan")]}, ValueError, "candidates"),
+        ({"candidates": []}, TypeError, "candidates"),
+        ({"candidates": "0.1"}, TypeError, "candidates"),
+        ({"datamodule": AddingProblemDataModule(seq_len=4, num_train=8, num_val=8)}, ValueError, "not both"),
+    ],
+)
+def test_range_test_bad_arguments(tmp_path, kwargs, error, match):
     model = TinyRegressor()
     before = _state(model)
     with pytest.raises(error, match=match):
@@ -147,3 +177,91 @@ def test_bad_trainer_or_model(tmp_path):
         find_clip_threshold(object(), TinyRegressor(), train_dataloaders=make_loader())
     with pytest.raises(TypeError, match="model"):
         find_clip_threshold(make_trainer(tmp_path), nn.Linear(2, 2), train_dataloaders=make_loader())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The range test.
+
+
+def _torch_loop_losses(model: TinyRegressor, loader, num_steps: int, max_norm: float) -> list[float]:
+    """Plain SGD with torch's clip_grad_norm_ at ``max_norm``: the loss of every step."""
+    opt = torch.optim.SGD(model.parameters(), lr=model.lr, momentum=model.momentum)
+    losses = []
+    for x, y in itertools.islice(itertools.cycle(loader), num_steps):
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(model.net(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        opt.step()
+        losses.append(float(loss))
+    return losses
+
+
+def test_every_candidate_runs_from_the_same_weights_like_clip_grad_norm(tmp_path, seed):
+    model = TinyRegressor(lr=0.05, momentum=0.9)
+    reference = copy.deepcopy(model)
+    before = _state(model)
+    loader = make_loader(n=64, batch_size=8)
+    result = find_clip_threshold(make_trainer(tmp_path), model, train_dataloaders=loader, num_batches=10,
+                                 candidates=[5.0, 0.5, 50.0])
+    np.testing.assert_array_equal(result.candidates, [0.5, 5.0, 50.0])  # sorted
+    expected = []
+    for c in (0.5, 5.0, 50.0):
+        ref = copy.deepcopy(reference)
+        expected.append(_torch_loop_losses(ref, loader, 10, c))
+        np.testing.assert_allclose(result.losses[len(expected) - 1], expected[-1], rtol=1e-5)
+    assert len({tuple(e) for e in expected}) == 3  # the thresholds made a difference
+    assert result.start_loss == pytest.approx(expected[0][0], rel=1e-6)
+    means = [np.mean(e) for e in expected]
+    np.testing.assert_allclose(result.mean_loss, means, rtol=1e-5)
+    assert result.best == int(np.argmin(means)) and result.suggestion == [0.5, 5.0, 50.0][result.best]
+    np.testing.assert_allclose(result.decrease, expected[0][0] - np.array(means), rtol=1e-5, atol=1e-6)
+    for k, v in model.state_dict().items():
+        assert torch.equal(before[k], v), k
+    assert "suggested threshold" in str(result)
+
+
+def test_scores_by_hand():
+    r = ClipRangeResult.from_losses([0.1, 1.0, 10.0, 100.0], [
+        [1.0, 0.8, 0.6, 0.6],             # mean 0.75
+        [1.0, 0.5, 0.3, 0.2],             # mean 0.5: the largest decrease
+        [1.0, 2.0, 1001.0],               # above 1000x the first loss at step 2: diverged
+        [1.0, float("nan")],              # not finite at step 1: diverged
+    ])
+    assert r.start_loss == 1.0 and r.best == 1 and r.suggestion == 1.0
+    np.testing.assert_allclose(r.mean_loss, [0.75, 0.5, np.inf, np.inf])
+    np.testing.assert_array_equal(r.diverged_step, [-1, -1, 2, 1])
+    np.testing.assert_allclose(r.decrease, [0.25, 0.5, -np.inf, -np.inf])
+    text = str(r)
+    assert "diverged at step 2" in text and "diverged at step 1" in text and "suggested threshold: 1" in text
+    every = ClipRangeResult.from_losses([0.1, 1.0], [[1.0, float("inf")], [1.0, 2e3]])
+    assert np.isnan(every.suggestion) and "every candidate diverged" in str(every)
+    edge = ClipRangeResult.from_losses([0.1, 1.0], [[1.0, 0.9], [1.0, 0.1]])
+    assert edge.suggestion == 1.0 and "try larger ones" in str(edge)
+
+
+def test_default_grid_scales_with_the_initial_gradient_norm(tmp_path, seed):
+    np.testing.assert_allclose(default_candidates(2.0, 5), [0.002, 0.02, 0.2, 2.0, 20.0])
+    model = TinyRegressor(lr=0.05)
+    loader = make_loader(n=64, batch_size=8)
+    initial = _torch_loop_norms(copy.deepcopy(model), loader, 3, step=False)
+    result = find_clip_threshold(make_trainer(tmp_path), model, train_dataloaders=loader, num_batches=3,
+                                 num_candidates=4)
+    np.testing.assert_allclose(result.candidates, np.median(initial) * np.logspace(-3, 1, 4), rtol=1e-6)
+    out = result.plot(tmp_path / "range.png")
+    assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_on_the_adding_problem_it_suggests_the_tuned_threshold(tmp_path, seed):
+    # The library's study tuned a fixed threshold of 0.3 on this task (vanilla RNN, seq_len 30, 2000 steps);
+    # 60 steps per candidate must land within 3x of it: 0.03 and 3.0 are 10x off, 1.0 is 3.3x off.
+    model = AddingRNN(hidden_size=64, cell="rnn", lr=0.05, momentum=0.9, init_scale=1.2)
+    dm = AddingProblemDataModule(seq_len=30, num_train=2048, num_val=64, batch_size=64, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = find_clip_threshold(make_trainer(tmp_path), model, datamodule=dm, num_batches=60,
+                                     candidates=[0.03, 0.1, 0.3, 1.0, 3.0])
+    finally:
+        torch.set_num_threads(threads)
+    assert 0.1 <= result.suggestion <= 0.9, str(result)

@@ -8,7 +8,7 @@
     lightning-clip fit --trainer.callbacks.help lightning_clip.GradientClipping   # a class's options
     lightning-clip demo [--max-steps N] [--out DIR]               # ~20 s CPU demo + report
     lightning-clip report LOG_DIR [--plot out.png | --no-plot]    # gradient-health summary + PNG of a run
-    lightning-clip find-threshold --config configs/monitor.yaml [--num-batches N] [--percentile P]
+    lightning-clip find-threshold --config configs/fixed.yaml [--num-batches N] [--candidates 0.1,0.3,1]
 
 ``fit`` (and ``validate``/``test``/``predict``) is a :class:`~lightning.pytorch.cli.LightningCLI` over
 any LightningModule/LightningDataModule (``model: {class_path: lightning_clip.tools.demo.AddingRNN}``);
@@ -51,7 +51,7 @@ examples:
   lightning-clip fit --config configs/percentile.yaml \\
       --trainer.callbacks.init_args.threshold.init_args.percentile=95
   lightning-clip report lightning_logs/percentile    # also writes gradient_norms.png next to the logs
-  lightning-clip find-threshold --config configs/monitor.yaml --num-batches 50
+  lightning-clip find-threshold --config configs/fixed.yaml    # range test, like lr_find
 
 fit/validate/test/predict are LightningCLI subcommands over any LightningModule/LightningDataModule;
 callbacks, threshold policies and the strategy are class_path/init_args entries in the YAML, and every
@@ -200,12 +200,15 @@ def _number(text: str, allowed: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number in {allowed} but got {text!r}") from None
 
 
-def _percentile(text: str) -> float:
-    """A percentile of measured norms, in ``[0, 100]`` (``find-threshold``)."""
-    value = _number(text, "[0, 100]")
-    if not 0.0 <= value <= 100.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 100] but got {value:g}")
-    return value
+def _candidates(text: str) -> list[float]:
+    """``find-threshold --candidates``: comma-separated positive numbers."""
+    values = []
+    for part in text.split(","):
+        value = _number(part.strip(), "(0, inf)")
+        if not 0.0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers but got {part.strip()!r}")
+        values.append(value)
+    return values
 
 
 def _adaptive_percentile(text: str) -> float:
@@ -267,17 +270,22 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("--no-plot", dest="no_plot", action="store_true", help="write no PNG")
 
     finder = sub.add_parser(
-        "find-threshold", help="suggest a clipping threshold from unclipped gradient norms",
-        description="Instantiate the model/data/trainer of a LightningCLI config, train num-batches optimizer steps "
-        "without clipping (weights restored afterwards), and print the percentile of the gradient norms. "
-        "Other LightningCLI options (e.g. --model.init_args.lr=0.01) are passed through.")
+        "find-threshold", help="range test: suggest the clipping threshold that trains best",
+        description="Instantiate the model/data/trainer of a LightningCLI config and run a range test, like "
+        "lr_find: num-batches optimizer steps per candidate threshold, each run from the same initial weights and "
+        "clipping the total gradient norm at that candidate; rank the candidates by loss decrease (first-step loss "
+        "minus the mean loss of the run; a run whose loss diverges ranks last), restore the weights, and print the "
+        "best threshold and the `fit` command that uses it in place of the config's GradientClipping. Other "
+        "LightningCLI options (e.g. --model.init_args.lr=0.01) are passed through.")
     finder.add_argument("--config", "-c", required=True, action="append", help="LightningCLI YAML config")
-    finder.add_argument("--num-batches", type=_positive_int, default=100, help="optimizer steps to measure (100)")
-    finder.add_argument("--percentile", type=_percentile, default=90.0, help="percentile to suggest, in [0, 100] (90)")
-    finder.add_argument("--plot", default=None, help="write a histogram PNG with the suggestion marked")
-    finder.add_argument("--no-step", dest="step", action="store_false",
-                        help="do not step the optimizer: measure the norms of the initial weights on num-batches "
-                        "batches (for models whose unclipped training diverges quickly)")
+    finder.add_argument("--num-batches", type=_positive_int, default=50,
+                        help="optimizer steps per candidate (default: 50)")
+    finder.add_argument("--candidates", type=_candidates, default=None,
+                        help="comma-separated thresholds to try, e.g. 0.03,0.1,0.3,1 (default: 9 geometric steps "
+                        "from 1/1000 to 10 times the median gradient norm of the initial weights)")
+    finder.add_argument("--num-candidates", type=_positive_int, default=9,
+                        help="size of the default grid (default: 9)")
+    finder.add_argument("--plot", default=None, help="write a PNG of every candidate's loss curve")
     return parser
 
 
@@ -325,7 +333,50 @@ def _report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _as_plain(value: Any) -> Any:
+    """A parsed config value as plain JSON data (jsonargparse namespaces become dicts)."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _as_plain(v) for k, v in value.items() if not k.startswith("__")}
+    if isinstance(value, (list, tuple)):
+        return [_as_plain(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def _is_clipping(entry: Any) -> bool:
+    return isinstance(entry, dict) and str(entry.get("class_path", "")).rsplit(".", 1)[-1] == "GradientClipping"
+
+
+def callbacks_with_threshold(callbacks: Any, threshold: float) -> list[Any]:
+    """The config's ``trainer.callbacks`` with its ``GradientClipping`` at ``threshold`` (added if it had none).
+
+    Every other callback is kept as configured; several ``GradientClipping`` entries become one, at the
+    first one's place, with the first one's other options.
+    """
+    entries = [_as_plain(c) for c in (callbacks or [])]
+    if isinstance(callbacks, dict) or hasattr(callbacks, "as_dict"):
+        entries = [_as_plain(callbacks)]
+    out: list[Any] = []
+    placed = False
+    for entry in entries:
+        if _is_clipping(entry):
+            if not placed:
+                init_args = dict(entry.get("init_args") or {})
+                init_args["threshold"] = threshold
+                out.append({"class_path": entry["class_path"], "init_args": init_args})
+                placed = True
+            continue
+        out.append(entry)
+    if not placed:
+        out.append({"class_path": "lightning_clip.GradientClipping", "init_args": {"threshold": threshold}})
+    return out
+
+
 def _find_threshold(ns: argparse.Namespace, passthrough: list[str]) -> int:
+    import json
+    import shlex
+
     from lightning_clip.tools.finder import find_clip_threshold
 
     args: list[str] = []
@@ -334,12 +385,17 @@ def _find_threshold(ns: argparse.Namespace, passthrough: list[str]) -> int:
     args += passthrough
     cli = _lightning_cli(args, run=False)
     result = find_clip_threshold(cli.trainer, cli.model, datamodule=cli.datamodule, num_batches=ns.num_batches,
-                                 percentile=ns.percentile, step=ns.step)
+                                 candidates=ns.candidates, num_candidates=ns.num_candidates)
     print(result)
     if ns.plot:
-        print(f"Histogram: {result.plot(ns.plot)}")
-    print(f"\nUse it with: --trainer.callbacks+=lightning_clip.GradientClipping "
-          f"--trainer.callbacks.threshold={result.suggestion:.4g}")
+        print(f"Loss curves: {result.plot(ns.plot)}")
+    if result.suggestion != result.suggestion:  # NaN: every candidate diverged
+        return 0
+    threshold = float(f"{result.suggestion:.4g}")
+    callbacks = callbacks_with_threshold(cli.config.get("trainer", {}).get("callbacks"), threshold)
+    command = ["lightning-clip", "fit", *args, "--trainer.callbacks=" + json.dumps(callbacks, separators=(",", ":"))]
+    print(f"\nTrain with it (the config's GradientClipping at threshold {threshold:g}, every other callback as "
+          f"configured):\n  {shlex.join(command)}")
     return 0
 
 
