@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from lightning_clip.exceptions import check_choice, check_fraction, check_non_negative_int, check_positive_float
+from lightning_clip.robust import privacy
 from lightning_clip.robust.aggregators import AGGREGATORS, aggregate
 from lightning_clip.robust.transforms import SendTransform, WorkerMomentum
 
@@ -54,6 +56,20 @@ class ARCConfig:
         worker_momentum: ``beta`` in ``[0, 1)``: each rank sends ``m <- beta m + (1 - beta) g``
             (``m_0 = 0``) instead of its gradient (Robust D-SHB, the algorithm the ARC paper runs; pair it
             with ``SGD(momentum=0)``). ``0.0`` sends the gradient.
+        dp_noise_multiplier: ``sigma >= 0``: client-level differential privacy (DP-FedAvg). After every
+            rank's vector is clipped to ``C = static_clip``, noise ``N(0, sigma^2 C^2 I)`` is added once to
+            the sum over the ranks, then the sum is divided by ``n`` (:mod:`lightning_clip.robust.privacy`).
+            Needs ``static_clip``. ``0.0`` (the default) adds nothing. The guarantee is established for
+            ``arc=False``, ``aggregator="mean"``, ``nnm=False``; other settings warn.
+        dp_seed: Seed of the noise; the noise of a step is a function of ``(dp_seed, step)``.
+        dp_delta: ``delta`` in ``(0, 1)`` at which epsilon is reported.
+        dp_sampling_rate: In ``(0, 1]``: the probability that a client takes part in a step, for the
+            accountant (``1.0``: every rank's client contributes to every step).
+        dp_clip_quantile: If set, in ``(0, 1)``: the clip bound adapts to this quantile of the ranks' norms
+            (Andrew et al. 2021), starting from ``static_clip``. ``"mean"`` without NNM only.
+        dp_clip_learning_rate: Positive step size of the adaptive bound's geometric update.
+        dp_clipped_count_stddev: Standard deviation (``>= 0``) of the noise on the count of unclipped ranks;
+            ``None``: ``n / 20`` with noise, ``0`` without. With noise it must exceed ``dp_noise_multiplier / 2``.
     """
 
     num_byzantine: int = 1
@@ -62,6 +78,13 @@ class ARCConfig:
     arc: bool = True
     static_clip: float | None = None
     worker_momentum: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_seed: int = 0
+    dp_delta: float = 1e-5
+    dp_sampling_rate: float = 1.0
+    dp_clip_quantile: float | None = None
+    dp_clip_learning_rate: float = 0.2
+    dp_clipped_count_stddev: float | None = None
 
     def __post_init__(self) -> None:
         check_non_negative_int("num_byzantine", self.num_byzantine)
@@ -74,6 +97,64 @@ class ARCConfig:
             object.__setattr__(self, "static_clip", check_positive_float("static_clip", self.static_clip))
         beta = check_fraction("worker_momentum", self.worker_momentum, low=0.0, high=1.0, open_high=True)
         object.__setattr__(self, "worker_momentum", beta)
+        self._check_dp()
+
+    def _check_dp(self) -> None:
+        sigma = check_positive_float("dp_noise_multiplier", self.dp_noise_multiplier, allow_zero=True)
+        object.__setattr__(self, "dp_noise_multiplier", sigma)
+        check_non_negative_int("dp_seed", self.dp_seed)
+        object.__setattr__(self, "dp_delta", check_fraction("dp_delta", self.dp_delta, open_low=True, open_high=True))
+        object.__setattr__(self, "dp_sampling_rate", check_fraction("dp_sampling_rate", self.dp_sampling_rate,
+                                                                    open_low=True))
+        object.__setattr__(self, "dp_clip_learning_rate",
+                           check_positive_float("dp_clip_learning_rate", self.dp_clip_learning_rate))
+        if self.dp_clipped_count_stddev is not None:
+            object.__setattr__(self, "dp_clipped_count_stddev",
+                               check_positive_float("dp_clipped_count_stddev", self.dp_clipped_count_stddev,
+                                                    allow_zero=True))
+        if self.dp_clip_quantile is not None:
+            q = check_fraction("dp_clip_quantile", self.dp_clip_quantile, open_low=True, open_high=True)
+            object.__setattr__(self, "dp_clip_quantile", q)
+            if self.static_clip is None:
+                raise ValueError(f"`dp_clip_quantile={q:g}` needs `static_clip`, the adaptive bound's starting value")
+            if not self.uses_all_reduce:
+                raise ValueError(f"`dp_clip_quantile={q:g}` (the adaptive clip bound) works with aggregator='mean' "
+                                 f"and nnm=False only; got aggregator={self.aggregator!r}, nnm={self.nnm}")
+        if sigma == 0.0:
+            return
+        if self.static_clip is None:
+            raise ValueError(f"`dp_noise_multiplier={sigma:g}` needs `static_clip=C`: the noise N(0, sigma^2 C^2) is "
+                             "calibrated to every rank's vector being clipped to C. Set static_clip, or "
+                             "dp_noise_multiplier=0.0")
+        if self.dp_clip_quantile is not None and self.dp_clipped_count_stddev is not None:
+            privacy.adaptive_noise_multiplier(sigma, self.dp_clipped_count_stddev)  # raises when it cannot hold
+        if self.arc or not self.uses_all_reduce:
+            warnings.warn(
+                f"dp_noise_multiplier={sigma:g} with arc={self.arc}, aggregator={self.aggregator!r}, nnm={self.nnm}: "
+                "the noise is added, but the DP guarantee (sensitivity C of the sum) is established only for the "
+                "mean of statically clipped vectors (arc=False, aggregator='mean', nnm=False). With ARC, NNM or a "
+                "robust rule one rank's data can move the other ranks' contributions, so the reported epsilon is "
+                "not a guarantee for this setting.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def uses_dp(self) -> bool:
+        """Whether the hook adds privacy noise or adapts the clip bound."""
+        return self.dp_noise_multiplier > 0.0 or self.dp_clip_quantile is not None
+
+    def dp_count_stddev(self, world_size: int) -> float:
+        """The noise on the unclipped count: ``dp_clipped_count_stddev``, else ``n / 20`` with noise, ``0`` without."""
+        if self.dp_clipped_count_stddev is not None:
+            return self.dp_clipped_count_stddev
+        return world_size / 20.0 if self.dp_noise_multiplier > 0.0 else 0.0
+
+    def dp_vector_noise_multiplier(self, world_size: int) -> float:
+        """The multiplier of the noise on the vectors: ``dp_noise_multiplier``, larger with the adaptive bound."""
+        if self.dp_noise_multiplier == 0.0 or self.dp_clip_quantile is None:
+            return self.dp_noise_multiplier
+        return privacy.adaptive_noise_multiplier(self.dp_noise_multiplier, self.dp_count_stddev(world_size))
 
     @property
     def uses_all_reduce(self) -> bool:
@@ -94,5 +175,6 @@ class ARCConfig:
         return chain + list(extra)
 
     def check_world_size(self, world_size: int) -> None:
-        """Raise ``ValueError`` unless ``num_byzantine < world_size / 2``."""
+        """Raise ``ValueError`` unless ``num_byzantine < world_size / 2`` (and the DP noise can be split)."""
         check_world_size(world_size, self.num_byzantine)
+        self.dp_vector_noise_multiplier(world_size)

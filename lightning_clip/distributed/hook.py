@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_clip.distributed.config import ARCConfig
+from lightning_clip.distributed.dp import DPState
 from lightning_clip.exceptions import PeerFailureError
 from lightning_clip.robust.aggregators import aggregate_with_stats, preaggregation_stats
 from lightning_clip.robust.arc import ARCStats
@@ -69,6 +70,8 @@ class ARCHookState:
         last_num_buckets: How many buckets were held and reduced at that step.
         last_comm_bytes: Payload bytes of the collectives this rank issued at that step,
             ``{"all_reduce": ..., "all_gather": ...}`` (all-gather: the gathered outputs).
+        dp: The differential-privacy state (:class:`~lightning_clip.distributed.dp.DPState`: the adaptive
+            clip bound, the noise's layout), ``None`` without ``dp_*`` settings.
     """
 
     __slots__ = [
@@ -81,6 +84,7 @@ class ARCHookState:
         "last_step",
         "last_num_buckets",
         "last_comm_bytes",
+        "dp",
     ]
 
     def __init__(
@@ -99,8 +103,11 @@ class ARCHookState:
         self.process_group = process_group
         self.config = config
         self.transforms = config.send_chain(transforms)
+        self.dp: DPState | None = None
         if dist.is_available() and dist.is_initialized():
             config.check_world_size(dist.get_world_size(self.group()))  # fail here, not in the first backward
+            if config.uses_dp:
+                self.dp = DPState(config, dist.get_world_size(self.group()))
         self.iter = 0
         self.held: list[tuple[Tensor, torch.futures.Future, list[Tensor]]] = []
         self.last_stats: ARCStats | None = None
@@ -196,13 +203,25 @@ def _scale_(buffers: list[Tensor], coeff: Tensor, finite: Tensor, zero_non_finit
             b.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _reduce_mean(config: ARCConfig, sent: SendBuffers, comm: _Transport) -> ARCStats:
-    """Scale this rank's buffers by its pre-aggregation factor ``/ n``, then all-reduce them as DDP does."""
+def _reduce_mean(config: ARCConfig, sent: SendBuffers, comm: _Transport, dp: DPState | None = None) -> ARCStats:
+    """Scale this rank's buffers by its pre-aggregation factor ``/ n``, then all-reduce them as DDP does.
+
+    With ``dp``: the clip bound may be adaptive, and rank 0 adds the step's noise ``/ n`` to its buffers
+    before the all-reduce, so the sum carries it once at no extra traffic; then the bound is updated.
+    """
     norms = comm.gather_rows(_local_norm(sent.buffers).reshape(1)).reshape(comm.n)
-    stats = preaggregation_stats(norms, config.num_byzantine, arc=config.arc, static_clip=config.static_clip)
+    adaptive = dp is not None and dp.bound is not None
+    stats = preaggregation_stats(norms, config.num_byzantine, arc=config.arc,
+                                 static_clip=None if adaptive else config.static_clip)
+    if dp is not None:
+        stats = dp.stats(stats, norms.device)
     coeff = stats.scales[comm.rank] * (1.0 / comm.n)  # a Python 1/n: plain DDP's `grad * (1/n)` when the scale is 1
     _scale_(sent.buffers, coeff, torch.isfinite(norms[comm.rank]), zero_non_finite=config.arc)
+    if dp is not None and comm.rank == 0:
+        dp.add_noise_(sent, comm.step, 1.0 / comm.n)
     comm.all_reduce_(sent.buffers)
+    if dp is not None:
+        dp.update_bound(stats.norms, comm.step)
     return stats
 
 
@@ -223,8 +242,14 @@ def _reduce(state: ARCHookState, sent: SendBuffers) -> None:
                       aggregation=config.server_aggregation)
     for transform in state.transforms:
         transform(sent, ctx)
-    reduce = _reduce_mean if config.uses_all_reduce else _reduce_robust
-    state.last_stats = reduce(config, sent, comm)
+    if config.uses_dp and state.dp is None:
+        state.dp = DPState(config, comm.n)
+    if config.uses_all_reduce:
+        state.last_stats = _reduce_mean(config, sent, comm, state.dp)
+    else:
+        state.last_stats = _reduce_robust(config, sent, comm)
+        if state.dp is not None:  # every rank adds the same noise of the step to the same aggregate
+            state.dp.add_noise_(sent, comm.step, 1.0 / comm.n)
     state.last_step = state.iter
     state.last_num_buckets = len(sent.buffers)
     state.last_comm_bytes = comm.bytes

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -44,16 +44,19 @@ from lightning_clip.callbacks.step import should_log
 from lightning_clip.distributed.config import ARCConfig
 from lightning_clip.distributed.hook import ARCHookState, arc_hook
 from lightning_clip.exceptions import check_non_negative_int
+from lightning_clip.robust import privacy
 from lightning_clip.robust.arc import ARCStats
 from lightning_clip.robust.transforms import WorkerMomentum
 from lightning_clip.sim.byzantine import ByzantineSpec
 from lightning_clip.sim.transforms import ByzantineTransform
-from lightning_clip.tags import ARC_CLIPPED_RANKS, ARC_THRESHOLD, arc_norm_tag
+from lightning_clip.tags import ARC_CLIPPED_RANKS, ARC_THRESHOLD, DP_CLIP_BOUND, DP_EPSILON, arc_norm_tag
 
-__all__ = ["WORKER_MOMENTUM_KEY", "ARCDDPStrategy"]
+__all__ = ["DP_STATE_KEY", "WORKER_MOMENTUM_KEY", "ARCDDPStrategy"]
 
 #: Checkpoint key of the gathered per-rank worker-momentum buffers.
 WORKER_MOMENTUM_KEY = "arc_worker_momentum"
+#: Checkpoint key of the differential-privacy state (the adaptive clip bound, identical on every rank).
+DP_STATE_KEY = "arc_dp"
 
 _OWN_HOOK_ARGS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
 
@@ -101,7 +104,8 @@ class ARCDDPStrategy(DDPStrategy):
                                                                           nnm=True, worker_momentum=0.9)))
 
     Args:
-        num_byzantine, aggregator, nnm, worker_momentum, arc, static_clip: Build the
+        num_byzantine, aggregator, nnm, worker_momentum, arc, static_clip, dp_noise_multiplier, dp_seed,
+            dp_delta, dp_sampling_rate, dp_clip_quantile, dp_clip_learning_rate, dp_clipped_count_stddev: Build the
             :class:`~lightning_clip.distributed.config.ARCConfig` (documented there); give these or
             ``arc_config``, not both.
         arc_config: The whole configuration as one object.
@@ -109,7 +113,8 @@ class ARCDDPStrategy(DDPStrategy):
             :class:`~lightning_clip.sim.byzantine.ByzantineSpec` or its config dict, e.g.
             ``{"ranks": [1], "attack": "sign_flip"}``; ``None`` (the default) in real runs.
         seed: Seed of the simulated ``gaussian`` attack.
-        log_arc: Log ``arc/threshold``, ``arc/clipped_ranks`` and ``arc/norm_rank<i>``.
+        log_arc: Log ``arc/threshold``, ``arc/clipped_ranks`` and ``arc/norm_rank<i>`` (with client-level
+            DP also ``dp/epsilon`` and ``dp/clip_bound``).
         **ddp_kwargs: What :class:`~lightning.pytorch.strategies.DDPStrategy` and
             ``DistributedDataParallel`` accept (``start_method``, ``find_unused_parameters``,
             ``bucket_cap_mb``, ...), except the communication-hook arguments; unknown names raise.
@@ -123,6 +128,13 @@ class ARCDDPStrategy(DDPStrategy):
         worker_momentum: float = 0.0,
         arc: bool = True,
         static_clip: float | None = None,
+        dp_noise_multiplier: float = 0.0,
+        dp_seed: int = 0,
+        dp_delta: float = 1e-5,
+        dp_sampling_rate: float = 1.0,
+        dp_clip_quantile: float | None = None,
+        dp_clip_learning_rate: float = 0.2,
+        dp_clipped_count_stddev: float | None = None,
         arc_config: ARCConfig | None = None,
         byzantine: ByzantineSpec | dict[str, Any] | None = None,
         seed: int = 0,
@@ -130,7 +142,11 @@ class ARCDDPStrategy(DDPStrategy):
         **ddp_kwargs: Any,
     ) -> None:
         built = ARCConfig(num_byzantine=num_byzantine, aggregator=aggregator, nnm=nnm,
-                          worker_momentum=worker_momentum, arc=arc, static_clip=static_clip)
+                          worker_momentum=worker_momentum, arc=arc, static_clip=static_clip,
+                          dp_noise_multiplier=dp_noise_multiplier, dp_seed=dp_seed, dp_delta=dp_delta,
+                          dp_sampling_rate=dp_sampling_rate, dp_clip_quantile=dp_clip_quantile,
+                          dp_clip_learning_rate=dp_clip_learning_rate,
+                          dp_clipped_count_stddev=dp_clipped_count_stddev)
         if arc_config is not None:
             if not isinstance(arc_config, ARCConfig):
                 raise TypeError(f"Expected argument `arc_config` to be an ARCConfig but got {arc_config!r}")
@@ -138,6 +154,8 @@ class ARCDDPStrategy(DDPStrategy):
                 raise ValueError("Give ARCDDPStrategy either `arc_config` or the keyword arguments that build one "
                                  f"(num_byzantine, aggregator, ...), not both; got arc_config={arc_config} and {built}")
             built = arc_config
+        if built.dp_noise_multiplier > 0.0:
+            privacy.require_accountant()  # epsilon is reported: fail now, naming the extra, when it cannot be
         if not isinstance(log_arc, bool):
             raise TypeError(f"Expected argument `log_arc` to be a bool but got {log_arc!r}")
         _check_ddp_kwargs(ddp_kwargs)
@@ -148,6 +166,7 @@ class ARCDDPStrategy(DDPStrategy):
         self._log_arc = log_arc
         self._arc_state: ARCHookState | None = None
         self._pending_momentum: Tensor | None = None  # this rank's momentum from a checkpoint, awaiting the hook
+        self._pending_dp: dict[str, Any] | None = None  # the DP state from a checkpoint, awaiting the hook
         self._arc_logged_step = -1
         if self._byzantine is not None and self._byzantine.num_byzantine > built.num_byzantine:
             rank_zero_warn(  # allowed (it shows ARC's breakdown point), but say so
@@ -192,6 +211,7 @@ class ARCDDPStrategy(DDPStrategy):
         simulated = [] if self._byzantine is None else [ByzantineTransform(self._byzantine, seed=self._seed)]
         self._arc_state = ARCHookState(self.arc_config, transforms=simulated)
         self._apply_pending_momentum()
+        self._apply_pending_dp()
         self.model.register_comm_hook(self._arc_state, arc_hook)
 
     def on_train_start(self) -> None:
@@ -229,6 +249,9 @@ class ARCDDPStrategy(DDPStrategy):
             entry = self._gather_momentum()
             if entry is not None:
                 checkpoint[WORKER_MOMENTUM_KEY] = entry
+        if self.arc_config.uses_dp and "optimizer_states" in checkpoint:
+            dp = None if self._arc_state is None else self._arc_state.dp
+            checkpoint[DP_STATE_KEY] = dp.state_dict() if dp is not None else dict(self._pending_dp or {})
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def _gather_momentum(self) -> dict[str, Any] | None:
@@ -265,7 +288,17 @@ class ARCDDPStrategy(DDPStrategy):
         """
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
         self._restore_momentum(checkpoint)
+        if self.arc_config.uses_dp:
+            self._pending_dp = checkpoint.get(DP_STATE_KEY)
+            self._apply_pending_dp()
         return checkpoint
+
+    def _apply_pending_dp(self) -> None:
+        if self._pending_dp is None or self._arc_state is None:
+            return
+        if self._arc_state.dp is not None:
+            self._arc_state.dp.load_state_dict(self._pending_dp)
+        self._pending_dp = None
 
     def _restore_momentum(self, checkpoint: dict[str, Any]) -> None:
         entry = checkpoint.get(WORKER_MOMENTUM_KEY)
@@ -305,6 +338,7 @@ class ARCDDPStrategy(DDPStrategy):
 
     def teardown(self) -> None:
         self._pending_momentum = None
+        self._pending_dp = None
         super().teardown()
 
     # -- logging -------------------------------------------------------------------------------------
@@ -335,7 +369,45 @@ class ARCDDPStrategy(DDPStrategy):
         ).tolist()  # the only device-to-host copy
         metrics = {ARC_THRESHOLD: values[0], ARC_CLIPPED_RANKS: values[1]}
         metrics.update({arc_norm_tag(i): v for i, v in enumerate(values[2:])})
+        eps = self.dp_epsilon()
+        if eps is not None:
+            metrics[DP_EPSILON] = eps
+        if state.dp is not None and state.dp.bound is not None:
+            metrics[DP_CLIP_BOUND] = float(state.dp.bound)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=True, batch_size=1, sync_dist=False)
+
+    # -- differential privacy ------------------------------------------------------------------------
+
+    def dp_epsilon(self, steps: int | None = None) -> float | None:
+        """Epsilon at ``dp_delta`` after ``steps`` noisy steps (default: the steps so far); ``None`` without noise.
+
+        The accountant's (:func:`lightning_clip.robust.privacy.epsilon`) for ``dp_noise_multiplier``,
+        ``dp_sampling_rate`` and the steps. A guarantee only where the configuration's warning did not say otherwise.
+        """
+        cfg = self.arc_config
+        if cfg.dp_noise_multiplier == 0.0:
+            return None
+        if steps is None:
+            steps = 0 if self._arc_state is None else self._arc_state.iter
+        return privacy.epsilon(cfg.dp_noise_multiplier, cfg.dp_sampling_rate, steps, cfg.dp_delta)
+
+    def dp_summary(self) -> str | None:
+        """The end-of-fit line on the privacy spent (``None`` without noise)."""
+        eps = self.dp_epsilon()
+        if eps is None:
+            return None
+        cfg = self.arc_config
+        steps = 0 if self._arc_state is None else self._arc_state.iter
+        established = not cfg.arc and cfg.uses_all_reduce
+        caveat = "" if established else " (not a guarantee with ARC, NNM or a robust rule)"
+        return (f"ddp_arc client-level DP: epsilon = {eps:.4g} at delta = {cfg.dp_delta:g} after {steps} steps "
+                f"(noise multiplier {cfg.dp_noise_multiplier:g}, sampling rate {cfg.dp_sampling_rate:g}){caveat}")
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        summary = self.dp_summary()
+        if summary is not None:
+            rank_zero_info(summary)
 
     # -- registry ------------------------------------------------------------------------------------
 

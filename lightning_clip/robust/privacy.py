@@ -1,0 +1,184 @@
+"""Client-level differential privacy for the aggregation of clipped vectors (DP-FedAvg), pure torch.
+
+The mechanism (McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models"):
+every one of the ``n`` clients (here: DDP ranks) clips its vector to L2 norm ``C``; Gaussian noise
+``N(0, sigma^2 C^2 I)`` is added once to the *sum* of the clipped vectors, and the sum is divided by
+``n``. Adding or removing one client moves the sum by at most ``C`` (:func:`sum_sensitivity`), so each
+step is a Gaussian mechanism of noise multiplier ``sigma``; :func:`epsilon` composes the steps with an
+existing accountant (Google's ``dp-accounting``, the optional extra ``lightning-clip[dp]``).
+
+The adaptive clip bound (Andrew et al. 2021, "Differentially Private Learning with Adaptive
+Clipping"): the bound follows a target quantile of the clients' norms through
+:func:`~lightning_clip.core.functional.geometric_quantile_update`, fed with a noisy fraction of
+unclipped clients (:func:`noisy_unclipped_fraction`). Part of the privacy budget goes to that count:
+the vectors then get the larger noise multiplier of :func:`adaptive_noise_multiplier`, so that the pair
+of mechanisms together has multiplier ``sigma``.
+
+The noise of a step is a pure function of ``(seed, step)`` (:func:`noise_seed`), drawn on the given
+device: a resumed run replays it, and every process drawing it gets the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_clip.core.functional import clip_coefficient, geometric_quantile_update
+from lightning_clip.exceptions import check_fraction, check_non_negative_int, check_positive_float
+from lightning_clip.robust.arc import ARCStats
+
+__all__ = [
+    "DP_EXTRA_HINT",
+    "VECTOR_STREAM",
+    "COUNT_STREAM",
+    "adaptive_noise_multiplier",
+    "bound_stats",
+    "epsilon",
+    "gaussian_noise",
+    "noise_seed",
+    "noisy_unclipped_fraction",
+    "require_accountant",
+    "sum_sensitivity",
+    "update_clip_bound",
+]
+
+#: How to install the accountant when it is missing.
+DP_EXTRA_HINT = "pip install 'lightning-clip[dp]'  (or: pip install dp-accounting)"
+#: Noise streams of one step: the noise on the vectors, and the noise on the unclipped count.
+VECTOR_STREAM = 0
+COUNT_STREAM = 1
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def noise_seed(seed: int, step: int, stream: int = VECTOR_STREAM) -> int:
+    """The generator seed of ``stream`` at ``step`` for the run seed ``seed`` (a 63-bit integer).
+
+    Distinct ``(seed, step, stream)`` give distinct seeds (a bijective 64-bit mix of the three), so
+    two steps, two runs or the two streams never share their noise.
+    """
+    check_non_negative_int("seed", seed)
+    check_non_negative_int("step", step)
+    check_non_negative_int("stream", stream)
+    x = ((seed & 0xFFFFFFFF) << 32 | (step & 0xFFFFFFFF)) ^ ((stream * _GOLDEN) & _MASK64)
+    # splitmix64's finaliser: a bijection on 64 bits that spreads nearby inputs apart
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1  # torch seeds are taken modulo 2^64; keep them non-negative
+
+
+def gaussian_noise(numel: int, std: Tensor | float, seed: int, step: int, *, stream: int = VECTOR_STREAM,
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+    """``numel`` independent ``N(0, std^2)`` samples of step ``step``, a pure function of ``(seed, step, stream)``.
+
+    Drawn with a generator of ``device`` seeded by :func:`noise_seed` (the same device type gives the
+    same numbers in every process). ``std`` may be a 0-d tensor on ``device`` (no host read).
+    """
+    check_non_negative_int("numel", numel)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(noise_seed(seed, step, stream))
+    return torch.randn(numel, generator=gen, device=device, dtype=dtype) * std
+
+
+def sum_sensitivity(clip_bound: float) -> float:
+    """L2 sensitivity of the sum of vectors clipped to ``clip_bound`` when one client is added or removed.
+
+    A client's clipped vector has norm at most ``C``, and nothing else in the sum depends on it: ``C``.
+    """
+    return check_positive_float("clip_bound", clip_bound)
+
+
+def adaptive_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float) -> float:
+    """The vectors' noise multiplier when the clip bound is adaptive (Andrew et al. 2021, Theorem 1).
+
+    The unclipped count is released with noise of standard deviation ``sigma_b`` and sensitivity ``1/2``
+    (indicators centred at ``1/2``): a Gaussian mechanism of multiplier ``2 sigma_b``. For the pair to
+    compose like one mechanism of multiplier ``z``, the vectors get ``z_v = (z^-2 - (2 sigma_b)^-2)^-1/2``.
+
+    Raises:
+        ValueError: Unless ``2 * clipped_count_stddev > noise_multiplier`` (the count would spend the whole budget).
+    """
+    z = check_positive_float("dp_noise_multiplier", noise_multiplier)
+    sb = check_positive_float("dp_clipped_count_stddev", clipped_count_stddev)
+    if 2.0 * sb <= z:
+        raise ValueError(
+            f"Expected argument `dp_clipped_count_stddev` to be more than dp_noise_multiplier / 2 = {z / 2:g} but got "
+            f"{sb:g}: the noisy count of unclipped ranks would use the whole privacy budget. Raise "
+            "`dp_clipped_count_stddev` (Andrew et al. suggest n / 20 for n clients) or use a fixed clip bound."
+        )
+    return (z ** -2 - (2.0 * sb) ** -2) ** -0.5
+
+
+def noisy_unclipped_fraction(norms: Tensor, bound: Tensor, clipped_count_stddev: float, seed: int,
+                             step: int) -> Tensor:
+    """``(#{i : norms[i] <= bound} + N(0, sigma_b^2)) / n`` as a 0-d float tensor (a NaN norm counts as clipped)."""
+    n = norms.shape[0]
+    below = (norms <= bound).sum(dtype=torch.float32)
+    if clipped_count_stddev > 0.0:
+        below = below + gaussian_noise(1, clipped_count_stddev, seed, step, stream=COUNT_STREAM,
+                                       device=norms.device)[0]
+    return below / n
+
+
+def update_clip_bound(bound: Tensor, norms: Tensor, quantile: float, learning_rate: float,
+                      clipped_count_stddev: float, seed: int, step: int) -> Tensor:
+    """The next adaptive clip bound: the geometric quantile step on the noisy unclipped fraction.
+
+    ``C <- C * exp(-lr * (b - quantile))`` with ``b`` from :func:`noisy_unclipped_fraction` of the
+    ``n`` norms measured against the current ``C``.
+    """
+    below = noisy_unclipped_fraction(norms, bound, clipped_count_stddev, seed, step)
+    return geometric_quantile_update(bound, below, quantile, learning_rate)
+
+
+def bound_stats(stats: ARCStats, bound: Tensor, arc: bool) -> ARCStats:
+    """``stats`` (ARC's, or unit scales) with every vector then clipped to the tensor ``bound``.
+
+    The static clip of :func:`~lightning_clip.robust.aggregators.preaggregation_stats` for a bound held
+    on the device (the adaptive one): the factor ``min(1, C / (norm_after_ARC + 1e-6))`` is multiplied in.
+    Without ARC the reported threshold is ``C``.
+    """
+    post = stats.norms * stats.scales
+    if arc:  # a vector ARC zeroes has norm 0 afterwards
+        post = torch.where(torch.isfinite(stats.norms), post, torch.zeros_like(post))
+    scales = stats.scales * clip_coefficient(bound.to(post.dtype), post)
+    threshold = stats.threshold if arc else bound.to(stats.threshold.dtype).reshape(())
+    return stats._replace(scales=scales, clipped=scales < 1, threshold=threshold)
+
+
+def require_accountant() -> Any:
+    """Return the ``dp_accounting`` module, or raise ``ImportError`` naming the extra to install."""
+    try:
+        import dp_accounting
+    except ImportError as exc:
+        raise ImportError(f"Privacy accounting needs Google's dp-accounting: {DP_EXTRA_HINT}") from exc
+    return dp_accounting
+
+
+def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> float:
+    """Epsilon of ``steps`` compositions of the sampled Gaussian mechanism at ``delta`` (RDP accounting).
+
+    Computed by ``dp_accounting``'s ``RdpAccountant`` (its default orders) for the event
+    ``PoissonSampled(sampling_rate, Gaussian(noise_multiplier))`` composed ``steps`` times; with
+    ``sampling_rate = 1`` every client takes part in every step. ``0`` steps give ``0``; a zero noise
+    multiplier gives ``inf``.
+
+    Raises:
+        ImportError: When ``dp-accounting`` is not installed, naming the extra to install.
+    """
+    z = check_positive_float("dp_noise_multiplier", noise_multiplier, allow_zero=True)
+    q = check_fraction("dp_sampling_rate", sampling_rate, open_low=True)
+    t = check_non_negative_int("steps", steps)
+    d = check_fraction("dp_delta", delta, open_low=True, open_high=True)
+    dp_accounting = require_accountant()
+    if t == 0:
+        return 0.0
+    if z == 0.0:
+        return math.inf
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), t)
+    return float(accountant.get_epsilon(d))
