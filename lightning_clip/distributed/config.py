@@ -12,10 +12,13 @@ from torch import Tensor
 
 from lightning_clip.exceptions import check_choice, check_fraction, check_non_negative_int, check_positive_float
 from lightning_clip.robust import privacy
-from lightning_clip.robust.aggregators import AGGREGATORS, aggregate
+from lightning_clip.robust.aggregators import AGGREGATORS, RuleOptions, aggregate
 from lightning_clip.robust.transforms import SendTransform, WorkerMomentum
 
-__all__ = ["ARCConfig", "check_world_size"]
+__all__ = ["ROBUST_COMMS", "ARCConfig", "check_world_size"]
+
+#: How a robust rule's vectors travel: coordinate shards (all-to-all, all-gather) or every vector to every rank.
+ROBUST_COMMS = ("sharded", "gather")
 
 
 def check_world_size(world_size: int, num_byzantine: int) -> None:
@@ -47,8 +50,9 @@ class ARCConfig:
             (checked against the world size when it is known). ``0`` gives plain DDP's result.
         aggregator: ``"mean"`` (an all-reduce: plain DDP's traffic plus ``n`` floats) or a robust rule of
             :data:`~lightning_clip.robust.aggregators.AGGREGATORS`: ``"cwtm"``, ``"median"``, ``"geomed"``,
-            ``"krum"``, ``"multikrum"`` (an all-gather of every rank's gradient).
-        nnm: Nearest-neighbour mixing before the rule (all-gather path).
+            ``"krum"``, ``"multikrum"``, ``"meamed"``, ``"cclip"`` (centered clipping from the previous
+            step's aggregate, which the hook keeps).
+        nnm: Nearest-neighbour mixing before the rule.
         arc: Apply ARC (the default). ``False`` is the ablation: vectors reach the rule unclipped and a
             non-finite one is not zeroed, as in plain DDP.
         static_clip: If set, clip every rank's vector to this L2 norm after ARC and before NNM (the
@@ -70,6 +74,17 @@ class ARCConfig:
         dp_clip_learning_rate: Positive step size of the adaptive bound's geometric update.
         dp_clipped_count_stddev: Standard deviation (``>= 0``) of the noise on the count of unclipped ranks;
             ``None``: ``n / 20`` with noise, ``0`` without. With noise it must exceed ``dp_noise_multiplier / 2``.
+        robust_comm: How a robust rule (or NNM) moves the vectors: ``"sharded"`` (the default: each rank
+            aggregates ``d / n`` coordinates after one all-to-all, then one all-gather; about an
+            all-reduce's traffic and one gradient of extra memory, :mod:`lightning_clip.distributed.sharded`)
+            or ``"gather"`` (every rank all-gathers every vector, ``n`` gradients of memory; kept for
+            comparison and as a reference). Same maths.
+        bucket_size: ``s >= 1``: average random buckets of ``s`` vectors before NNM and the rule (the
+            permutation is a function of ``(bucket_seed, step)``, the same on every rank and on resume);
+            needs ``num_byzantine < ceil(world_size / s) / 2``. ``1`` (the default) skips bucketing.
+        bucket_seed: Seed of the bucketing permutation.
+        cclip_tau: Radius of centered clipping (``aggregator="cclip"``), positive.
+        cclip_iters: Iterations of centered clipping per step, positive.
     """
 
     num_byzantine: int = 1
@@ -85,6 +100,11 @@ class ARCConfig:
     dp_clip_quantile: float | None = None
     dp_clip_learning_rate: float = 0.2
     dp_clipped_count_stddev: float | None = None
+    robust_comm: str = "sharded"
+    bucket_size: int = 1
+    bucket_seed: int = 0
+    cclip_tau: float = 1.0
+    cclip_iters: int = 1
 
     def __post_init__(self) -> None:
         check_non_negative_int("num_byzantine", self.num_byzantine)
@@ -97,6 +117,11 @@ class ARCConfig:
             object.__setattr__(self, "static_clip", check_positive_float("static_clip", self.static_clip))
         beta = check_fraction("worker_momentum", self.worker_momentum, low=0.0, high=1.0, open_high=True)
         object.__setattr__(self, "worker_momentum", beta)
+        if not isinstance(self.robust_comm, str):
+            raise TypeError(f"Expected argument `robust_comm` to be a string but got {self.robust_comm!r}")
+        check_choice("robust_comm", self.robust_comm, ROBUST_COMMS)
+        options = self.rule_options  # validates bucket_size, bucket_seed, cclip_tau, cclip_iters
+        object.__setattr__(self, "cclip_tau", options.cclip_tau)
         self._check_dp()
 
     def _check_dp(self) -> None:
@@ -163,10 +188,14 @@ class ARCConfig:
 
     @property
     def server_aggregation(self) -> Callable[[Tensor], Tensor]:
-        """The whole pipeline ``[n, d] -> [d]``: ``aggregate(x, aggregator, num_byzantine, nnm, arc, static_clip)``."""
+        """The whole pipeline ``[n, d] -> [d]``: ``aggregate(x, aggregator, num_byzantine, nnm, arc, ...)``.
+
+        Stateless: bucketing draws step 0's permutation and centered clipping starts from zero.
+        """
         return functools.partial(
             aggregate, rule=self.aggregator, num_byzantine=self.num_byzantine, nnm=self.nnm, arc=self.arc,
-            static_clip=self.static_clip,
+            static_clip=self.static_clip, cclip_tau=self.cclip_tau, cclip_iters=self.cclip_iters,
+            bucket_size=self.bucket_size, bucket_seed=self.bucket_seed,
         )
 
     def send_chain(self, extra: Sequence[SendTransform] = ()) -> list[SendTransform]:
@@ -174,7 +203,15 @@ class ARCConfig:
         chain: list[SendTransform] = [WorkerMomentum(self.worker_momentum)] if self.worker_momentum > 0.0 else []
         return chain + list(extra)
 
+    @property
+    def rule_options(self) -> RuleOptions:
+        """The robust pipeline's settings as :class:`~lightning_clip.robust.aggregators.RuleOptions`."""
+        return RuleOptions(rule=self.aggregator, num_byzantine=self.num_byzantine, nnm=self.nnm, arc=self.arc,
+                           static_clip=self.static_clip, bucket_size=self.bucket_size, bucket_seed=self.bucket_seed,
+                           cclip_tau=self.cclip_tau, cclip_iters=self.cclip_iters)
+
     def check_world_size(self, world_size: int) -> None:
         """Raise ``ValueError`` unless ``num_byzantine < world_size / 2`` (and the DP noise can be split)."""
         check_world_size(world_size, self.num_byzantine)
+        self.rule_options.check_world_size(world_size)  # with bucketing: an honest majority of buckets
         self.dp_vector_noise_multiplier(world_size)

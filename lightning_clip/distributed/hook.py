@@ -14,10 +14,12 @@ until the last one (``bucket.is_last()``), returning pending futures, and then:
 2. with ``"mean"`` (no NNM): all-gathers the ``n`` local norms (``n`` floats), computes the
    pre-aggregation scales (:func:`~lightning_clip.robust.aggregators.preaggregation_stats`, identical
    on every rank), scales its buckets by ``scale[rank] / n`` and all-reduces them: plain DDP's traffic;
-3. with a robust rule or NNM: all-gathers the flat local vectors ``[n, d]`` and applies
+3. with a robust rule or NNM: by default by coordinate shards
+   (:func:`~lightning_clip.distributed.sharded.sharded_reduce_`: one all-to-all, all-reduces of at most
+   ``n^2`` floats, one all-gather; about ``2 (n - 1) d / n`` elements sent per rank, as an all-reduce);
+   with ``robust_comm="gather"`` it all-gathers the flat local vectors ``[n, d]`` and applies
    :func:`~lightning_clip.robust.aggregators.aggregate_with_stats` identically on every rank (about
-   ``(n - 1) d`` elements received per rank instead of ``2 (n - 1) d / n``; ``n`` times a gradient's
-   memory);
+   ``(n - 1) d`` elements received per rank; ``n`` times a gradient's memory);
 4. writes the result back and completes every held future (or fails them all).
 
 Holding the buckets means the reduction cannot overlap the backward pass: inherent to ARC, whose scale
@@ -39,6 +41,7 @@ from torch import Tensor
 
 from lightning_clip.distributed.config import ARCConfig
 from lightning_clip.distributed.dp import DPState
+from lightning_clip.distributed.sharded import CenterState, sharded_reduce_
 from lightning_clip.exceptions import PeerFailureError
 from lightning_clip.robust.aggregators import aggregate_with_stats, preaggregation_stats
 from lightning_clip.robust.arc import ARCStats
@@ -70,6 +73,7 @@ class ARCHookState:
         last_num_buckets: How many buckets were held and reduced at that step.
         last_comm_bytes: Payload bytes of the collectives this rank issued at that step,
             ``{"all_reduce": ..., "all_gather": ...}`` (all-gather: the gathered outputs).
+        center: Centered clipping's state (the previous aggregate, per parameter), ``None`` for other rules.
         dp: The differential-privacy state (:class:`~lightning_clip.distributed.dp.DPState`: the adaptive
             clip bound, the noise's layout), ``None`` without ``dp_*`` settings.
     """
@@ -85,6 +89,7 @@ class ARCHookState:
         "last_num_buckets",
         "last_comm_bytes",
         "dp",
+        "center",
     ]
 
     def __init__(
@@ -104,6 +109,7 @@ class ARCHookState:
         self.config = config
         self.transforms = config.send_chain(transforms)
         self.dp: DPState | None = None
+        self.center: CenterState | None = CenterState() if config.aggregator == "cclip" else None
         if dist.is_available() and dist.is_initialized():
             config.check_world_size(dist.get_world_size(self.group()))  # fail here, not in the first backward
             if config.uses_dp:
@@ -166,6 +172,23 @@ class _Transport:
         self.bytes["all_gather"] += out.numel() * out.element_size()
         return out
 
+    def all_to_all_(self, out: Tensor, inp: Tensor) -> None:
+        """Chunk ``j`` of the 1-D ``inp`` to rank ``j``; chunk ``i`` of ``out`` from rank ``i`` (equal chunks)."""
+        self._run("all-to-all", lambda: dist.all_to_all_single(out, inp, group=self.group))
+        self.bytes["all_to_all"] = self.bytes.get("all_to_all", 0) + inp.numel() * inp.element_size()
+
+    def all_gather_into_(self, out: Tensor, inp: Tensor) -> None:
+        """Every rank's 1-D ``inp`` back to back into ``out`` (``n`` times its size)."""
+        self._run("all-gather", lambda: dist.all_gather_single(out, inp, group=self.group))
+        self.bytes["all_gather"] += out.numel() * out.element_size()
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """A copy of the small tensor ``t`` summed over the ranks."""
+        out = t.clone()
+        self._run("all-reduce", lambda: dist.all_reduce(out, group=self.group))
+        self.bytes["all_reduce"] += out.numel() * out.element_size()
+        return out
+
     def all_reduce_(self, buffers: list[Tensor]) -> None:
         """Sum ``buffers`` over the ranks in place (asynchronously, then wait for all)."""
 
@@ -225,13 +248,25 @@ def _reduce_mean(config: ARCConfig, sent: SendBuffers, comm: _Transport, dp: DPS
     return stats
 
 
-def _reduce_robust(config: ARCConfig, sent: SendBuffers, comm: _Transport) -> ARCStats:
-    """All-gather the flat vectors ``[n, d]`` and aggregate them identically on every rank."""
+def _reduce_robust(config: ARCConfig, sent: SendBuffers, comm: _Transport, center: CenterState | None = None
+                   ) -> ARCStats:
+    """A robust rule or NNM: by coordinate shards (:mod:`~lightning_clip.distributed.sharded`), or all-gathered.
+
+    ``robust_comm="gather"`` all-gathers the flat vectors ``[n, d]`` and aggregates them identically on
+    every rank. ``center`` is centered clipping's state, updated with the new aggregate.
+    """
+    if config.robust_comm == "sharded":
+        return sharded_reduce_(sent, config.rule_options, comm, step=comm.step, center=center)
     x = comm.gather_rows(sent.flatten())
+    start = None if center is None else center.flat(sent)
     agg, stats = aggregate_with_stats(x, config.aggregator, config.num_byzantine, nnm=config.nnm, arc=config.arc,
-                                      static_clip=config.static_clip)
-    del x
+                                      static_clip=config.static_clip, center=start, cclip_tau=config.cclip_tau,
+                                      cclip_iters=config.cclip_iters, bucket_size=config.bucket_size,
+                                      bucket_seed=config.bucket_seed, step=comm.step)
+    del x, start
     sent.write_(agg)
+    if center is not None:
+        center.store(sent)
     return stats
 
 
@@ -247,7 +282,7 @@ def _reduce(state: ARCHookState, sent: SendBuffers) -> None:
     if config.uses_all_reduce:
         state.last_stats = _reduce_mean(config, sent, comm, state.dp)
     else:
-        state.last_stats = _reduce_robust(config, sent, comm)
+        state.last_stats = _reduce_robust(config, sent, comm, state.center)
         if state.dp is not None:  # every rank adds the same noise of the step to the same aggregate
             state.dp.add_noise_(sent, comm.step, 1.0 / comm.n)
     state.last_step = state.iter

@@ -11,7 +11,10 @@ this strategy registers it on every device type).
 aggregator        gradient traffic per step                extra memory per rank
 ================= ======================================== =========================================
 ``"mean"``        plain DDP's all-reduce + ``n`` floats    none (buffers scaled in place)
-robust rules      all-gather of ``n x d`` (no all-reduce)  ``~2 n x d`` (gathered + clipped copies)
+robust rules,     all-to-all + all-gather of ``d``         ``~d`` to ``2 d`` (the shards)
+NNM (sharded)     (``~2 (n-1) d / n`` sent) + ``O(n^2)``
+robust rules,     all-gather of ``n x d``                  ``~2 n x d`` (gathered + clipped copies)
+``"gather"``
 ================= ======================================== =========================================
 
 Logged per optimizer step at Lightning's ``log_every_n_steps`` cadence (``log_arc=True``): ``arc/threshold``,
@@ -23,7 +26,13 @@ saved (a collective, in the LightningModule's ``named_parameters()`` order) unde
 and each rank takes its own row back on resume, before the first resumed step. A checkpoint from another
 world size restarts the buffers from zero with a warning; one from a model with other parameter names
 raises ``ValueError``. The hook's step counter (which seeds the ``gaussian`` attack simulation) is
-re-derived from ``trainer.global_step`` when training starts.
+re-derived from ``trainer.global_step`` when training starts; so is the privacy noise's, a function of
+``(dp_seed, step)``. With an adaptive clip bound (``dp_clip_quantile``), the bound (identical on every
+rank) is saved under :data:`DP_STATE_KEY` and restored before the first resumed step.
+
+Client-level DP (``dp_noise_multiplier > 0``): ``dp/epsilon`` (and ``dp/clip_bound``) are logged with the
+ARC tags, :meth:`ARCDDPStrategy.dp_epsilon` gives epsilon for any number of steps, and the end of ``fit``
+prints :meth:`ARCDDPStrategy.dp_summary`.
 """
 
 from __future__ import annotations
@@ -105,7 +114,8 @@ class ARCDDPStrategy(DDPStrategy):
 
     Args:
         num_byzantine, aggregator, nnm, worker_momentum, arc, static_clip, dp_noise_multiplier, dp_seed,
-            dp_delta, dp_sampling_rate, dp_clip_quantile, dp_clip_learning_rate, dp_clipped_count_stddev: Build the
+            dp_delta, dp_sampling_rate, dp_clip_quantile, dp_clip_learning_rate, dp_clipped_count_stddev,
+            robust_comm, bucket_size, bucket_seed, cclip_tau, cclip_iters: Build the
             :class:`~lightning_clip.distributed.config.ARCConfig` (documented there); give these or
             ``arc_config``, not both.
         arc_config: The whole configuration as one object.
@@ -135,6 +145,11 @@ class ARCDDPStrategy(DDPStrategy):
         dp_clip_quantile: float | None = None,
         dp_clip_learning_rate: float = 0.2,
         dp_clipped_count_stddev: float | None = None,
+        robust_comm: str = "sharded",
+        bucket_size: int = 1,
+        bucket_seed: int = 0,
+        cclip_tau: float = 1.0,
+        cclip_iters: int = 1,
         arc_config: ARCConfig | None = None,
         byzantine: ByzantineSpec | dict[str, Any] | None = None,
         seed: int = 0,
@@ -146,7 +161,9 @@ class ARCDDPStrategy(DDPStrategy):
                           dp_noise_multiplier=dp_noise_multiplier, dp_seed=dp_seed, dp_delta=dp_delta,
                           dp_sampling_rate=dp_sampling_rate, dp_clip_quantile=dp_clip_quantile,
                           dp_clip_learning_rate=dp_clip_learning_rate,
-                          dp_clipped_count_stddev=dp_clipped_count_stddev)
+                          dp_clipped_count_stddev=dp_clipped_count_stddev, robust_comm=robust_comm,
+                          bucket_size=bucket_size, bucket_seed=bucket_seed, cclip_tau=cclip_tau,
+                          cclip_iters=cclip_iters)
         if arc_config is not None:
             if not isinstance(arc_config, ARCConfig):
                 raise TypeError(f"Expected argument `arc_config` to be an ARCConfig but got {arc_config!r}")

@@ -107,6 +107,18 @@ def _squared_distances(x: Tensor) -> Tensor:
     return torch.stack([(x - row).pow(2).sum(dim=1) for row in x])
 
 
+def _sum_rows(x: Tensor) -> Tensor:
+    """``x[0] + x[1] + ...`` added row by row: each column's bits do not depend on how many columns there are."""
+    acc = x[0].clone()
+    for row in x[1:]:
+        acc += row
+    return acc
+
+
+def _mean_rows(x: Tensor) -> Tensor:
+    return _sum_rows(x) / x.shape[0]
+
+
 def _row_sq_dist(x: Tensor, z: Tensor) -> Tensor:
     """``||x_i - z||^2`` for every row ``i`` (this block's part of it)."""
     return (x - z).pow(2).sum(dim=1)
@@ -124,7 +136,7 @@ def mean(x: Tensor, num_byzantine: int | None = None) -> Tensor:
     """
     xc = check_matrix("x", x)
     _check_optional_byzantine(xc.shape[0], num_byzantine)
-    return xc.mean(dim=0).to(x.dtype)
+    return _mean_rows(xc).to(x.dtype)
 
 
 def _trim_mask(xc: Tensor, f: int) -> Tensor:
@@ -147,9 +159,9 @@ def _trim_mask(xc: Tensor, f: int) -> Tensor:
 def _trimmed_mean(xc: Tensor, f: int) -> Tensor:
     n = xc.shape[0]
     if f == 0:
-        return xc.mean(dim=0)
+        return _mean_rows(xc)
     kept = torch.where(_trim_mask(xc, f), xc, torch.zeros((), dtype=xc.dtype, device=xc.device))
-    return kept.sum(dim=0) / (n - 2 * f)
+    return _sum_rows(kept) / (n - 2 * f)
 
 
 def trimmed_mean(x: Tensor, num_byzantine: int) -> Tensor:
@@ -187,10 +199,10 @@ def median(x: Tensor, num_byzantine: int | None = None) -> Tensor:
 def _meamed(xc: Tensor, f: int) -> Tensor:
     n = xc.shape[0]
     if f == 0:
-        return xc.mean(dim=0)
+        return _mean_rows(xc)
     dev = (xc - _median(xc)).abs()
     nearest = torch.sort(dev, dim=0, stable=True).indices[: n - f]
-    return torch.gather(xc, 0, nearest).mean(dim=0)
+    return _mean_rows(torch.gather(xc, 0, nearest))
 
 
 def meamed(x: Tensor, num_byzantine: int) -> Tensor:
@@ -212,11 +224,11 @@ def meamed(x: Tensor, num_byzantine: int) -> Tensor:
 
 def _weiszfeld(xc: Tensor, eps: float, max_iter: int, tol: float, reduce: Reduce) -> Tensor:
     n = xc.shape[0]
-    z = xc.mean(dim=0)
+    z = _mean_rows(xc)
     d2 = reduce(_row_sq_dist(xc, z))
     for it in range(max_iter):
         w = 1.0 / torch.clamp(d2.sqrt(), min=eps)
-        z_new = (w.unsqueeze(1) * xc).sum(dim=0) / w.sum()
+        z_new = _sum_rows(w.unsqueeze(1) * xc) / w.sum()
         if tol > 0:  # next distances, the move and the new norm: one reduction
             both = reduce(torch.cat([_row_sq_dist(xc, z_new), (z_new - z).pow(2).sum().reshape(1),
                                      z_new.pow(2).sum().reshape(1)]))
@@ -305,7 +317,7 @@ def multi_krum(x: Tensor, num_byzantine: int, m: int | None = None) -> Tensor:
     n = xc.shape[0]
     f = check_num_byzantine(n, num_byzantine)
     m = _check_m(n, m, f)
-    return xc[_krum_selection(_squared_distances(xc), f, m)].mean(dim=0).to(x.dtype)
+    return _mean_rows(xc[_krum_selection(_squared_distances(xc), f, m)]).to(x.dtype)
 
 
 def _centered_clipping(xc: Tensor, center: Tensor | None, tau: float, iters: int, reduce: Reduce) -> Tensor:
@@ -314,7 +326,7 @@ def _centered_clipping(xc: Tensor, center: Tensor | None, tau: float, iters: int
         diff = xc - v
         dist = reduce(diff.pow(2).sum(dim=1)).sqrt()
         coeff = torch.where(dist > tau, tau / dist, torch.ones_like(dist))
-        v = v + (diff * coeff.unsqueeze(1)).mean(dim=0)
+        v = v + _mean_rows(diff * coeff.unsqueeze(1))
     return v
 
 
@@ -408,7 +420,7 @@ def _num_buckets(n: int, bucket_size: int) -> int:
 def _bucketing(x: Tensor, bucket_size: int, permutation: Tensor) -> Tensor:
     n = x.shape[0]
     shuffled = x[permutation.to(x.device)]
-    rows = [shuffled[i : i + bucket_size].mean(dim=0) for i in range(0, n, bucket_size)]
+    rows = [_mean_rows(shuffled[i : i + bucket_size]) for i in range(0, n, bucket_size)]
     return torch.stack(rows)
 
 
@@ -571,7 +583,7 @@ def aggregate_shard(
     xc = x.to(compute_dtype(x.dtype))
     rule = o.rule
     if rule == "mean":
-        out = xc.mean(dim=0)
+        out = _mean_rows(xc)
     elif rule == "cwtm":
         out = _trimmed_mean(xc, f)
     elif rule == "median":
@@ -582,7 +594,7 @@ def aggregate_shard(
         out = _weiszfeld(xc, 1e-8, 100, 1e-6, reduce)
     elif rule in ("krum", "multikrum"):
         m = 1 if rule == "krum" else xc.shape[0] - f
-        out = xc[_krum_selection(reduce(_squared_distances(xc)), f, m)].mean(dim=0)
+        out = _mean_rows(xc[_krum_selection(reduce(_squared_distances(xc)), f, m)])
     else:  # "cclip"
         out = _centered_clipping(xc, center, o.cclip_tau, o.cclip_iters, reduce)
     return out.to(xs.dtype), stats

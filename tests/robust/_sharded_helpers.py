@@ -1,0 +1,108 @@
+"""Spawn target of the sharded-pipeline tests: many scenarios in one gloo process group, results saved per rank.
+
+The parent rebuilds every rank's vector from :func:`vectors` and computes the reference with
+:func:`~lightning_clip.robust.aggregators.aggregate` in one process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import lightning_clip.distributed.sharded as sharded
+from lightning_clip.distributed.config import ARCConfig
+from lightning_clip.distributed.hook import _reduce_robust, _Transport
+from lightning_clip.robust.transforms import SendBuffers
+
+#: Uneven bucket sizes: the flat vector is split like DDP's buckets (d = 2 + 5 + ... not divisible by n).
+BUCKETS = (29, 3, 45)
+D = sum(BUCKETS)  # 77
+NAN_RANK = 1
+
+
+def cases(n: int) -> list[dict[str, Any]]:
+    """The scenarios for ``n`` ranks: ``exact`` ones must match the one-process reference bit for bit."""
+    out: list[dict[str, Any]] = []
+    for rule in ("mean", "cwtm", "median", "meamed"):
+        out.append({"rule": rule, "exact": True})
+    out += [
+        {"rule": "cwtm", "dtype": "bfloat16", "exact": True},
+        {"rule": "meamed", "dtype": "bfloat16", "nan": True, "exact": True},
+        {"rule": "cwtm", "nan": True, "exact": True},
+        {"rule": "median", "arc": False, "static_clip": 1.5, "exact": True},
+        {"rule": "cwtm", "nnm": True},
+        {"rule": "mean", "nnm": True, "nan": True},
+        {"rule": "krum"},
+        {"rule": "multikrum", "nnm": True},
+        {"rule": "multikrum", "dtype": "bfloat16"},
+        {"rule": "geomed"},
+        {"rule": "geomed", "nnm": True, "nan": True},
+        {"rule": "cclip", "cclip_tau": 0.5, "cclip_iters": 2, "steps": 3},
+    ]
+    if n >= 5:
+        out.append({"rule": "meamed", "bucket_size": 2, "bucket_seed": 3, "steps": 3, "exact": True})
+        out.append({"rule": "krum", "bucket_size": 2, "nnm": True, "steps": 2})
+    return out
+
+
+def vectors(n: int, case: int, step: int, dtype: torch.dtype, nan: bool) -> Tensor:
+    """Every rank's flat vector ``[n, D]``: tie-free, rank ``n - 1`` much larger, rank 1 NaN where asked."""
+    g = torch.Generator().manual_seed(10_000 * n + 100 * case + step)
+    x = torch.randn(n, D, generator=g, dtype=torch.float64) * torch.linspace(0.5, 1.5, n, dtype=torch.float64)[:, None]
+    x[n - 1] *= 20
+    x = x.to(dtype)
+    if nan:
+        x[NAN_RANK, ::7] = float("nan")
+    return x
+
+
+def config(case: dict[str, Any], comm: str = "sharded") -> ARCConfig:
+    keys = ("nnm", "arc", "static_clip", "bucket_size", "bucket_seed", "cclip_tau", "cclip_iters")
+    return ARCConfig(num_byzantine=1, aggregator=case["rule"], robust_comm=comm,
+                     **{k: case[k] for k in keys if k in case})
+
+
+def _sent(flat: Tensor, params: list[list[Tensor]]) -> SendBuffers:
+    buffers, offset = [], 0
+    for size in BUCKETS:
+        buffers.append(flat[offset : offset + size].clone())
+        offset += size
+    return SendBuffers(buffers, params)
+
+
+def worker(rank: int, world_sizes: tuple[int, ...], port: int, out_dir: str) -> None:
+    """Run every case for every world size ``n`` (a group of the first ``n`` ranks) in one process group."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=max(world_sizes))
+    sharded.CHUNK = 4  # several column chunks per block even at this size
+    try:
+        res: dict[str, Any] = {}
+        for n in world_sizes:
+            group = dist.new_group(list(range(n)))  # every rank takes part in creating it
+            if rank >= n:
+                continue
+            params = [[torch.zeros(size)] for size in BUCKETS]  # stand-ins: the centre is kept per parameter
+            for i, case in enumerate(cases(n)):
+                dtype = getattr(torch, case.get("dtype", "float32"))
+                for comm_kind in ("sharded", "gather"):
+                    cfg = config(case, comm_kind)
+                    center = sharded.CenterState() if case["rule"] == "cclip" else None
+                    steps = []
+                    for step in range(case.get("steps", 1)):
+                        x = vectors(n, i, step, dtype, case.get("nan", False))
+                        sent = _sent(x[rank], params)
+                        comm = _Transport(group, step)
+                        stats = _reduce_robust(cfg, sent, comm, center)
+                        steps.append({"agg": torch.cat(sent.buffers), "norms": stats.norms.clone(),
+                                      "scales": stats.scales.clone(), "comm": dict(comm.bytes)})
+                    res[f"{n}/{comm_kind}{i}"] = steps
+        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

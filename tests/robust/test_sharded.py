@@ -1,0 +1,151 @@
+"""The sharded robust pipeline in real gloo process groups (3, 4 and 5 ranks) against ``aggregate`` in one process.
+
+One ``torch.multiprocessing.spawn`` per world size runs every scenario of ``_sharded_helpers.cases``
+through the hook's robust reduction, sharded and gathered. The vectors have ``d = 77`` coordinates in
+three uneven buckets (never divisible by ``n``); the coordinate-wise pipelines must give the reference's
+bits, the distance-based ones agree to 1e-6 relative with the same selections.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _ddp_helpers as h  # noqa: E402
+import _sharded_helpers as sh  # noqa: E402
+
+from lightning_clip.distributed.config import ARCConfig  # noqa: E402
+from lightning_clip.distributed.sharded import CenterState, shard_length  # noqa: E402
+from lightning_clip.robust.aggregators import (  # noqa: E402
+    _krum_selection,
+    _squared_distances,
+    aggregate,
+    preaggregate,
+)
+
+WORLD_SIZES = (3, 4, 5)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> list[dict]:
+    """One launch of 5 processes; the 3- and 4-rank runs use groups of the first ranks."""
+    out = tmp_path_factory.mktemp("sharded")
+    n = max(WORLD_SIZES)
+    mp.spawn(sh.worker, args=(WORLD_SIZES, h.free_port(), str(out)), nprocs=n, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(n)]
+
+
+@pytest.fixture(params=WORLD_SIZES)
+def run(request, results) -> tuple[int, list[dict]]:
+    n = request.param
+    return n, [{key.split("/", 1)[1]: v for key, v in res.items() if key.startswith(f"{n}/")} for res in results[:n]]
+
+
+def reference(n: int, i: int, case: dict) -> list[torch.Tensor]:
+    """``aggregate`` on the gathered vectors of every step, centered clipping's centre carried along."""
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    cfg = sh.config(case)
+    center = None
+    out = []
+    for step in range(case.get("steps", 1)):
+        x = sh.vectors(n, i, step, dtype, case.get("nan", False))
+        agg = aggregate(x, cfg.aggregator, 1, nnm=cfg.nnm, arc=cfg.arc, static_clip=cfg.static_clip, center=center,
+                        cclip_tau=cfg.cclip_tau, cclip_iters=cfg.cclip_iters, bucket_size=cfg.bucket_size,
+                        bucket_seed=cfg.bucket_seed, step=step)
+        center = agg if cfg.aggregator == "cclip" else None
+        out.append(agg)
+    return out
+
+
+def test_sharded_equals_the_one_process_reference(run):
+    n, ranks = run
+    for i, case in enumerate(sh.cases(n)):
+        expected = reference(n, i, case)
+        for step, ref in enumerate(expected):
+            got = ranks[0][f"sharded{i}"][step]["agg"]
+            assert got.dtype == ref.dtype
+            if case.get("exact"):
+                assert torch.equal(got, ref), (n, case, step)
+            else:
+                torch.testing.assert_close(got.double(), ref.double(), rtol=1e-6, atol=1e-7 * ref.abs().max().item(),
+                                           msg=lambda m, c=case: f"n={n} {c}: {m}")
+            assert torch.isfinite(got).all(), case  # a NaN rank is neutralised by ARC
+            gathered = ranks[0][f"gather{i}"][step]["agg"]
+            if case.get("exact"):
+                assert torch.equal(gathered, ref), case
+            for r in range(1, n):  # the same bits on every rank
+                assert torch.equal(ranks[r][f"sharded{i}"][step]["agg"], got), case
+
+
+def test_same_krum_selection_as_the_reference(run):
+    n, ranks = run
+    for i, case in enumerate(sh.cases(n)):
+        if case["rule"] not in ("krum", "multikrum") or case.get("bucket_size", 1) > 1:
+            continue
+        dtype = getattr(torch, case.get("dtype", "float32"))
+        x = sh.vectors(n, i, 0, dtype, case.get("nan", False))
+        pre, _ = preaggregate(x, 1, arc=True, nnm=case.get("nnm", False))
+        pre = pre.float()
+        m = 1 if case["rule"] == "krum" else n - 1
+        chosen = _krum_selection(_squared_distances(pre), 1, m)
+        got = ranks[0][f"sharded{i}"][0]["agg"].float()
+        # The selected rows' mean is the result; any other selection is far away (tie-free data).
+        errors = {}
+        for other in torch.combinations(torch.arange(n), m):
+            errors[tuple(sorted(other.tolist()))] = float((pre[other].mean(dim=0) - got).norm())
+        assert min(errors, key=errors.__getitem__) == tuple(sorted(chosen.tolist())), (n, case)
+
+
+def test_cost_is_an_all_to_all_and_an_all_gather_of_one_vector(run):
+    n, ranks = run
+    m = shard_length(sh.D, n)
+    for i, case in enumerate(sh.cases(n)):
+        size = 2 if case.get("dtype") == "bfloat16" else 4
+        comm = ranks[0][f"sharded{i}"][0]["comm"]
+        assert comm["all_to_all"] == size * n * m  # the padded vector, once
+        assert comm["all_gather"] == size * n * m + 4 * n  # the aggregate's blocks, plus the n norms
+        if case["rule"] in ("mean", "cwtm", "median", "meamed") and not case.get("nnm"):
+            assert comm["all_reduce"] == 0
+        if case["rule"] in ("krum", "multikrum") and not case.get("nnm"):
+            assert comm["all_reduce"] == 4 * n * n  # one n x n distance matrix
+        gathered = ranks[0][f"gather{i}"][0]["comm"]
+        assert gathered == {"all_reduce": 0, "all_gather": size * n * sh.D}  # n vectors on every rank
+
+
+def test_stats_are_the_references():
+    x = sh.vectors(4, 0, 0, torch.float32, True)
+    _, stats = preaggregate(x, 1, arc=True)
+    assert stats.scales[sh.NAN_RANK] == 0 and math.isnan(float(stats.norms[sh.NAN_RANK]))
+
+
+def test_config_robust_comm_and_bucketing_validation():
+    assert ARCConfig().robust_comm == "sharded"
+    with pytest.raises(ValueError, match=r"`robust_comm` to be one of 'sharded', 'gather' but got 'ring'"):
+        ARCConfig(robust_comm="ring")
+    with pytest.raises(TypeError, match=r"`robust_comm` to be a string"):
+        ARCConfig(robust_comm=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`bucket_size`"):
+        ARCConfig(bucket_size=0)
+    with pytest.raises(ValueError, match=r"`cclip_tau`"):
+        ARCConfig(aggregator="cclip", cclip_tau=0.0)
+    with pytest.raises(ValueError, match=r"`bucket_size` to leave more than 2 num_byzantine = 2 buckets of 4"):
+        ARCConfig(aggregator="cwtm", bucket_size=2).check_world_size(4)
+    ARCConfig(aggregator="cwtm", bucket_size=2).check_world_size(5)
+
+
+def test_center_state_round_trips_through_a_vector():
+    params = [torch.zeros(2, 3), torch.zeros(4)]
+    state = CenterState()
+    assert state.vector(params) is None
+    vec = torch.arange(10.0)
+    state.load_vector(vec, params)
+    assert torch.equal(state.vector(params), vec)
+    with pytest.raises(ValueError, match=r"`vector` to be a 1-D tensor of 10 elements"):
+        state.load_vector(torch.zeros(9), params)
