@@ -27,6 +27,7 @@ selections are the same).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -34,8 +35,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from lightning_clip.robust.aggregators import RuleOptions, aggregate_shard
-from lightning_clip.robust.arc import ARCStats
+from lightning_clip.robust.aggregators import RuleOptions, aggregate_shard, preaggregation_stats
+from lightning_clip.robust.arc import ARCStats, scale_rows
 from lightning_clip.robust.checks import compute_dtype
 from lightning_clip.robust.transforms import SendBuffers
 
@@ -186,7 +187,9 @@ def sharded_reduce_(
 ) -> ARCStats:
     """Aggregate every rank's ``sent`` with ``options`` by coordinate shards, writing the aggregate into ``sent``.
 
-    A collective: every rank calls it with the same ``options`` and vectors of the same length.
+    A collective: every rank calls it with the same ``options`` and vectors of the same length. Extra
+    memory: the padded send buffer (none when ``sent`` is one bucket of ``n m`` elements) and the received
+    block ``[n, m]``, never both with the all-gather's output; the steps run on column chunks.
 
     Args:
         sent: This rank's vector as DDP's bucket buffers; overwritten with the aggregate.
@@ -203,29 +206,38 @@ def sharded_reduce_(
     m = shard_length(d, n)
     dtype = _send_dtype(sent.buffers)
     device = sent.buffers[0].device
-    send = torch.zeros(n * m, dtype=dtype, device=device)
-    offset = 0
-    for b in sent.buffers:
-        send[offset : offset + b.numel()].copy_(b.reshape(-1))
-        offset += b.numel()
+    in_place = len(sent.buffers) == 1 and d == n * m and sent.buffers[0].dtype == dtype
+    if in_place:  # DDP's bucket is the send buffer and receives the aggregate: no flatten copy
+        send = sent.buffers[0].view(-1)
+    else:
+        send = torch.zeros(n * m, dtype=dtype, device=device)
+        _copy_range_(send[:d], sent.buffers, 0)
     local = torch.linalg.vector_norm(send[:d].unsqueeze(0), dim=1, dtype=compute_dtype(dtype))
     norms = comm.gather_rows(local).reshape(n)
+    stats = preaggregation_stats(norms, options.num_byzantine, arc=options.arc, static_clip=options.static_clip)
     block = torch.empty(n, m, dtype=dtype, device=device)
     comm.all_to_all_(block.view(-1), send)
+    del send
+    if options.arc or options.static_clip is not None:  # ARC and the static clip, in place by column chunks
+        for a in range(0, m, CHUNK):
+            block[:, a : a + CHUNK] = scale_rows(block[:, a : a + CHUNK], stats.scales, norms if options.arc else None)
+    rest = dataclasses.replace(options, arc=False, static_clip=None)
     start = None
     if options.rule == "cclip" and center is not None:
         start = center.block(sent, rank * m, m)
     if options.rule in COORDINATE_WISE and not options.nnm:  # column chunks: same bits, small temporaries
-        first, stats = aggregate_shard(block[:, :CHUNK].contiguous(), norms, options, step=step)
         out = torch.empty(m, dtype=dtype, device=device)
-        out[: first.numel()] = first
-        for a in range(CHUNK, m, CHUNK):
-            out[a : a + CHUNK] = aggregate_shard(block[:, a : a + CHUNK].contiguous(), norms, options, step=step)[0]
+        for a in range(0, m, CHUNK):
+            out[a : a + CHUNK] = aggregate_shard(block[:, a : a + CHUNK].contiguous(), norms, rest, step=step)[0]
     else:
-        out, stats = aggregate_shard(block, norms, options, step=step, center=start, reduce=comm.all_reduce_sum)
+        out = aggregate_shard(block, norms, rest, step=step, center=start, reduce=comm.all_reduce_sum)[0]
     del block, start
-    comm.all_gather_into_(send, out)
-    sent.write_(send[:d])
+    if in_place:
+        comm.all_gather_into_(sent.buffers[0].view(-1), out)
+    else:
+        full = torch.empty(n * m, dtype=dtype, device=device)
+        comm.all_gather_into_(full, out)
+        sent.write_(full[:d])
     if options.rule == "cclip" and center is not None:
         center.store(sent)
     return stats

@@ -102,9 +102,25 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
+#: Columns per chunk of the passes over ``[n, d]`` that would otherwise make ``[n, d]`` temporaries.
+COLUMNS = 1 << 18
+
+
+def _chunks(d: int) -> list[tuple[int, int]]:
+    return [(a, min(d, a + COLUMNS)) for a in range(0, max(d, 1), COLUMNS)]
+
+
 def _squared_distances(x: Tensor) -> Tensor:
-    """Pairwise squared Euclidean distances ``[n, n]`` computed from differences (no cancellation)."""
-    return torch.stack([(x - row).pow(2).sum(dim=1) for row in x])
+    """Pairwise squared Euclidean distances ``[n, n]`` computed from differences (no cancellation).
+
+    Summed over column chunks of :data:`COLUMNS`, so the temporaries stay small.
+    """
+    n = x.shape[0]
+    total = torch.zeros((n, n), dtype=x.dtype, device=x.device)
+    for a, b in _chunks(x.shape[1]):
+        block = x[:, a:b]
+        total += torch.stack([(block - row).pow(2).sum(dim=1) for row in block])
+    return total
 
 
 def _sum_rows(x: Tensor) -> Tensor:
@@ -120,8 +136,19 @@ def _mean_rows(x: Tensor) -> Tensor:
 
 
 def _row_sq_dist(x: Tensor, z: Tensor) -> Tensor:
-    """``||x_i - z||^2`` for every row ``i`` (this block's part of it)."""
-    return (x - z).pow(2).sum(dim=1)
+    """``||x_i - z||^2`` for every row ``i`` (this block's part of it), by column chunks."""
+    total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for a, b in _chunks(x.shape[1]):
+        total += (x[:, a:b] - z[a:b]).pow(2).sum(dim=1)
+    return total
+
+
+def _weighted_sum_rows(x: Tensor, w: Tensor) -> Tensor:
+    """``sum_i w_i x_i`` added row by row, by column chunks (the bits of a column do not depend on the chunks)."""
+    out = torch.empty_like(x[0])
+    for a, b in _chunks(x.shape[1]):
+        out[a:b] = _sum_rows(w.unsqueeze(1) * x[:, a:b])
+    return out
 
 
 # ----------------------------------------------------------------------------- coordinate-wise rules
@@ -156,10 +183,16 @@ def _trim_mask(xc: Tensor, f: int) -> Tensor:
     return keep
 
 
+#: Above this ``f`` the trimmed mean sorts each column instead of ``2 f`` selection passes.
+SELECTION_MAX_F = 4
+
+
 def _trimmed_mean(xc: Tensor, f: int) -> Tensor:
     n = xc.shape[0]
     if f == 0:
         return _mean_rows(xc)
+    if f > SELECTION_MAX_F:
+        return _sum_rows(torch.sort(xc, dim=0).values[f : n - f]) / (n - 2 * f)
     kept = torch.where(_trim_mask(xc, f), xc, torch.zeros((), dtype=xc.dtype, device=xc.device))
     return _sum_rows(kept) / (n - 2 * f)
 
@@ -167,7 +200,8 @@ def _trimmed_mean(xc: Tensor, f: int) -> Tensor:
 def trimmed_mean(x: Tensor, num_byzantine: int) -> Tensor:
     """Return the coordinate-wise trimmed mean: drop the ``f`` largest and ``f`` smallest values per coordinate.
 
-    The kept values are summed in row order and divided by ``n - 2f``.
+    The kept values are summed in row order (in sorted order when ``f`` exceeds :data:`SELECTION_MAX_F`,
+    where a sort is cheaper than ``2 f`` selection passes) and divided by ``n - 2f``.
 
     Args:
         x: Tensor ``[n, d]``.
@@ -228,7 +262,7 @@ def _weiszfeld(xc: Tensor, eps: float, max_iter: int, tol: float, reduce: Reduce
     d2 = reduce(_row_sq_dist(xc, z))
     for it in range(max_iter):
         w = 1.0 / torch.clamp(d2.sqrt(), min=eps)
-        z_new = _sum_rows(w.unsqueeze(1) * xc) / w.sum()
+        z_new = _weighted_sum_rows(xc, w) / w.sum()
         if tol > 0:  # next distances, the move and the new norm: one reduction
             both = reduce(torch.cat([_row_sq_dist(xc, z_new), (z_new - z).pow(2).sum().reshape(1),
                                      z_new.pow(2).sum().reshape(1)]))
@@ -322,11 +356,14 @@ def multi_krum(x: Tensor, num_byzantine: int, m: int | None = None) -> Tensor:
 
 def _centered_clipping(xc: Tensor, center: Tensor | None, tau: float, iters: int, reduce: Reduce) -> Tensor:
     v = torch.zeros_like(xc[0]) if center is None else center.to(xc.dtype)
+    n = xc.shape[0]
     for _ in range(iters):
-        diff = xc - v
-        dist = reduce(diff.pow(2).sum(dim=1)).sqrt()
+        dist = reduce(_row_sq_dist(xc, v)).sqrt()
         coeff = torch.where(dist > tau, tau / dist, torch.ones_like(dist))
-        v = v + _mean_rows(diff * coeff.unsqueeze(1))
+        step = torch.empty_like(v)
+        for a, b in _chunks(xc.shape[1]):
+            step[a:b] = _sum_rows((xc[:, a:b] - v[a:b]) * coeff.unsqueeze(1)) / n
+        v = v + step
     return v
 
 

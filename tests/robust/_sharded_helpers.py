@@ -43,6 +43,9 @@ def cases(n: int) -> list[dict[str, Any]]:
         {"rule": "geomed"},
         {"rule": "geomed", "nnm": True, "nan": True},
         {"rule": "cclip", "cclip_tau": 0.5, "cclip_iters": 2, "steps": 3},
+        # one bucket of n * 20 elements: sent and received in place, no flatten copy
+        {"rule": "cwtm", "one_bucket": True, "exact": True},
+        {"rule": "cclip", "one_bucket": True, "steps": 2},
     ]
     if n >= 5:
         out.append({"rule": "meamed", "bucket_size": 2, "bucket_seed": 3, "steps": 3, "exact": True})
@@ -50,10 +53,15 @@ def cases(n: int) -> list[dict[str, Any]]:
     return out
 
 
-def vectors(n: int, case: int, step: int, dtype: torch.dtype, nan: bool) -> Tensor:
-    """Every rank's flat vector ``[n, D]``: tie-free, rank ``n - 1`` much larger, rank 1 NaN where asked."""
+def length(n: int, case: dict[str, Any]) -> int:
+    """``n * 20`` for a one-bucket case, else ``D``."""
+    return n * 20 if case.get("one_bucket") else D
+
+
+def vectors(n: int, case: int, step: int, dtype: torch.dtype, nan: bool, d: int = D) -> Tensor:
+    """Every rank's flat vector ``[n, d]``: tie-free, rank ``n - 1`` much larger, rank 1 NaN where asked."""
     g = torch.Generator().manual_seed(10_000 * n + 100 * case + step)
-    x = torch.randn(n, D, generator=g, dtype=torch.float64) * torch.linspace(0.5, 1.5, n, dtype=torch.float64)[:, None]
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.5, 1.5, n, dtype=torch.float64)[:, None]
     x[n - 1] *= 20
     x = x.to(dtype)
     if nan:
@@ -68,6 +76,8 @@ def config(case: dict[str, Any], comm: str = "sharded") -> ARCConfig:
 
 
 def _sent(flat: Tensor, params: list[list[Tensor]]) -> SendBuffers:
+    if flat.numel() != D:
+        return SendBuffers([flat.clone()], params)
     buffers, offset = [], 0
     for size in BUCKETS:
         buffers.append(flat[offset : offset + size].clone())
@@ -88,15 +98,16 @@ def worker(rank: int, world_sizes: tuple[int, ...], port: int, out_dir: str) -> 
             group = dist.new_group(list(range(n)))  # every rank takes part in creating it
             if rank >= n:
                 continue
-            params = [[torch.zeros(size)] for size in BUCKETS]  # stand-ins: the centre is kept per parameter
             for i, case in enumerate(cases(n)):
                 dtype = getattr(torch, case.get("dtype", "float32"))
+                sizes = [length(n, case)] if case.get("one_bucket") else BUCKETS
+                params = [[torch.zeros(size)] for size in sizes]  # stand-ins: the centre is kept per parameter
                 for comm_kind in ("sharded", "gather"):
                     cfg = config(case, comm_kind)
                     center = sharded.CenterState() if case["rule"] == "cclip" else None
                     steps = []
                     for step in range(case.get("steps", 1)):
-                        x = vectors(n, i, step, dtype, case.get("nan", False))
+                        x = vectors(n, i, step, dtype, case.get("nan", False), length(n, case))
                         sent = _sent(x[rank], params)
                         comm = _Transport(group, step)
                         stats = _reduce_robust(cfg, sent, comm, center)

@@ -448,3 +448,23 @@ def test_bucketing_validation():
         bucketing(x, 2, torch.tensor([0, 0, 1, 2, 3]))
     with pytest.raises(ValueError, match=r"`bucket_size`"):
         bucketing(x, 0, torch.arange(5))
+
+
+def test_trimmed_mean_by_sort_above_the_selection_limit_matches_numpy():
+    rng = np.random.default_rng(24)
+    x = rng.standard_normal((13, 9))
+    for f in (1, 4, 5, 6):  # selection up to 4, a sort above
+        expected = np.sort(x, axis=0)[f : 13 - f].mean(axis=0)
+        np.testing.assert_allclose(trimmed_mean(torch.from_numpy(x), f).numpy(), expected, rtol=1e-12)
+
+
+def test_chunked_passes_equal_one_pass(monkeypatch):
+    import lightning_clip.robust.aggregators as agg
+
+    rng = np.random.default_rng(25)
+    x = rand(rng, 6, 50)
+    c = rand(rng, 1, 50)[0]
+    whole = {name: aggregate(x, name, 1, nnm=True, arc=True, center=c) for name in AGGREGATORS}
+    monkeypatch.setattr(agg, "COLUMNS", 7)  # 8 chunks
+    for name, value in whole.items():
+        torch.testing.assert_close(aggregate(x, name, 1, nnm=True, arc=True, center=c), value, rtol=1e-12, atol=1e-12)

@@ -55,7 +55,7 @@ def reference(n: int, i: int, case: dict) -> list[torch.Tensor]:
     center = None
     out = []
     for step in range(case.get("steps", 1)):
-        x = sh.vectors(n, i, step, dtype, case.get("nan", False))
+        x = sh.vectors(n, i, step, dtype, case.get("nan", False), sh.length(n, case))
         agg = aggregate(x, cfg.aggregator, 1, nnm=cfg.nnm, arc=cfg.arc, static_clip=cfg.static_clip, center=center,
                         cclip_tau=cfg.cclip_tau, cclip_iters=cfg.cclip_iters, bucket_size=cfg.bucket_size,
                         bucket_seed=cfg.bucket_seed, step=step)
@@ -105,8 +105,8 @@ def test_same_krum_selection_as_the_reference(run):
 
 def test_cost_is_an_all_to_all_and_an_all_gather_of_one_vector(run):
     n, ranks = run
-    m = shard_length(sh.D, n)
     for i, case in enumerate(sh.cases(n)):
+        m = shard_length(sh.length(n, case), n)
         size = 2 if case.get("dtype") == "bfloat16" else 4
         comm = ranks[0][f"sharded{i}"][0]["comm"]
         assert comm["all_to_all"] == size * n * m  # the padded vector, once
@@ -116,13 +116,20 @@ def test_cost_is_an_all_to_all_and_an_all_gather_of_one_vector(run):
         if case["rule"] in ("krum", "multikrum") and not case.get("nnm"):
             assert comm["all_reduce"] == 4 * n * n  # one n x n distance matrix
         gathered = ranks[0][f"gather{i}"][0]["comm"]
-        assert gathered == {"all_reduce": 0, "all_gather": size * n * sh.D}  # n vectors on every rank
+        assert gathered == {"all_reduce": 0, "all_gather": size * n * sh.length(n, case)}  # n vectors everywhere
 
 
-def test_stats_are_the_references():
-    x = sh.vectors(4, 0, 0, torch.float32, True)
-    _, stats = preaggregate(x, 1, arc=True)
-    assert stats.scales[sh.NAN_RANK] == 0 and math.isnan(float(stats.norms[sh.NAN_RANK]))
+def test_stats_are_the_references(run):
+    n, ranks = run
+    for i, case in enumerate(sh.cases(n)):
+        dtype = getattr(torch, case.get("dtype", "float32"))
+        x = sh.vectors(n, i, 0, dtype, case.get("nan", False), sh.length(n, case))
+        _, stats = preaggregate(x, 1, arc=case.get("arc", True), static_clip=case.get("static_clip"))
+        rec = ranks[0][f"sharded{i}"][0]
+        torch.testing.assert_close(rec["norms"], stats.norms, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(rec["scales"], stats.scales, rtol=0, atol=0)
+        if case.get("nan"):
+            assert rec["scales"][sh.NAN_RANK] == 0 and math.isnan(float(rec["norms"][sh.NAN_RANK]))
 
 
 def test_config_robust_comm_and_bucketing_validation():
