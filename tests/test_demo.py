@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -176,3 +177,32 @@ def test_train_loss_is_the_first_batch_loss_at_the_first_step(which, tmp_path):
     logger = RecordingLogger()
     make_trainer(tmp_path, max_steps=1, logger=logger, limit_val_batches=0).fit(model, datamodule=dm)
     assert logger.series("train/loss") == [pytest.approx(expected, rel=1e-6)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The `lightning-clip demo` command: without clipping the RNN diverges, with it the RNN learns.
+
+
+def test_demo_shows_clipping_make_the_rnn_learn(tmp_path, capsys):
+    """A shortened demo (seq_len 10, 400 steps): both validation MSEs printed side by side."""
+    import re
+
+    from lightning_clip.tools.cli import main
+    from lightning_clip.tools.report import read_scalars
+
+    assert main(["demo", "--max-steps", "400", "--seq-len", "10", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("Validation MSE after 400 steps"):]
+    plain = re.search(r"without clipping\s+(diverged at step (\d+)|[\d.]+)", table)
+    clipped = re.search(r"with FixedThreshold\(max_norm=0\.3\)\s+([\d.]+)", table)
+    assert plain and clipped, table
+    # Without clipping the loss diverged (the run stopped there) and the report says so too.
+    assert plain.group(2) is not None, table
+    loss = read_scalars(tmp_path / "demo" / "no_clipping")["train/loss"]
+    bad = ~np.isfinite(loss.values) | (loss.values > 1e3 * loss.values[0])
+    assert int(loss.steps[np.argmax(bad)]) == int(plain.group(2)) and bad.any()
+    assert f"DIVERGED: diverged at step {plain.group(2)}" in out
+    # With clipping the RNN learns: clearly below the 1/6 of always predicting 1.0.
+    mse = float(clipped.group(1))
+    assert mse < 0.6 * (1 / 6), table
+    assert (tmp_path / "demo" / "clipping" / "gradient_norms.png").exists()

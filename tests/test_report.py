@@ -300,17 +300,19 @@ def demo_run(tmp_path_factory):
     threads = torch.get_num_threads()
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = main(["demo", "--max-steps", "40", "--out", str(out), "--plot", str(out / "demo.png")])
+        code = main(["demo", "--max-steps", "40", "--seq-len", "10", "--out", str(out), "--plot",
+                     str(out / "demo.png")])
     assert torch.get_num_threads() == threads  # the demo restores the thread count
-    (run,) = find_runs(out)
-    return code, buf.getvalue(), out, run
+    runs = find_runs(out)
+    assert [r.name for r in runs] == ["clipping", "no_clipping"]
+    return code, buf.getvalue(), out, runs[0]
 
 
 def test_demo_writes_logs_and_prints_where(demo_run):
     code, stdout, out, run = demo_run
     assert code == 0
     assert f"tensorboard --logdir {out}" in stdout
-    assert str(run) in stdout
+    assert str(run) in stdout and str(run.parent / "no_clipping") in stdout
     assert "clip rate:" in stdout and "pre-clip norm" in stdout
     assert (out / "demo.png").read_bytes()[:8] == PNG_MAGIC
     scalars = _independent_scalars(run)
@@ -335,7 +337,7 @@ def test_demo_logs_hold_the_custom_scalars_layout(demo_run):
 def test_report_on_demo_matches_the_event_files(demo_run, tmp_path, capsys):
     _, _, out, run = demo_run
     png = tmp_path / "report.png"
-    assert main(["report", str(out), "--plot", str(png)]) == 0
+    assert main(["report", str(run), "--plot", str(png)]) == 0
     printed = capsys.readouterr().out
     assert png.read_bytes()[:8] == PNG_MAGIC
 

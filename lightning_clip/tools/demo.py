@@ -7,8 +7,8 @@
   digits. The classifier has ``label_flip`` and ``gradient_ascent`` switches that turn the ranks
   listed in ``byzantine_ranks`` into data/loss-level attackers for DDP experiments.
 
-:func:`run_demo` is the ``lightning-clip demo`` command: the RNN trained with the three callbacks, then
-its health report and plot.
+:func:`run_demo` is the ``lightning-clip demo`` command: the RNN trained from the same weights without and
+with clipping, the two validation MSEs side by side, then the health reports and a plot.
 
 Validation metrics are torchmetrics objects logged with ``self.log``: each epoch's value is computed
 over every validation sample of every rank (not a mean of per-batch or per-rank means).
@@ -16,8 +16,10 @@ over every validation sample of every rank (not a mean of per-batch or per-rank 
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +40,9 @@ __all__ = [
     "AddingProblemDataModule",
     "AddingRNN",
     "DigitsClassifier",
+    "DemoRun",
     "DigitsDataModule",
+    "TRIVIAL_MSE",
     "run_demo",
 ]
 
@@ -244,16 +248,75 @@ class DigitsClassifier(pl.LightningModule):
 # --------------------------------------------------------------------------------------------------
 # The `lightning-clip demo` command.
 
+#: Validation MSE of always predicting the mean target 1.0: the variance of a sum of two U(0, 1) values, 1/6.
+TRIVIAL_MSE = 1.0 / 6.0
 
-def _demo_fit(model: AddingRNN, data: AddingProblemDataModule, clipping: GradientClipping, max_steps: int, out: str,
-              seed: int) -> Path:
+
+class _StopOnDivergence(pl.Callback):
+    """Stops training at the first step whose loss is not finite or above 1000x the first step's loss.
+
+    It counts batches, so its step is the logged step with ``accumulate_grad_batches=1`` (the demo's).
+    """
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.batches = 0
+        self.step: int | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, Tensor):
+            return
+        value = float(loss.detach())
+        self.batches += 1
+        if self.first is None:
+            self.first = value
+        if not math.isfinite(value) or (self.first > 0 and value > 1e3 * self.first):
+            self.step = self.batches - 1  # the step this loss is logged at
+            trainer.should_stop = True
+
+
+@dataclass
+class DemoRun:
+    """One training run of the demo.
+
+    Attributes:
+        name: ``"no clipping"`` or the clipping policy.
+        log_dir: its TensorBoard log directory.
+        val_mse: validation MSE of the final weights (``nan`` when they are not finite).
+        diverged_step: the step its loss diverged at (the run stopped there), ``None`` if it did not.
+        steps: optimizer steps taken.
+    """
+
+    name: str
+    log_dir: Path
+    val_mse: float
+    diverged_step: int | None
+    steps: int
+
+    def describe(self) -> str:
+        """The MSE, or where it diverged."""
+        if self.diverged_step is not None:
+            return f"diverged at step {self.diverged_step}"
+        return f"{self.val_mse:.4f}"
+
+
+def _demo_fit(name: str, version: str, clipping: GradientClipping | None, seq_len: int, lr: float, max_steps: int,
+              out: str, seed: int) -> DemoRun:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_clip.callbacks import GradientNormMonitor, NonFiniteGradientGuard
     from lightning_clip.callbacks.tb_layout import TensorBoardLayout
 
     pl.seed_everything(seed, verbose=False)
-    logger = TensorBoardLogger(save_dir=out, name="demo")
+    model = AddingRNN(hidden_size=64, cell="rnn", lr=lr, momentum=0.9, init_scale=1.2)
+    data = AddingProblemDataModule(seq_len=seq_len, num_train=4096, num_val=512, batch_size=64, seed=seed)
+    logger = TensorBoardLogger(save_dir=out, name="demo", version=version)
+    stop = _StopOnDivergence()
+    callbacks: list[pl.Callback] = [GradientNormMonitor(per_parameter=True), TensorBoardLayout(), stop]
+    if clipping is not None:  # the three callbacks; the run without clipping shows what the data does alone
+        callbacks[1:1] = [clipping, NonFiniteGradientGuard("skip")]
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -266,33 +329,36 @@ def _demo_fit(model: AddingRNN, data: AddingProblemDataModule, clipping: Gradien
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=sys.stderr.isatty(),
-        callbacks=[GradientNormMonitor(per_parameter=True), clipping, NonFiniteGradientGuard("skip"),
-                   TensorBoardLayout()],
+        callbacks=callbacks,
     )
-    print(f"Training a vanilla RNN on the adding problem (seq_len={data.seq_len}, lr={model.lr}) for {max_steps} "
-          f"steps on CPU, clipping with {clipping.policy!r} ...", flush=True)
+    print(f"Training {name}: up to {max_steps} steps ...", flush=True)
     trainer.fit(model, datamodule=data)
     logger.experiment.flush()
-    loss = trainer.callback_metrics.get("train/loss")
-    if loss is not None:
-        print(f"Final training loss: {float(loss):.4f} (always predicting 1.0 gives ~0.167)")
-    return Path(logger.log_dir)
+    x, y = data.val_set.tensors
+    with torch.no_grad():
+        mse = float(nn.functional.mse_loss(model(x), y))
+    return DemoRun(name=name, log_dir=Path(logger.log_dir), val_mse=mse, diverged_step=stop.step,
+                   steps=trainer.global_step)
 
 
-def run_demo(max_steps: int = 600, out: str = "lightning_logs", threshold: float = 1.0,
-             percentile: float | None = None, lr: float = 0.05, seq_len: int = 100, seed: int = 0,
+def run_demo(max_steps: int = 800, out: str = "lightning_logs", threshold: float = 0.3,
+             percentile: float | None = None, lr: float = 0.05, seq_len: int = 15, seed: int = 0,
              plot: str | None = None) -> int:
-    """Train the exploding-gradient RNN demo with the three callbacks, then print its health report and plot.
+    """Train the exploding-gradient RNN without and with clipping; print both validation MSEs and the report.
+
+    A vanilla tanh RNN (recurrent gain 1.2, SGD with momentum 0.9) on the adding problem: without
+    clipping its loss diverges within a few dozen steps (the run stops there); clipped, it learns
+    the task, below the 1/6 of always predicting 1.0.
 
     Args:
-        max_steps: Optimizer steps.
-        out: TensorBoard ``save_dir``.
+        max_steps: Optimizer steps per run.
+        out: TensorBoard ``save_dir`` (runs ``demo/no_clipping`` and ``demo/clipping``).
         threshold: Fixed clipping threshold (and the warmup threshold of the adaptive one).
-        percentile: Clip at this percentile of the last 200 norms instead of the fixed threshold.
+        percentile: Clip at this percentile of the last 200 clipped norms instead of the fixed threshold.
         lr: SGD learning rate (momentum 0.9).
         seq_len: Adding-problem sequence length.
-        seed: Random seed.
-        plot: PNG path of the norms (default ``<log dir>/gradient_norms.png``).
+        seed: Random seed (the same initial weights and batches for both runs).
+        plot: PNG path of the clipped run's norms (default ``<its log dir>/gradient_norms.png``).
 
     Returns:
         The exit status, 0.
@@ -303,30 +369,41 @@ def run_demo(max_steps: int = 600, out: str = "lightning_logs", threshold: float
 
     policy: Any = threshold
     if percentile is not None:
-        policy = PercentileThreshold(percentile=percentile, warmup_steps=25, warmup_threshold=threshold, window=200)
-    clipping = GradientClipping(policy)  # validates the threshold
-    model = AddingRNN(hidden_size=64, cell="rnn", lr=lr, momentum=0.9, init_scale=1.2)  # validates lr
-    data = AddingProblemDataModule(seq_len=seq_len, seed=seed)
+        policy = PercentileThreshold(percentile=percentile, warmup_steps=25, warmup_threshold=threshold, window=200,
+                                     history="clipped")
+    clipping = GradientClipping(policy, summary=False)  # validates the threshold
+    AddingRNN(lr=lr)  # validates lr before anything runs
+    check_positive_int("seq_len", seq_len)
+    print(f"A vanilla tanh RNN on the adding problem (seq_len={seq_len}, SGD lr={lr}, momentum 0.9), the same initial "
+          f"weights and batches twice on CPU: without clipping, then with {clipping.policy!r}.", flush=True)
     # A 64-unit RNN gains nothing from intra-op threads, and oversubscribed threads slow it down
     # by an order of magnitude on a busy machine.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        log_dir = _demo_fit(model, data, clipping, max_steps, out, seed)
+        runs = [_demo_fit("without clipping", "no_clipping", None, seq_len, lr, max_steps, out, seed),
+                _demo_fit(f"with {clipping.policy!r}", "clipping", clipping, seq_len, lr, max_steps, out, seed)]
     finally:
         torch.set_num_threads(threads)
-    print(f"\nTensorBoard logs: {log_dir}")
+    plain, clipped = runs
+    print(f"\nValidation MSE after {max_steps} steps (always predicting 1.0 gives {TRIVIAL_MSE:.3f}):")
+    width = max(len(r.name) for r in runs)
+    for r in runs:
+        verdict = ""
+        if r.diverged_step is None:
+            verdict = (f"  {TRIVIAL_MSE / r.val_mse:.1f}x below always predicting 1.0" if r.val_mse < TRIVIAL_MSE
+                       else "  no better than always predicting 1.0")
+        print(f"  {r.name:<{width}}  {r.describe():>22}{verdict}")
+    print(f"\nTensorBoard logs: {plain.log_dir} and {clipped.log_dir}")
     print(f"Open them with:   tensorboard --logdir {out}")
     print("  (Custom Scalars tab: pre-clip norm, post-clip norm and threshold in one chart)\n")
-    for rep in load_reports(log_dir):
-        print(format_report(rep))
-        png = Path(plot) if plot else log_dir / "gradient_norms.png"
-        plot_report(rep, png)
-        print(f"\nPlot: {png}")
-        rate = rep.optimizers[0].clip_rate if rep.optimizers else None
-        if rate is not None and rate > 0.5:
-            print("Clipping kept every step finite, but it clipped more than half of the steps: the threshold is "
-                  "too low or the learning rate too high; lower the learning rate.\n"
-                  "Try: lightning-clip demo --lr 0.01 --percentile 90    (adaptive threshold, healthy clip rate)")
-    print(f"Report again later with: lightning-clip report {log_dir}")
+    for r in runs:
+        for rep in load_reports(r.log_dir):
+            print(format_report(rep))
+            if r is clipped:
+                png = Path(plot) if plot else r.log_dir / "gradient_norms.png"
+                plot_report(rep, png)
+                print(f"\nPlot: {png}")
+            print()
+    print(f"Report again later with: lightning-clip report {Path(out) / 'demo'}")
     return 0
