@@ -37,12 +37,14 @@ Coordinate-wise rules compute each coordinate from its own column only, so both 
 the distance-based steps differ only in the order their partial sums are added.
 
 Non-finite inputs: the rules expect finite vectors (ARC zeroes non-finite rows first). They do nothing
-special about NaN/Inf: ``mean`` propagates them; ``cwtm`` and ``median`` rank NaN above ``+Inf``
-(torch's order), so a NaN may be trimmed away where ``numpy`` would return NaN.
+special about NaN/Inf: ``mean`` propagates them; ``cwtm`` and ``median`` sort each column with a
+network of elementwise min/max, through which a NaN spreads, so a coordinate with a NaN comes out NaN
+(``numpy.median``'s behaviour); ``+-Inf`` are ordinary values there.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +72,7 @@ __all__ = [
     "bucket_permutation",
     "bucketing",
     "centered_clipping",
+    "sorting_network",
     "geometric_median",
     "krum",
     "mean",
@@ -166,42 +169,58 @@ def mean(x: Tensor, num_byzantine: int | None = None) -> Tensor:
     return _mean_rows(xc).to(x.dtype)
 
 
-def _trim_mask(xc: Tensor, f: int) -> Tensor:
-    """Boolean ``[n, d]``: ``False`` at the ``f`` largest and ``f`` smallest values of each column.
+@functools.lru_cache(maxsize=64)
+def sorting_network(n: int) -> tuple[tuple[int, int], ...]:
+    """Batcher's odd-even merge sort for ``n`` inputs: compare-exchange pairs ``(i, j)``, ``i < j``, in order.
 
-    Selection by ``f`` rounds of argmax/argmin (each a pass over the data) instead of a sort along the
-    short axis, which costs several times more. NaN counts as the largest value.
+    Built for the next power of two; pairs reaching past ``n`` are dropped (as if padded with ``+inf``).
+    ``O(n log^2 n)`` pairs.
     """
-    keep = torch.ones_like(xc, dtype=torch.bool)
-    if f == 0:
-        return keep
-    low = torch.full((), float("-inf"), dtype=xc.dtype, device=xc.device)
-    high = torch.full((), float("inf"), dtype=xc.dtype, device=xc.device)
-    for _ in range(f):
-        keep.scatter_(0, torch.where(keep, xc, low).argmax(dim=0, keepdim=True), False)
-        keep.scatter_(0, torch.where(keep, xc, high).argmin(dim=0, keepdim=True), False)
-    return keep
+    size = 1
+    while size < n:
+        size *= 2
+    pairs = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p) and i + j + k < n:
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return tuple(pairs)
 
 
-#: Above this ``f`` the trimmed mean sorts each column instead of ``2 f`` selection passes.
-SELECTION_MAX_F = 4
+def _sorted_rows(xc: Tensor) -> list[Tensor]:
+    """The rows of ``xc`` sorted per column, by a sorting network of elementwise min/max.
+
+    Exact (min and max do no arithmetic) and several times faster than ``torch.sort`` along the short
+    axis. A NaN spreads through the min/max of its column: that column comes out NaN.
+    """
+    rows = list(xc.unbind(0))
+    for i, j in sorting_network(len(rows)):
+        rows[i], rows[j] = torch.minimum(rows[i], rows[j]), torch.maximum(rows[i], rows[j])
+    return rows
 
 
 def _trimmed_mean(xc: Tensor, f: int) -> Tensor:
     n = xc.shape[0]
     if f == 0:
         return _mean_rows(xc)
-    if f > SELECTION_MAX_F:
-        return _sum_rows(torch.sort(xc, dim=0).values[f : n - f]) / (n - 2 * f)
-    kept = torch.where(_trim_mask(xc, f), xc, torch.zeros((), dtype=xc.dtype, device=xc.device))
-    return _sum_rows(kept) / (n - 2 * f)
+    rows = _sorted_rows(xc)[f : n - f]
+    acc = rows[0].clone()
+    for row in rows[1:]:
+        acc += row
+    return acc / (n - 2 * f)
 
 
 def trimmed_mean(x: Tensor, num_byzantine: int) -> Tensor:
     """Return the coordinate-wise trimmed mean: drop the ``f`` largest and ``f`` smallest values per coordinate.
 
-    The kept values are summed in row order (in sorted order when ``f`` exceeds :data:`SELECTION_MAX_F`,
-    where a sort is cheaper than ``2 f`` selection passes) and divided by ``n - 2f``.
+    Each column is sorted by a sorting network (:func:`sorting_network`); the kept values are summed in
+    sorted order and divided by ``n - 2f``.
 
     Args:
         x: Tensor ``[n, d]``.
@@ -214,7 +233,7 @@ def trimmed_mean(x: Tensor, num_byzantine: int) -> Tensor:
 
 def _median(xc: Tensor) -> Tensor:
     n = xc.shape[0]
-    s = torch.sort(xc, dim=0).values
+    s = _sorted_rows(xc)
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 

@@ -22,6 +22,7 @@ from lightning_clip.robust.aggregators import (
     multi_krum,
     nearest_neighbor_mixing,
     preaggregation_stats,
+    sorting_network,
     static_clip,
     trimmed_mean,
 )
@@ -450,10 +451,10 @@ def test_bucketing_validation():
         bucketing(x, 0, torch.arange(5))
 
 
-def test_trimmed_mean_by_sort_above_the_selection_limit_matches_numpy():
+def test_trimmed_mean_for_several_f_matches_numpy():
     rng = np.random.default_rng(24)
     x = rng.standard_normal((13, 9))
-    for f in (1, 4, 5, 6):  # selection up to 4, a sort above
+    for f in (1, 4, 5, 6):
         expected = np.sort(x, axis=0)[f : 13 - f].mean(axis=0)
         np.testing.assert_allclose(trimmed_mean(torch.from_numpy(x), f).numpy(), expected, rtol=1e-12)
 
@@ -468,3 +469,18 @@ def test_chunked_passes_equal_one_pass(monkeypatch):
     monkeypatch.setattr(agg, "COLUMNS", 7)  # 8 chunks
     for name, value in whole.items():
         torch.testing.assert_close(aggregate(x, name, 1, nnm=True, arc=True, center=c), value, rtol=1e-12, atol=1e-12)
+
+
+def test_sorting_network_sorts_every_0_1_input_and_random_columns():
+    for n in range(1, 12):  # the 0-1 principle: sorting every 0/1 input proves the network
+        net = sorting_network(n)
+        for bits in range(2**n):
+            v = [(bits >> k) & 1 for k in range(n)]
+            for i, j in net:
+                v[i], v[j] = min(v[i], v[j]), max(v[i], v[j])
+            assert v == sorted(v), (n, bits)
+    rng = np.random.default_rng(26)
+    for n in (13, 33, 64):
+        x = rng.integers(0, 5, size=(n, 40)).astype(float)  # many ties
+        np.testing.assert_array_equal(median(torch.from_numpy(x)).numpy(), np.median(x, axis=0))
+    assert len(sorting_network(512)) < 512 * 9 * 10 // 4 + 512  # O(n log^2 n)
