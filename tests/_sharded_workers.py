@@ -177,3 +177,77 @@ def lightning_worker(rank: int, world_size: int, port: int, out_dir: str) -> Non
         callbacks=[GradientNormMonitor(), GradientClipping(CLIP), NonFiniteGradientGuard("skip")],
     )
     trainer.fit(make_fsdp_module(out_dir))
+
+
+# ---------------------------------------------------------------------------------------------------
+# FSDP1 emulated: disjoint shards of flat parameters (FSDP1 needs an accelerator; the shard sums do not)
+
+FLAT_UNITS = ([(5, 8), (8,)], [(8, 7), (7,), (3, 3)])  # two FSDP units, each one flat parameter
+REPLICATED = (4,)  # a parameter FSDP does not manage (ignored module): whole on every rank
+
+
+def full_grads(seed: int = 7) -> list[list[Tensor]]:
+    """The unsharded gradients of every unit, and the replicated one last, the same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    units = [[torch.randn(*shape, generator=g) * (3.0 ** i) for i, shape in enumerate(unit)] for unit in FLAT_UNITS]
+    return [*units, [torch.randn(*REPLICATED, generator=g)]]
+
+
+def flat_shard(unit: list[Tensor], rank: int, world: int) -> Tensor:
+    """Rank ``rank``'s piece of the unit's flat parameter, padded with zeros to a multiple of ``world`` (FSDP1)."""
+    flat = torch.cat([t.reshape(-1) for t in unit])
+    chunk = -(-flat.numel() // world)
+    padded = torch.cat([flat, flat.new_zeros(chunk * world - flat.numel())])
+    return padded[rank * chunk:(rank + 1) * chunk].clone()
+
+
+def orig_param_shards(unit: list[Tensor], rank: int, world: int) -> list[Tensor]:
+    """``use_orig_params=True``: each original parameter's part inside this rank's flat shard (may be empty)."""
+    flat_numel = sum(t.numel() for t in unit)
+    chunk = -(-flat_numel // world)
+    lo, hi = rank * chunk, (rank + 1) * chunk
+    pieces, start = [], 0
+    for t in unit:
+        a, b = max(lo, start), min(hi, start + t.numel())
+        pieces.append(t.reshape(-1)[a - start:b - start].clone() if a < b else t.new_zeros(0))
+        start += t.numel()
+    return pieces
+
+
+def fsdp1_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        from lightning_clip.core.functional import clip_grads_with_norm_
+        from lightning_clip.core.grads import gradient_stats
+
+        *units, replicated = full_grads()
+        out: dict[str, Any] = {}
+        layouts = {
+            "flat": ([flat_shard(u, rank, world_size) for u in units], [True] * len(units)),
+            "orig": ([p for u in units for p in orig_param_shards(u, rank, world_size)],
+                     [True] * sum(len(u) for u in units)),
+        }
+        for name, (shards, sharded) in layouts.items():
+            grads = [*shards, replicated[0].clone()]
+            mask = [*sharded, False]
+            stats, calls, gloo = _count_collectives(
+                lambda grads=grads, mask=mask: gradient_stats(grads, shard_group=dist.group.WORLD, sharded=mask))
+            coef = clip_grads_with_norm_(grads, 1.0, stats.total_norm)
+            gathered = []
+            for s in grads[:-1]:  # rebuild every clipped flat shard / piece for the parent to compare
+                parts = [torch.zeros(0)] * world_size
+                dist.all_gather_object(parts, s)
+                gathered.append(torch.cat(parts))
+            out[name] = {"norms": stats.norms, "total": stats.total_norm, "calls": calls, "gloo": gloo,
+                         "coef": coef, "clipped": gathered, "replicated": grads[-1]}
+        # a NaN in one rank's shard only: every rank must see the gradients as non-finite
+        shards = [flat_shard(u, rank, world_size) for u in units]
+        if rank == world_size - 1:
+            shards[0][0] = float("nan")
+        out["nan_finite"] = bool(gradient_stats(shards, shard_group=dist.group.WORLD).finite)
+        torch.save(out, Path(out_dir) / f"fsdp1_{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -92,3 +92,43 @@ def test_lightning_model_parallel_clips_like_the_unsharded_reference(tmp_path):
         rows = [r for r in csv.DictReader(fh) if r.get(tags.GRAD_NORM_TOTAL)]
     logged = [float(r[tags.GRAD_NORM_TOTAL]) for r in rows]
     assert logged == pytest.approx(totals, rel=1e-6)
+
+
+@pytest.mark.parametrize("world", [3])
+def test_fsdp1_flat_shards_sum_to_the_unsharded_norm_with_one_all_reduce(tmp_path, world):
+    """FSDP1 holds disjoint (zero-padded) shards of flat parameters; emulated here on gloo, as FSDP1 itself
+    needs an accelerator. Both layouts: the flat parameters, and use_orig_params' per-parameter pieces (some
+    empty on some ranks); a replicated parameter counts once."""
+    mp.spawn(w.fsdp1_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    out = [torch.load(tmp_path / f"fsdp1_{r}.pt", weights_only=False) for r in range(world)]
+    *units, replicated = w.full_grads()
+    # The reference: torch's clip_grad_norm_ on the unsharded parameters, in one process.
+    params = [torch.nn.Parameter(torch.zeros_like(t)) for u in (*units, replicated) for t in u]
+    for p, g in zip(params, [t for u in (*units, replicated) for t in u]):
+        p.grad = g.clone()
+    ref_total = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    clipped = [p.grad for p in params]
+    clipped_units = torch.cat([g.reshape(-1) for g in clipped[:-1]])
+    unit_sizes = [sum(t.numel() for t in u) for u in units]
+    for layout in ("flat", "orig"):
+        for rec in out:
+            r = rec[layout]
+            # the same total and coefficient on every rank, bit for bit, equal to the unsharded one
+            assert torch.equal(r["total"], out[0][layout]["total"]) and torch.equal(r["coef"], out[0][layout]["coef"])
+            torch.testing.assert_close(r["total"], ref_total, rtol=1e-6, atol=0)
+            assert r["calls"] == r["gloo"] == 1, (layout, r["calls"], r["gloo"])
+            torch.testing.assert_close(r["norms"][-1], replicated[0].norm(), rtol=1e-6, atol=0)  # not summed
+            torch.testing.assert_close(r["replicated"], clipped[-1], rtol=1e-6, atol=1e-7)
+        # the clipped shards, put back together, are torch's clip of the unsharded gradients
+        pieces = out[0][layout]["clipped"]
+        if layout == "flat":  # drop each flat parameter's zero padding
+            rebuilt = torch.cat([p[:n] for p, n in zip(pieces, unit_sizes)])
+            whole_norms = out[0][layout]["norms"][:-1]
+            torch.testing.assert_close(whole_norms, torch.stack(
+                [torch.cat([t.reshape(-1) for t in u]).norm() for u in units]), rtol=1e-6, atol=0)
+        else:
+            rebuilt = torch.cat(pieces)
+            torch.testing.assert_close(out[0][layout]["norms"][:-1], torch.stack(
+                [t.norm() for u in units for t in u]), rtol=1e-6, atol=0)
+        torch.testing.assert_close(rebuilt, clipped_units, rtol=1e-6, atol=1e-7)
+    assert [rec["nan_finite"] for rec in out] == [False] * world

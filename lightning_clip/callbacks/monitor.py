@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_clip import tags
-from lightning_clip.callbacks.step import check_strategy, log_values, should_log, step_state
+from lightning_clip.callbacks.step import is_deepspeed, log_values, should_log, step_state
 
 __all__ = ["GradientNormMonitor"]
 
@@ -29,6 +29,10 @@ class GradientNormMonitor(Callback):
     With several optimizers ``_opt<i>`` is appended. Values are logged on the trainer's logging
     steps (``log_every_n_steps``) with one device-to-host copy; other steps cost nothing beyond the
     norm pass that the clipping callbacks share.
+
+    Under ``DeepSpeedStrategy`` the gradients may be partitioned (ZeRO), so the monitor makes no pass
+    of its own: it logs the engine's global norm (``engine.get_global_grad_norm()``, the norm the
+    engine clipped with) as ``grad_norm/total`` after each optimizer step, where the engine exposes it.
 
     Args:
         per_parameter: also log each parameter's norm.
@@ -57,13 +61,19 @@ class GradientNormMonitor(Callback):
         self.histograms = histograms
         self.prog_bar = prog_bar
         self.log_every_n_steps = log_every_n_steps
+        self._deepspeed = False
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(per_parameter=self.per_parameter, histograms=self.histograms)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer, "GradientNormMonitor", warn_only=True)  # its norms would be per-rank ones
+        self._deepspeed = is_deepspeed(trainer)
+        if self._deepspeed and (self.per_parameter or self.histograms):
+            rank_zero_warn(
+                "GradientNormMonitor under DeepSpeed logs the engine's global norm only: per-parameter norms and "
+                "histograms of partitioned (ZeRO) gradients would be per-rank pieces, so they are not logged."
+            )
         if stage == "fit" and not trainer.loggers:
             rank_zero_warn("GradientNormMonitor: the Trainer has no logger, nothing will be logged.")
         if self.histograms and not any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers):
@@ -74,11 +84,25 @@ class GradientNormMonitor(Callback):
 
         write_layout(trainer)  # TensorBoard custom-scalars layout, once per logger
 
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._deepspeed or not should_log(trainer, self.log_every_n_steps):
+            return
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        norm = engine.get_global_grad_norm() if engine is not None else None
+        if norm is None:  # not computed by this engine configuration (or before its first step)
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        value = float(norm)
+        for logger in trainer.loggers:
+            logger.log_metrics({tags.GRAD_NORM_TOTAL: value}, step=step)
+
     @torch.no_grad()
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        if not should_log(trainer, self.log_every_n_steps):
+        if self._deepspeed or not should_log(trainer, self.log_every_n_steps):
             return
         state = step_state(trainer, pl_module, optimizer)
         if not state.grads:

@@ -19,8 +19,8 @@ from torch.optim import Optimizer
 from lightning_clip.core.grads import GradientStats, gradient_stats
 
 __all__ = [
-    "StepState", "check_strategy", "host_decisions", "log_values", "optimizer_index", "should_log", "step_state",
-    "unwrap_optimizer",
+    "StepState", "check_strategy", "fsdp1_shards", "host_decisions", "is_deepspeed", "log_values", "optimizer_index",
+    "should_log", "step_state", "unwrap_optimizer",
 ]
 
 
@@ -96,20 +96,61 @@ def _token(trainer: pl.Trainer) -> tuple[int, ...]:
     return (id(trainer), trainer.global_step, loop.total_batch_idx, loop.epoch_loop._batches_that_stepped)
 
 
+def fsdp1_shards(trainer: pl.Trainer, params: list[Tensor]) -> tuple[Any, list[bool]] | None:
+    """Under Lightning's ``FSDPStrategy`` (FSDP1, sharded): the group the gradients are sharded over, and which
+    of ``params`` are FSDP-managed shards (flat parameters, or original parameters with ``use_orig_params``).
+
+    ``None`` for every other strategy and for ``NO_SHARD``. Raises ``ValueError`` when the FSDP units shard
+    over different process groups (their norms would need several reductions).
+    """
+    if "FSDPStrategy" not in _strategy_names(trainer):
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    model = getattr(trainer.strategy, "model", None)
+    units = FullyShardedDataParallel.fsdp_modules(model) if model is not None else []
+    if not units:
+        return None
+    groups = {id(unit.process_group): unit.process_group for unit in units}
+    if len(groups) > 1:
+        raise ValueError(
+            "The FSDP units of this model shard over different process groups; lightning_clip measures FSDP1 "
+            "gradients over one sharding group. Wrap every unit with the same process group."
+        )
+    if units[0].sharding_strategy == ShardingStrategy.NO_SHARD:
+        return None
+    managed: set[int] = set()
+    for unit in units:
+        for flat in getattr(unit, "params", None) or []:
+            managed.add(id(flat))
+            for orig in [*(getattr(flat, "_params", None) or []), *(getattr(flat, "_shared_params", None) or [])]:
+                managed.add(id(orig))
+    return next(iter(groups.values())), [id(p) in managed for p in params]
+
+
 def step_state(trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> StepState:
-    """The shared :class:`StepState` of ``optimizer`` for the current step (measured on first use)."""
+    """The shared :class:`StepState` of ``optimizer`` for the current step (measured on first use).
+
+    Under FSDP1 every rank holds disjoint shards: the local sums of squares are reduced over the sharding
+    group (one all-reduce), and every parameter takes part (an empty gradient where this rank holds no
+    piece of it), so every rank passes the same layout and gets the same norms.
+    """
     optimizer = unwrap_optimizer(optimizer)
     token = _token(trainer)
     state = _STATES.get(optimizer)
     if state is not None and state.token == token:
         return state
     index = _param_index(pl_module, optimizer)
-    params, names, grads = [], [], []
-    for p, n in zip(index.params, index.names):
-        if p.grad is not None:
+    shards = fsdp1_shards(trainer, index.params)
+    params, names, grads, sharded = [], [], [], []
+    for i, (p, n) in enumerate(zip(index.params, index.names)):
+        if p.grad is not None or shards is not None:
             params.append(p)
             names.append(n)
-            grads.append(p.grad)
+            grads.append(p.grad if p.grad is not None else p.new_zeros(0))
+            sharded.append(shards is not None and shards[1][i])
+    stats = gradient_stats(grads, shard_group=shards[0], sharded=sharded) if shards is not None \
+        else gradient_stats(grads)
     state = StepState(
         token=token,
         optimizer_idx=optimizer_index(trainer, optimizer),
@@ -117,7 +158,7 @@ def step_state(trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: An
         params=params,
         names=names,
         grads=grads,
-        stats=gradient_stats(grads),
+        stats=stats,
     )
     _STATES[optimizer] = state
     return state
@@ -201,39 +242,21 @@ def _strategy_names(trainer: Any) -> set[str]:
     return {cls.__name__ for cls in type(strategy).__mro__}
 
 
-def check_strategy(trainer: Any, callback: str, warn_only: bool = False) -> None:
-    """Raise ``ValueError`` (or warn, with ``warn_only``) under a strategy whose gradients ``callback``
-    would measure or change wrongly.
+def is_deepspeed(trainer: Any) -> bool:
+    """Whether the trainer runs Lightning's ``DeepSpeedStrategy`` (recognised by name: DeepSpeed is optional)."""
+    return "DeepSpeedStrategy" in _strategy_names(trainer)
 
-    * Lightning's ``FSDPStrategy`` (FSDP1): each rank holds a shard of a flattened parameter, so a norm
-      taken there is local and each rank would clip by its own coefficient (or skip alone).
-    * ``DeepSpeedStrategy``: the engine clips inside its own step, from its ``gradient_clipping`` config.
+
+def check_strategy(trainer: Any, callback: str) -> None:
+    """Raise ``ValueError`` at setup under a strategy whose gradients ``callback`` cannot act on.
+
+    ``DeepSpeedStrategy``: the engine clips (and skips overflowing steps) inside its own optimizer step,
+    from its ``gradient_clipping`` config; the gradients seen before it may be partitioned (ZeRO).
+    FSDP1 and FSDP2 are served: their sharded norms are reduced over the sharding group.
     """
-    names = _strategy_names(trainer)
-    message = None
-    if "FSDPStrategy" in names:
-        message = (
-            f"{callback} does not support Lightning's FSDPStrategy (FSDP1) yet: each rank holds a shard of a "
-            "flattened parameter, so the norm would be a local one and every rank would clip (or skip) on its own. "
-            "Use ModelParallelStrategy with fully_shard (FSDP2), whose sharded gradients are measured whole, "
-            "with one all-reduce per mesh dimension."
-        )
-    elif "DeepSpeedStrategy" in names and warn_only:
-        message = (
-            f"{callback}: under DeepSpeed the gradients seen before the optimizer step may be partitioned (ZeRO), "
-            "so the logged norms may be per-rank ones; the engine reports and clips its own global norm."
-        )
-    elif "DeepSpeedStrategy" in names:
-        message = (
+    if is_deepspeed(trainer):
+        raise ValueError(
             f"{callback} cannot act on DeepSpeed's gradients: the DeepSpeed engine clips inside its own optimizer "
             "step. Set `gradient_clipping` in the DeepSpeed config (DeepSpeedStrategy(config={..., "
-            '"gradient_clipping": 1.0})) instead.'
+            '"gradient_clipping": 1.0})) instead; GradientNormMonitor logs the engine\'s own global norm.'
         )
-    if message is None:
-        return
-    if not warn_only:
-        raise ValueError(message)
-    from lightning.pytorch.utilities import rank_zero_warn
-
-    rank_zero_warn(message)
-

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from lightning_clip.core.sharded import is_dtensor, sharded_norms
+from lightning_clip.core.sharded import is_dtensor, reduce_shard_norms, sharded_norms
 
 __all__ = ["GradientStats", "collect_grads", "gradient_stats"]
 
@@ -60,11 +60,18 @@ def collect_grads(params: Iterable[Tensor]) -> tuple[list[Tensor], list[int]]:
 
 
 @torch.no_grad()
-def gradient_stats(grads: Sequence[Tensor]) -> GradientStats:
+def gradient_stats(grads: Sequence[Tensor], shard_group: Any = None,
+                   sharded: Sequence[bool] | None = None) -> GradientStats:
     """Measure ``grads`` in one foreach pass.
 
     Args:
         grads: gradient tensors (plain or DTensor), e.g. from :func:`collect_grads`.
+        shard_group: a process group over which the plain gradients are disjoint shards (FSDP1's
+            flat-parameter shards): their norms are summed over it in one all-reduce, so every rank
+            gets the whole norms. Every rank must pass the same layout (a gradient with no local shard
+            as an empty tensor). ``None``: plain gradients are whole (DDP, one device).
+        sharded: with ``shard_group``, which of ``grads`` are shards (the others are replicated and not
+            summed); ``None``: all of them.
 
     Returns:
         The per-tensor norms (fp32, input order), the total norm (fp32) and, through
@@ -109,4 +116,11 @@ def gradient_stats(grads: Sequence[Tensor]) -> GradientStats:
         inverse = torch.empty(n, dtype=torch.long)
         inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(n)
         norms_in_order = stacked[inverse.to(first_device)]
+    if shard_group is not None:  # FSDP1 shards: whole norms from one all-reduce, then the total from those
+        mask = torch.ones(n, dtype=torch.bool) if sharded is None else torch.tensor(list(sharded), dtype=torch.bool)
+        if mask.numel() != n:
+            raise ValueError(f"Expected `sharded` to have one entry per gradient ({n}) but got {mask.numel()}")
+        mask[dtensor_idx] = False  # DTensors are whole already
+        norms_in_order = reduce_shard_norms(norms_in_order, shard_group, mask)
+        total = torch.linalg.vector_norm(norms_in_order, 2.0)
     return GradientStats(norms=norms_in_order, total_norm=total, num_tensors=n)

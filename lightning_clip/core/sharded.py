@@ -1,4 +1,5 @@
-"""Norms of sharded gradients (``DTensor``: FSDP2, tensor parallel) with one all-reduce per mesh dimension.
+"""Norms of sharded gradients with one all-reduce per process group: ``DTensor`` (FSDP2, tensor parallel),
+and plain tensors that are disjoint shards of a flat parameter (FSDP1).
 
 The one module of ``core/`` that issues a collective. Each rank takes the sum of squares of its local
 shard of every gradient (``torch._foreach_norm`` over the local shards, fp32 accumulation), then, for
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["is_dtensor", "sharded_norms"]
+__all__ = ["is_dtensor", "reduce_shard_norms", "sharded_norms"]
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -105,3 +106,22 @@ def sharded_norms(grads: Sequence[Tensor]) -> Tensor:
         if shard_dims is None:
             norms[i] = _full_norm(grads[i]).to(device)
     return norms
+
+
+@torch.no_grad()
+def reduce_shard_norms(local_norms: Tensor, group: Any, sharded: Tensor | None = None) -> Tensor:
+    """Whole norms from the norms of disjoint local shards (FSDP1's flat-parameter shards): one ``all_reduce``.
+
+    Returns ``sqrt(sum over the ranks of group of local_norms ** 2)`` (fp32) for the entries where
+    ``sharded`` is true (every entry when ``None``); the other entries (replicated tensors) are returned as
+    they are. Every rank of ``group`` must pass the same layout (the same number of entries, in the same
+    order; a tensor with no local shard on a rank counts with norm 0), and gets the same result.
+    """
+    sq = local_norms.to(torch.float32).square()
+    if sharded is None:
+        dist.all_reduce(sq, group=group)
+        return sq.sqrt()
+    mask = sharded.to(device=sq.device, dtype=torch.bool)
+    summed = torch.where(mask, sq, torch.zeros_like(sq))
+    dist.all_reduce(summed, group=group)
+    return torch.where(mask, summed.sqrt(), local_norms.to(torch.float32))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import RecordingLogger, Snapshot, TinyRegressor, make_loader, make_trainer, states_equal
 from lightning.pytorch import seed_everything
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_clip import (
     GradientClipping,
@@ -13,6 +14,7 @@ from lightning_clip import (
     NonFiniteGradientError,
     NonFiniteGradientGuard,
     PercentileThreshold,
+    SpikeGuard,
     ZScoreThreshold,
 )
 
@@ -128,29 +130,90 @@ def test_stacked_callbacks_measure_once(tmp_path, monkeypatch):
     assert len(calls) == 5
 
 
-# ----------------------------------------------------------------------------- strategies we cannot serve
+# ----------------------------------------------------------------------------- DeepSpeed and FSDP1
 
 
-def test_fsdp1_and_deepspeed_are_refused_at_setup_not_silently_wrong():
+class DeepSpeedStrategy(SingleDeviceStrategy):
+    """A stand-in for Lightning's DeepSpeedStrategy (recognised by name; DeepSpeed is not installed here) whose
+    engine reports, like DeepSpeed's, the global norm of the step it just took."""
+
+    def __init__(self) -> None:
+        super().__init__(device=torch.device("cpu"))
+        self.reported: list[float] = []
+
+    @property
+    def deepspeed_engine(self):
+        strategy = self
+
+        class Engine:
+            def get_global_grad_norm(self):
+                grads = [p.grad for p in strategy.lightning_module.parameters() if p.grad is not None]
+                strategy.reported.append(float(torch.nn.utils.get_total_norm(grads)))
+                return strategy.reported[-1]
+
+        return Engine()
+
+
+def test_deepspeed_clipping_and_guards_are_refused_and_the_monitor_logs_the_engine_norm(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-
-    from lightning_clip import GradientClipping, GradientNormMonitor, NonFiniteGradientGuard
-
-    class DeepSpeedStrategy(DDPStrategy):  # a stand-in (Lightning's own derives from DDPStrategy): checked by name
-        pass
-
-    fsdp1 = SimpleNamespace(strategy=FSDPStrategy(), gradient_clip_val=None, loggers=[], precision_plugin=None)
-    deepspeed = SimpleNamespace(strategy=DeepSpeedStrategy(), gradient_clip_val=None,
-                                loggers=[], precision_plugin=None)
-    for callback in (GradientClipping(1.0), NonFiniteGradientGuard("skip")):
-        name = type(callback).__name__
-        with pytest.raises(ValueError, match=rf"^{name} does not support Lightning's FSDPStrategy \(FSDP1\)"):
-            callback.setup(fsdp1, None, "fit")
+    deepspeed = SimpleNamespace(strategy=DeepSpeedStrategy(), gradient_clip_val=None, loggers=[],
+                                precision_plugin=None)
+    for callback in (GradientClipping(1.0), NonFiniteGradientGuard("skip"), SpikeGuard()):
         with pytest.raises(ValueError, match=r"`gradient_clipping` in the DeepSpeed config"):
             callback.setup(deepspeed, None, "fit")
-    with pytest.warns(UserWarning, match=r"GradientNormMonitor does not support .*FSDP1"):
-        GradientNormMonitor().setup(fsdp1, None, "fit")
-    with pytest.warns(UserWarning, match=r"partitioned \(ZeRO\)"):
-        GradientNormMonitor().setup(deepspeed, None, "fit")
+
+    import lightning_clip.callbacks.step as step_mod
+
+    passes = []
+    monkeypatch.setattr(step_mod, "gradient_stats", lambda *a, **k: passes.append(1))
+    seed_everything(0, verbose=False)
+    logger, strategy = RecordingLogger(), DeepSpeedStrategy()
+    trainer = make_trainer(tmp_path, callbacks=[GradientNormMonitor()], max_steps=4, logger=logger, strategy=strategy)
+    trainer.fit(TinyRegressor(), make_loader())
+    assert logger.series("grad_norm/total") == strategy.reported and len(strategy.reported) == 4
+    assert not passes  # no pass of its own over (possibly partitioned) gradients
+
+
+def _fake_fsdp1_model(group, strategy_name="FULL_SHARD", use_orig_params=False):
+    """An FSDP1 unit built without FSDP's constructor (which needs an accelerator): the attributes the
+    detection reads, as FSDP1 sets them (process_group, sharding_strategy, params = [flat parameter])."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    inner = torch.nn.Linear(3, 2)
+    unit = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    torch.nn.Module.__init__(unit)
+    unit._fsdp_wrapped_module = inner  # FSDP forwards attribute lookups to it
+    flat = torch.nn.Parameter(torch.zeros(8))
+    flat._params = list(inner.parameters()) if use_orig_params else None
+    unit.process_group, unit.sharding_strategy, unit.params = group, ShardingStrategy[strategy_name], [flat]
+    root = torch.nn.Module()
+    root.unit, root.extra = unit, torch.nn.Linear(2, 1)  # extra: not managed by FSDP (replicated)
+    return root, flat, inner
+
+
+def test_fsdp1_units_are_detected_with_their_group_and_managed_parameters():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_clip.callbacks.step import fsdp1_shards
+
+    group = object()
+    for orig in (False, True):
+        root, flat, inner = _fake_fsdp1_model(group, use_orig_params=orig)
+        strategy = FSDPStrategy()
+        strategy.model = root
+        params = [flat, *inner.parameters(), *root.extra.parameters()]
+        found_group, sharded = fsdp1_shards(SimpleNamespace(strategy=strategy), params)
+        assert found_group is group
+        assert sharded == [True, orig, orig, False, False]
+    root, flat, _ = _fake_fsdp1_model(group, "NO_SHARD")
+    strategy = FSDPStrategy()
+    strategy.model = root
+    assert fsdp1_shards(SimpleNamespace(strategy=strategy), [flat]) is None
+    plain = SimpleNamespace(strategy=SingleDeviceStrategy(device=torch.device("cpu")))
+    assert fsdp1_shards(plain, [flat]) is None
+    for callback in (GradientClipping(1.0), NonFiniteGradientGuard("skip"), SpikeGuard()):  # served, not refused
+        callback.setup(SimpleNamespace(strategy=strategy, gradient_clip_val=None, loggers=[], precision_plugin=None),
+                       None, "fit")
