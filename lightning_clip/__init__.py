@@ -26,6 +26,7 @@ from lightning_clip.exceptions import GradientSpikeError, NonFiniteGradientError
 
 if TYPE_CHECKING:
     from lightning_clip.callbacks import (
+        AdaGCClipping,
         AdaptiveGradientClipping,
         GradientClipping,
         GradientNormMonitor,
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 
 #: Re-exported Lightning glue: name -> module that defines it (imported on first access).
 _LIGHTNING_EXPORTS: dict[str, str] = {
+    "AdaGCClipping": "lightning_clip.callbacks",
     "AdaptiveGradientClipping": "lightning_clip.callbacks",
     "GradientClipping": "lightning_clip.callbacks",
     "GradientNormMonitor": "lightning_clip.callbacks",
@@ -48,6 +50,7 @@ _LIGHTNING_EXPORTS: dict[str, str] = {
 
 __all__ = [
     "ARCDDPStrategy",
+    "AdaGCClipping",
     "AdaptiveGradientClipping",
     "FixedThreshold",
     "GradientClipping",

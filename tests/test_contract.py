@@ -46,6 +46,7 @@ FACTORIES = [
     lambda: GradientClipping(lightning_clip.QuantileThreshold(0.5, initial=0.05)),
     lambda: NonFiniteGradientGuard("skip", max_consecutive_skips=3),
     lambda: lightning_clip.AdaptiveGradientClipping(0.05, exclude=("net.2.*",)),
+    lambda: lightning_clip.AdaGCClipping(warmup_steps=2),
     lambda: lightning_clip.SpikeGuard(("grad_norm", "loss"), window=3, warmup_steps=2),
 ]
 

@@ -1,5 +1,6 @@
 """Lightning callbacks (thin glue over the pure core)."""
 
+from lightning_clip.callbacks.adagc import AdaGCClipping
 from lightning_clip.callbacks.agc import AdaptiveGradientClipping
 from lightning_clip.callbacks.clipping import GradientClipping
 from lightning_clip.callbacks.guard import NonFiniteGradientGuard
@@ -7,5 +8,6 @@ from lightning_clip.callbacks.monitor import GradientNormMonitor
 from lightning_clip.callbacks.spike import SpikeGuard
 
 __all__ = [
-    "AdaptiveGradientClipping", "GradientClipping", "GradientNormMonitor", "NonFiniteGradientGuard", "SpikeGuard",
+    "AdaGCClipping", "AdaptiveGradientClipping", "GradientClipping", "GradientNormMonitor", "NonFiniteGradientGuard",
+    "SpikeGuard",
 ]
