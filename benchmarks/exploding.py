@@ -36,6 +36,7 @@ Usage::
     python benchmarks/exploding.py                  # full setting (~35 min on 2 shared cores)
     python benchmarks/exploding.py --quick          # tiny smoke setting, into a temporary directory
     python benchmarks/exploding.py --tasks digits   # one task only
+    python benchmarks/exploding.py --core --seeds 2 # defaults and history variants only (a busy machine)
 
 Writes ``exploding.md`` (tables + command + machine) and ``exploding.png`` (median training loss
 curves, log scale, one row per task) into ``--out``; by default ``benchmarks/results`` for a full run
@@ -166,6 +167,11 @@ def adaptive_methods(tuned: float, with_zclip: bool) -> list[Method]:
     if with_zclip:
         rows.append(Method("zclip.ZClipLightningCallback()", "zclip", note="PyPI zclip 1.x, defaults"))
     return rows
+
+
+#: The rows of ``--core``.
+CORE_ROWS = ("Percentile() defaults", "Percentile(history='clipped')", "ZScore() defaults", "ZScore(history='clipped')",
+             "Quantile() defaults", "AdaptiveGradientClipping() defaults", "zclip.ZClipLightningCallback()")
 
 
 # ------------------------------------------------------------------------------------------ the digits task
@@ -597,6 +603,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default 2; quick: 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--no-zclip", action="store_true", help="leave out the zclip comparison")
+    p.add_argument("--core", action="store_true",
+                   help="only the tuned fixed threshold, the policies' defaults and their history='clipped' variants, "
+                   "and zclip (for a busy machine)")
+    p.add_argument("--digits-sweep", default=None, help="comma-separated fixed thresholds for the digits sweep")
     return p.parse_args(argv)
 
 
@@ -643,7 +653,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[Row]]:
     print(f"seeds={seeds}, workers={workers}", flush=True)
 
     t0 = time.perf_counter()
-    sweeps = {k: sweep_methods(TASKS[k].quick_sweep if q else TASKS[k].sweep) for k in keys}
+    sweep_values = {k: TASKS[k].quick_sweep if q else TASKS[k].sweep for k in keys}
+    if args.digits_sweep and "digits" in sweep_values:
+        sweep_values["digits"] = tuple(float(v) for v in args.digits_sweep.split(",") if v.strip())
+    sweeps = {k: sweep_methods(sweep_values[k]) for k in keys}
     jobs = [(m, s, cfgs[k]) for k in keys for m in sweeps[k] for s in seeds]
     results = run_jobs(jobs, workers, args.threads)
     per_task: dict[str, list[Row]] = {}
@@ -656,7 +669,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[Row]]:
         tuned[k] = float(best.method.clip_val or 1.0)
         print(f"{k}: tuned fixed threshold {tuned[k]:g} (lowest mean final {TASKS[k].metric}, diverged = inf)",
               flush=True)
-    phase2 = {k: adaptive_methods(tuned[k], has_zclip) for k in keys}
+    phase2 = {k: [m for m in adaptive_methods(tuned[k], has_zclip) if not args.core or m.name in CORE_ROWS
+                  or m.name.startswith(TUNED_PREFIX)] for k in keys}
     jobs = [(m, s, cfgs[k]) for k in keys for m in phase2[k] for s in seeds]
     results = run_jobs(jobs, workers, args.threads)
     for k in keys:
@@ -703,7 +717,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Row]]:
     ]
     for k in keys:
         task, cfg = TASKS[k], cfgs[k]
-        sweep = TASKS[k].quick_sweep if q else TASKS[k].sweep
+        sweep = sweep_values[k]
         parts += [
             f"## Task `{k}`: {task.title}",
             "",
