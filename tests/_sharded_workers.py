@@ -251,3 +251,82 @@ def fsdp1_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         torch.save(out, Path(out_dir) / f"fsdp1_{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every policy and guard decides alike on every rank (DDP and FSDP2), ranks holding different losses
+
+AGREE_STEPS = 8
+NAN_STEP, NAN_RANK = 5, 1  # a NaN gradient on one rank only: every rank must skip
+
+
+def agreement_callbacks() -> list[Any]:
+    from lightning_clip import (
+        GradientClipping,
+        NonFiniteGradientGuard,
+        PercentileThreshold,
+        QuantileThreshold,
+        SpikeGuard,
+        WarmupThreshold,
+        ZScoreThreshold,
+    )
+
+    return [
+        GradientClipping(PercentileThreshold(80.0, warmup_steps=2, window=4)),
+        GradientClipping(WarmupThreshold(2, 0.5, then=ZScoreThreshold(warmup_steps=2, z_thresh=1.0, max_norm=None)),
+                         log=False),
+        GradientClipping(QuantileThreshold(quantile=0.5, initial=0.2), log=False),
+        NonFiniteGradientGuard("skip"),
+        SpikeGuard(("grad_norm", "loss"), z_thresh=0.5, window=4, warmup_steps=2),  # low: spikes happen
+    ]
+
+
+def agreement_worker(rank: int, world_size: int, port: int, out_dir: str, strategy: str) -> None:
+    """``Trainer.fit`` with :func:`agreement_callbacks` under DDP or FSDP2; saves every callback's state, the
+    per-step skip decisions and the final (full) weights of this rank."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "NODE_RANK": "0"})
+    torch.set_num_threads(1)
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    module = make_fsdp_module(out_dir)
+    if strategy == "ddp":
+        module.configure_model = lambda: None  # type: ignore[method-assign]  # plain DDP: nothing sharded
+    base_step = module.training_step
+
+    def training_step(batch: Any, batch_idx: int) -> Tensor:
+        loss = base_step(batch, batch_idx)
+        return loss * float("nan") if module.global_step == NAN_STEP and module.global_rank == NAN_RANK else loss
+
+    module.training_step = training_step  # type: ignore[method-assign]
+    module.on_train_end = lambda: None  # type: ignore[method-assign]
+    skipped: list[bool] = []
+
+    class Skips(pl.Callback):
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            skipped.append(all(p.grad is None for p in pl_module.parameters()))
+
+    callbacks = agreement_callbacks()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=world_size, max_steps=AGREE_STEPS, logger=False,
+        strategy=ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1) if strategy == "fsdp2"
+        else DDPStrategy(process_group_backend="gloo"),
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+        callbacks=[*callbacks, Skips()],
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module)
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in module.parameters()]
+    states = []
+    for cb in callbacks:
+        st = cb.state_dict()
+        if "windows" in st:  # SpikeGuard: each rank keeps its own loss window by design; decisions must agree
+            st = {k: v for k, v in st.items() if k != "windows"}
+            st["grad_norm_window"] = cb.state_dict()["windows"].get("grad_norm/0")
+        states.append(st)
+    torch.save({"states": states, "skipped": skipped, "weights": [p.detach().clone() for p in params]},
+               Path(out_dir) / f"agree_{strategy}{rank}.pt")

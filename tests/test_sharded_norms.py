@@ -132,3 +132,30 @@ def test_fsdp1_flat_shards_sum_to_the_unsharded_norm_with_one_all_reduce(tmp_pat
                 [t.norm() for u in units for t in u]), rtol=1e-6, atol=0)
         torch.testing.assert_close(rebuilt, clipped_units, rtol=1e-6, atol=1e-7)
     assert [rec["nan_finite"] for rec in out] == [False] * world
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+                                      and torch.equal(a.nan_to_num(), b.nan_to_num()))
+    return a == b
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_every_policy_and_guard_decides_alike_on_every_rank(tmp_path, strategy):
+    """Percentile, warm-up then z-score and quantile thresholds, the non-finite guard and SpikeGuard on the
+    gradient norm and each rank's own loss, in one run where the ranks hold different losses (and, under FSDP2,
+    different shards) and one rank alone produces a NaN: every state, every skip and the weights agree."""
+    mp.spawn(w.agreement_worker, args=(2, free_port(), str(tmp_path), strategy), nprocs=2, join=True)
+    out = [torch.load(tmp_path / f"agree_{strategy}{r}.pt", weights_only=False) for r in range(2)]
+    assert out[0]["skipped"][w.NAN_STEP] and len(out[0]["skipped"]) == w.AGREE_STEPS
+    assert 0 < sum(out[0]["skipped"]) < w.AGREE_STEPS  # spikes beside the NaN: decisions were really taken
+    assert out[0]["skipped"] == out[1]["skipped"]
+    for a, b in zip(out[0]["states"], out[1]["states"]):
+        assert _equal(a, b), (a, b)
+    for a, b in zip(out[0]["weights"], out[1]["weights"]):
+        assert torch.equal(a, b)
