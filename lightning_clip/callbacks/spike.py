@@ -93,6 +93,9 @@ class SpikeGuard(Callback):
             ``None`` waits for a full window.
         action: ``"skip"``, ``"warn"`` or ``"raise"``.
         max_consecutive: raise after more than this many spikes in a row (``None``: never).
+        scale: ``"linear"`` scores the values themselves; ``"log"`` scores their logarithms (values below
+            ``1e-30`` count as ``1e-30``), for heavy-tailed values such as the small-batch loss of a nearly
+            converged classifier, where a rare hard batch is many linear standard deviations out.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class SpikeGuard(Callback):
         warmup_steps: int | None = None,
         action: str = "skip",
         max_consecutive: int | None = None,
+        scale: str = "linear",
     ) -> None:
         self.monitor = _check_monitor(monitor)
         self.z_thresh = check_positive_float("z_thresh", z_thresh)
@@ -121,6 +125,7 @@ class SpikeGuard(Callback):
         if max_consecutive is not None:
             check_positive_int("max_consecutive", max_consecutive)
         self.max_consecutive = max_consecutive
+        self.scale = check_choice("scale", scale, ("linear", "log"))
         self.spikes = 0
         self.consecutive = 0
         self._windows: dict[str, RollingWindow] = {}
@@ -130,7 +135,8 @@ class SpikeGuard(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(monitor=self.monitor, z_thresh=self.z_thresh, window=self.window)
+        return self._generate_state_key(monitor=self.monitor, z_thresh=self.z_thresh, window=self.window,
+                                        scale=self.scale)
 
     @property
     def skipped_steps(self) -> int:
@@ -163,6 +169,8 @@ class SpikeGuard(Callback):
             values["grad_norm"] = state.stats.total_norm.detach().to(torch.float32)
         if "loss" in self.monitor and self._loss is not None:
             values["loss"] = self._loss.to(state.stats.total_norm.device)
+        if self.scale == "log":  # NaN stays NaN, +inf stays +inf: still spikes
+            values = {k: v.clamp_min(1e-30).log() for k, v in values.items()}
         return values
 
     # -- the decision (device side; read on the host with the other guards' flags) --------------------

@@ -55,9 +55,12 @@ class Skipped(Callback):
         self.skipped.append(all(p.grad is None for p in pl_module.parameters()))
 
 
-def reference(values: list[list[float]], z_thresh: float, window: int, warmup: int) -> list[bool]:
+def reference(values: list[list[float]], z_thresh: float, window: int, warmup: int, log: bool = False) -> list[bool]:
     """The rule in NumPy (float64): spike when any value's z over its last `window` accepted values exceeds
-    `z_thresh` once `warmup` values were accepted, or when a value is not finite; spikes are not accepted."""
+    `z_thresh` once `warmup` values were accepted, or when a value is not finite; spikes are not accepted.
+    With `log`, the values' logarithms are scored."""
+    if log:
+        values = [[math.log(v) if v > 0 else v for v in step] for step in values]
     held: list[list[float]] = [[] for _ in values[0]]
     out = []
     for step in values:
@@ -100,15 +103,16 @@ def _fit(tmp_path, guard, spike_at=frozenset({14, 15, 27}), steps=32, **kwargs):
     return model, seen, skipped, snap
 
 
-@pytest.mark.parametrize("monitor", ["grad_norm", "loss", ("grad_norm", "loss")])
-def test_decisions_equal_the_rule_and_skips_leave_the_weights_untouched(tmp_path, monitor):
-    guard = SpikeGuard(monitor, z_thresh=4.0, window=8, warmup_steps=6, action="skip")
+@pytest.mark.parametrize("monitor,scale", [("grad_norm", "linear"), ("loss", "linear"),
+                                           (("grad_norm", "loss"), "linear"), (("grad_norm", "loss"), "log")])
+def test_decisions_equal_the_rule_and_skips_leave_the_weights_untouched(tmp_path, monitor, scale):
+    guard = SpikeGuard(monitor, z_thresh=4.0, window=8, warmup_steps=6, action="skip", scale=scale)
     logger = RecordingLogger()
     with pytest.warns(UserWarning, match="spike"):
         _, seen, skipped, snap = _fit(tmp_path, guard, logger=logger)
     names = (monitor,) if isinstance(monitor, str) else monitor
     values = [[{"grad_norm": n, "loss": lo}[m] for m in names] for n, lo in zip(seen.norms, seen.losses)]
-    assert skipped.skipped == reference(values, 4.0, 8, 6)
+    assert skipped.skipped == reference(values, 4.0, 8, 6, log=scale == "log")
     assert {14, 15, 27} <= {i for i, s in enumerate(skipped.skipped) if s}  # every injected step caught
     assert guard.spikes == sum(skipped.skipped) and logger.series("grad_spike/skipped")[-1] == guard.spikes
     for step, was_skipped in enumerate(skipped.skipped):
@@ -219,6 +223,7 @@ def test_resume_replays_the_same_decisions(tmp_path):
         ({"warmup_steps": 1}, ValueError, "warmup_steps"),
         ({"action": "ignore"}, ValueError, "action"),
         ({"max_consecutive": 0}, ValueError, "max_consecutive"),
+        ({"scale": "sqrt"}, ValueError, "scale"),
     ],
 )
 def test_bad_arguments(kwargs, exc, match):
