@@ -70,7 +70,7 @@ class ARCConfig:
         dp_sampling_rate: In ``(0, 1]``: the probability that a client takes part in a step, for the
             accountant (``1.0``: every rank's client contributes to every step).
         dp_clip_quantile: If set, in ``(0, 1)``: the clip bound adapts to this quantile of the ranks' norms
-            (Andrew et al. 2021), starting from ``static_clip``. ``"mean"`` without NNM only.
+            (as sent, before ARC; Andrew et al. 2021), starting from ``static_clip``. ``"mean"`` without NNM only.
         dp_clip_learning_rate: Positive step size of the adaptive bound's geometric update.
         dp_clipped_count_stddev: Standard deviation (``>= 0``) of the noise on the count of unclipped ranks;
             ``None``: ``n / 20`` with noise, ``0`` without. With noise it must exceed ``dp_noise_multiplier / 2``.
