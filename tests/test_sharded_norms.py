@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "robust"))
 
 import _sharded_workers as w  # noqa: E402
 from _ddp_helpers import free_port  # noqa: E402
+from conftest import states_equal  # noqa: E402
 
 from lightning_clip import tags  # noqa: E402
 from lightning_clip.core.grads import gradient_stats  # noqa: E402
@@ -134,17 +135,6 @@ def test_fsdp1_flat_shards_sum_to_the_unsharded_norm_with_one_all_reduce(tmp_pat
     assert [rec["nan_finite"] for rec in out] == [False] * world
 
 
-def _equal(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
-                                      and torch.equal(a.nan_to_num(), b.nan_to_num()))
-    return a == b
-
-
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_every_policy_and_guard_decides_alike_on_every_rank(tmp_path, strategy):
     """Percentile, warm-up then z-score and quantile thresholds, the non-finite guard and SpikeGuard on the
@@ -156,6 +146,6 @@ def test_every_policy_and_guard_decides_alike_on_every_rank(tmp_path, strategy):
     assert 0 < sum(out[0]["skipped"]) < w.AGREE_STEPS  # spikes beside the NaN: decisions were really taken
     assert out[0]["skipped"] == out[1]["skipped"]
     for a, b in zip(out[0]["states"], out[1]["states"]):
-        assert _equal(a, b), (a, b)
+        assert states_equal(a, b), (a, b)
     for a, b in zip(out[0]["weights"], out[1]["weights"]):
         assert torch.equal(a, b)
