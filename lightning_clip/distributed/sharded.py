@@ -35,7 +35,13 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from lightning_clip.robust.aggregators import RuleOptions, aggregate_shard, preaggregation_stats
+from lightning_clip.robust.aggregators import (
+    RuleOptions,
+    _nnm_weights,
+    _squared_distances,
+    aggregate_shard,
+    preaggregation_stats,
+)
 from lightning_clip.robust.arc import ARCStats, scale_rows
 from lightning_clip.robust.checks import compute_dtype
 from lightning_clip.robust.transforms import SendBuffers
@@ -172,6 +178,17 @@ class CenterState:
         self.buffers = {}
 
 
+def _scale_rows_(block: Tensor, scales: Tensor, norms: Tensor | None) -> None:
+    """:func:`~lightning_clip.robust.arc.scale_rows` in place (the same products, so the same bits)."""
+    if block.dtype == compute_dtype(block.dtype):
+        block.mul_(scales.to(block.dtype).unsqueeze(1))
+        if norms is not None:
+            block.masked_fill_(~torch.isfinite(norms).unsqueeze(1), 0.0)
+        return
+    for a in range(0, block.shape[1], CHUNK):
+        block[:, a : a + CHUNK] = scale_rows(block[:, a : a + CHUNK], scales, norms)
+
+
 def _send_dtype(buffers: Sequence[Tensor]) -> torch.dtype:
     dtypes = {b.dtype for b in buffers}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
@@ -218,17 +235,22 @@ def sharded_reduce_(
     block = torch.empty(n, m, dtype=dtype, device=device)
     comm.all_to_all_(block.view(-1), send)
     del send
-    if options.arc or options.static_clip is not None:  # ARC and the static clip, in place by column chunks
-        for a in range(0, m, CHUNK):
-            block[:, a : a + CHUNK] = scale_rows(block[:, a : a + CHUNK], stats.scales, norms if options.arc else None)
+    if options.arc or options.static_clip is not None:  # ARC and the static clip, in place
+        _scale_rows_(block, stats.scales, norms if options.arc else None)
     rest = dataclasses.replace(options, arc=False, static_clip=None)
+    if options.nnm and options.bucket_size == 1:  # mixing in place by column chunks (same as aggregate_shard's)
+        cdt = compute_dtype(dtype)
+        weights = _nnm_weights(comm.all_reduce_sum(_squared_distances(block.to(cdt))), options.num_byzantine)
+        for a in range(0, m, CHUNK):
+            block[:, a : a + CHUNK] = (weights @ block[:, a : a + CHUNK].to(cdt)).to(dtype)
+        rest = dataclasses.replace(rest, nnm=False)
     start = None
     if options.rule == "cclip" and center is not None:
         start = center.block(sent, rank * m, m)
-    if options.rule in COORDINATE_WISE and not options.nnm:  # column chunks: same bits, small temporaries
+    if options.rule in COORDINATE_WISE and not rest.nnm:  # column chunks: same bits, small temporaries
         out = torch.empty(m, dtype=dtype, device=device)
         for a in range(0, m, CHUNK):
-            out[a : a + CHUNK] = aggregate_shard(block[:, a : a + CHUNK].contiguous(), norms, rest, step=step)[0]
+            out[a : a + CHUNK] = aggregate_shard(block[:, a : a + CHUNK], norms, rest, step=step)[0]
     else:
         out = aggregate_shard(block, norms, rest, step=step, center=start, reduce=comm.all_reduce_sum)[0]
     del block, start

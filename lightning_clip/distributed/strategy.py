@@ -25,8 +25,10 @@ saved (a collective, in the LightningModule's ``named_parameters()`` order) unde
 :data:`WORKER_MOMENTUM_KEY` (``{"worker_momentum", "world_size", "names", "numels", "buffers": [n, D]}``),
 and each rank takes its own row back on resume, before the first resumed step. A checkpoint from another
 world size restarts the buffers from zero with a warning; one from a model with other parameter names
-raises ``ValueError``. The hook's step counter (which seeds the ``gaussian`` attack simulation) is
-re-derived from ``trainer.global_step`` when training starts; so is the privacy noise's, a function of
+raises ``ValueError``. With ``aggregator="cclip"`` the centre (the last aggregate, the same on every rank)
+is saved under :data:`CENTER_KEY` (``{"names", "vector"}``) and restored on resume. The hook's step counter
+(which seeds the ``gaussian`` attack simulation and the bucketing permutation) is re-derived from
+``trainer.global_step`` when training starts; so is the privacy noise's, a function of
 ``(dp_seed, step)``. With an adaptive clip bound (``dp_clip_quantile``), the bound (identical on every
 rank) is saved under :data:`DP_STATE_KEY` and restored before the first resumed step.
 
@@ -60,12 +62,14 @@ from lightning_clip.sim.byzantine import ByzantineSpec
 from lightning_clip.sim.transforms import ByzantineTransform
 from lightning_clip.tags import ARC_CLIPPED_RANKS, ARC_THRESHOLD, DP_CLIP_BOUND, DP_EPSILON, arc_norm_tag
 
-__all__ = ["DP_STATE_KEY", "WORKER_MOMENTUM_KEY", "ARCDDPStrategy"]
+__all__ = ["CENTER_KEY", "DP_STATE_KEY", "WORKER_MOMENTUM_KEY", "ARCDDPStrategy"]
 
 #: Checkpoint key of the gathered per-rank worker-momentum buffers.
 WORKER_MOMENTUM_KEY = "arc_worker_momentum"
 #: Checkpoint key of the differential-privacy state (the adaptive clip bound, identical on every rank).
 DP_STATE_KEY = "arc_dp"
+#: Checkpoint key of centered clipping's centre (the last aggregate, the same on every rank).
+CENTER_KEY = "arc_center"
 
 _OWN_HOOK_ARGS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
 
@@ -183,6 +187,7 @@ class ARCDDPStrategy(DDPStrategy):
         self._log_arc = log_arc
         self._arc_state: ARCHookState | None = None
         self._pending_momentum: Tensor | None = None  # this rank's momentum from a checkpoint, awaiting the hook
+        self._pending_center: Tensor | None = None  # centered clipping's centre from a checkpoint
         self._pending_dp: dict[str, Any] | None = None  # the DP state from a checkpoint, awaiting the hook
         self._arc_logged_step = -1
         if self._byzantine is not None and self._byzantine.num_byzantine > built.num_byzantine:
@@ -229,6 +234,7 @@ class ARCDDPStrategy(DDPStrategy):
         self._arc_state = ARCHookState(self.arc_config, transforms=simulated)
         self._apply_pending_momentum()
         self._apply_pending_dp()
+        self._apply_pending_center()
         self.model.register_comm_hook(self._arc_state, arc_hook)
 
     def on_train_start(self) -> None:
@@ -269,7 +275,42 @@ class ARCDDPStrategy(DDPStrategy):
         if self.arc_config.uses_dp and "optimizer_states" in checkpoint:
             dp = None if self._arc_state is None else self._arc_state.dp
             checkpoint[DP_STATE_KEY] = dp.state_dict() if dp is not None else dict(self._pending_dp or {})
+        if self.arc_config.aggregator == "cclip" and "optimizer_states" in checkpoint:
+            entry = self._center_entry()
+            if entry is not None:
+                checkpoint[CENTER_KEY] = entry
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    # -- centered clipping's centre --------------------------------------------------------------------
+
+    def _center_entry(self) -> dict[str, Any] | None:
+        names, params = self._momentum_params()
+        center = None if self._arc_state is None else self._arc_state.center
+        vec = center.vector(params) if center is not None else None
+        if vec is None:
+            vec = self._pending_center  # saved before the first step: keep what was loaded
+        return None if vec is None else {"names": names, "vector": vec.detach().cpu()}
+
+    def _restore_center(self, checkpoint: dict[str, Any]) -> None:
+        entry = checkpoint.get(CENTER_KEY)
+        if entry is None or self.arc_config.aggregator != "cclip":
+            return
+        names, _ = self._momentum_params()
+        if list(entry.get("names", [])) != names:
+            raise ValueError(
+                f"The checkpoint's centered-clipping centre was saved for the parameters {list(entry['names'])[:4]}... "
+                f"but the model has {names[:4]}...; the model changed since the checkpoint was written"
+            )
+        self._pending_center = entry["vector"]
+        self._apply_pending_center()
+
+    def _apply_pending_center(self) -> None:
+        state = self._arc_state
+        if self._pending_center is None or state is None or state.center is None:
+            return
+        _, params = self._momentum_params()
+        state.center.load_vector(self._pending_center, params)
+        self._pending_center = None
 
     def _gather_momentum(self) -> dict[str, Any] | None:
         names, params = self._momentum_params()
@@ -305,6 +346,7 @@ class ARCDDPStrategy(DDPStrategy):
         """
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
         self._restore_momentum(checkpoint)
+        self._restore_center(checkpoint)
         if self.arc_config.uses_dp:
             self._pending_dp = checkpoint.get(DP_STATE_KEY)
             self._apply_pending_dp()

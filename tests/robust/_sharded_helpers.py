@@ -38,7 +38,6 @@ def cases(n: int) -> list[dict[str, Any]]:
         {"rule": "cwtm", "nnm": True},
         {"rule": "mean", "nnm": True, "nan": True},
         {"rule": "krum"},
-        {"rule": "multikrum", "nnm": True},
         {"rule": "multikrum", "dtype": "bfloat16"},
         {"rule": "geomed"},
         {"rule": "geomed", "nnm": True, "nan": True},
@@ -47,6 +46,8 @@ def cases(n: int) -> list[dict[str, Any]]:
         {"rule": "cwtm", "one_bucket": True, "exact": True},
         {"rule": "cclip", "one_bucket": True, "steps": 2},
     ]
+    if n != 4:  # with 4 ranks NNM (3 nearest) leaves two pairs of equal rows here: Krum ties, no defined selection
+        out.append({"rule": "multikrum", "nnm": True})
     if n >= 5:
         out.append({"rule": "meamed", "bucket_size": 2, "bucket_seed": 3, "steps": 3, "exact": True})
         out.append({"rule": "krum", "bucket_size": 2, "nnm": True, "steps": 2})
@@ -85,7 +86,7 @@ def _sent(flat: Tensor, params: list[list[Tensor]]) -> SendBuffers:
     return SendBuffers(buffers, params)
 
 
-def worker(rank: int, world_sizes: tuple[int, ...], port: int, out_dir: str) -> None:
+def worker(rank: int, world_sizes: tuple[int, ...], port: int, out_dir: str, trainer: bool = False) -> None:
     """Run every case for every world size ``n`` (a group of the first ``n`` ranks) in one process group."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -115,5 +116,13 @@ def worker(rank: int, world_sizes: tuple[int, ...], port: int, out_dir: str) -> 
                                       "scales": stats.scales.clone(), "comm": dict(comm.bytes)})
                     res[f"{n}/{comm_kind}{i}"] = steps
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
+        if trainer:  # Lightning on every rank: checkpoint every 2 steps, then resume from step 2
+            os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(max(world_sizes)),
+                               "NODE_RANK": "0"})  # an external launcher's environment: Lightning starts nothing
+            import _sharded_trainer as st  # loads Lightning
+
+            root = Path(out_dir)
+            st.fit(root, "full", max(world_sizes), ckpt_dir=root / "ckpt")
+            st.fit(root, "resumed", max(world_sizes), ckpt_path=root / "ckpt" / "step=2.ckpt")
     finally:
         dist.destroy_process_group()
