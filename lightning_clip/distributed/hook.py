@@ -72,7 +72,8 @@ class ARCHookState:
         last_step: ``iter`` at that step (``-1`` before the first).
         last_num_buckets: How many buckets were held and reduced at that step.
         last_comm_bytes: Payload bytes of the collectives this rank issued at that step,
-            ``{"all_reduce": ..., "all_gather": ...}`` (all-gather: the gathered outputs).
+            ``{"all_reduce": ..., "all_gather": ...}`` (all-gather: the gathered outputs), plus
+            ``"all_to_all"`` (its input) on the sharded robust path.
         center: Centered clipping's state (the previous aggregate, per parameter), ``None`` for other rules.
         dp: The differential-privacy state (:class:`~lightning_clip.distributed.dp.DPState`: the adaptive
             clip bound, the noise's layout), ``None`` without ``dp_*`` settings.
