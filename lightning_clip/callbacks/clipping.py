@@ -29,7 +29,8 @@ CLIP_RATE_BANDS: tuple[tuple[float, str], ...] = (
     (0.05, "rare clipping"),
     (0.25, "healthy"),
     (0.50, "frequent: consider a lower learning rate"),
-    (1.01, "excessive: the threshold is too low or the learning rate too high; lower the learning rate"),
+    (1.01, "excessive: clipped on most steps; if the loss is not falling, the threshold is too low or the "
+           "learning rate too high (recurrent nets often train best clipped on most steps)"),
 )
 
 

@@ -19,8 +19,9 @@ clip rate       interpretation                   action
 1-5%            rare clipping                    fine; the threshold only catches outliers
 5-25%           healthy range                    training is stable
 25-50%          frequent clipping                consider a lower learning rate
-> 50%           excessive clipping               the threshold is too low or the learning rate
-                                                 too high: lower the learning rate
+> 50%           excessive clipping               if the loss is not falling: the threshold is
+                                                 too low or the learning rate too high (RNNs
+                                                 often train best clipped on most steps)
 =============== ================================ ==========================================
 """
 
