@@ -10,10 +10,12 @@ __all__ = [
     "GradientSpikeError",
     "NonFiniteGradientError",
     "PeerFailureError",
+    "check_bool",
     "check_choice",
     "check_finite_float",
     "check_fraction",
     "check_non_negative_int",
+    "check_optional_positive_int",
     "check_patterns",
     "check_positive_float",
     "check_positive_int",
@@ -64,6 +66,20 @@ def check_positive_int(name: str, value: Any) -> int:
         raise TypeError(f"Expected argument `{name}` to be a positive integer but got {value!r}")
     if value < 1:
         raise ValueError(f"Expected argument `{name}` to be a positive integer but got {value}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` or raise ``TypeError`` naming ``name`` when it is not a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"Expected argument `{name}` to be a bool but got {value!r}")
+    return value
+
+
+def check_optional_positive_int(name: str, value: Any) -> int | None:
+    """Return ``value`` or raise ``ValueError`` naming ``name`` when it is neither ``None`` nor an integer >= 1."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"Expected argument `{name}` to be a positive integer or None but got {value!r}")
     return value
 
 

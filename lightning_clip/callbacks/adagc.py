@@ -14,7 +14,13 @@ from lightning_clip import tags
 from lightning_clip.callbacks.step import check_strategy, log_values, should_log, step_state
 from lightning_clip.core.adagc import adagc_coefficients
 from lightning_clip.core.grads import GradientStats
-from lightning_clip.exceptions import check_fraction, check_positive_float, check_positive_int
+from lightning_clip.exceptions import (
+    check_bool,
+    check_fraction,
+    check_optional_positive_int,
+    check_positive_float,
+    check_positive_int,
+)
 
 __all__ = ["AdaGCClipping"]
 
@@ -48,14 +54,8 @@ class AdaGCClipping(Callback):
         self.absolute = check_positive_float("absolute", absolute)
         self.relative = check_positive_float("relative", relative)
         self.beta = check_fraction("beta", beta, open_low=True, open_high=True)
-        if not isinstance(log, bool):
-            raise TypeError(f"Expected argument `log` to be a bool but got {log!r}")
-        if log_every_n_steps is not None and (
-            not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"Expected argument `log_every_n_steps` to be a positive integer or None but got {log_every_n_steps!r}"
-            )
+        check_bool("log", log)
+        check_optional_positive_int("log_every_n_steps", log_every_n_steps)
         self.log = log
         self.log_every_n_steps = log_every_n_steps
         #: per optimizer index: steps seen, the parameter names in gradient order, gamma

@@ -15,7 +15,7 @@ from lightning_clip.callbacks.step import check_strategy, log_values, should_log
 from lightning_clip.core.grads import gradient_stats
 from lightning_clip.core.sharded import is_dtensor
 from lightning_clip.core.unitwise import adaptive_clip_grads_
-from lightning_clip.exceptions import check_patterns, check_positive_float
+from lightning_clip.exceptions import check_bool, check_optional_positive_int, check_patterns, check_positive_float
 
 __all__ = ["AdaptiveGradientClipping"]
 
@@ -49,14 +49,8 @@ class AdaptiveGradientClipping(Callback):
         self.clip_factor = check_positive_float("clip_factor", clip_factor)
         self.eps = check_positive_float("eps", eps)
         self.exclude = check_patterns("exclude", exclude)
-        if not isinstance(log, bool):
-            raise TypeError(f"Expected argument `log` to be a bool but got {log!r}")
-        if log_every_n_steps is not None and (
-            not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"Expected argument `log_every_n_steps` to be a positive integer or None but got {log_every_n_steps!r}"
-            )
+        check_bool("log", log)
+        check_optional_positive_int("log_every_n_steps", log_every_n_steps)
         self.log = log
         self.log_every_n_steps = log_every_n_steps
 

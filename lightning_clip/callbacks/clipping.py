@@ -17,7 +17,7 @@ from lightning_clip.callbacks.step import check_strategy, log_values, should_log
 from lightning_clip.core.functional import clip_grads_by_value_, clip_grads_with_norm_
 from lightning_clip.core.grads import gradient_stats
 from lightning_clip.core.thresholds import FixedThreshold, ThresholdPolicy, as_policy
-from lightning_clip.exceptions import check_choice
+from lightning_clip.exceptions import check_choice, check_optional_positive_int
 
 __all__ = ["CLIP_RATE_BANDS", "GradientClipping", "OptimizerClipState", "clip_rate_advice"]
 
@@ -151,9 +151,7 @@ class GradientClipping(Callback):
                 f"Expected argument `threshold` to be a positive number or FixedThreshold when "
                 f"mode='value' (adaptive policies track norms) but got {self.policy!r}"
             )
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise ValueError(f"Expected argument `log_every_n_steps` to be a positive integer or None but got "
-                             f"{log_every_n_steps!r}")
+        check_optional_positive_int("log_every_n_steps", log_every_n_steps)
         self.log = bool(log)
         self.log_every_n_steps = log_every_n_steps
         self.summary = bool(summary)

@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from lightning_clip import tags
 from lightning_clip.callbacks.step import is_deepspeed, log_values, should_log, step_state
+from lightning_clip.exceptions import check_bool, check_optional_positive_int
 
 __all__ = ["GradientNormMonitor"]
 
@@ -49,14 +50,8 @@ class GradientNormMonitor(Callback):
         log_every_n_steps: int | None = None,
     ) -> None:
         for name, value in (("per_parameter", per_parameter), ("histograms", histograms), ("prog_bar", prog_bar)):
-            if not isinstance(value, bool):
-                raise TypeError(f"Expected argument `{name}` to be a bool but got {value!r}")
-        if log_every_n_steps is not None and (
-            not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"Expected argument `log_every_n_steps` to be a positive integer or None but got {log_every_n_steps!r}"
-            )
+            check_bool(name, value)
+        check_optional_positive_int("log_every_n_steps", log_every_n_steps)
         self.per_parameter = per_parameter
         self.histograms = histograms
         self.prog_bar = prog_bar

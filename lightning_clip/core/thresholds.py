@@ -39,6 +39,7 @@ from torch import Tensor
 from lightning_clip.core.functional import geometric_quantile_update
 from lightning_clip.core.histories import BACKENDS, NormHistory, make_history
 from lightning_clip.exceptions import (
+    check_bool,
     check_choice,
     check_fraction,
     check_non_negative_int,
@@ -367,8 +368,7 @@ class ZScoreThreshold(ThresholdPolicy):
         self.max_norm = None if max_norm is None else check_positive_float("max_norm", max_norm)
         self.clip_option = check_choice("clip_option", clip_option, ("adaptive_scaling", "mean"))
         self.clip_factor = check_positive_float("clip_factor", clip_factor)
-        if not isinstance(skip_update_on_spike, bool):
-            raise TypeError(f"Expected argument `skip_update_on_spike` to be a bool but got {skip_update_on_spike!r}")
+        check_bool("skip_update_on_spike", skip_update_on_spike)
         self.skip_update_on_spike = skip_update_on_spike
         self.eps = check_positive_float("eps", eps)
         self._ema: dict[str, Tensor] | None = None

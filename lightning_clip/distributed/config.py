@@ -6,11 +6,16 @@ import functools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from torch import Tensor
 
-from lightning_clip.exceptions import check_choice, check_fraction, check_non_negative_int, check_positive_float
+from lightning_clip.exceptions import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_non_negative_int,
+    check_positive_float,
+)
 from lightning_clip.robust import privacy
 from lightning_clip.robust.aggregators import AGGREGATORS, RuleOptions, aggregate
 from lightning_clip.robust.transforms import SendTransform, WorkerMomentum
@@ -31,10 +36,6 @@ def check_world_size(world_size: int, num_byzantine: int) -> None:
         )
 
 
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"Expected argument `{name}` to be a bool but got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,8 @@ class ARCConfig:
         if not isinstance(self.aggregator, str):
             raise TypeError(f"Expected argument `aggregator` to be a string but got {self.aggregator!r}")
         check_choice("aggregator", self.aggregator, tuple(AGGREGATORS))
-        _check_bool("nnm", self.nnm)
-        _check_bool("arc", self.arc)
+        check_bool("nnm", self.nnm)
+        check_bool("arc", self.arc)
         if self.static_clip is not None:
             object.__setattr__(self, "static_clip", check_positive_float("static_clip", self.static_clip))
         beta = check_fraction("worker_momentum", self.worker_momentum, low=0.0, high=1.0, open_high=True)

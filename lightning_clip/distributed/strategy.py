@@ -54,7 +54,7 @@ from torch.optim import Optimizer
 from lightning_clip.callbacks.step import should_log
 from lightning_clip.distributed.config import ARCConfig
 from lightning_clip.distributed.hook import ARCHookState, arc_hook
-from lightning_clip.exceptions import check_non_negative_int
+from lightning_clip.exceptions import check_bool, check_non_negative_int
 from lightning_clip.robust import privacy
 from lightning_clip.robust.arc import ARCStats
 from lightning_clip.robust.transforms import WorkerMomentum
@@ -177,8 +177,7 @@ class ARCDDPStrategy(DDPStrategy):
             built = arc_config
         if built.dp_noise_multiplier > 0.0:
             privacy.require_accountant()  # epsilon is reported: fail now, naming the extra, when it cannot be
-        if not isinstance(log_arc, bool):
-            raise TypeError(f"Expected argument `log_arc` to be a bool but got {log_arc!r}")
+        check_bool("log_arc", log_arc)
         _check_ddp_kwargs(ddp_kwargs)
         self._byzantine = _as_spec(byzantine)
         self._seed = check_non_negative_int("seed", seed)

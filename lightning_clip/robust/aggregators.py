@@ -54,6 +54,7 @@ from torch import Tensor
 
 from lightning_clip.core.functional import clip_coefficient
 from lightning_clip.exceptions import (
+    check_bool,
     check_choice,
     check_non_negative_int,
     check_positive_float,
@@ -99,10 +100,6 @@ def _check_optional_byzantine(n: int, num_byzantine: int | None) -> None:
         check_num_byzantine(n, num_byzantine)
 
 
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"Expected argument `{name}` to be a bool but got {value!r}")
-    return value
 
 
 #: Columns per chunk of the passes over ``[n, d]`` that would otherwise make ``[n, d]`` temporaries.
@@ -523,7 +520,7 @@ def preaggregation_stats(
         ``clipped`` marks factors below 1. ``threshold`` is ARC's threshold; without ARC it is ``C``
         (``+inf`` when there is no static clip either), and ``num_clipped`` is ``0``.
     """
-    _check_bool("arc", arc)
+    check_bool("arc", arc)
     bound = None if static_clip is None else check_positive_float("static_clip", static_clip)
     if arc:
         stats = arc_stats(norms, num_byzantine)
@@ -574,8 +571,8 @@ class RuleOptions:
             raise TypeError(f"Expected argument `rule` to be a string but got {self.rule!r}")
         check_choice("rule", self.rule, tuple(AGGREGATORS))
         check_non_negative_int("num_byzantine", self.num_byzantine)
-        _check_bool("nnm", self.nnm)
-        _check_bool("arc", self.arc)
+        check_bool("nnm", self.nnm)
+        check_bool("arc", self.arc)
         if self.static_clip is not None:
             object.__setattr__(self, "static_clip", check_positive_float("static_clip", self.static_clip))
         check_positive_int("bucket_size", self.bucket_size)
@@ -682,7 +679,7 @@ def preaggregate(
         of the rows' norms.
     """
     check_matrix("x", x)
-    _check_bool("nnm", nnm)
+    check_bool("nnm", nnm)
     check_positive_int("bucket_size", bucket_size)
     norms = torch.linalg.vector_norm(x, dim=1, dtype=compute_dtype(x.dtype))
     stats = preaggregation_stats(norms, num_byzantine, arc=arc, static_clip=static_clip)

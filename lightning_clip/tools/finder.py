@@ -45,7 +45,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_clip.callbacks.clipping import GradientClipping
 from lightning_clip.callbacks.step import optimizer_index, unwrap_optimizer
 from lightning_clip.core.grads import gradient_stats
-from lightning_clip.exceptions import check_fraction, check_positive_float, check_positive_int
+from lightning_clip.exceptions import check_bool, check_fraction, check_positive_float, check_positive_int
 
 __all__ = ["DIVERGENCE_FACTOR", "ClipRangeResult", "GradientNormStats", "default_candidates", "find_clip_threshold",
            "measure_gradient_norms"]
@@ -419,8 +419,7 @@ def measure_gradient_norms(
     _check_fit_arguments(trainer, model, datamodule, train_dataloaders)
     num_batches = check_positive_int("num_batches", num_batches)
     percentile = check_fraction("percentile", percentile, low=0.0, high=100.0)
-    if not isinstance(step, bool):
-        raise TypeError(f"Expected argument `step` to be a bool but got {step!r}")
+    check_bool("step", step)
     recorder = _NormRecorder(step=step)
     _short_fit(trainer, model, datamodule, train_dataloaders, num_batches, [recorder])
     norms = {i: np.asarray(v, dtype=np.float64) for i, v in sorted(recorder.norms.items())}
