@@ -44,7 +44,7 @@ from lightning_clip.robust.aggregators import (
 )
 from lightning_clip.robust.arc import ARCStats, scale_rows
 from lightning_clip.robust.checks import compute_dtype
-from lightning_clip.robust.transforms import SendBuffers
+from lightning_clip.robust.transforms import SendBuffers, split_vector
 
 __all__ = ["CHUNK", "COORDINATE_WISE", "CenterState", "Collectives", "shard_length", "sharded_reduce_"]
 
@@ -156,19 +156,7 @@ class CenterState:
         Raises:
             ValueError: If ``vector`` is not a 1-D tensor of the parameters' total size.
         """
-        params = list(params)
-        total = sum(p.numel() for p in params)
-        if not isinstance(vector, Tensor) or vector.ndim != 1 or vector.numel() != total:
-            shape = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
-            raise ValueError(f"Expected argument `vector` to be a 1-D tensor of {total} elements (the parameters' "
-                             f"total size) but got shape {shape}")
-        offset = 0
-        buffers = {}
-        for p in params:
-            numel = p.numel()
-            buffers[id(p)] = vector[offset : offset + numel].to(device=p.device, dtype=p.dtype).clone()
-            offset += numel
-        self.buffers = buffers
+        self.buffers = split_vector(vector, params)
 
     def __getstate__(self) -> dict[str, Any]:
         """Nothing: the buffers are keyed by live parameters (save them with :meth:`vector`)."""

@@ -26,7 +26,7 @@ from torch import Tensor
 from lightning_clip.exceptions import check_fraction
 from lightning_clip.robust.checks import compute_dtype
 
-__all__ = ["SendBuffers", "SendContext", "SendTransform", "WorkerMomentum"]
+__all__ = ["SendBuffers", "SendContext", "SendTransform", "WorkerMomentum", "split_vector"]
 
 
 @dataclass
@@ -83,6 +83,31 @@ class SendTransform(Protocol):
     """Changes, in place, what a rank sends: ``transform(sent, ctx) -> None``."""
 
     def __call__(self, sent: SendBuffers, ctx: SendContext) -> None: ...
+
+
+def split_vector(vector: Tensor, params: Sequence[Tensor],
+                 dtype_of: Callable[[torch.dtype], torch.dtype] = lambda dtype: dtype) -> dict[int, Tensor]:
+    """Cut a flat per-rank state vector into one tensor per parameter (keyed by ``id``), on each parameter's
+    device, in ``dtype_of(p.dtype)``: the inverse of flattening it in the order of ``params``.
+
+    Raises:
+        ValueError: If ``vector`` is not a 1-D tensor of the parameters' total size.
+    """
+    params = list(params)
+    total = sum(p.numel() for p in params)
+    if not isinstance(vector, Tensor) or vector.ndim != 1 or vector.numel() != total:
+        shape = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
+        raise ValueError(
+            f"Expected argument `vector` to be a 1-D tensor of {total} elements (the parameters' total size) "
+            f"but got shape {shape}"
+        )
+    pieces: dict[int, Tensor] = {}
+    offset = 0
+    for p in params:
+        numel = p.numel()
+        pieces[id(p)] = vector[offset : offset + numel].to(device=p.device, dtype=dtype_of(p.dtype)).clone()
+        offset += numel
+    return pieces
 
 
 class WorkerMomentum:
@@ -157,22 +182,7 @@ class WorkerMomentum:
         Raises:
             ValueError: If ``vector`` is not a 1-D tensor of the parameters' total size.
         """
-        params = list(params)
-        total = sum(p.numel() for p in params)
-        if not isinstance(vector, Tensor) or vector.ndim != 1 or vector.numel() != total:
-            shape = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
-            raise ValueError(
-                f"Expected argument `vector` to be a 1-D tensor of {total} elements (the parameters' total size) "
-                f"but got shape {shape}"
-            )
-        buffers: dict[int, Tensor] = {}
-        offset = 0
-        for p in params:
-            numel = p.numel()
-            dtype = compute_dtype(p.dtype)
-            buffers[id(p)] = vector[offset : offset + numel].to(device=p.device, dtype=dtype).clone()
-            offset += numel
-        self.buffers = buffers
+        self.buffers = split_vector(vector, params, compute_dtype)
 
     def reset(self) -> None:
         """Forget the buffers: the next step starts from ``m_0 = 0``."""
