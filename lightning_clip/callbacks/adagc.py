@@ -78,7 +78,7 @@ class AdaGCClipping(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Optimizer) -> None:
         state = step_state(trainer, pl_module, optimizer)
-        if not state.grads:
+        if not state.grads or state.skipped:
             return
         norms, total = state.stats.norms, state.stats.total_norm
         st = self._optimizers.get(state.optimizer_idx)

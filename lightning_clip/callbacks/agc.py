@@ -69,6 +69,8 @@ class AdaptiveGradientClipping(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Optimizer) -> None:
         state = step_state(trainer, pl_module, optimizer)
+        if state.skipped:  # a guard placed before this callback dropped the step
+            return
         chosen = [i for i, n in enumerate(state.names) if not self.excluded(n)]
         if not chosen:
             return

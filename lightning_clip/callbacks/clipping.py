@@ -205,7 +205,7 @@ class GradientClipping(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         state = step_state(trainer, pl_module, optimizer)
-        if not state.grads:
+        if not state.grads or state.skipped:  # a guard placed before this callback dropped the step
             return
         opt = self.optimizer_state(state.optimizer_idx)
         total = state.stats.total_norm

@@ -111,6 +111,7 @@ class NonFiniteGradientGuard(Callback):
             else:
                 for p in state.params:
                     p.grad = None
+                state.skipped = True
                 self.skipped_steps += 1
                 self.consecutive_skips += 1
                 if self.max_consecutive_skips is not None and self.consecutive_skips > self.max_consecutive_skips:

@@ -78,7 +78,8 @@ class SpikeGuard(Callback):
 
     Cost: the decision is made on the host from one device-to-host read per step, shared with
     :class:`~lightning_clip.NonFiniteGradientGuard`'s when both are used; ``"loss"`` on several ranks adds
-    one all-reduce of one float. The windows and counters are saved in the checkpoint.
+    one all-reduce of one float. The windows and counters are saved in the checkpoint. Place the guards
+    before the clipping callbacks: a step they skip then never reaches a clipping policy's history.
 
     ========================= ============================================================
     ``grad_spike/skipped``    number of spikes so far (steps skipped, with ``"skip"``)
@@ -202,7 +203,8 @@ class SpikeGuard(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         state = step_state(trainer, pl_module, optimizer)
-        if not state.grads:
+        if not state.grads or state.skipped:  # nothing, or another guard dropped the step already
+            self._loss = None
             return
         if "loss" in self.monitor and self._loss is None and not self._warned_no_loss:
             self._warned_no_loss = True
@@ -238,6 +240,7 @@ class SpikeGuard(Callback):
         if self.action == "skip":
             for p in state.params:
                 p.grad = None
+            state.skipped = True
             rank_zero_warn(f"{message}. Optimizer step skipped.")
         else:
             rank_zero_warn(f"{message}. The optimizer steps anyway.")

@@ -46,6 +46,8 @@ class StepState:
         clipped_total: norm after clipping, if clipping ran.
         logged: tags already logged this step (so two callbacks never log one tag twice).
         host: the guards' decisions read on the host this step (see :func:`host_decisions`), once read.
+        skipped: a guard dropped this step (the gradients are ``None`` now): the callbacks after it leave
+            the step alone, so a skipped step never reaches a clipping policy's history.
     """
 
     token: tuple[int, ...]
@@ -59,6 +61,7 @@ class StepState:
     clipped_total: Tensor | None = None
     logged: set[str] = field(default_factory=set)
     host: dict[str, float] | None = None
+    skipped: bool = False
 
 
 _PARAMS: weakref.WeakKeyDictionary[Optimizer, _ParamIndex] = weakref.WeakKeyDictionary()

@@ -229,3 +229,18 @@ def test_resume_replays_the_same_decisions(tmp_path):
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         SpikeGuard(**kwargs)
+
+
+def test_a_skipped_spike_never_reaches_a_clipping_policy_placed_after_the_guard(tmp_path):
+    from lightning_clip import GradientClipping, PercentileThreshold
+
+    seed_everything(0, verbose=False)
+    guard, skipped = SpikeGuard(z_thresh=4.0, window=8, warmup_steps=6), Skipped()
+    policy = PercentileThreshold(90.0, warmup_steps=0)
+    clip = GradientClipping(policy)
+    trainer = make_trainer(tmp_path, callbacks=[guard, skipped, clip], max_steps=32)
+    with pytest.warns(UserWarning, match="spike"):
+        trainer.fit(SpikyRegressor({14, 15, 27}, lr=0.01), make_loader())
+    kept = 32 - sum(skipped.skipped)
+    assert sum(skipped.skipped) >= 3 and clip.steps == {0: kept}
+    assert policy.state_dict()["steps"] == kept  # the policy saw only the steps that stepped
