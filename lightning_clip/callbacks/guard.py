@@ -109,9 +109,7 @@ class NonFiniteGradientGuard(Callback):
             if self.action == "warn":
                 rank_zero_warn(f"Step {step}: {self._describe(state)}. The optimizer steps anyway.")
             else:
-                for p in state.params:
-                    p.grad = None
-                state.skipped = True
+                state.skip()
                 self.skipped_steps += 1
                 self.consecutive_skips += 1
                 if self.max_consecutive_skips is not None and self.consecutive_skips > self.max_consecutive_skips:

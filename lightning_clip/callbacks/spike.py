@@ -21,7 +21,7 @@ from lightning_clip.callbacks.step import (
     should_log,
     step_state,
 )
-from lightning_clip.core.window import RollingWindow
+from lightning_clip.core.window import RollingWindow, check_window_size
 from lightning_clip.exceptions import (
     GradientSpikeError,
     check_choice,
@@ -111,9 +111,7 @@ class SpikeGuard(Callback):
     ) -> None:
         self.monitor = _check_monitor(monitor)
         self.z_thresh = check_positive_float("z_thresh", z_thresh)
-        self.window = check_positive_int("window", window)
-        if window < 2:
-            raise ValueError(f"Expected argument `window` to be an integer >= 2 but got {window}")
+        self.window = check_window_size(window)
         if warmup_steps is not None:
             check_positive_int("warmup_steps", warmup_steps)
             if warmup_steps < 2:
@@ -238,9 +236,7 @@ class SpikeGuard(Callback):
                 "The monitored value may have shifted for good; lower the learning rate or raise `z_thresh`."
             )
         if self.action == "skip":
-            for p in state.params:
-                p.grad = None
-            state.skipped = True
+            state.skip()
             rank_zero_warn(f"{message}. Optimizer step skipped.")
         else:
             rank_zero_warn(f"{message}. The optimizer steps anyway.")

@@ -63,6 +63,13 @@ class StepState:
     host: dict[str, float] | None = None
     skipped: bool = False
 
+    def skip(self) -> None:
+        """Drop this optimizer step: the gradients become ``None`` (the optimizer then moves neither the
+        weights nor its state) and :attr:`skipped` tells the callbacks after the guard to leave it alone."""
+        for p in self.params:
+            p.grad = None
+        self.skipped = True
+
 
 _PARAMS: weakref.WeakKeyDictionary[Optimizer, _ParamIndex] = weakref.WeakKeyDictionary()
 _STATES: weakref.WeakKeyDictionary[Optimizer, StepState] = weakref.WeakKeyDictionary()

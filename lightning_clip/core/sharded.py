@@ -62,6 +62,13 @@ def _local_sq_norms(locals_: list[Tensor]) -> Tensor:
     return sq[torch.argsort(torch.tensor(order)).to(device)]
 
 
+def _sum_over_group(sq: Tensor, mask: Tensor, group: Any) -> Tensor:
+    """``sq`` with its entries where ``mask`` holds summed over ``group`` (one ``all_reduce``), the rest kept."""
+    summed = torch.where(mask, sq, torch.zeros_like(sq))
+    dist.all_reduce(summed, group=group)
+    return torch.where(mask, summed, sq)
+
+
 def _full_norm(g: Any) -> Tensor:
     norm = torch.linalg.vector_norm(g, 2.0, dtype=torch.float32)
     return norm.full_tensor() if is_dtensor(norm) else norm
@@ -91,10 +98,7 @@ def sharded_norms(grads: Sequence[Tensor]) -> Tensor:
                 continue
             mask = torch.zeros(len(sharded), dtype=torch.bool)
             mask[positions] = True
-            mask = mask.to(sq.device)
-            summed = torch.where(mask, sq, torch.zeros_like(sq))
-            dist.all_reduce(summed, group=group)
-            sq = torch.where(mask, summed, sq)
+            sq = _sum_over_group(sq, mask.to(sq.device), group)
     if len(sharded) == len(grads):
         return sq.sqrt() if sq is not None else torch.zeros(0)
     # Some gradients are Partial: torch's own norm for those, then everything back in input order.
@@ -122,6 +126,4 @@ def reduce_shard_norms(local_norms: Tensor, group: Any, sharded: Tensor | None =
         dist.all_reduce(sq, group=group)
         return sq.sqrt()
     mask = sharded.to(device=sq.device, dtype=torch.bool)
-    summed = torch.where(mask, sq, torch.zeros_like(sq))
-    dist.all_reduce(summed, group=group)
-    return torch.where(mask, summed.sqrt(), local_norms.to(torch.float32))
+    return torch.where(mask, _sum_over_group(sq, mask, group).sqrt(), local_norms.to(torch.float32))

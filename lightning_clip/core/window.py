@@ -14,7 +14,15 @@ from torch import Tensor
 
 from lightning_clip.exceptions import check_positive_int
 
-__all__ = ["RollingWindow"]
+__all__ = ["RollingWindow", "check_window_size"]
+
+
+def check_window_size(size: Any) -> int:
+    """Return ``size`` or raise naming ``window`` when it is not an integer >= 2 (a standard deviation needs two)."""
+    check_positive_int("window", size)
+    if size < 2:
+        raise ValueError(f"Expected argument `window` to be an integer >= 2 but got {size}")
+    return int(size)
 
 
 class RollingWindow:
@@ -29,9 +37,7 @@ class RollingWindow:
     """
 
     def __init__(self, size: int) -> None:
-        self.size = check_positive_int("window", size)
-        if size < 2:
-            raise ValueError(f"Expected argument `window` to be an integer >= 2 but got {size}")
+        self.size = check_window_size(size)
         self.seen = 0
         self._buffer: Tensor | None = None
 
