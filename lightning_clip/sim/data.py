@@ -2,11 +2,14 @@
 
 - :func:`adding_problem`: the adding problem of Pascanu et al. (2013), generated from a seed.
 - :func:`load_digits_tensors`: scikit-learn's bundled 8x8 digits.
+- :func:`markov_text`: token streams from a random first-order Markov source (a generated "language").
 - :class:`ShardSampler`: a fixed number of draws per epoch from a rank's own (heterogeneous) shard.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Iterator
 
 import torch
@@ -16,7 +19,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from lightning_clip.exceptions import check_positive_int
 
-__all__ = ["ShardSampler", "adding_problem", "load_digits_tensors"]
+__all__ = ["ShardSampler", "adding_problem", "load_digits_tensors", "markov_text"]
 
 
 def adding_problem(num_samples: int, seq_len: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -52,6 +55,39 @@ def load_digits_tensors() -> tuple[Tensor, Tensor]:
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
     return x, y
+
+
+def markov_text(
+    num_tokens: int, vocab_size: int = 32, concentration: float = 0.1, seed: int = 0, source_seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Generate ``num_tokens`` tokens from a random first-order Markov source, and its transition matrix.
+
+    Each row of the ``[vocab_size, vocab_size]`` transition matrix is drawn from a symmetric Dirichlet
+    with ``concentration`` (small: few likely successors, a low entropy rate) from ``source_seed``; the
+    chain starts at token 0 and walks with draws from ``seed``. A next-token model cannot do better than
+    the source's entropy rate, ``-sum_i pi_i sum_j P_ij log P_ij`` nats per token.
+
+    Returns:
+        ``(tokens [num_tokens] int64, transitions [vocab_size, vocab_size] float64)``.
+    """
+    check_positive_int("num_tokens", num_tokens)
+    if not isinstance(vocab_size, int) or vocab_size < 2:
+        raise ValueError(f"Expected argument `vocab_size` to be an integer >= 2 but got {vocab_size!r}")
+    if not (isinstance(concentration, (int, float)) and concentration > 0 and math.isfinite(concentration)):
+        raise ValueError(f"Expected argument `concentration` to be a finite number > 0 but got {concentration!r}")
+    gen = torch.Generator().manual_seed(source_seed)
+    gammas = torch._standard_gamma(torch.full((vocab_size, vocab_size), float(concentration), dtype=torch.float64),
+                                   generator=gen)
+    transitions = gammas / gammas.sum(dim=1, keepdim=True)
+    cdf = transitions.cumsum(dim=1).tolist()
+    draws = torch.rand(num_tokens, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
+    tokens = [0] * num_tokens
+    state = 0
+    last = vocab_size - 1
+    for i in range(num_tokens):
+        tokens[i] = state
+        state = min(bisect.bisect_right(cdf[state], draws[i]), last)
+    return torch.tensor(tokens, dtype=torch.long), transitions
 
 
 class ShardSampler(DistributedSampler):
