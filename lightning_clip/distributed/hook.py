@@ -41,7 +41,7 @@ from torch import Tensor
 
 from lightning_clip.distributed.config import ARCConfig
 from lightning_clip.distributed.dp import DPState
-from lightning_clip.distributed.sharded import CenterState, sharded_reduce_
+from lightning_clip.distributed.sharded import CenterState, ShardedExchange, sharded_reduce_
 from lightning_clip.exceptions import PeerFailureError
 from lightning_clip.robust.aggregators import aggregate_with_stats, preaggregation_stats
 from lightning_clip.robust.arc import ARCStats
@@ -91,6 +91,7 @@ class ARCHookState:
         "last_comm_bytes",
         "dp",
         "center",
+        "exchange",
     ]
 
     def __init__(
@@ -121,6 +122,18 @@ class ARCHookState:
         self.last_step = -1
         self.last_num_buckets = 0
         self.last_comm_bytes: dict[str, int] = {"all_reduce": 0, "all_gather": 0}
+        self.exchange: _Overlap | None = None
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether the all-to-all starts bucket by bucket during backward (the sharded robust path).
+
+        It does unless the reduction is the mean (an all-reduce), ``robust_comm="gather"``, or a send
+        transform needs the whole local vector (a simulated attack): those hold every bucket until the last.
+        """
+        c = self.config
+        return (not c.uses_all_reduce and c.robust_comm == "sharded"
+                and all(getattr(t, "bucketwise", False) for t in self.transforms))
 
     @property
     def worker_momentum(self) -> WorkerMomentum | None:
@@ -136,12 +149,14 @@ class ARCHookState:
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything but the process group and the held buckets (momentum buffers reset, see WorkerMomentum)."""
-        return {slot: getattr(self, slot) for slot in self.__slots__ if slot not in ("process_group", "held")}
+        return {slot: getattr(self, slot) for slot in self.__slots__
+                if slot not in ("process_group", "held", "exchange")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore ``state``; ``process_group`` becomes ``None`` (the default group)."""
         self.process_group = None
         self.held = []
+        self.exchange = None
         for slot, value in state.items():
             setattr(self, slot, value)
 
@@ -173,15 +188,23 @@ class _Transport:
         self.bytes["all_gather"] += out.numel() * out.element_size()
         return out
 
-    def all_to_all_(self, out: Tensor, inp: Tensor) -> None:
-        """Chunk ``j`` of the 1-D ``inp`` to rank ``j``; chunk ``i`` of ``out`` from rank ``i`` (equal chunks)."""
-        self._run("all-to-all", lambda: dist.all_to_all_single(out, inp, group=self.group))
-        self.bytes["all_to_all"] = self.bytes.get("all_to_all", 0) + inp.numel() * inp.element_size()
+    def _started(self, what: str, work: Any) -> Callable[[], None]:
+        return lambda: self._run(what, work.wait)
 
-    def all_gather_into_(self, out: Tensor, inp: Tensor) -> None:
-        """Every rank's 1-D ``inp`` back to back into ``out`` (``n`` times its size)."""
-        self._run("all-gather", lambda: dist.all_gather_single(out, inp, group=self.group))
+    def all_to_all_start(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int]
+                         ) -> Callable[[], None]:
+        """Start sending chunk ``j`` of the 1-D ``inp`` to rank ``j``, chunk ``i`` of ``out`` from rank ``i``."""
+        work = self._run("all-to-all", lambda: dist.all_to_all_single(out, inp, out_splits, in_splits,
+                                                                       group=self.group, async_op=True))
+        self.bytes["all_to_all"] = self.bytes.get("all_to_all", 0) + inp.numel() * inp.element_size()
+        return self._started("all-to-all", work)
+
+    def all_gather_start(self, out: Tensor, inp: Tensor) -> Callable[[], None]:
+        """Start gathering every rank's 1-D ``inp`` back to back into ``out``; returns the wait."""
+        work = self._run("all-gather", lambda: dist.all_gather_into_tensor(out, inp, group=self.group,
+                                                                          async_op=True))
         self.bytes["all_gather"] += out.numel() * out.element_size()
+        return self._started("all-gather", work)
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         """A copy of the small tensor ``t`` summed over the ranks."""
@@ -271,19 +294,45 @@ def _reduce_robust(config: ARCConfig, sent: SendBuffers, comm: _Transport, cente
     return stats
 
 
-def _reduce(state: ARCHookState, sent: SendBuffers) -> None:
+def _context(config: ARCConfig, comm: _Transport) -> SendContext:
+    return SendContext(rank=comm.rank, world_size=comm.n, step=comm.step, gather=comm.gather_rows,
+                       aggregation=config.server_aggregation)
+
+
+class _Overlap:
+    """A step of the sharded path begun at the first bucket: each bucket transformed and its all-to-all started."""
+
+    def __init__(self, state: ARCHookState) -> None:
+        self.comm = _Transport(state.group(), state.iter)
+        self.ctx = _context(state.config, self.comm)
+        self.transforms = state.transforms
+        self.exchange = ShardedExchange(self.comm)
+
+    def send(self, buffer: Tensor, params: list[Tensor]) -> None:
+        one = SendBuffers([buffer], [params])
+        for transform in self.transforms:  # bucket-wise by construction (ARCHookState.overlaps)
+            transform(one, self.ctx)
+        self.exchange.send(buffer)
+
+
+def _reduce(state: ARCHookState, sent: SendBuffers, overlap: _Overlap | None = None) -> None:
     config = state.config
-    comm = _Transport(state.group(), state.iter)
-    ctx = SendContext(rank=comm.rank, world_size=comm.n, step=state.iter, gather=comm.gather_rows,
-                      aggregation=config.server_aggregation)
-    for transform in state.transforms:
-        transform(sent, ctx)
+    if overlap is None:
+        comm = _Transport(state.group(), state.iter)
+        ctx = _context(config, comm)
+        for transform in state.transforms:
+            transform(sent, ctx)
+    else:  # transformed and sent bucket by bucket already
+        comm = overlap.comm
     if config.uses_dp and state.dp is None:
         state.dp = DPState(config, comm.n)
     if config.uses_all_reduce:
         state.last_stats = _reduce_mean(config, sent, comm, state.dp)
     else:
-        state.last_stats = _reduce_robust(config, sent, comm, state.center)
+        if overlap is not None:
+            state.last_stats = overlap.exchange.finish(sent, config.rule_options, step=comm.step, center=state.center)
+        else:
+            state.last_stats = _reduce_robust(config, sent, comm, state.center)
         if state.dp is not None:  # every rank adds the same noise of the step to the same aggregate
             state.dp.add_noise_(sent, comm.step, 1.0 / comm.n)
     state.last_step = state.iter
@@ -312,16 +361,26 @@ def arc_hook(state: ARCHookState, bucket: dist.GradBucket) -> torch.futures.Futu
         A future holding the reduced bucket buffer (completed for the last bucket).
     """
     buffer = bucket.buffer()
-    if bucket.index() == 0:
-        state.held = []  # a new backward pass: forget the buckets of an aborted one
+    if bucket.index() == 0:  # a new backward pass: forget the buckets of an aborted one
+        state.held = []
+        state.exchange = _Overlap(state) if state.overlaps else None
+    overlap = state.exchange
+    if overlap is not None:
+        try:
+            overlap.send(buffer, bucket.parameters())
+        except BaseException as exc:
+            held, state.held, state.exchange = state.held, [], None
+            for _, fut, _ in held:
+                fut.set_exception(exc)
+            raise
     if not bucket.is_last():
         fut = _future(None, buffer.device)
         state.held.append((buffer, fut, bucket.parameters()))
         return fut
-    held, state.held = state.held, []
+    held, state.held, state.exchange = state.held, [], None
     sent = SendBuffers([b for b, _, _ in held] + [buffer], [ps for _, _, ps in held] + [bucket.parameters()])
     try:
-        _reduce(state, sent)
+        _reduce(state, sent, overlap)
     except BaseException as exc:
         for _, fut, _ in held:
             fut.set_exception(exc)

@@ -1,35 +1,46 @@
 """The sharded robust pipeline of ``ddp_arc``: robust aggregation at about an all-reduce's cost.
 
 Every step of ``rule(NNM(bucket(clip_C(ARC(x)))))`` is either coordinate-wise or needs only sums over
-the coordinates of small quantities, so rank ``r`` of ``n`` can own a block ``S_r`` of ``m = ceil(d / n)``
-coordinates (the flat gradient is zero-padded to ``n m``):
+the coordinates of small quantities, so the ranks can split the coordinates between them. Each of DDP's
+gradient buckets (``d_b`` elements) is cut into ``n`` chunks of ``m_b = ceil(d_b / n)`` coordinates (the
+last ones shorter, possibly empty); rank ``r`` owns chunk ``r`` of every bucket, about ``d / n``
+coordinates in all. One step (:class:`ShardedExchange`):
 
-1. every rank all-gathers the ``n`` norms of the local vectors (``n`` floats): ARC's and the static
-   clip's factors (:func:`~lightning_clip.robust.aggregators.preaggregation_stats`), identical everywhere;
-2. one ``all_to_all_single`` gives rank ``r`` every rank's block ``S_r``: ``[n, m]``;
-3. rank ``r`` runs :func:`~lightning_clip.robust.aggregators.aggregate_shard` on its block, with an
-   all-reduce as its ``reduce``: NNM and (Multi-)Krum all-reduce the block's partial ``n x n`` squared
-   distances (``n^2`` floats) and take the same selections on every rank; Weiszfeld's geometric median
-   and centered clipping all-reduce ``n`` (``n + 2``) partial squared distances per iteration;
-4. one ``all_gather_into_tensor`` of the ``m`` aggregated coordinates rebuilds the aggregate everywhere.
+1. as soon as a bucket is ready (during the backward pass), an asynchronous ``all_to_all_single`` of the
+   raw bucket gives rank ``r`` every rank's chunk ``r`` of it, a block ``[n, len_r]``; no copy is made
+   to send;
+2. after the last bucket every rank all-gathers the ``n`` norms of the local vectors (``n`` floats):
+   ARC's and the static clip's factors
+   (:func:`~lightning_clip.robust.aggregators.preaggregation_stats`), identical everywhere;
+3. rank ``r`` scales the rows of its blocks in place and runs the rest of the pipeline on them
+   (:func:`~lightning_clip.robust.aggregators.aggregate_shard`), with an all-reduce as its ``reduce``:
+   NNM and (Multi-)Krum all-reduce the partial ``n x n`` squared distances (``n^2`` floats) and take the
+   same selections on every rank; Weiszfeld's geometric median and centered clipping all-reduce ``n``
+   (``n + 2``) partial squared distances per iteration;
+4. one asynchronous ``all_gather_into_tensor`` per bucket writes the aggregate back into DDP's bucket
+   (in place when ``n`` divides ``d_b``). A coordinate-wise rule without NNM streams: each bucket is
+   reduced and its all-gather started while the later buckets' all-to-alls are still in flight.
 
-Per rank that sends about ``2 (n - 1) d / n`` elements, as a ring all-reduce, plus ``O(n^2)`` floats,
-and holds about ``d`` elements of extra memory (the padded send buffer, reused as the all-gather's
-output, and the received ``[n, m]`` block), instead of the ``n d`` of an all-gather of every vector.
+Per rank that sends about ``2 (n - 1) d / n`` elements, as a ring all-reduce, plus ``O(n^2)`` floats.
+Extra memory: the received blocks (about one gradient), a transient flat copy of the local vector for
+its norm when there are several buckets (one gradient, freed at once), the all-gathers' outputs of the
+buckets ``n`` does not divide; the geometric median and centered clipping also join the blocks into one
+``[n, d / n]`` matrix (one more gradient) because their iterations run over all of them.
 
-Exactness: the coordinate-wise steps (ARC and static scaling, bucketing, ``mean``/``cwtm``/``median``/
-``meamed``) compute each coordinate from its own column, so the result equals
-:func:`~lightning_clip.robust.aggregators.aggregate` on the gathered vectors bit for bit; the rules are
-applied to column chunks (:data:`CHUNK`) to bound their temporaries. The distance-based steps add
-their partial sums in another order, a relative difference of about ``1e-7`` in the distances (tie-free
-selections are the same).
+Exactness: the local norm is taken of the whole flat vector, as
+:func:`~lightning_clip.robust.aggregators.aggregate` takes it, so ARC's factors have the same bits. The
+coordinate-wise steps (ARC and static scaling, bucketing, ``mean``/``cwtm``/``median``/``meamed``)
+compute each coordinate from its own column, so the result equals ``aggregate`` on the gathered vectors
+bit for bit; the rules run on column chunks (:data:`CHUNK`) to bound their temporaries. The
+distance-based steps add their partial sums in another order, a relative difference of about ``1e-7`` in
+the distances (tie-free selections are the same).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -37,21 +48,37 @@ from torch import Tensor
 
 from lightning_clip.robust.aggregators import (
     RuleOptions,
+    _bucketing,
+    _krum_selection,
+    _mean_rows,
     _nnm_weights,
     _squared_distances,
     aggregate_shard,
+    bucket_permutation,
     preaggregation_stats,
 )
 from lightning_clip.robust.arc import ARCStats, scale_rows
 from lightning_clip.robust.checks import compute_dtype
 from lightning_clip.robust.transforms import SendBuffers, split_vector
 
-__all__ = ["CHUNK", "COORDINATE_WISE", "CenterState", "Collectives", "shard_length", "sharded_reduce_"]
+__all__ = [
+    "CHUNK",
+    "COORDINATE_WISE",
+    "CenterState",
+    "Collectives",
+    "ShardedExchange",
+    "chunk_sizes",
+    "shard_length",
+    "sharded_reduce_",
+]
 
 #: Rules computed from each coordinate's own column (exact under any split of the coordinates).
 COORDINATE_WISE = frozenset({"mean", "cwtm", "median", "meamed"})
 #: Columns per chunk when a coordinate-wise pipeline runs on a block (bounds the temporaries).
 CHUNK = 1 << 18
+
+#: Waits for a collective started asynchronously (raises if it failed).
+Wait = Callable[[], None]
 
 
 class Collectives(Protocol):
@@ -64,12 +91,13 @@ class Collectives(Protocol):
         """Every rank's ``x`` stacked into ``[n, *x.shape]``."""
         ...
 
-    def all_to_all_(self, out: Tensor, inp: Tensor) -> None:
-        """Chunk ``j`` of the 1-D ``inp`` to rank ``j``; chunk ``i`` of ``out`` from rank ``i``."""
+    def all_to_all_start(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int]) -> Wait:
+        """Start sending chunk ``j`` of the 1-D ``inp`` (``in_splits[j]`` elements) to rank ``j``; chunk ``i``
+        of ``out`` (``out_splits[i]`` elements) comes from rank ``i``."""
         ...
 
-    def all_gather_into_(self, out: Tensor, inp: Tensor) -> None:
-        """Every rank's 1-D ``inp`` back to back into ``out``."""
+    def all_gather_start(self, out: Tensor, inp: Tensor) -> Wait:
+        """Start gathering every rank's 1-D ``inp`` back to back into ``out`` (``n`` times its size)."""
         ...
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
@@ -78,8 +106,14 @@ class Collectives(Protocol):
 
 
 def shard_length(d: int, n: int) -> int:
-    """``m = ceil(d / n)`` coordinates per rank (at least 1); the flat vector is padded to ``n m``."""
+    """``m = ceil(d / n)`` coordinates per chunk (at least 1)."""
     return max(1, math.ceil(d / n))
+
+
+def chunk_sizes(d: int, n: int) -> list[int]:
+    """The ``n`` chunk lengths of a bucket of ``d`` elements: chunk ``j`` is ``[j m, min(d, (j + 1) m))``."""
+    m = shard_length(d, n)
+    return [max(0, min(m, d - j * m)) for j in range(n)]
 
 
 def _copy_range_(out: Tensor, pieces: Sequence[Tensor], lo: int) -> None:
@@ -119,13 +153,19 @@ class CenterState:
                 pieces.append(c.to(buffer.dtype))
         return pieces
 
-    def block(self, sent: SendBuffers, lo: int, length: int) -> Tensor | None:
-        """Coordinates ``[lo, lo + length)`` of the centre in the layout of ``sent`` (zero-padded), or ``None``."""
+    def ranges(self, sent: SendBuffers, ranges: Sequence[tuple[int, int]], dtype: torch.dtype) -> Tensor | None:
+        """The centre's coordinates ``[lo, lo + length)`` of each range, in the flat layout of ``sent``, joined.
+
+        ``None`` before the first step.
+        """
         pieces = self._pieces(sent)
         if pieces is None:
             return None
-        out = torch.zeros(length, dtype=sent.buffers[0].dtype, device=sent.buffers[0].device)
-        _copy_range_(out, pieces, lo)
+        out = torch.zeros(sum(length for _, length in ranges), dtype=dtype, device=sent.buffers[0].device)
+        offset = 0
+        for lo, length in ranges:
+            _copy_range_(out[offset : offset + length], pieces, lo)
+            offset += length
         return out
 
     def flat(self, sent: SendBuffers) -> Tensor | None:
@@ -177,9 +217,179 @@ def _scale_rows_(block: Tensor, scales: Tensor, norms: Tensor | None) -> None:
         block[:, a : a + CHUNK] = scale_rows(block[:, a : a + CHUNK], scales, norms)
 
 
-def _send_dtype(buffers: Sequence[Tensor]) -> torch.dtype:
+def _common_dtype(buffers: Sequence[Tensor]) -> torch.dtype:
+    """The buffers' dtype, or float32 when they differ (as :meth:`SendBuffers.flatten`)."""
     dtypes = {b.dtype for b in buffers}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _local_norm(buffers: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """``[1]``: the norm of the buffers as one flat row, reduced as ``aggregate`` reduces a row of ``[n, d]``."""
+    if len(buffers) == 1 and buffers[0].dtype == dtype:
+        flat = buffers[0].reshape(1, -1)
+    else:  # a transient copy: the same reduction over one contiguous row gives the reference's bits
+        flat = torch.cat([b.reshape(-1).to(dtype) for b in buffers]).unsqueeze(0)
+    return torch.linalg.vector_norm(flat, dim=1, dtype=compute_dtype(dtype))
+
+
+@dataclasses.dataclass
+class _Bucket:
+    """One bucket in flight: DDP's buffer, the block of it this rank receives, and how to wait for it."""
+
+    buffer: Tensor
+    block: Tensor | None
+    wait: Wait | None
+    m: int
+    offset: int
+
+
+class ShardedExchange:
+    """One step of the sharded pipeline, its all-to-alls started bucket by bucket.
+
+    Call :meth:`send` with every bucket as soon as it is final (the DDP hook does so in each bucket's
+    call, overlapping the exchange with the rest of the backward pass), then :meth:`finish` once. A
+    collective: every rank sends buckets of the same sizes in the same order.
+
+    Args:
+        comm: The collectives.
+    """
+
+    def __init__(self, comm: Collectives) -> None:
+        self.comm = comm
+        self.buckets: list[_Bucket] = []
+        self.numel = 0
+
+    def send(self, buffer: Tensor) -> None:
+        """Start the all-to-all of ``buffer`` (1-D, final until :meth:`finish` writes the aggregate into it)."""
+        n, rank = self.comm.n, self.comm.rank
+        flat = buffer.view(-1)
+        sizes = chunk_sizes(flat.numel(), n)
+        block = flat.new_empty((n, sizes[rank]))
+        wait = self.comm.all_to_all_start(block.view(-1), flat, [sizes[rank]] * n, sizes)
+        self.buckets.append(_Bucket(flat, block, wait, shard_length(flat.numel(), n), self.numel))
+        self.numel += flat.numel()
+
+    def _received(self, bucket: _Bucket, dtype: torch.dtype) -> Tensor:
+        if bucket.wait is not None:
+            bucket.wait()
+            bucket.wait = None
+        block, bucket.block = bucket.block, None
+        if block is None:
+            raise RuntimeError("ShardedExchange: a bucket's block was used twice")
+        return block.to(dtype)
+
+    def _gather_start(self, bucket: _Bucket, out: Tensor) -> Wait:
+        """Start the all-gather of this rank's chunk ``out`` of ``bucket``; the wait writes it back."""
+        n = self.comm.n
+        if out.numel() < bucket.m:  # the short or empty last chunks: pad to m (the padding is cut off)
+            out = torch.cat([out, out.new_zeros(bucket.m - out.numel())])
+        buffer = bucket.buffer
+        if buffer.numel() == n * bucket.m and buffer.dtype == out.dtype:
+            return self.comm.all_gather_start(buffer, out)  # straight into DDP's bucket
+        full = out.new_empty(n * bucket.m)
+        wait = self.comm.all_gather_start(full, out)
+
+        def write() -> None:
+            wait()
+            buffer.copy_(full[: buffer.numel()])
+
+        return write
+
+    def finish(self, sent: SendBuffers, options: RuleOptions, *, step: int = 0,
+               center: CenterState | None = None) -> ARCStats:
+        """Aggregate the sent buckets with ``options`` and write the aggregate into them.
+
+        Args:
+            sent: The buckets passed to :meth:`send`, in that order, with their parameters.
+            options: The rule and its pre-aggregation.
+            step: Step counter (the bucketing permutation).
+            center: Centered clipping's state (``"cclip"`` only): the starting point, then the new aggregate.
+
+        Returns:
+            :func:`~lightning_clip.robust.aggregators.preaggregation_stats` of the ``n`` norms.
+        """
+        comm, n = self.comm, self.comm.n
+        if len(sent.buffers) != len(self.buckets):
+            raise RuntimeError(f"ShardedExchange.finish: {len(sent.buffers)} buffers for {len(self.buckets)} sent")
+        dtype = _common_dtype(sent.buffers)
+        norms = comm.gather_rows(_local_norm(sent.buffers, dtype)).reshape(n)
+        stats = preaggregation_stats(norms, options.num_byzantine, arc=options.arc, static_clip=options.static_clip)
+        rest = dataclasses.replace(options, arc=False, static_clip=None, bucket_size=1)
+        permutation = bucket_permutation(n, options.bucket_seed, step) if options.bucket_size > 1 else None
+
+        def prepared(bucket: _Bucket) -> Tensor:
+            """The bucket's received block, scaled by ARC / the static clip and bucketed (coordinate-wise)."""
+            block = self._received(bucket, dtype)
+            if options.arc or options.static_clip is not None:
+                _scale_rows_(block, stats.scales, norms if options.arc else None)
+            if permutation is not None:
+                cdt = compute_dtype(dtype)
+                block = _bucketing(block.to(cdt), options.bucket_size, permutation).to(dtype)
+            return block
+
+        waits: list[Wait] = []
+        if options.rule in COORDINATE_WISE and not options.nnm:  # stream bucket by bucket
+            for bucket in self.buckets:
+                block = prepared(bucket)
+                waits.append(self._gather_start(bucket, self._coordinate_wise(block, rest, norms, step)))
+                del block
+        else:
+            blocks = [prepared(bucket) for bucket in self.buckets]
+            outs = self._joint(blocks, rest, norms, step, sent, center)
+            del blocks
+            waits = [self._gather_start(bucket, out) for bucket, out in zip(self.buckets, outs)]
+        for wait in waits:
+            wait()
+        self.buckets = []
+        if options.rule == "cclip" and center is not None:
+            center.store(sent)
+        return stats
+
+    @staticmethod
+    def _coordinate_wise(block: Tensor, rest: RuleOptions, norms: Tensor, step: int) -> Tensor:
+        """A coordinate-wise rule on column chunks: the same bits, small temporaries."""
+        out = block.new_empty(block.shape[1])
+        for a in range(0, block.shape[1], CHUNK):
+            out[a : a + CHUNK] = aggregate_shard(block[:, a : a + CHUNK], norms, rest, step=step)[0]
+        return out
+
+    def _joint(self, blocks: list[Tensor], rest: RuleOptions, norms: Tensor, step: int, sent: SendBuffers,
+               center: CenterState | None) -> list[Tensor]:
+        """NNM and the rules whose steps need sums over every block; one output chunk per bucket."""
+        comm = self.comm
+        dtype = blocks[0].dtype
+        cdt = compute_dtype(dtype)
+        f = rest.num_byzantine
+        if rest.nnm:  # mixing in place by column chunks, one all-reduce of the n x n distances
+            d2 = sum((_squared_distances(b.to(cdt)) for b in blocks), torch.zeros((), dtype=cdt))
+            weights = _nnm_weights(comm.all_reduce_sum(d2), f)
+            for block in blocks:
+                for a in range(0, block.shape[1], CHUNK):
+                    block[:, a : a + CHUNK] = (weights @ block[:, a : a + CHUNK].to(cdt)).to(dtype)
+            rest = dataclasses.replace(rest, nnm=False)
+        if rest.rule in COORDINATE_WISE:
+            return [self._coordinate_wise(b, rest, norms, step) for b in blocks]
+        if rest.rule in ("krum", "multikrum"):
+            d2 = sum((_squared_distances(b.to(cdt)) for b in blocks), torch.zeros((), dtype=cdt))
+            rows = blocks[0].shape[0]
+            chosen = _krum_selection(comm.all_reduce_sum(d2), f, 1 if rest.rule == "krum" else rows - f)
+            outs = []
+            for block in blocks:
+                out = block.new_empty(block.shape[1])
+                for a in range(0, block.shape[1], CHUNK):
+                    out[a : a + CHUNK] = _mean_rows(block[chosen, a : a + CHUNK].to(cdt)).to(dtype)
+                outs.append(out)
+            return outs
+        # The geometric median and centered clipping iterate over all the coordinates: one block.
+        lengths = [b.shape[1] for b in blocks]
+        joined = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+        blocks.clear()
+        start = None
+        if rest.rule == "cclip" and center is not None:
+            ranges = [(b.offset + comm.rank * b.m, length) for b, length in zip(self.buckets, lengths)]
+            start = center.ranges(sent, ranges, dtype)
+        out = aggregate_shard(joined, norms, rest, step=step, center=start, reduce=comm.all_reduce_sum)[0]
+        return list(out.split(lengths))
 
 
 def sharded_reduce_(
@@ -192,9 +402,8 @@ def sharded_reduce_(
 ) -> ARCStats:
     """Aggregate every rank's ``sent`` with ``options`` by coordinate shards, writing the aggregate into ``sent``.
 
-    A collective: every rank calls it with the same ``options`` and vectors of the same length. Extra
-    memory: the padded send buffer (none when ``sent`` is one bucket of ``n m`` elements) and the received
-    block ``[n, m]``, never both with the all-gather's output; the steps run on column chunks.
+    :class:`ShardedExchange` with every bucket sent at once (the DDP hook sends them as backward makes them).
+    A collective: every rank calls it with the same ``options`` and buckets of the same sizes.
 
     Args:
         sent: This rank's vector as DDP's bucket buffers; overwritten with the aggregate.
@@ -206,48 +415,7 @@ def sharded_reduce_(
     Returns:
         :func:`~lightning_clip.robust.aggregators.preaggregation_stats` of the ``n`` norms.
     """
-    n, rank = comm.n, comm.rank
-    d = sum(b.numel() for b in sent.buffers)
-    m = shard_length(d, n)
-    dtype = _send_dtype(sent.buffers)
-    device = sent.buffers[0].device
-    in_place = len(sent.buffers) == 1 and d == n * m and sent.buffers[0].dtype == dtype
-    if in_place:  # DDP's bucket is the send buffer and receives the aggregate: no flatten copy
-        send = sent.buffers[0].view(-1)
-    else:
-        send = torch.zeros(n * m, dtype=dtype, device=device)
-        _copy_range_(send[:d], sent.buffers, 0)
-    local = torch.linalg.vector_norm(send[:d].unsqueeze(0), dim=1, dtype=compute_dtype(dtype))
-    norms = comm.gather_rows(local).reshape(n)
-    stats = preaggregation_stats(norms, options.num_byzantine, arc=options.arc, static_clip=options.static_clip)
-    block = torch.empty(n, m, dtype=dtype, device=device)
-    comm.all_to_all_(block.view(-1), send)
-    del send
-    if options.arc or options.static_clip is not None:  # ARC and the static clip, in place
-        _scale_rows_(block, stats.scales, norms if options.arc else None)
-    rest = dataclasses.replace(options, arc=False, static_clip=None)
-    if options.nnm and options.bucket_size == 1:  # mixing in place by column chunks (same as aggregate_shard's)
-        cdt = compute_dtype(dtype)
-        weights = _nnm_weights(comm.all_reduce_sum(_squared_distances(block.to(cdt))), options.num_byzantine)
-        for a in range(0, m, CHUNK):
-            block[:, a : a + CHUNK] = (weights @ block[:, a : a + CHUNK].to(cdt)).to(dtype)
-        rest = dataclasses.replace(rest, nnm=False)
-    start = None
-    if options.rule == "cclip" and center is not None:
-        start = center.block(sent, rank * m, m)
-    if options.rule in COORDINATE_WISE and not rest.nnm:  # column chunks: same bits, small temporaries
-        out = torch.empty(m, dtype=dtype, device=device)
-        for a in range(0, m, CHUNK):
-            out[a : a + CHUNK] = aggregate_shard(block[:, a : a + CHUNK], norms, rest, step=step)[0]
-    else:
-        out = aggregate_shard(block, norms, rest, step=step, center=start, reduce=comm.all_reduce_sum)[0]
-    del block, start
-    if in_place:
-        comm.all_gather_into_(sent.buffers[0].view(-1), out)
-    else:
-        full = torch.empty(n * m, dtype=dtype, device=device)
-        comm.all_gather_into_(full, out)
-        sent.write_(full[:d])
-    if options.rule == "cclip" and center is not None:
-        center.store(sent)
-    return stats
+    exchange = ShardedExchange(comm)
+    for buffer in sent.buffers:
+        exchange.send(buffer)
+    return exchange.finish(sent, options, step=step, center=center)

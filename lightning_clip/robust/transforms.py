@@ -80,7 +80,12 @@ class SendContext:
 
 
 class SendTransform(Protocol):
-    """Changes, in place, what a rank sends: ``transform(sent, ctx) -> None``."""
+    """Changes, in place, what a rank sends: ``transform(sent, ctx) -> None``.
+
+    A transform whose class sets ``bucketwise = True`` changes each coordinate from this rank's own values
+    only and never calls ``ctx.gather``: the hook may then apply it to one bucket at a time, as backward
+    makes the buckets, and start sending at once. Without it the hook holds every bucket until the last.
+    """
 
     def __call__(self, sent: SendBuffers, ctx: SendContext) -> None: ...
 
@@ -126,6 +131,8 @@ class WorkerMomentum:
     """
 
     __slots__ = ("beta", "buffers")
+    #: Per coordinate and per rank: applied bucket by bucket (see :class:`SendTransform`).
+    bucketwise = True
 
     def __init__(self, beta: float) -> None:
         self.beta = check_fraction("worker_momentum", beta, low=0.0, high=1.0, open_high=True)
