@@ -15,7 +15,7 @@ from lightning_clip.tools.cli import main
 from lightning_clip.tools.report import read_scalars
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SINGLE_DEVICE = ["monitor", "fixed", "percentile", "warmup", "zscore", "value", "guard_skip"]
+SINGLE_DEVICE = ["monitor", "fixed", "percentile", "warmup", "zscore", "value", "guard_skip", "spike_guard"]
 DDP = ["arc_ddp", "byzantine", "robust_dshb"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -103,6 +103,8 @@ def test_single_device_config_fits(name, tmp_path):
             assert np.all(post <= thr * (1 + 1e-5))
     if name in ("monitor", "guard_skip"):
         assert "grad_nonfinite/skipped" in scalars
+    if name == "spike_guard":  # 40 steps: the 128-step window is not full, so nothing is a spike yet
+        np.testing.assert_array_equal(scalars["grad_spike/skipped"].values, np.zeros(steps))
 
 
 @needs_strategy

@@ -432,6 +432,20 @@ def test_a_run_that_did_not_diverge_says_so(tmp_path):
     assert report.loss is None and "divergence not checked" in format_report(report)
 
 
+def test_report_counts_the_spike_guards_spikes(tmp_path, capsys):
+    _write_run(tmp_path / "run", {"train/loss": [0.4, 0.3, 9.0, 0.3], "grad_norm/total": [1.0, 1.1, 30.0, 1.0],
+                                  "grad_spike/skipped": [0.0, 0.0, 1.0, 1.0],
+                                  "grad_spike/zscore": [float("nan"), 0.5, 41.0, -0.2]})
+    (report,) = load_reports(tmp_path / "run")
+    (h,) = report.optimizers
+    assert (h.spikes, h.max_spike_zscore) == (1, pytest.approx(41.0))
+    assert main(["report", str(tmp_path / "run"), "--no-plot"]) == 0
+    assert "spike guard: 1 spike(s); largest logged z-score 41" in capsys.readouterr().out
+    _write_run(tmp_path / "plain", {"grad_norm/total": [1.0, 2.0]})
+    (report,) = load_reports(tmp_path / "plain")
+    assert report.optimizers[0].spikes is None and "spike guard" not in format_report(report)
+
+
 class _LossLoggingRegressor(TinyRegressor):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)

@@ -99,6 +99,8 @@ class OptimizerHealth:
         last_threshold: last logged threshold (``None`` without clipping).
         nonfinite_steps: logged steps whose pre-clip norm is NaN/Inf.
         skipped_steps: optimizer steps skipped by the guard (its last logged count), if logged.
+        spikes: spikes the spike guard counted (its last logged count), if logged.
+        max_spike_zscore: the largest finite logged spike z-score, if logged.
         advice: reading of ``clip_rate`` (:func:`clip_rate_advice`).
         band: the clip-rate band (:func:`clip_rate_band`).
         top_parameters: up to 5 ``(parameter name, max logged norm)``, largest first (per-parameter norms).
@@ -120,6 +122,8 @@ class OptimizerHealth:
     last_threshold: float | None = None
     nonfinite_steps: int = 0
     skipped_steps: int | None = None
+    spikes: int | None = None
+    max_spike_zscore: float | None = None
     advice: str | None = None
     band: str | None = None
     top_parameters: list[tuple[str, float]] = field(default_factory=list)
@@ -271,6 +275,12 @@ def _optimizer_health(idx: int | None, named: Mapping[str, tuple[str, Series]],
     thr = tagged.get(tags.CLIP_THRESHOLD)
     rate = tagged.get(tags.CLIP_RATE)
     skipped = tagged.get(tags.NONFINITE_SKIPPED)
+    spikes, zscore = tagged.get(tags.SPIKE_SKIPPED), tagged.get(tags.SPIKE_ZSCORE)
+    if spikes is not None and len(spikes):
+        h.spikes = int(spikes.last)
+    if zscore is not None and len(zscore):
+        fin = _finite(zscore.values)
+        h.max_spike_zscore = float(fin.max()) if fin.size else float("nan")
     if pre is not None and len(pre):
         h.logged_steps = len(pre)
         h.first_step, h.last_step = int(pre.steps[0]), int(pre.steps[-1])
@@ -302,7 +312,7 @@ def _optimizer_health(idx: int | None, named: Mapping[str, tuple[str, Series]],
     if skipped is not None and len(skipped):
         h.skipped_steps = int(skipped.last)
     if h.first_step is None:
-        for s in (post, thr, rate, skipped):
+        for s in (post, thr, rate, skipped, spikes, zscore):
             if s is not None and len(s):
                 h.first_step, h.last_step = int(s.steps[0]), int(s.steps[-1])
                 break
@@ -434,6 +444,9 @@ def format_report(report: RunReport) -> str:
                          f"{_fmt(h.mean_threshold)}, last {_fmt(h.last_threshold)}")
         skipped = "n/a" if h.skipped_steps is None else str(h.skipped_steps)
         lines.append(f"    non-finite pre-clip norms (logged): {h.nonfinite_steps}; skipped steps: {skipped}")
+        if h.spikes is not None:
+            largest = "" if h.max_spike_zscore is None else f"; largest logged z-score {_fmt(h.max_spike_zscore)}"
+            lines.append(f"    spike guard: {h.spikes} spike(s){largest}")
         if h.top_parameters:
             tops = ", ".join(f"{n} {v:.3g}" for n, v in h.top_parameters[:3])
             lines.append(f"    largest per-parameter norms (max): {tops}")
