@@ -19,12 +19,17 @@ tag                          meaning (per optimizer step)
 ``dp/clip_bound``            client-level DP: the clip bound in force (adaptive bound)
 ============================ ==========================================================
 
+Per-group thresholds (``GradientClipping(groups=...)``) add, for each group: ``grad_clip/norm/<group>``
+(the group's L2 norm before clipping), ``grad_clip/threshold/<group>`` (its threshold in force) and
+``grad_clip/clip_rate/<group>`` (fraction of steps it was clipped so far).
+
 With several optimizers the suffix ``_opt<i>`` is appended to each ``grad_*`` tag (``arc/*`` tags
 have no suffix: the strategy has one gradient). The progress bar shows :data:`PROGRESS_BAR_NORM`.
 
-Writing: :func:`with_optimizer`, :func:`param_tag`, :func:`histogram_tag`, :func:`arc_norm_tag`.
+Writing: :func:`with_optimizer`, :func:`param_tag`, :func:`histogram_tag`, :func:`arc_norm_tag`,
+:func:`group_tag`.
 Reading: :func:`parse` (every kind at once), or :func:`split_optimizer`, :func:`param_name`,
-:func:`arc_norm_rank` alone; :func:`tag_regex` and the ``*_PATTERN`` expressions select tags.
+:func:`arc_norm_rank`, :func:`split_group` alone; :func:`tag_regex` and the ``*_PATTERN`` expressions select tags.
 A parameter named ``total`` or ``clipped_total`` would share its tag with the totals; :func:`parse`
 reads such a tag as the total.
 """
@@ -45,6 +50,8 @@ __all__ = [
     "DP_CLIP_BOUND",
     "DP_EPSILON",
     "DP_PREFIX",
+    "GROUP_NORM",
+    "GROUP_TAGS",
     "CLIP_THRESHOLD",
     "GRAD_NORM_CLIPPED",
     "GRAD_NORM_PREFIX",
@@ -61,11 +68,13 @@ __all__ = [
     "Tag",
     "arc_norm_rank",
     "arc_norm_tag",
+    "group_tag",
     "histogram_tag",
     "loss_tag",
     "param_name",
     "param_tag",
     "parse",
+    "split_group",
     "split_optimizer",
     "tag_regex",
     "with_optimizer",
@@ -87,6 +96,9 @@ ARC_NORM_RANK = ARC_PREFIX + "norm_rank{rank}"
 DP_PREFIX = "dp/"
 DP_EPSILON = DP_PREFIX + "epsilon"
 DP_CLIP_BOUND = DP_PREFIX + "clip_bound"
+#: Per-group thresholds (``GradientClipping(groups=...)``): ``<base>/<group>`` for each of these bases.
+GROUP_NORM = "grad_clip/norm"
+GROUP_TAGS: tuple[str, ...] = (GROUP_NORM, CLIP_THRESHOLD, CLIP_RATE)
 #: Progress-bar key of the pre-clip total norm (``GradientNormMonitor(prog_bar=True)``).
 PROGRESS_BAR_NORM = GRAD_NORM_PREFIX.rstrip("/")
 
@@ -178,6 +190,24 @@ def arc_norm_rank(tag: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def group_tag(base: str, group: str) -> str:
+    """Tag of ``base`` (one of :data:`GROUP_TAGS`) for the clipping group named ``group``."""
+    if base not in GROUP_TAGS:
+        raise ValueError(f"Expected argument `base` to be one of {GROUP_TAGS} but got {base!r}")
+    if not isinstance(group, str) or not group:
+        raise ValueError(f"Expected argument `group` to be a non-empty string but got {group!r}")
+    return f"{base}/{group}"
+
+
+def split_group(tag: str) -> tuple[str, str] | None:
+    """``(base, group)`` of a per-group tag without suffix (``None`` for any other tag)."""
+    for base in GROUP_TAGS:
+        head = base + "/"
+        if tag.startswith(head) and len(tag) > len(head):
+            return base, tag[len(head):]
+    return None
+
+
 def loss_tag(logged: Iterable[str]) -> str | None:
     """The first of :data:`LOSS_TAGS` among the ``logged`` tags (``None`` when the run logged none)."""
     present = set(logged)
@@ -194,12 +224,14 @@ class Tag:
         optimizer: ``i`` of the suffix, ``None`` without one.
         param: the parameter name of a per-parameter norm or histogram tag.
         rank: the rank of an ``arc/norm_rank<i>`` tag.
+        group: the clipping group of a per-group tag (``base`` is then one of :data:`GROUP_TAGS`).
     """
 
     base: str
     optimizer: int | None = None
     param: str | None = None
     rank: int | None = None
+    group: str | None = None
 
 
 def parse(tag: str, suffixed: bool | None = None) -> Tag | None:
@@ -219,6 +251,9 @@ def parse(tag: str, suffixed: bool | None = None) -> Tag | None:
     base, idx = split_optimizer(tag, suffixed)
     if base in STEP_TAGS:
         return Tag(base, idx)
+    grouped = split_group(base)
+    if grouped is not None:
+        return Tag(grouped[0], idx, group=grouped[1])
     name = param_name(base)
     if name is not None:
         return Tag(GRAD_NORM_PREFIX, idx, param=name)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any, cast
 
 import lightning.pytorch as pl
@@ -13,13 +15,16 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clip import tags
-from lightning_clip.callbacks.step import check_strategy, log_values, should_log, step_state
+from lightning_clip.callbacks.step import check_strategy, log_values, should_log, step_state, unwrap_optimizer
 from lightning_clip.core.functional import clip_grads_by_value_, clip_grads_with_norm_
 from lightning_clip.core.grads import gradient_stats
 from lightning_clip.core.thresholds import FixedThreshold, ThresholdPolicy, as_policy
-from lightning_clip.exceptions import check_choice, check_optional_positive_int
+from lightning_clip.exceptions import check_choice, check_non_negative_int, check_optional_positive_int, check_patterns
 
-__all__ = ["CLIP_RATE_BANDS", "GradientClipping", "OptimizerClipState", "clip_rate_advice"]
+__all__ = ["CLIP_RATE_BANDS", "GradientClipping", "GroupKey", "OptimizerClipState", "clip_rate_advice", "group_name"]
+
+#: A key of ``GradientClipping(groups=...)``: a parameter-name pattern or an optimizer param-group index.
+GroupKey = str | int
 
 _COUNTERS = ("clipped", "norm_sum", "norm_max", "nonfinite")
 
@@ -32,6 +37,11 @@ CLIP_RATE_BANDS: tuple[tuple[float, str], ...] = (
     (1.01, "excessive: clipped on most steps; if the loss is not falling, the threshold is too low or the "
            "learning rate too high (recurrent nets often train best clipped on most steps)"),
 )
+
+
+def _some(names: list[str], n: int = 5) -> str:
+    shown = ", ".join(repr(x) for x in names[:n])
+    return f"the module's parameters ({shown}{', ...' if len(names) > n else ''})"
 
 
 def clip_rate_advice(rate: float) -> str:
@@ -108,6 +118,60 @@ class OptimizerClipState:
                 setattr(self, k, torch.as_tensor(state[k]).detach().cpu().clone())
 
 
+def group_name(key: GroupKey) -> str:
+    """The name of a clipping group in tags and checkpoints: the pattern itself, or ``param_group<i>``."""
+    return f"param_group{key}" if isinstance(key, int) else key
+
+
+def _check_groups(groups: Any) -> dict[GroupKey, ThresholdPolicy]:
+    if groups is None:
+        return {}
+    if not isinstance(groups, Mapping):
+        raise TypeError(f"Expected argument `groups` to be a mapping from parameter-name patterns (str) or "
+                        f"param-group indices (int) to thresholds but got {groups!r}")
+    out: dict[GroupKey, ThresholdPolicy] = {}
+    names: dict[str, GroupKey] = {}
+    for key, value in groups.items():
+        if isinstance(key, str):
+            check_patterns("groups", key)
+        elif isinstance(key, int) and not isinstance(key, bool):
+            check_non_negative_int("groups", key)
+        else:
+            raise TypeError(f"Expected every key of argument `groups` to be a parameter-name pattern (str, fnmatch "
+                            f"style) or a param-group index (int >= 0) but got {key!r}")
+        name = group_name(key)
+        if name in names:
+            raise ValueError(f"Expected the keys of argument `groups` to name distinct groups but {names[name]!r} "
+                             f"and {key!r} are both called {name!r}")
+        names[name] = key
+        policy = as_policy(value, name=f"groups[{key!r}]")
+        if any(policy is other for other in out.values()):
+            raise ValueError(f"Expected every group of argument `groups` to have its own threshold object but "
+                             f"groups[{key!r}] is the same {policy!r} as another group's (each keeps its own history)")
+        out[key] = policy
+    return out
+
+
+@dataclass
+class _GroupLayout:
+    """Which gradient tensors of one optimizer's step belong to which group (recomputed when they change).
+
+    Attributes:
+        names: the parameter names of the step's gradients, in order.
+        members: per slot (the ``groups`` in order, then the ungrouped parameters), the gradient positions.
+        index: ``members`` as index tensors, per device (made on first use there).
+    """
+
+    names: tuple[str, ...]
+    members: list[list[int]]
+    index: dict[torch.device, list[Tensor]] = field(default_factory=dict)
+
+    def indices(self, device: torch.device) -> list[Tensor]:
+        if device not in self.index:
+            self.index[device] = [torch.tensor(m, dtype=torch.long, device=device) for m in self.members]
+        return self.index[device]
+
+
 class GradientClipping(Callback):
     """Clip the gradients of every optimizer in ``on_before_optimizer_step``.
 
@@ -127,6 +191,16 @@ class GradientClipping(Callback):
     ``grad_clip/clip_rate``      fraction of this optimizer's steps clipped so far
     ============================ ===================================================
 
+    Per-group thresholds: ``groups`` maps parameter-name patterns (``fnmatch`` style, e.g. ``"encoder.*"``) or
+    optimizer param-group indices (``0``, ``1``, ...) to thresholds. Each group is clipped by its own norm with
+    its own policy; the parameters in no group are clipped by their own norm with ``threshold``. A parameter
+    belongs to the first group (in the mapping's order) that matches it. A group that matches no parameter,
+    or only parameters an earlier group took, is an error at the start of ``fit``. With groups,
+    ``grad_clip/threshold`` is the ungrouped parameters' threshold, ``grad_clip/clip_rate`` counts the steps
+    on which any group was clipped, the two ``grad_norm`` totals stay those of all the gradients, and each
+    group adds ``grad_clip/norm/<group>``, ``grad_clip/threshold/<group>`` and ``grad_clip/clip_rate/<group>``
+    (``<group>`` is the pattern, or ``param_group<i>``).
+
     Args:
         threshold: a positive number (fixed) or a threshold policy.
         mode: ``"norm"`` scales all gradients by ``min(1, threshold / total_norm)``; ``"value"``
@@ -134,6 +208,7 @@ class GradientClipping(Callback):
         log: log the tags above.
         log_every_n_steps: override the trainer's ``log_every_n_steps`` for these tags.
         summary: print a one-line gradient-health summary per optimizer at the end of ``fit``.
+        groups: per-group thresholds (``mode="norm"`` only): ``{pattern or param-group index: threshold}``.
     """
 
     def __init__(
@@ -143,6 +218,7 @@ class GradientClipping(Callback):
         log: bool = True,
         log_every_n_steps: int | None = None,
         summary: bool = True,
+        groups: Mapping[str | int, ThresholdPolicy | float] | None = None,
     ) -> None:
         self.mode = check_choice("mode", mode, ("norm", "value"))
         self.policy = as_policy(threshold)
@@ -151,15 +227,28 @@ class GradientClipping(Callback):
                 f"Expected argument `threshold` to be a positive number or FixedThreshold when "
                 f"mode='value' (adaptive policies track norms) but got {self.policy!r}"
             )
+        self.groups = _check_groups(groups)
+        if self.groups and self.mode != "norm":
+            raise ValueError(f"Expected argument `groups` to be empty when mode={self.mode!r}: per-group "
+                             f"thresholds clip each group by its norm (mode='norm') but got {groups!r}")
+        if any(self.policy is p for p in self.groups.values()):
+            raise ValueError("Expected argument `groups` to hold threshold objects other than `threshold` "
+                             "(each group keeps its own history)")
         check_optional_positive_int("log_every_n_steps", log_every_n_steps)
         self.log = bool(log)
         self.log_every_n_steps = log_every_n_steps
         self.summary = bool(summary)
         self._optimizers: dict[int, OptimizerClipState] = {}
+        #: per optimizer index: one state per group, in the order of ``groups``
+        self._group_states: dict[int, list[OptimizerClipState]] = {}
+        self._layouts: dict[int, _GroupLayout] = {}
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(mode=self.mode, threshold=repr(self.policy))
+        if not self.groups:
+            return self._generate_state_key(mode=self.mode, threshold=repr(self.policy))
+        return self._generate_state_key(mode=self.mode, threshold=repr(self.policy),
+                                        groups=[(group_name(k), repr(p)) for k, p in self.groups.items()])
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, "GradientClipping")
@@ -169,6 +258,64 @@ class GradientClipping(Callback):
                 f"GradientClipping is in `Trainer(callbacks=...)` and the Trainer also has "
                 f"`gradient_clip_val={clip_val}`: gradients would be clipped twice. Remove one of them."
             )
+        names = [n for n, _ in pl_module.named_parameters()]
+        for key in self.groups:
+            if isinstance(key, str) and not any(fnmatchcase(n, key) for n in names):
+                raise ValueError(f"Expected every pattern of argument `groups` to match a parameter name but "
+                                 f"{key!r} matches none of {_some(names)}")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.groups:
+            return
+        names_by_id = {id(p): n for n, p in pl_module.named_parameters()}
+        used: set[int] = set()
+        for optimizer in trainer.optimizers:
+            groups = unwrap_optimizer(optimizer).param_groups
+            params = [p for g in groups for p in g["params"]]
+            names = [names_by_id.get(id(p), f"param{i}") for i, p in enumerate(params)]
+            group_idx = [gi for gi, g in enumerate(groups) for _ in g["params"]]
+            for slot in self._assign(names, group_idx):
+                if slot < len(self.groups):
+                    used.add(slot)
+        for slot, key in enumerate(self.groups):
+            if slot not in used:
+                what = (f"param group {key} of no optimizer" if isinstance(key, int)
+                        else f"{key!r} only matches parameters that an earlier group took")
+                raise ValueError(f"Expected every group of argument `groups` to get a parameter (the first "
+                                 f"matching group wins) but {what}")
+
+    def _assign(self, names: list[str], param_groups: list[int]) -> list[int]:
+        """The slot of each parameter: the first matching group's position, or ``len(groups)`` for none."""
+        keys = list(self.groups)
+        slots = []
+        for name, gi in zip(names, param_groups):
+            slot = next((s for s, k in enumerate(keys)
+                         if (k == gi if isinstance(k, int) else fnmatchcase(name, k))), len(keys))
+            slots.append(slot)
+        return slots
+
+    def _layout(self, state: Any, optimizer: Optimizer) -> _GroupLayout:
+        layout = self._layouts.get(state.optimizer_idx)
+        if layout is not None and layout.names == tuple(state.names):
+            return layout
+        group_of = {id(p): gi for gi, g in enumerate(unwrap_optimizer(optimizer).param_groups) for p in g["params"]}
+        slots = self._assign(list(state.names), [group_of.get(id(p), -1) for p in state.params])
+        members: list[list[int]] = [[] for _ in range(len(self.groups) + 1)]
+        for i, slot in enumerate(slots):
+            members[slot].append(i)
+        layout = self._layouts[state.optimizer_idx] = _GroupLayout(names=tuple(state.names), members=members)
+        return layout
+
+    def group_state(self, optimizer_idx: int, key: GroupKey) -> OptimizerClipState:
+        """The policy and counters of group ``key`` of optimizer ``optimizer_idx`` (created on first use).
+
+        Optimizer 0 uses the policy given in ``groups``; the others get a fresh copy of it.
+        """
+        states = self._group_states.get(optimizer_idx)
+        if states is None:
+            states = self._group_states[optimizer_idx] = [
+                OptimizerClipState(p if optimizer_idx == 0 else p.fresh()) for p in self.groups.values()]
+        return states[list(self.groups).index(key)]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_clip.callbacks.tb_layout import write_layout
@@ -191,7 +338,7 @@ class GradientClipping(Callback):
         return self.optimizer_state(optimizer_idx).policy
 
     def clip_rate(self, optimizer_idx: int = 0) -> float:
-        """Fraction of optimizer ``optimizer_idx``'s steps that were clipped so far."""
+        """Fraction of optimizer ``optimizer_idx``'s steps that were clipped so far (in any group)."""
         state = self._optimizers.get(optimizer_idx)
         return state.clip_rate() if state is not None else 0.0
 
@@ -209,6 +356,9 @@ class GradientClipping(Callback):
             return
         opt = self.optimizer_state(state.optimizer_idx)
         total = state.stats.total_norm
+        if self.groups:
+            self._clip_groups(trainer, state, optimizer, opt)
+            return
         threshold = opt.policy(total)
         finite = torch.isfinite(total)
         if self.mode == "norm":
@@ -238,6 +388,47 @@ class GradientClipping(Callback):
             },
         )
 
+    def _clip_groups(self, trainer: pl.Trainer, state: Any, optimizer: Optimizer, opt: OptimizerClipState) -> None:
+        """Clip each group (and the ungrouped parameters) by its own norm and policy."""
+        layout = self._layout(state, optimizer)
+        norms, total = state.stats.norms, state.stats.total_norm
+        index = layout.indices(norms.device)
+        keys = list(self.groups)
+        values: dict[str, Tensor | float] = {}
+        clipped_sq: list[Tensor] = []
+        any_clipped = torch.zeros((), dtype=torch.bool, device=total.device)
+        threshold: Tensor | None = None
+        for slot, members in enumerate(layout.members):
+            if not members:
+                continue
+            ungrouped = slot == len(keys)
+            gstate = opt if ungrouped else self.group_state(state.optimizer_idx, keys[slot])
+            group_total = torch.linalg.vector_norm(norms[index[slot]])  # as torch's get_total_norm on the group
+            group_threshold = gstate.policy(group_total)
+            coef = clip_grads_with_norm_([state.grads[i] for i in members], group_threshold, group_total)
+            was_clipped = torch.isfinite(group_total) & (coef < 1.0)
+            any_clipped = any_clipped | was_clipped
+            clipped_sq.append((group_total * coef).square())
+            if ungrouped:
+                threshold = group_threshold
+            else:
+                gstate.update(group_total, torch.isfinite(group_total), was_clipped)
+                name = group_name(keys[slot])
+                values[tags.group_tag(tags.GROUP_NORM, name)] = group_total
+                values[tags.group_tag(tags.CLIP_THRESHOLD, name)] = group_threshold
+                values[tags.group_tag(tags.CLIP_RATE, name)] = gstate.clipped.double() / gstate.steps
+        state.threshold = threshold
+        opt.update(total, torch.isfinite(total), any_clipped)
+        if not (self.log and should_log(trainer, self.log_every_n_steps)):
+            return
+        state.clipped_total = torch.stack(clipped_sq).sum().sqrt()
+        head: dict[str, Tensor | float] = {tags.GRAD_NORM_TOTAL: total}
+        if threshold is not None:
+            head[tags.CLIP_THRESHOLD] = threshold
+        head[tags.GRAD_NORM_CLIPPED] = state.clipped_total
+        head[tags.CLIP_RATE] = opt.clipped.double() / opt.steps
+        log_values(trainer, state, {**head, **values})
+
     def health(self) -> dict[int, dict[str, float]]:
         """Per optimizer that stepped: steps, clip rate, mean and max finite norm, non-finite steps."""
         return {i: s.health() for i, s in sorted(self._optimizers.items()) if s.steps}
@@ -254,10 +445,22 @@ class GradientClipping(Callback):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": {i: s.state_dict() for i, s in self._optimizers.items()}}
+        out: dict[str, Any] = {"optimizers": {i: s.state_dict() for i, s in self._optimizers.items()}}
+        if self.groups:
+            out["groups"] = {i: {group_name(k): s.state_dict() for k, s in zip(self.groups, states)}
+                             for i, states in self._group_states.items()}
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._optimizers = {}
+        self._group_states = {}
+        self._layouts = {}
         self.policy.reset()
+        for policy in self.groups.values():
+            policy.reset()
         for i, state in state_dict.get("optimizers", {}).items():
             self.optimizer_state(int(i)).load_state_dict(state)
+        for i, groups in state_dict.get("groups", {}).items():
+            for key in self.groups:
+                if group_name(key) in groups:
+                    self.group_state(int(i), key).load_state_dict(groups[group_name(key)])
