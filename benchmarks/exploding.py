@@ -99,8 +99,10 @@ class Method:
     """One row of the table: how to clip (built inside the worker process)."""
 
     name: str
-    kind: str  # "none" | "lightning" | "ours" | "agc" | "zclip"
-    spec: tuple = ()  # ("fixed", v) | ("percentile", kw) | ("warmup", kw, inner) | ("zscore", kw) | ("quantile", kw)
+    kind: str  # "none" | "lightning" | "ours" | "agc" | "adagc" | "zclip"
+    # ours: ("fixed", v) | ("percentile", kw) | ("warmup", kw, inner) | ("zscore", kw) | ("quantile", kw);
+    # adagc: the keyword arguments of AdaGCClipping as sorted (name, value) pairs
+    spec: tuple = ()
     clip_val: float | None = None
     note: str = ""
 
@@ -153,6 +155,8 @@ def adaptive_methods(tuned: float, with_zclip: bool) -> list[Method]:
                note="pure AutoClip, raw history"),
         Method("Percentile p90, no warmup, history='clipped'", "ours",
                ("percentile", kv(percentile=90.0, warmup_steps=0, history="clipped")), note="first step at 1.0"),
+        Method("Percentile p10, no warmup", "ours", ("percentile", kv(percentile=10.0, warmup_steps=0)),
+               note="all-history 10th percentile from the first step, raw history"),
         Method("ZScore() defaults", "ours", ("zscore", kv()), note="ZClip, alpha .97, z 2.5, max_norm=1.0 cap"),
         Method("ZScore(history='clipped')", "ours", ("zscore", kv(history="clipped")),
                note="defaults, buffer and EMA record min(norm, threshold)"),
@@ -162,7 +166,11 @@ def adaptive_methods(tuned: float, with_zclip: bool) -> list[Method]:
         Method("Quantile() defaults", "ours", ("quantile", kv()),
                note="geometric tracker: median, initial 1.0, learning_rate 0.2"),
         Method("Quantile(quantile=0.9)", "ours", ("quantile", kv(quantile=0.9)), note="tracks the 90th percentile"),
+        Method("Quantile(quantile=0.1, learning_rate=0.05)", "ours", ("quantile", kv(quantile=0.1, learning_rate=0.05)),
+               note="growth-bounded low tracker: rises <= 0.5%/step, falls <= 4.6%/step"),
         Method("AdaptiveGradientClipping() defaults", "agc", note="unit-wise, clip_factor 0.01, eps 1e-3"),
+        Method("AdaGCClipping() defaults", "adagc", kv(),
+               note="per tensor: 100 warmup steps at 1.0, then 1.05 x EMA(0.98) of own clipped norms"),
     ]
     if with_zclip:
         rows.append(Method("zclip.ZClipLightningCallback()", "zclip", note="PyPI zclip 1.x, defaults"))
@@ -171,7 +179,9 @@ def adaptive_methods(tuned: float, with_zclip: bool) -> list[Method]:
 
 #: The rows of ``--core``.
 CORE_ROWS = ("Percentile() defaults", "Percentile(history='clipped')", "ZScore() defaults", "ZScore(history='clipped')",
-             "Quantile() defaults", "AdaptiveGradientClipping() defaults", "zclip.ZClipLightningCallback()")
+             "Quantile() defaults", "AdaptiveGradientClipping() defaults", "AdaGCClipping() defaults",
+             "zclip.ZClipLightningCallback()", "Percentile p90, no warmup, history='clipped'",
+             "Quantile(quantile=0.1, learning_rate=0.05)", "Percentile p10, no warmup")
 
 
 # ------------------------------------------------------------------------------------------ the digits task
@@ -246,7 +256,7 @@ def _run(args: tuple[Method, int, dict[str, Any]]) -> RunResult:
     import torch
     from torch import nn
 
-    from lightning_clip import AdaptiveGradientClipping, GradientClipping
+    from lightning_clip import AdaGCClipping, AdaptiveGradientClipping, GradientClipping
     from lightning_clip.tools.demo import AddingProblemDataModule, AddingRNN
 
     torch.set_num_threads(cfg["threads"])
@@ -346,6 +356,9 @@ def _run(args: tuple[Method, int, dict[str, Any]]) -> RunResult:
     elif method.kind == "agc":
         clipper = AdaptiveGradientClipping(log=False)
         callbacks.append(clipper)
+    elif method.kind == "adagc":
+        clipper = AdaGCClipping(**dict(method.spec), log=False)
+        callbacks.append(clipper)
     callbacks += [post, Recorder(dm)]
     logger = MemoryLogger()
     with tempfile.TemporaryDirectory() as root:
@@ -375,7 +388,7 @@ def _run(args: tuple[Method, int, dict[str, Any]]) -> RunResult:
         fin = np.isfinite(pre_n)
         res.clip_rate = float(np.mean(fin & (pre_n > method.clip_val))) if len(pre_n) else 0.0
         res.threshold_median = float(method.clip_val)
-    elif method.kind in ("zclip", "agc"):
+    elif method.kind in ("zclip", "agc", "adagc"):
         fin = np.isfinite(pre_n) & np.isfinite(post_n)
         clipped = fin & (post_n < pre_n * (1 - 1e-4))
         res.clip_rate = float(np.mean(clipped)) if len(pre_n) else 0.0
@@ -386,7 +399,7 @@ def _run(args: tuple[Method, int, dict[str, Any]]) -> RunResult:
         res.threshold_median = None
         if method.kind == "lightning":
             res.threshold_last = float(method.clip_val)
-        elif method.kind in ("ours", "zclip", "agc"):
+        elif method.kind in ("ours", "zclip", "agc", "adagc"):
             n = min(len(pre_n), len(post_n))
             ok = np.isfinite(pre_n[:n]) & np.isfinite(post_n[:n]) & (post_n[:n] < pre_n[:n] * (1 - 1e-4))
             res.threshold_last = float(post_n[:n][ok][-1]) if ok.any() else None
@@ -565,7 +578,7 @@ def plot(per_task: dict[str, list[Row]], cfgs: dict[str, dict[str, Any]], path: 
             (ax_fixed, "no clipping and fixed thresholds",
              [r for r in rows if r.method.kind in ("none", "lightning") or r.method.name == tuned_name]),
             (ax_adapt, "adaptive (tuned fixed for reference)",
-             [r for r in rows if r.method.kind in ("ours", "agc", "zclip")]),
+             [r for r in rows if r.method.kind in ("ours", "agc", "adagc", "zclip")]),
         ]
         xs = np.arange(1, steps + 1)
         for ax, title, group in groups:
@@ -605,7 +618,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-zclip", action="store_true", help="leave out the zclip comparison")
     p.add_argument("--core", action="store_true",
                    help="only the tuned fixed threshold, the policies' defaults and their history='clipped' variants, "
-                   "and zclip (for a busy machine)")
+                   "AGC, AdaGC, zclip and the two low-percentile candidates (for a busy machine)")
     p.add_argument("--digits-sweep", default=None, help="comma-separated fixed thresholds for the digits sweep")
     return p.parse_args(argv)
 
@@ -700,10 +713,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[Row]]:
         f"Seeds {seeds}. Diverged = training loss NaN/Inf or above the task's bound (the run is stopped there). "
         "Tuned fixed threshold: the sweep value with the lowest mean final validation metric (diverged = inf) on "
         "these seeds. Clip rate: `GradientClipping.clip_rate()` for our callback; pre-clip norm > clip_val for "
-        "Lightning's; post-clip norm < pre-clip norm for zclip and AdaptiveGradientClipping. Threshold in force: "
-        "for runs that did not diverge, `grad_clip/threshold` over the second half of the run, median over "
-        "seeds (zclip and AGC: the post-clip norm of their clipped steps); for diverged runs (`last:`), the "
-        "norm the last clipped step before the divergence was clipped to.",
+        "Lightning's; post-clip norm < pre-clip norm for zclip, AdaptiveGradientClipping and AdaGCClipping. "
+        "Threshold in force: for runs that did not diverge, `grad_clip/threshold` over the second half of the run, "
+        "median over seeds (zclip, AGC and AdaGC: the post-clip total norm of their clipped steps); for diverged "
+        "runs (`last:`), the norm the last clipped step before the divergence was clipped to.",
         "",
         zclip_line,
         "",

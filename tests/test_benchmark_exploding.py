@@ -20,13 +20,16 @@ ADAPTIVE_PREFIXES = [
     "Percentile(history='clipped')",
     "Percentile p90, no warmup",
     "Percentile p90, no warmup, history='clipped'",
+    "Percentile p10, no warmup",
     "ZScore() defaults",
     "ZScore(history='clipped')",
     "ZScore(max_norm=None)",
     "ZScore(max_norm=None, history='clipped')",
     "Quantile() defaults",
     "Quantile(quantile=0.9)",
+    "Quantile(quantile=0.1, learning_rate=0.05)",
     "AdaptiveGradientClipping() defaults",
+    "AdaGCClipping() defaults",
 ]
 
 
