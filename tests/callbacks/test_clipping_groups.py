@@ -201,3 +201,31 @@ def test_group_tags_round_trip():
         tags.group_tag(tags.GRAD_NORM_TOTAL, "a")
     with pytest.raises(ValueError, match="`group`"):
         tags.group_tag(tags.CLIP_RATE, "")
+
+
+def test_groups_from_yaml_through_the_cli(tmp_path, monkeypatch):
+    """Plain YAML mappings reach ``groups``: a pattern to a policy (class_path), a pattern to a number."""
+    from pathlib import Path
+
+    from lightning_clip.tools.cli import main
+    from lightning_clip.tools.report import read_scalars
+
+    base = (Path(__file__).resolve().parents[2] / "configs" / "fixed.yaml").read_text()
+    groups = ('        groups:\n'
+              '          "rnn.weight_hh*": {class_path: lightning_clip.PercentileThreshold,\n'
+              '                             init_args: {percentile: 50.0, warmup_steps: 0}}\n'
+              '          "head.*": 0.05\n')
+    assert "        mode: norm\n" in base
+    (tmp_path / "groups.yaml").write_text(base.replace("        mode: norm\n", "        mode: norm\n" + groups))
+    monkeypatch.chdir(tmp_path)
+    fast = ["--trainer.max_steps=3", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
+            "--trainer.limit_val_batches=1", "--data.init_args.num_train=64", "--data.init_args.num_val=16",
+            "--data.init_args.seq_len=8", "--model.init_args.hidden_size=8", f"--trainer.default_root_dir={tmp_path}"]
+    assert main(["fit", "--config", str(tmp_path / "groups.yaml"), *fast]) == 0
+    run = sorted((tmp_path / "lightning_logs" / "fixed").glob("version_*"))[-1]
+    scalars = read_scalars(run)
+    np.testing.assert_allclose(scalars[tags.group_tag(tags.CLIP_THRESHOLD, "head.*")].values, [0.05] * 3)
+    hh_norm = scalars[tags.group_tag(tags.GROUP_NORM, "rnn.weight_hh*")].values
+    hh_thr = scalars[tags.group_tag(tags.CLIP_THRESHOLD, "rnn.weight_hh*")].values
+    np.testing.assert_allclose(hh_thr, [np.percentile(hh_norm[: i + 1], 50.0) for i in range(3)], rtol=1e-6)
+    np.testing.assert_allclose(scalars[tags.CLIP_THRESHOLD].values, [0.3] * 3)  # the rest: the config's 0.3
