@@ -224,7 +224,8 @@ class Tag:
         optimizer: ``i`` of the suffix, ``None`` without one.
         param: the parameter name of a per-parameter norm or histogram tag.
         rank: the rank of an ``arc/norm_rank<i>`` tag.
-        group: the clipping group of a per-group tag (``base`` is then one of :data:`GROUP_TAGS`).
+        group: the clipping group of a per-group tag (``base`` is then one of :data:`GROUP_TAGS` plus ``"/"``,
+            a prefix as for per-parameter tags, so it never equals a whole-optimizer tag).
     """
 
     base: str
@@ -253,7 +254,7 @@ def parse(tag: str, suffixed: bool | None = None) -> Tag | None:
         return Tag(base, idx)
     grouped = split_group(base)
     if grouped is not None:
-        return Tag(grouped[0], idx, group=grouped[1])
+        return Tag(grouped[0] + "/", idx, group=grouped[1])
     name = param_name(base)
     if name is not None:
         return Tag(GRAD_NORM_PREFIX, idx, param=name)

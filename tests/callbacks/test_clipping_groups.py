@@ -193,8 +193,9 @@ def test_group_tags_round_trip():
         tag = tags.group_tag(base, "encoder.*")
         assert tag == base + "/encoder.*"
         assert tags.split_group(tag) == (base, "encoder.*")
-        assert tags.parse(tag) == tags.Tag(base, None, group="encoder.*")
-        assert tags.parse(tags.with_optimizer(tag, 1, 2), suffixed=True) == tags.Tag(base, 1, group="encoder.*")
+        assert tags.parse(tag) == tags.Tag(base + "/", None, group="encoder.*")
+        assert tags.parse(tags.with_optimizer(tag, 1, 2), suffixed=True) == tags.Tag(base + "/", 1, group="encoder.*")
+        assert tags.parse(tag).base not in tags.STEP_TAGS  # readers of the whole-optimizer tags never take it
     assert tags.split_group(tags.CLIP_THRESHOLD) is None
     assert tags.parse(tags.CLIP_THRESHOLD) == tags.Tag(tags.CLIP_THRESHOLD)
     with pytest.raises(ValueError, match="`base`"):
@@ -229,3 +230,8 @@ def test_groups_from_yaml_through_the_cli(tmp_path, monkeypatch):
     hh_thr = scalars[tags.group_tag(tags.CLIP_THRESHOLD, "rnn.weight_hh*")].values
     np.testing.assert_allclose(hh_thr, [np.percentile(hh_norm[: i + 1], 50.0) for i in range(3)], rtol=1e-6)
     np.testing.assert_allclose(scalars[tags.CLIP_THRESHOLD].values, [0.3] * 3)  # the rest: the config's 0.3
+    # the report reads the whole-optimizer tags, not a group's
+    from lightning_clip.tools.report import summarize
+
+    (health,) = summarize(scalars).optimizers
+    assert health.last_threshold == pytest.approx(0.3) and health.logged_steps == 3
