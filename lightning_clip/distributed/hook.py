@@ -75,6 +75,9 @@ class ARCHookState:
             ``{"all_reduce": ..., "all_gather": ...}`` (all-gather: the gathered outputs), plus
             ``"all_to_all"`` (its input) on the sharded robust path.
         center: Centered clipping's state (the previous aggregate, per parameter), ``None`` for other rules.
+        exchange: The sharded step in progress (all-to-alls started bucket by bucket), ``None`` between steps.
+        workspace: On the sharded path, this rank's flat copy of what it sent last step (one gradient of
+            memory, kept like DDP's own buckets so that no step allocates it afresh), ``None`` before.
         dp: The differential-privacy state (:class:`~lightning_clip.distributed.dp.DPState`: the adaptive
             clip bound, the noise's layout), ``None`` without ``dp_*`` settings.
     """
@@ -92,6 +95,7 @@ class ARCHookState:
         "dp",
         "center",
         "exchange",
+        "workspace",
     ]
 
     def __init__(
@@ -123,6 +127,7 @@ class ARCHookState:
         self.last_num_buckets = 0
         self.last_comm_bytes: dict[str, int] = {"all_reduce": 0, "all_gather": 0}
         self.exchange: _Overlap | None = None
+        self.workspace: Tensor | None = None
 
     @property
     def overlaps(self) -> bool:
@@ -150,13 +155,14 @@ class ARCHookState:
     def __getstate__(self) -> dict[str, Any]:
         """Everything but the process group and the held buckets (momentum buffers reset, see WorkerMomentum)."""
         return {slot: getattr(self, slot) for slot in self.__slots__
-                if slot not in ("process_group", "held", "exchange")}
+                if slot not in ("process_group", "held", "exchange", "workspace")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore ``state``; ``process_group`` becomes ``None`` (the default group)."""
         self.process_group = None
         self.held = []
         self.exchange = None
+        self.workspace = None
         for slot, value in state.items():
             setattr(self, slot, value)
 
@@ -201,8 +207,8 @@ class _Transport:
 
     def all_gather_start(self, out: Tensor, inp: Tensor) -> Callable[[], None]:
         """Start gathering every rank's 1-D ``inp`` back to back into ``out``; returns the wait."""
-        work = self._run("all-gather", lambda: dist.all_gather_into_tensor(out, inp, group=self.group,
-                                                                          async_op=True))
+        work = self._run("all-gather", lambda: dist.all_gather_single(out, inp, group=self.group,
+                                                                     async_op=True))
         self.bytes["all_gather"] += out.numel() * out.element_size()
         return self._started("all-gather", work)
 
@@ -212,6 +218,11 @@ class _Transport:
         self._run("all-reduce", lambda: dist.all_reduce(out, group=self.group))
         self.bytes["all_reduce"] += out.numel() * out.element_size()
         return out
+
+    def broadcast_(self, t: Tensor, src: int) -> None:
+        """Overwrite the small tensor ``t`` with rank ``src``'s."""
+        self._run("broadcast", lambda: dist.broadcast(t, src, group=self.group))
+        self.bytes["broadcast"] = self.bytes.get("broadcast", 0) + t.numel() * t.element_size()
 
     def all_reduce_(self, buffers: list[Tensor]) -> None:
         """Sum ``buffers`` over the ranks in place (asynchronously, then wait for all)."""
@@ -306,7 +317,7 @@ class _Overlap:
         self.comm = _Transport(state.group(), state.iter)
         self.ctx = _context(state.config, self.comm)
         self.transforms = state.transforms
-        self.exchange = ShardedExchange(self.comm)
+        self.exchange = ShardedExchange(self.comm, state.workspace)
 
     def send(self, buffer: Tensor, params: list[Tensor]) -> None:
         one = SendBuffers([buffer], [params])
@@ -331,6 +342,7 @@ def _reduce(state: ARCHookState, sent: SendBuffers, overlap: _Overlap | None = N
     else:
         if overlap is not None:
             state.last_stats = overlap.exchange.finish(sent, config.rule_options, step=comm.step, center=state.center)
+            state.workspace = overlap.exchange.workspace  # reused next step, as DDP reuses its buckets
         else:
             state.last_stats = _reduce_robust(config, sent, comm, state.center)
         if state.dp is not None:  # every rank adds the same noise of the step to the same aggregate

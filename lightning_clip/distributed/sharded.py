@@ -75,7 +75,7 @@ __all__ = [
 #: Rules computed from each coordinate's own column (exact under any split of the coordinates).
 COORDINATE_WISE = frozenset({"mean", "cwtm", "median", "meamed"})
 #: Columns per chunk when a coordinate-wise pipeline runs on a block (bounds the temporaries).
-CHUNK = 1 << 18
+CHUNK = 1 << 17
 
 #: Waits for a collective started asynchronously (raises if it failed).
 Wait = Callable[[], None]
@@ -102,6 +102,10 @@ class Collectives(Protocol):
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         """``t`` summed over the ranks (a small tensor)."""
+        ...
+
+    def broadcast_(self, t: Tensor, src: int) -> None:
+        """Overwrite ``t`` with rank ``src``'s (a small tensor)."""
         ...
 
 
@@ -217,30 +221,31 @@ def _scale_rows_(block: Tensor, scales: Tensor, norms: Tensor | None) -> None:
         block[:, a : a + CHUNK] = scale_rows(block[:, a : a + CHUNK], scales, norms)
 
 
-def _common_dtype(buffers: Sequence[Tensor]) -> torch.dtype:
-    """The buffers' dtype, or float32 when they differ (as :meth:`SendBuffers.flatten`)."""
-    dtypes = {b.dtype for b in buffers}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32
-
-
-def _local_norm(buffers: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """``[1]``: the norm of the buffers as one flat row, reduced as ``aggregate`` reduces a row of ``[n, d]``."""
-    if len(buffers) == 1 and buffers[0].dtype == dtype:
-        flat = buffers[0].reshape(1, -1)
-    else:  # a transient copy: the same reduction over one contiguous row gives the reference's bits
-        flat = torch.cat([b.reshape(-1).to(dtype) for b in buffers]).unsqueeze(0)
-    return torch.linalg.vector_norm(flat, dim=1, dtype=compute_dtype(dtype))
+def _common_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """``a`` if the dtypes agree, else float32 (as :meth:`SendBuffers.flatten` joins mixed buckets)."""
+    return a if a == b else torch.float32
 
 
 @dataclasses.dataclass
 class _Bucket:
-    """One bucket in flight: DDP's buffer, the block of it this rank receives, and how to wait for it."""
+    """One bucket in flight.
+
+    Attributes:
+        buffer: DDP's buffer (1-D): it receives this rank's block, then the aggregate.
+        send: This rank's values of it, in the workspace (keeps that storage alive while the send is in flight).
+        block: ``[n, q]``: chunk ``rank`` of every rank's bucket, ``None`` once consumed.
+        wait: Waits for the all-to-all (``None`` when there is nothing to wait for).
+        q: Chunk length ``d_b // n``; the last ``d_b - n q`` coordinates (the tail) travel by :meth:`finish`.
+        offset: Where the bucket starts in the flat vector.
+    """
 
     buffer: Tensor
+    send: Tensor
     block: Tensor | None
     wait: Wait | None
-    m: int
+    q: int
     offset: int
+
 
 
 class ShardedExchange:
@@ -250,24 +255,55 @@ class ShardedExchange:
     call, overlapping the exchange with the rest of the backward pass), then :meth:`finish` once. A
     collective: every rank sends buckets of the same sizes in the same order.
 
+    Each bucket's first ``n q`` coordinates (``q = d_b // n``) are split into ``n`` equal chunks: the
+    all-to-all lands in DDP's buffer itself (this rank's values were copied to the workspace first) and the
+    aggregate's all-gather writes into it in place. The last ``d_b - n q < n`` coordinates of every bucket
+    (the tails) are all-gathered once, in :meth:`finish`, and aggregated on every rank.
+
     Args:
         comm: The collectives.
+        workspace: A flat tensor to reuse for this rank's copy of its vector (the previous step's
+            :attr:`workspace`); a fresh one is made when it is too small or of another dtype.
+
+    Attributes:
+        workspace: This rank's flat vector as sent (its norm is taken of it as one row, as
+            :func:`~lightning_clip.robust.aggregators.aggregate` takes a row's norm): keep it for the next step.
     """
 
-    def __init__(self, comm: Collectives) -> None:
+    def __init__(self, comm: Collectives, workspace: Tensor | None = None) -> None:
         self.comm = comm
+        self.workspace = workspace
         self.buckets: list[_Bucket] = []
         self.numel = 0
 
+    def _reserve(self, end: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The workspace, grown to ``end`` elements (and to ``dtype``), keeping the first :attr:`numel` values."""
+        ws = self.workspace
+        if self.buckets and ws is not None:
+            dtype = _common_dtype(ws.dtype, dtype)
+        if ws is None or ws.numel() < end or ws.dtype != dtype or ws.device != device:
+            new = torch.empty(end, dtype=dtype, device=device)
+            if self.numel and ws is not None:
+                new[: self.numel].copy_(ws[: self.numel])
+            ws = self.workspace = new
+        return ws
+
     def send(self, buffer: Tensor) -> None:
         """Start the all-to-all of ``buffer`` (1-D, final until :meth:`finish` writes the aggregate into it)."""
-        n, rank = self.comm.n, self.comm.rank
+        n = self.comm.n
         flat = buffer.view(-1)
-        sizes = chunk_sizes(flat.numel(), n)
-        block = flat.new_empty((n, sizes[rank]))
-        wait = self.comm.all_to_all_start(block.view(-1), flat, [sizes[rank]] * n, sizes)
-        self.buckets.append(_Bucket(flat, block, wait, shard_length(flat.numel(), n), self.numel))
-        self.numel += flat.numel()
+        end = self.numel + flat.numel()
+        ws = self._reserve(end, flat.dtype, flat.device)
+        send = ws[self.numel : end]
+        send.copy_(flat)
+        q = flat.numel() // n
+        wait: Wait | None = None
+        # Received in place when it can be: the buffer's own values are in the workspace now.
+        block = flat[: n * q].view(n, q) if flat.dtype == send.dtype else send.new_empty((n, q))
+        if q:
+            wait = self.comm.all_to_all_start(block.view(-1), send[: n * q], [q] * n, [q] * n)
+        self.buckets.append(_Bucket(flat, send, block, wait, q, self.numel))
+        self.numel = end
 
     def _received(self, bucket: _Bucket, dtype: torch.dtype) -> Tensor:
         if bucket.wait is not None:
@@ -278,22 +314,12 @@ class ShardedExchange:
             raise RuntimeError("ShardedExchange: a bucket's block was used twice")
         return block.to(dtype)
 
-    def _gather_start(self, bucket: _Bucket, out: Tensor) -> Wait:
-        """Start the all-gather of this rank's chunk ``out`` of ``bucket``; the wait writes it back."""
+    def _gather_start(self, bucket: _Bucket, out: Tensor) -> Wait | None:
+        """Start the all-gather of this rank's chunk ``out`` of ``bucket`` straight into DDP's buffer."""
+        if not bucket.q:
+            return None
         n = self.comm.n
-        if out.numel() < bucket.m:  # the short or empty last chunks: pad to m (the padding is cut off)
-            out = torch.cat([out, out.new_zeros(bucket.m - out.numel())])
-        buffer = bucket.buffer
-        if buffer.numel() == n * bucket.m and buffer.dtype == out.dtype:
-            return self.comm.all_gather_start(buffer, out)  # straight into DDP's bucket
-        full = out.new_empty(n * bucket.m)
-        wait = self.comm.all_gather_start(full, out)
-
-        def write() -> None:
-            wait()
-            buffer.copy_(full[: buffer.numel()])
-
-        return write
+        return self.comm.all_gather_start(bucket.buffer[: n * bucket.q], out.to(bucket.buffer.dtype))
 
     def finish(self, sent: SendBuffers, options: RuleOptions, *, step: int = 0,
                center: CenterState | None = None) -> ARCStats:
@@ -309,70 +335,89 @@ class ShardedExchange:
             :func:`~lightning_clip.robust.aggregators.preaggregation_stats` of the ``n`` norms.
         """
         comm, n = self.comm, self.comm.n
-        if len(sent.buffers) != len(self.buckets):
+        if len(sent.buffers) != len(self.buckets) or self.workspace is None:
             raise RuntimeError(f"ShardedExchange.finish: {len(sent.buffers)} buffers for {len(self.buckets)} sent")
-        dtype = _common_dtype(sent.buffers)
-        norms = comm.gather_rows(_local_norm(sent.buffers, dtype)).reshape(n)
+        local = self.workspace[: self.numel]
+        dtype = local.dtype
+        norms = comm.gather_rows(torch.linalg.vector_norm(local.unsqueeze(0), dim=1, dtype=compute_dtype(dtype)))
+        norms = norms.reshape(n)
+        tails = [local[b.offset + n * b.q : b.offset + b.buffer.numel()] for b in self.buckets]
+        tail_block = comm.gather_rows(torch.cat(tails)) if any(t.numel() for t in tails) else None
         stats = preaggregation_stats(norms, options.num_byzantine, arc=options.arc, static_clip=options.static_clip)
-        rest = dataclasses.replace(options, arc=False, static_clip=None, bucket_size=1)
+        scaling = None
+        if options.arc or options.static_clip is not None:
+            scaling = Scaling.of(stats.scales, norms if options.arc else None)
         permutation = bucket_permutation(n, options.bucket_seed, step) if options.bucket_size > 1 else None
+        rest = dataclasses.replace(options, arc=False, static_clip=None, bucket_size=1)
 
-        def prepared(bucket: _Bucket) -> Tensor:
-            """The bucket's received block, scaled by ARC / the static clip and bucketed (coordinate-wise)."""
-            block = self._received(bucket, dtype)
-            if options.arc or options.static_clip is not None:
-                _scale_rows_(block, stats.scales, norms if options.arc else None)
-            if permutation is not None:
-                cdt = compute_dtype(dtype)
-                block = _bucketing(block.to(cdt), options.bucket_size, permutation).to(dtype)
-            return block
-
-        waits: list[Wait] = []
+        waits: list[Wait | None] = []
         if options.rule in COORDINATE_WISE and not options.nnm:  # stream bucket by bucket
             for bucket in self.buckets:
-                block = prepared(bucket)
-                waits.append(self._gather_start(bucket, self._coordinate_wise(block, rest, norms, step)))
+                block = self._received(bucket, dtype)
+                out = _coordinate_wise(block, rest, norms, step, scaling, options.bucket_size, permutation)
                 del block
+                waits.append(self._gather_start(bucket, out))
+            if tail_block is not None:
+                self._write_tails(_coordinate_wise(tail_block, rest, norms, step, scaling, options.bucket_size,
+                                                   permutation))
         else:
-            blocks = [prepared(bucket) for bucket in self.buckets]
-            outs = self._joint(blocks, rest, norms, step, sent, center)
+            blocks = [self._received(bucket, dtype) for bucket in self.buckets]
+            if tail_block is not None:
+                blocks.append(tail_block)
+            for i, block in enumerate(blocks):
+                blocks[i] = _prepared(block, scaling, options.bucket_size, permutation)
+            outs = self._joint(blocks, tail_block is not None, rest, norms, step, sent, center)
             del blocks
             waits = [self._gather_start(bucket, out) for bucket, out in zip(self.buckets, outs)]
+            if tail_block is not None:
+                self._write_tails(outs[-1])
         for wait in waits:
-            wait()
+            if wait is not None:
+                wait()
         self.buckets = []
         if options.rule == "cclip" and center is not None:
             center.store(sent)
         return stats
 
-    @staticmethod
-    def _coordinate_wise(block: Tensor, rest: RuleOptions, norms: Tensor, step: int) -> Tensor:
-        """A coordinate-wise rule on column chunks: the same bits, small temporaries."""
-        out = block.new_empty(block.shape[1])
-        for a in range(0, block.shape[1], CHUNK):
-            out[a : a + CHUNK] = aggregate_shard(block[:, a : a + CHUNK], norms, rest, step=step)[0]
-        return out
+    def _write_tails(self, out: Tensor) -> None:
+        offset = 0
+        for bucket in self.buckets:
+            tail = bucket.buffer[self.comm.n * bucket.q :]
+            tail.copy_(out[offset : offset + tail.numel()])
+            offset += tail.numel()
 
-    def _joint(self, blocks: list[Tensor], rest: RuleOptions, norms: Tensor, step: int, sent: SendBuffers,
-               center: CenterState | None) -> list[Tensor]:
-        """NNM and the rules whose steps need sums over every block; one output chunk per bucket."""
+    def _joint(self, blocks: list[Tensor], has_tail: bool, rest: RuleOptions, norms: Tensor, step: int,
+               sent: SendBuffers, center: CenterState | None) -> list[Tensor]:
+        """NNM and the rules whose steps need sums over every block; one output per block.
+
+        Every rank holds the same tail block; its partial sums are counted on rank 0 only.
+        """
         comm = self.comm
         dtype = blocks[0].dtype
         cdt = compute_dtype(dtype)
         f = rest.num_byzantine
+        counted = [True] * len(blocks)
+        if has_tail:
+            counted[-1] = comm.rank == 0
+
+        def distances() -> Tensor:
+            d2 = torch.zeros((blocks[0].shape[0],) * 2, dtype=cdt, device=blocks[0].device)
+            for block, count in zip(blocks, counted):
+                if count:
+                    d2 += _squared_distances(block.to(cdt))
+            return comm.all_reduce_sum(d2)
+
         if rest.nnm:  # mixing in place by column chunks, one all-reduce of the n x n distances
-            d2 = sum((_squared_distances(b.to(cdt)) for b in blocks), torch.zeros((), dtype=cdt))
-            weights = _nnm_weights(comm.all_reduce_sum(d2), f)
+            weights = _nnm_weights(distances(), f)
             for block in blocks:
                 for a in range(0, block.shape[1], CHUNK):
                     block[:, a : a + CHUNK] = (weights @ block[:, a : a + CHUNK].to(cdt)).to(dtype)
             rest = dataclasses.replace(rest, nnm=False)
         if rest.rule in COORDINATE_WISE:
-            return [self._coordinate_wise(b, rest, norms, step) for b in blocks]
+            return [_coordinate_wise(b, rest, norms, step) for b in blocks]
         if rest.rule in ("krum", "multikrum"):
-            d2 = sum((_squared_distances(b.to(cdt)) for b in blocks), torch.zeros((), dtype=cdt))
             rows = blocks[0].shape[0]
-            chosen = _krum_selection(comm.all_reduce_sum(d2), f, 1 if rest.rule == "krum" else rows - f)
+            chosen = _krum_selection(distances(), f, 1 if rest.rule == "krum" else rows - f)
             outs = []
             for block in blocks:
                 out = block.new_empty(block.shape[1])
@@ -380,16 +425,85 @@ class ShardedExchange:
                     out[a : a + CHUNK] = _mean_rows(block[chosen, a : a + CHUNK].to(cdt)).to(dtype)
                 outs.append(out)
             return outs
-        # The geometric median and centered clipping iterate over all the coordinates: one block.
-        lengths = [b.shape[1] for b in blocks]
-        joined = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+        # The geometric median and centered clipping iterate over all the coordinates: one block, the tail
+        # on rank 0 only, which then sends the tail's aggregate to the others.
+        n, rank = comm.n, comm.rank
+        mine = [b for b, count in zip(blocks, counted) if count]
+        lengths = [b.shape[1] for b in mine]
+        joined = torch.cat(mine, dim=1) if len(mine) > 1 else mine[0]
+        del mine
         blocks.clear()
         start = None
         if rest.rule == "cclip" and center is not None:
-            ranges = [(b.offset + comm.rank * b.m, length) for b, length in zip(self.buckets, lengths)]
+            ranges = [(b.offset + rank * b.q, b.q) for b in self.buckets]
+            if has_tail and rank == 0:
+                ranges += [(b.offset + n * b.q, b.buffer.numel() - n * b.q) for b in self.buckets]
             start = center.ranges(sent, ranges, dtype)
         out = aggregate_shard(joined, norms, rest, step=step, center=start, reduce=comm.all_reduce_sum)[0]
-        return list(out.split(lengths))
+        outs = list(out.split(lengths))
+        if has_tail:
+            tail = outs[-1] if rank == 0 else out.new_empty(sum(b.buffer.numel() - n * b.q for b in self.buckets))
+            comm.broadcast_(tail, 0)
+            if rank != 0:
+                outs.append(tail)
+        return outs
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaling:
+    """ARC's and the static clip's factors: row ``i`` times ``scales[i]``, zeroed where ``norms[i]`` is not finite.
+
+    On the CPU, where reading a value costs nothing, only the rows that change are touched (:meth:`of`):
+    ``x * 1`` is ``x``, so the other rows keep their bits. On an accelerator every row is multiplied,
+    with no host-device synchronisation.
+    """
+
+    scales: Tensor
+    norms: Tensor | None
+    changed: tuple[tuple[int, bool], ...] | None = None
+
+    @classmethod
+    def of(cls, scales: Tensor, norms: Tensor | None) -> Scaling:
+        """The scaling, with the rows that change ``(row, zeroed)`` listed when on the CPU."""
+        if scales.device.type != "cpu":
+            return cls(scales, norms)
+        finite = torch.ones_like(scales, dtype=torch.bool) if norms is None else torch.isfinite(norms)
+        rows = torch.nonzero((scales != 1) | ~finite).flatten().tolist()
+        return cls(scales, norms, tuple((i, not bool(finite[i])) for i in rows))
+
+    def apply_(self, block: Tensor) -> None:
+        """Scale the rows of ``block`` in place (the products of :func:`~lightning_clip.robust.arc.scale_rows`)."""
+        if self.changed is None:
+            _scale_rows_(block, self.scales, self.norms)
+            return
+        cdt = compute_dtype(block.dtype)
+        for i, zeroed in self.changed:
+            if zeroed:
+                block[i].zero_()
+            elif block.dtype == cdt:
+                block[i].mul_(self.scales[i].to(cdt))
+            else:
+                block[i] = (block[i].to(cdt) * self.scales[i].to(cdt)).to(block.dtype)
+
+
+def _prepared(block: Tensor, scaling: Scaling | None, bucket_size: int, permutation: Tensor | None) -> Tensor:
+    """``block`` scaled in place, then bucketed (a new ``[ceil(n / s), m]``) when ``permutation`` is given."""
+    if scaling is not None:
+        scaling.apply_(block)
+    if permutation is not None:
+        cdt = compute_dtype(block.dtype)
+        return _bucketing(block.to(cdt), bucket_size, permutation).to(block.dtype)
+    return block
+
+
+def _coordinate_wise(block: Tensor, rest: RuleOptions, norms: Tensor, step: int, scaling: Scaling | None = None,
+                     bucket_size: int = 1, permutation: Tensor | None = None) -> Tensor:
+    """A coordinate-wise rule on column chunks (scaled and bucketed chunk by chunk): the same bits, one pass."""
+    out = block.new_empty(block.shape[1])
+    for a in range(0, block.shape[1], CHUNK):
+        chunk = _prepared(block[:, a : a + CHUNK], scaling, bucket_size, permutation)
+        out[a : a + CHUNK] = aggregate_shard(chunk, norms, rest, step=step)[0]
+    return out
 
 
 def sharded_reduce_(
@@ -399,6 +513,7 @@ def sharded_reduce_(
     *,
     step: int = 0,
     center: CenterState | None = None,
+    workspace: Tensor | None = None,
 ) -> ARCStats:
     """Aggregate every rank's ``sent`` with ``options`` by coordinate shards, writing the aggregate into ``sent``.
 
@@ -411,11 +526,12 @@ def sharded_reduce_(
         comm: The collectives.
         step: Step counter (the bucketing permutation).
         center: Centered clipping's state (``"cclip"`` only): the starting point, then the new aggregate.
+        workspace: A flat tensor to reuse for this rank's copy of its vector (see :class:`ShardedExchange`).
 
     Returns:
         :func:`~lightning_clip.robust.aggregators.preaggregation_stats` of the ``n`` norms.
     """
-    exchange = ShardedExchange(comm)
+    exchange = ShardedExchange(comm, workspace)
     for buffer in sent.buffers:
         exchange.send(buffer)
     return exchange.finish(sent, options, step=step, center=center)

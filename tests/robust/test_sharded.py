@@ -23,7 +23,7 @@ import _sharded_helpers as sh  # noqa: E402
 import _sharded_trainer as st  # noqa: E402
 
 from lightning_clip.distributed.config import ARCConfig  # noqa: E402
-from lightning_clip.distributed.sharded import CenterState, shard_length  # noqa: E402
+from lightning_clip.distributed.sharded import CenterState  # noqa: E402
 from lightning_clip.distributed.strategy import CENTER_KEY  # noqa: E402
 from lightning_clip.robust.aggregators import (  # noqa: E402
     _krum_selection,
@@ -160,9 +160,11 @@ def test_cost_is_an_all_to_all_and_an_all_gather_of_one_vector(run):
         buckets = [sh.length(n, case)] if case.get("one_bucket") else sh.BUCKETS
         size = 2 if case.get("dtype") == "bfloat16" else 4
         comm = ranks[0][f"sharded{i}"][0]["comm"]
-        assert comm["all_to_all"] == size * sum(buckets)  # every bucket once, unpadded
-        # each bucket's chunks of ceil(d_b / n) (padded), plus the n norms
-        assert comm["all_gather"] == size * sum(n * shard_length(d, n) for d in buckets) + 4 * n
+        body = sum(n * (d // n) for d in buckets)  # each bucket's n equal chunks
+        tails = sum(d % n for d in buckets)  # the last d_b mod n coordinates of each bucket, gathered
+        assert comm["all_to_all"] == size * body
+        assert comm["all_gather"] == size * body + size * n * tails + 4 * n  # + the n norms
+        assert comm.get("broadcast", 0) == (size * tails if case["rule"] in ("geomed", "cclip") else 0)
         if case["rule"] in ("mean", "cwtm", "median", "meamed") and not case.get("nnm"):
             assert comm["all_reduce"] == 0
         if case["rule"] in ("krum", "multikrum") and not case.get("nnm"):
