@@ -51,6 +51,7 @@ from lightning_clip.robust.aggregators import (
     _krum_selection,
     _mean_rows,
     _nnm_weights,
+    _sum_rows,
     aggregate_shard,
     bucket_permutation,
     preaggregation_stats,
@@ -416,8 +417,12 @@ class ShardedExchange:
                     out[a : a + CHUNK] = _mean_rows(block[chosen, a : a + CHUNK].to(cdt)).to(dtype)
                 emit(i, out)
             return
-        # The geometric median and centered clipping iterate over all the coordinates: one block, the tail
-        # on rank 0 only, which then sends the tail's aggregate to the others.
+        if rest.rule == "geomed":
+            for i, out in enumerate(_weiszfeld_blocks(blocks, counted, comm.all_reduce_sum)):
+                emit(i, out.to(dtype))
+            return
+        # Centered clipping runs the one-process iterations on one block: the tail on rank 0 only, which
+        # then sends the tail's aggregate to the others.
         n, rank = comm.n, comm.rank
         mine = [b for b, count in zip(blocks, counted) if count]
         lengths = [b.shape[1] for b in mine]
@@ -477,8 +482,11 @@ class Scaling:
                 block[i] = (block[i].to(cdt) * self.scales[i].to(cdt)).to(block.dtype)
 
 
-#: Columns per chunk of :func:`partial_squared_distances` (their sums stay about as exact as fp32 allows).
-DIST_CHUNK = 1 << 14
+#: Columns per chunk of :func:`partial_squared_distances` and of the geometric median's sweeps (small
+#: enough that fp32 partial sums stay accurate and a chunk of every row stays in the cache).
+DIST_CHUNK = 1 << 15
+#: The geometric median's settings in the pipeline (:func:`~lightning_clip.robust.aggregators.aggregate_shard`).
+GEOMED_EPS, GEOMED_MAX_ITER, GEOMED_TOL = 1e-8, 100, 1e-6
 
 
 def partial_squared_distances(block: Tensor) -> Tensor:
@@ -497,6 +505,55 @@ def partial_squared_distances(block: Tensor) -> Tensor:
     i, j = torch.triu_indices(n, n, 1, device=block.device)
     out[i, j] = upper
     out[j, i] = upper
+    return out
+
+
+def _weiszfeld_blocks(blocks: list[Tensor], counted: list[bool], reduce: Callable[[Tensor], Tensor]
+                      ) -> list[Tensor]:
+    """The pipeline's geometric median (smoothed Weiszfeld from the mean, :data:`GEOMED_EPS` / ``_MAX_ITER`` /
+    ``_TOL``, as :func:`~lightning_clip.robust.aggregators.geometric_median`) over this rank's blocks.
+
+    Every iterate is a weighted mean of the rows, ``z = X^T v``, so every quantity an iteration needs (the
+    distances ``||x_i - z||^2 = (e_i - v)^T G (e_i - v)``, the move, the norm) is a quadratic form in the
+    Gram matrix ``G = X X^T`` of the ``n`` rows. One pass over the blocks computes this rank's part of
+    ``G`` (float64, by column chunks), one ``reduce`` of ``n^2`` floats sums it over the ranks, the
+    iterations run on ``n``-vectors only, and a last pass forms ``z = sum_i w_i x_i / sum_i w_i`` with the
+    one-process formula. Blocks not ``counted`` (the tail every rank holds) are left out of ``G``. Returns
+    the estimate of each block in the compute dtype.
+    """
+    n = blocks[0].shape[0]
+    device = blocks[0].device
+    cdt = compute_dtype(blocks[0].dtype)
+    gram = torch.zeros((n, n), dtype=torch.float64, device=device)
+    for block, count in zip(blocks, counted):
+        if count:
+            for a in range(0, block.shape[1], DIST_CHUNK):
+                x = block[:, a : a + DIST_CHUNK].to(torch.float64)
+                gram += x @ x.T
+    gram = reduce(gram)
+    eye = torch.eye(n, dtype=torch.float64, device=device)
+
+    def forms(u: Tensor) -> Tensor:  # u^T G u for every row u of u
+        return ((u @ gram) * u).sum(dim=1).clamp(min=0.0)
+
+    v = torch.full((n,), 1.0 / n, dtype=torch.float64, device=device)
+    d2 = forms(eye - v).to(cdt)
+    w = torch.ones(n, dtype=cdt, device=device)
+    for _ in range(GEOMED_MAX_ITER):
+        w = 1.0 / torch.clamp(d2.sqrt(), min=GEOMED_EPS)
+        v_new = w.to(torch.float64) / w.to(torch.float64).sum()
+        d2 = forms(eye - v_new).to(cdt)
+        moved = forms(torch.stack([v_new - v, v_new]))
+        v = v_new
+        if bool(moved[0].sqrt() <= GEOMED_TOL * torch.clamp(moved[1].sqrt(), min=1.0)):
+            break
+    total = w.sum()
+    out = []
+    for block in blocks:
+        z = torch.empty(block.shape[1], dtype=cdt, device=device)
+        for a in range(0, block.shape[1], DIST_CHUNK):
+            z[a : a + DIST_CHUNK] = _sum_rows(w.unsqueeze(1) * block[:, a : a + DIST_CHUNK].to(cdt)) / total
+        out.append(z)
     return out
 
 
