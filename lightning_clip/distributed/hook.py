@@ -6,8 +6,8 @@ Usage with plain PyTorch (:class:`~lightning_clip.distributed.strategy.ARCDDPStr
     ddp_model.register_comm_hook(state, arc_hook)
 
 The hook is transport only. DDP calls it once per gradient bucket and waits on the returned futures at
-the end of backward; ARC needs the norm of each rank's *whole* gradient, so the hook holds every bucket
-until the last one (``bucket.is_last()``), returning pending futures, and then:
+the end of backward; ARC needs the norm of each rank's *whole* gradient, so the hook returns pending
+futures until the last bucket (``bucket.is_last()``), and then:
 
 1. runs the chain of send transforms on this rank's buckets (worker momentum, a simulated attack:
    :mod:`lightning_clip.robust.transforms`);
@@ -15,15 +15,21 @@ until the last one (``bucket.is_last()``), returning pending futures, and then:
    pre-aggregation scales (:func:`~lightning_clip.robust.aggregators.preaggregation_stats`, identical
    on every rank), scales its buckets by ``scale[rank] / n`` and all-reduces them: plain DDP's traffic;
 3. with a robust rule or NNM: by default by coordinate shards
-   (:func:`~lightning_clip.distributed.sharded.sharded_reduce_`: one all-to-all, all-reduces of at most
+   (:class:`~lightning_clip.distributed.sharded.ShardedExchange`: one all-to-all, all-reduces of at most
    ``n^2`` floats, one all-gather; about ``2 (n - 1) d / n`` elements sent per rank, as an all-reduce);
    with ``robust_comm="gather"`` it all-gathers the flat local vectors ``[n, d]`` and applies
    :func:`~lightning_clip.robust.aggregators.aggregate_with_stats` identically on every rank (about
    ``(n - 1) d`` elements received per rank; ``n`` times a gradient's memory);
 4. writes the result back and completes every held future (or fails them all).
 
-Holding the buckets means the reduction cannot overlap the backward pass: inherent to ARC, whose scale
-of a rank depends on its whole gradient and every other rank's norm. Replicas stay identical because
+On the sharded path the exchange does not wait for the last bucket (:attr:`ARCHookState.overlaps`): the
+all-to-all needs no norm, every step after it scales rows, so each bucket is transformed and its
+all-to-all started in its own hook call, overlapping the backward pass as DDP's all-reduce does; the
+norms, the rule and the all-gathers follow at the last bucket. Transforms that need the whole local
+vector or the other ranks' (the simulated attacks) keep the held path: everything at the last bucket.
+
+The scaling and the rule cannot start before the last bucket: ARC's scale of a rank depends on its whole
+gradient and every other rank's norm. Replicas stay identical because
 every rank runs the same deterministic arithmetic on the same gathered tensors (same hardware and
 library versions). Sparse gradients are not supported. When a collective fails (typically a peer rank
 died), the hook raises :class:`~lightning_clip.exceptions.PeerFailureError` naming the step.
