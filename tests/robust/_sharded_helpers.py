@@ -86,6 +86,52 @@ def _sent(flat: Tensor, params: list[list[Tensor]]) -> SendBuffers:
     return SendBuffers(buffers, params)
 
 
+#: Rules of the raw-DDP run with tiny buckets (the hook sends each bucket in its own call).
+OVERLAP_RULES = ("cwtm", "geomed")
+OVERLAP_STEPS = 3
+
+
+def overlap_run(rank: int, rule: str) -> dict[str, Any]:
+    """Raw DDP over the default group, tiny buckets, ``rule`` with ARC (f = 1) and SGD for a few steps.
+
+    Records, per step, the gradient DDP handed back (parameter order), the weights after the step, the
+    hook's flat layout (parameter indices in bucket order) and, at every bucket's call, how many buckets
+    the step had already started sending.
+    """
+    import _ddp_helpers as h  # loads Lightning: only here
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from lightning_clip.distributed.hook import ARCHookState, arc_hook
+
+    net = h.make_net()
+    index = {id(p): i for i, p in enumerate(net.parameters())}
+    state = ARCHookState(ARCConfig(num_byzantine=1, aggregator=rule))
+    calls: list[tuple[int, list[int], int]] = []
+
+    def hook(st: ARCHookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+        fut = arc_hook(st, bucket)
+        started = -1 if st.exchange is None else len(st.exchange.exchange.buckets)
+        calls.append((bucket.index(), [index[id(p)] for p in bucket.parameters()], started))
+        return fut
+
+    # DDP checks the real annotation objects (this module's are strings)
+    hook.__annotations__ = {"bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
+    model = DDP(net, bucket_cap_mb=h.TINY_BUCKET_MB)
+    model.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(model.parameters(), lr=h.LR)
+    steps = []
+    for step in range(OVERLAP_STEPS):
+        calls.clear()
+        opt.zero_grad()
+        x, y = h.rank_batch(rank, step)
+        (torch.nn.functional.mse_loss(model(x), y) * (1.0 + rank)).backward()
+        opt.step()
+        steps.append({"params": h.param_vector(net).clone(), "calls": list(calls),
+                      "grad": torch.cat([p.grad.reshape(-1) for p in net.parameters()]),
+                      "workspace": None if state.workspace is None else state.workspace.numel()})
+    return {"steps": steps}
+
+
 def worker(rank: int, world_sizes: tuple[int, ...], port: int, out_dir: str, trainer: bool = False) -> None:
     """Run every case for every world size ``n`` (a group of the first ``n`` ranks) in one process group."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -115,6 +161,7 @@ def worker(rank: int, world_sizes: tuple[int, ...], port: int, out_dir: str, tra
                         steps.append({"agg": torch.cat(sent.buffers), "norms": stats.norms.clone(),
                                       "scales": stats.scales.clone(), "comm": dict(comm.bytes)})
                     res[f"{n}/{comm_kind}{i}"] = steps
+        res["overlap"] = {rule: overlap_run(rank, rule) for rule in OVERLAP_RULES}
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
         if trainer:  # Lightning on every rank: checkpoint every 2 steps, then resume from step 2
             os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(max(world_sizes)),
