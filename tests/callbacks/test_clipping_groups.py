@@ -235,3 +235,32 @@ def test_groups_from_yaml_through_the_cli(tmp_path, monkeypatch):
 
     (health,) = summarize(scalars).optimizers
     assert health.last_threshold == pytest.approx(0.3) and health.logged_steps == 3
+
+
+def test_each_optimizer_keeps_its_own_copy_of_a_group_policy(tmp_path):
+    from test_monitor import TwoOptimizers
+
+    class WeightNorms(Callback):
+        def __init__(self) -> None:
+            self.norms: dict[int, list[float]] = {0: [], 1: []}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            idx = 0 if getattr(optimizer, "_optimizer", optimizer) is trainer.optimizers[0] else 1
+            layer = pl_module.a if idx == 0 else pl_module.b
+            self.norms[idx].append(float(layer.weight.grad.norm()))
+
+    seed_everything(0, verbose=False)
+    logger, probe = RecordingLogger(), WeightNorms()
+    policy = PercentileThreshold(50.0, warmup_steps=0)
+    clip = GradientClipping(1.0, groups={"*.weight": policy})
+    trainer = make_trainer(tmp_path, callbacks=[probe, clip], max_steps=12, logger=logger)
+    trainer.fit(TwoOptimizers(), make_loader())
+    assert clip.group_state(0, "*.weight").policy is policy
+    assert clip.group_state(1, "*.weight").policy is not policy
+    for idx in (0, 1):
+        norms = probe.norms[idx]
+        assert len(norms) == 6
+        expected = [np.percentile(norms[: i + 1], 50.0) for i in range(len(norms))]
+        logged = logger.series(tags.with_optimizer(tags.group_tag(tags.CLIP_THRESHOLD, "*.weight"), idx, 2))
+        np.testing.assert_allclose(logged, expected, rtol=1e-5)
+    assert max(probe.norms[1]) < min(probe.norms[0])  # the two histories really differ
