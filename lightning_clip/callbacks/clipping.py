@@ -279,8 +279,9 @@ class GradientClipping(Callback):
                     used.add(slot)
         for slot, key in enumerate(self.groups):
             if slot not in used:
-                what = (f"param group {key} of no optimizer" if isinstance(key, int)
-                        else f"{key!r} only matches parameters that an earlier group took")
+                what = (f"param group {key} is in no optimizer, or an earlier group took all its parameters"
+                        if isinstance(key, int) else
+                        f"{key!r} matches no optimizer's parameter that an earlier group did not take")
                 raise ValueError(f"Expected every group of argument `groups` to get a parameter (the first "
                                  f"matching group wins) but {what}")
 
