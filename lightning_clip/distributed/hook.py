@@ -225,11 +225,6 @@ class _Transport:
         self.bytes["all_reduce"] += out.numel() * out.element_size()
         return out
 
-    def broadcast_(self, t: Tensor, src: int) -> None:
-        """Overwrite the small tensor ``t`` with rank ``src``'s."""
-        self._run("broadcast", lambda: dist.broadcast(t, src, group=self.group))
-        self.bytes["broadcast"] = self.bytes.get("broadcast", 0) + t.numel() * t.element_size()
-
     def all_reduce_(self, buffers: list[Tensor]) -> None:
         """Sum ``buffers`` over the ranks in place (asynchronously, then wait for all)."""
 

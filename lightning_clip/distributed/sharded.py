@@ -26,8 +26,8 @@ chunks and rank ``r`` owns chunk ``r`` of every bucket, about ``d / n`` coordina
 
 Per rank that sends about ``2 (n - 1) d / n`` elements, as a ring all-reduce, plus ``O(n^2)`` floats.
 Extra memory: the workspace (one gradient, kept between steps like DDP's own buckets, so that no step
-allocates it afresh), the ``d / n`` aggregated coordinates and chunk-sized temporaries; centered
-clipping also joins this rank's blocks into one ``[n, d / n]`` matrix (one more gradient).
+allocates it afresh), the ``d / n`` aggregated coordinates and chunk-sized temporaries (the geometric
+median and centered clipping: a few ``d / n`` vectors more).
 
 Exactness: the local norm is taken of the whole flat vector in the workspace, as
 :func:`~lightning_clip.robust.aggregators.aggregate` takes a row's norm, so ARC's factors have the same
@@ -104,10 +104,6 @@ class Collectives(Protocol):
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         """``t`` summed over the ranks (a small tensor)."""
-        ...
-
-    def broadcast_(self, t: Tensor, src: int) -> None:
-        """Overwrite ``t`` with rank ``src``'s (a small tensor)."""
         ...
 
 
@@ -425,28 +421,19 @@ class ShardedExchange:
             for i, out in enumerate(_weiszfeld_blocks(blocks, counted, comm.all_reduce_sum)):
                 emit(i, out.to(dtype))
             return
-        # Centered clipping runs the one-process iterations on one block: the tail on rank 0 only, which
-        # then sends the tail's aggregate to the others.
+        # Centered clipping, block by block from the centre's matching coordinates.
         n, rank = comm.n, comm.rank
-        mine = [b for b, count in zip(blocks, counted) if count]
-        lengths = [b.shape[1] for b in mine]
-        joined = torch.cat(mine, dim=1) if len(mine) > 1 else mine[0]
-        del mine
-        blocks.clear()
         start = None
-        if rest.rule == "cclip" and center is not None:
+        if center is not None:
             ranges = [(b.offset + rank * b.q, b.q) for b in self.buckets]
-            if has_tail and rank == 0:
+            if has_tail:
                 ranges += [(b.offset + n * b.q, b.buffer.numel() - n * b.q) for b in self.buckets]
             start = center.ranges(sent, ranges, dtype)
-        out = aggregate_shard(joined, norms, rest, step=step, center=start, reduce=comm.all_reduce_sum)[0]
-        outs = list(out.split(lengths))
-        for i, bucket_out in enumerate(outs[: len(self.buckets)]):
-            emit(i, bucket_out)
-        if has_tail:
-            tail = outs[-1] if rank == 0 else out.new_empty(sum(b.buffer.numel() - n * b.q for b in self.buckets))
-            comm.broadcast_(tail, 0)
-            emit(len(self.buckets), tail)
+        centres = None if start is None else list(start.split([b.shape[1] for b in blocks]))
+        outs = _centered_clipping_blocks(blocks, counted, centres, rest.cclip_tau, rest.cclip_iters,
+                                         comm.all_reduce_sum)
+        for i, out in enumerate(outs):
+            emit(i, out.to(dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -559,6 +546,39 @@ def _weiszfeld_blocks(blocks: list[Tensor], counted: list[bool], reduce: Callabl
             z[a : a + DIST_CHUNK] = _sum_rows(w.unsqueeze(1) * block[:, a : a + DIST_CHUNK].to(cdt)) / total
         out.append(z)
     return out
+
+
+def _centered_clipping_blocks(blocks: list[Tensor], counted: list[bool], centres: list[Tensor] | None,
+                              tau: float, iters: int, reduce: Callable[[Tensor], Tensor]) -> list[Tensor]:
+    """The pipeline's centered clipping (``iters`` times ``v <- v + mean_i clip_tau(x_i - v)``) over this
+    rank's blocks, each from its part of the centre (zeros without one).
+
+    The one-process formulas column by column; each iteration's ``n`` distances are summed over the
+    ``counted`` blocks of every rank by one ``reduce``. Returns each block's result in the compute dtype.
+    """
+    n = blocks[0].shape[0]
+    cdt = compute_dtype(blocks[0].dtype)
+    if centres is None:
+        v = [torch.zeros(b.shape[1], dtype=cdt, device=b.device) for b in blocks]
+    else:
+        v = [c.to(cdt) for c in centres]
+    for _ in range(iters):
+        part = torch.zeros(n, dtype=cdt, device=blocks[0].device)
+        for block, vb, count in zip(blocks, v, counted):
+            if count:
+                for a in range(0, block.shape[1], DIST_CHUNK):
+                    part += (block[:, a : a + DIST_CHUNK].to(cdt) - vb[a : a + DIST_CHUNK]).pow(2).sum(dim=1)
+        dist = reduce(part).sqrt()
+        coeff = torch.where(dist > tau, tau / dist, torch.ones_like(dist)).unsqueeze(1)
+        moved = []
+        for block, vb in zip(blocks, v):
+            step = torch.empty_like(vb)
+            for a in range(0, block.shape[1], DIST_CHUNK):
+                x = block[:, a : a + DIST_CHUNK].to(cdt)
+                step[a : a + DIST_CHUNK] = _sum_rows((x - vb[a : a + DIST_CHUNK]) * coeff) / n
+            moved.append(vb + step)
+        v = moved
+    return v
 
 
 def _prepared(block: Tensor, scaling: Scaling | None, bucket_size: int, permutation: Tensor | None) -> Tensor:
