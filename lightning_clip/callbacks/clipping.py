@@ -258,6 +258,8 @@ class GradientClipping(Callback):
                 f"GradientClipping is in `Trainer(callbacks=...)` and the Trainer also has "
                 f"`gradient_clip_val={clip_val}`: gradients would be clipped twice. Remove one of them."
             )
+        if not self.groups:
+            return
         names = [n for n, _ in pl_module.named_parameters()]
         for key in self.groups:
             if isinstance(key, str) and not any(fnmatchcase(n, key) for n in names):
