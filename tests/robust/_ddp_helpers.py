@@ -20,10 +20,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_clip import ARCDDPStrategy
 from lightning_clip.distributed.config import ARCConfig
 from lightning_clip.distributed.hook import ARCHookState, arc_hook
 from lightning_clip.sim.byzantine import ByzantineSpec
@@ -295,3 +297,52 @@ class ARCModule(pl.LightningModule):
     def train_dataloader(self) -> DataLoader:
         # Contents are ignored (rank_batch makes the data); 4 batches per rank with 3 ranks.
         return DataLoader(TensorDataset(torch.zeros(12, 1)), batch_size=1)
+
+
+class RecordingModule(pl.LightningModule):
+    """The MLP of :func:`make_net`; step ``t`` of every rank uses :meth:`loss` (``rank_loss(rank, t)``, independent
+    of the loader) and records ``(step, weights)`` after every step. Subclasses :meth:`save` what they check at the
+    end under ``out_dir`` as ``<tag>_rank<rank>.pt``.
+    """
+
+    def __init__(self, out_dir: str, tag: str, num_samples: int = 60) -> None:
+        super().__init__()
+        self.net = make_net()
+        self.out_dir = out_dir
+        self.tag = tag
+        self.num_samples = num_samples
+        self.records: list[tuple[Any, ...]] = []
+
+    def loss(self, rank: int, step: int) -> Tensor:
+        return rank_loss(self.net, rank, step)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.loss(self.global_rank, self.global_step)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.records.append((self.global_step, param_vector(self.net).clone()))
+
+    def save(self, **extra: Any) -> None:
+        torch.save({"records": self.records, **extra}, Path(self.out_dir) / f"{self.tag}_rank{self.global_rank}.pt")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=LR)  # momentum-free, as in the paper
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.zeros(self.num_samples, 1)), batch_size=1)  # contents are ignored
+
+
+def fit_resumable(module: pl.LightningModule, strategy: ARCDDPStrategy, devices: int, max_steps: int, root: Path,
+                  ckpt_dir: Path | None = None, ckpt_path: Path | None = None, **trainer_kwargs: Any) -> None:
+    """One ``Trainer.fit`` on this rank: checkpoints every 2 steps into ``ckpt_dir``, or resumes from ``ckpt_path``."""
+    callbacks = []
+    if ckpt_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="{step}", every_n_train_steps=2,
+                                         save_top_k=-1))
+    trainer_kwargs.setdefault("logger", False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, max_steps=max_steps, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=ckpt_dir is not None, callbacks=callbacks,
+        strategy=strategy, default_root_dir=str(root), **trainer_kwargs,
+    )
+    trainer.fit(module, ckpt_path=None if ckpt_path is None else str(ckpt_path))

@@ -29,9 +29,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -106,18 +104,8 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-class DPModule(pl.LightningModule):
-    """The MLP of ``make_net``; step ``t`` of every rank uses ``rank_batch(rank, t)``."""
-
-    def __init__(self, out_dir: str, tag: str) -> None:
-        super().__init__()
-        self.net = h.make_net()
-        self.out_dir = out_dir
-        self.tag = tag
-        self.records: list[tuple[int, Tensor, float]] = []
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return h.rank_loss(self.net, self.global_rank, self.global_step)
+class DPModule(h.RecordingModule):
+    """:class:`~_ddp_helpers.RecordingModule` that also records the clipping bound; saves the privacy summary."""
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         bound = self.trainer.strategy.arc_state.dp.bound
@@ -125,28 +113,13 @@ class DPModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         strategy = self.trainer.strategy
-        torch.save({"records": self.records, "summary": strategy.dp_summary(), "epsilon": strategy.dp_epsilon()},
-                   Path(self.out_dir) / f"{self.tag}_rank{self.global_rank}.pt")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=h.LR)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(torch.zeros(60, 1)), batch_size=1)
+        self.save(summary=strategy.dp_summary(), epsilon=strategy.dp_epsilon())
 
 
 def _fit(root: Path, tag: str, ckpt_dir: Path | None = None, ckpt_path: Path | None = None) -> None:
-    callbacks = []
-    if ckpt_dir is not None:
-        callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="{step}", every_n_train_steps=2,
-                                         save_top_k=-1))
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=N, max_steps=TOTAL, enable_progress_bar=False, enable_model_summary=False,
-        logger=pl.loggers.CSVLogger(str(root), name=tag, version=0), log_every_n_steps=1,
-        enable_checkpointing=ckpt_dir is not None, callbacks=callbacks, default_root_dir=str(root),
-        strategy=ARCDDPStrategy(**ADAPTIVE, dp_delta=DELTA),
-    )
-    trainer.fit(DPModule(str(root), tag), ckpt_path=None if ckpt_path is None else str(ckpt_path))
+    h.fit_resumable(DPModule(str(root), tag), ARCDDPStrategy(**ADAPTIVE, dp_delta=DELTA), N, TOTAL, root,
+                    ckpt_dir=ckpt_dir, ckpt_path=ckpt_path,
+                    logger=pl.loggers.CSVLogger(str(root), name=tag, version=0), log_every_n_steps=1)
 
 
 @pytest.fixture(scope="module")

@@ -29,10 +29,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -304,34 +302,14 @@ def test_bf16_gradients_keep_a_float32_momentum(raw):
 # Lightning: checkpoint every rank's buffer, resume mid-run
 
 
-class MomentumModule(pl.LightningModule):
-    """The MLP of ``make_net``; step ``t`` of every rank uses ``rank_batch(rank, t)`` (independent of the loader)."""
-
-    def __init__(self, out_dir: str, tag: str) -> None:
-        super().__init__()
-        self.net = h.make_net()
-        self.out_dir = out_dir
-        self.tag = tag
-        self.records: list[tuple[int, Tensor]] = []
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return h.rank_loss(self.net, self.global_rank, self.global_step)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.records.append((self.global_step, h.param_vector(self.net).clone()))
+class MomentumModule(h.RecordingModule):
+    """:class:`~_ddp_helpers.RecordingModule` (20 batches per rank: one epoch); saves every rank's momentum buffer."""
 
     def on_train_end(self) -> None:
         state = self.trainer.strategy.arc_state
         names = [n for n, p in self.named_parameters()]
         momentum = state.worker_momentum.vector([p for p in self.parameters()])
-        torch.save({"records": self.records, "momentum": momentum, "names": names},
-                   Path(self.out_dir) / f"{self.tag}_rank{self.global_rank}.pt")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=h.LR)  # momentum-free, as in the paper
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(torch.zeros(60, 1)), batch_size=1)  # 20 batches per rank: one epoch
+        self.save(momentum=momentum, names=names)
 
 
 TOTAL = 5  # optimizer steps of the Lightning runs
@@ -340,17 +318,9 @@ TOTAL = 5  # optimizer steps of the Lightning runs
 def _fit(root: Path, tag: str, max_steps: int, ckpt_dir: Path | None = None, ckpt_path: Path | None = None,
          **strategy_kwargs: Any) -> None:
     """One ``Trainer.fit`` on this rank (run inside :func:`worker` by every rank)."""
-    callbacks = []
-    if ckpt_dir is not None:
-        callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="{step}", every_n_train_steps=2,
-                                         save_top_k=-1))
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=N, max_steps=max_steps, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=ckpt_dir is not None, callbacks=callbacks,
-        strategy=ARCDDPStrategy(num_byzantine=F, worker_momentum=BETA, **strategy_kwargs),
-        default_root_dir=str(root),
-    )
-    trainer.fit(MomentumModule(str(root), tag), ckpt_path=None if ckpt_path is None else str(ckpt_path))
+    h.fit_resumable(MomentumModule(str(root), tag), ARCDDPStrategy(num_byzantine=F, worker_momentum=BETA,
+                                                                   **strategy_kwargs),
+                    N, max_steps, root, ckpt_dir=ckpt_dir, ckpt_path=ckpt_path)
 
 
 def test_trainer_checkpoints_every_rank_and_resume_continues_the_run(out):
