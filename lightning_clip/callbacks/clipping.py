@@ -314,11 +314,15 @@ class GradientClipping(Callback):
 
         Optimizer 0 uses the policy given in ``groups``; the others get a fresh copy of it.
         """
+        return self._group_list(optimizer_idx)[list(self.groups).index(key)]
+
+    def _group_list(self, optimizer_idx: int) -> list[OptimizerClipState]:
+        """Optimizer ``optimizer_idx``'s group states, in the order of ``groups`` (created on first use)."""
         states = self._group_states.get(optimizer_idx)
         if states is None:
             states = self._group_states[optimizer_idx] = [
                 OptimizerClipState(p if optimizer_idx == 0 else p.fresh()) for p in self.groups.values()]
-        return states[list(self.groups).index(key)]
+        return states
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_clip.callbacks.tb_layout import write_layout
@@ -397,6 +401,7 @@ class GradientClipping(Callback):
         norms, total = state.stats.norms, state.stats.total_norm
         index = layout.indices(norms.device)
         keys = list(self.groups)
+        group_states = self._group_list(state.optimizer_idx)
         values: dict[str, Tensor | float] = {}
         clipped_sq: list[Tensor] = []
         any_clipped = torch.zeros((), dtype=torch.bool, device=total.device)
@@ -405,7 +410,7 @@ class GradientClipping(Callback):
             if not members:
                 continue
             ungrouped = slot == len(keys)
-            gstate = opt if ungrouped else self.group_state(state.optimizer_idx, keys[slot])
+            gstate = opt if ungrouped else group_states[slot]
             group_total = torch.linalg.vector_norm(norms[index[slot]])  # as torch's get_total_norm on the group
             group_threshold = gstate.policy(group_total)
             coef = clip_grads_with_norm_([state.grads[i] for i in members], group_threshold, group_total)
