@@ -50,13 +50,13 @@ import torch
 from torch import Tensor
 
 from lightning_clip.robust.aggregators import (
+    COORDINATE_RULES,
     RuleOptions,
     _bucketing,
     _krum_selection,
     _mean_rows,
     _nnm_weights,
     _sum_rows,
-    aggregate_shard,
     bucket_permutation,
     preaggregation_stats,
 )
@@ -75,7 +75,7 @@ __all__ = [
 ]
 
 #: Rules computed from each coordinate's own column (exact under any split of the coordinates).
-COORDINATE_WISE = frozenset({"mean", "cwtm", "median", "meamed"})
+COORDINATE_WISE = frozenset(COORDINATE_RULES)
 #: Columns per chunk when a coordinate-wise pipeline runs on a block (bounds the temporaries).
 CHUNK = 1 << 17
 
@@ -341,11 +341,11 @@ class ShardedExchange:
         if options.rule in COORDINATE_WISE and not options.nnm:  # stream bucket by bucket
             for bucket in self.buckets:
                 block = self._received(bucket, dtype)
-                out = _coordinate_wise(block, rest, norms, step, scaling, options.bucket_size, permutation)
+                out = _coordinate_wise(block, rest, scaling, options.bucket_size, permutation)
                 del block
                 waits.append(self._gather_start(bucket, out))
             if tail_block is not None:
-                self._write_tails(_coordinate_wise(tail_block, rest, norms, step, scaling, options.bucket_size,
+                self._write_tails(_coordinate_wise(tail_block, rest, scaling, options.bucket_size,
                                                    permutation))
         else:
             blocks = [self._received(bucket, dtype) for bucket in self.buckets]
@@ -402,7 +402,7 @@ class ShardedExchange:
         rest = dataclasses.replace(rest, nnm=False)
         if rest.rule in COORDINATE_WISE:  # mixed chunk by chunk on the way into the rule
             for i, block in enumerate(blocks):
-                emit(i, _coordinate_wise(block, rest, norms, step, mix=weights))
+                emit(i, _coordinate_wise(block, rest, mix=weights))
             return
         if weights is not None:  # mixing in place by column chunks
             for block in blocks:
@@ -591,17 +591,18 @@ def _prepared(block: Tensor, scaling: Scaling | None, bucket_size: int, permutat
     return block
 
 
-def _coordinate_wise(block: Tensor, rest: RuleOptions, norms: Tensor, step: int, scaling: Scaling | None = None,
+def _coordinate_wise(block: Tensor, rest: RuleOptions, scaling: Scaling | None = None,
                      bucket_size: int = 1, permutation: Tensor | None = None, mix: Tensor | None = None) -> Tensor:
     """A coordinate-wise rule on column chunks, each scaled, bucketed and mixed (NNM's ``mix @ rows``) on the way
     in: one pass over the block, and the same bits as the whole block's steps one after the other (but ``mix``)."""
     out = block.new_empty(block.shape[1])
     cdt = compute_dtype(block.dtype)
+    rule = COORDINATE_RULES[rest.rule]
     for a in range(0, block.shape[1], CHUNK):
         chunk = _prepared(block[:, a : a + CHUNK], scaling, bucket_size, permutation)
         if mix is not None:
             chunk = (mix @ chunk.to(cdt)).to(block.dtype)
-        out[a : a + CHUNK] = aggregate_shard(chunk, norms, rest, step=step)[0]
+        out[a : a + CHUNK] = rule(chunk.to(cdt), rest.num_byzantine).to(block.dtype)
     return out
 
 

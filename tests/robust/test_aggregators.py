@@ -22,6 +22,7 @@ from lightning_clip.robust.aggregators import (
     multi_krum,
     nearest_neighbor_mixing,
     preaggregation_stats,
+    selection_network,
     sorting_network,
     static_clip,
     trimmed_mean,
@@ -469,6 +470,33 @@ def test_chunked_passes_equal_one_pass(monkeypatch):
     monkeypatch.setattr(agg, "COLUMNS", 7)  # 8 chunks
     for name, value in whole.items():
         torch.testing.assert_close(aggregate(x, name, 1, nnm=True, arc=True, center=c), value, rtol=1e-12, atol=1e-12)
+
+
+def test_selection_network_gives_the_sorted_values_bit_for_bit():
+    # Reference: torch.sort (exact) and the kept values summed in sorted order, as the whole network would.
+    gen = torch.Generator().manual_seed(27)
+    for n in range(1, 14):
+        x = torch.randn(n, 300, generator=gen)
+        x[:, :100] = torch.randint(-2, 3, (n, 100), generator=gen).float()  # ties
+        x[:, 100:110] *= 1e30  # a sum of the extremes would swallow the rest
+        ordered = torch.sort(x, dim=0).values
+        for f in range(1, (n + 1) // 2):
+            kept = list(ordered[f : n - f].unbind(0))
+            acc = kept[0].clone()
+            for row in kept[1:]:
+                acc += row
+            assert torch.equal(trimmed_mean(x, f), acc / (n - 2 * f)), (n, f)
+            net = selection_network(n, f, n - f)
+            computed = sum(want_min + want_max for _, _, want_min, want_max in net)
+            assert computed <= 2 * len(sorting_network(n)), (n, f)
+        middle = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+        assert torch.equal(median(x), middle)
+    x = torch.randn(4, 50, generator=gen)
+    x[2, 7] = float("nan")
+    assert torch.isnan(trimmed_mean(x, 1)[7]) and torch.isnan(median(x)[7])  # a NaN spreads in its column
+    assert torch.isfinite(trimmed_mean(x, 1)[torch.arange(50) != 7]).all()
+    # n = 4, f = 1: 6 min/max instead of the sorting network's 10.
+    assert sum(a + b for _, _, a, b in selection_network(4, 1, 3)) == 6
 
 
 def test_sorting_network_sorts_every_0_1_input_and_random_columns():
