@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=float, default=25e6, help="approximate parameter count (default 25e6)")
     parser.add_argument("--depth", type=int, default=6, help="number of Linear layers (default 6)")
     parser.add_argument("--batch", type=int, default=8, help="per-rank batch size (default 8)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (default 5)")
+    parser.add_argument("--steps", type=int, default=9, help="timed steps per mode (default 9)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode (default 2)")
     parser.add_argument("--gather-steps", type=int, default=3, help="timed steps of the gather mode (default 3)")
     parser.add_argument("--num-byzantine", type=int, default=1, help="ARC's f (default 1)")

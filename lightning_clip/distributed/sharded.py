@@ -325,11 +325,13 @@ class ShardedExchange:
         if len(sent.buffers) != len(self.buckets) or self.workspace is None:
             raise RuntimeError(f"ShardedExchange.finish: {len(sent.buffers)} buffers for {len(self.buckets)} sent")
         local = self.workspace[: self.numel]
-        dtype = local.dtype
-        norms = comm.gather_rows(torch.linalg.vector_norm(local.unsqueeze(0), dim=1, dtype=compute_dtype(dtype)))
-        norms = norms.reshape(n)
+        dtype, cdt = local.dtype, compute_dtype(local.dtype)
+        norm = torch.linalg.vector_norm(local.unsqueeze(0), dim=1, dtype=cdt)
         tails = [local[b.offset + n * b.q : b.offset + b.buffer.numel()] for b in self.buckets]
-        tail_block = comm.gather_rows(torch.cat(tails)) if any(t.numel() for t in tails) else None
+        # One all-gather for the norms and the tails (the tails pass through the compute dtype exactly).
+        rows = comm.gather_rows(torch.cat([norm, *(t.to(cdt) for t in tails)]))
+        norms = rows[:, 0].contiguous()
+        tail_block = rows[:, 1:].to(dtype) if rows.shape[1] > 1 else None
         stats = preaggregation_stats(norms, options.num_byzantine, arc=options.arc, static_clip=options.static_clip)
         scaling = None
         if options.arc or options.static_clip is not None:
