@@ -157,6 +157,7 @@ class Setting:
     eval_every: int = 10
     hidden: int = 64
     clip: float = 2.0  # C of static clipping
+    robust_comm: str = "sharded"  # how the DDP runs move the vectors (ARCConfig.robust_comm)
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,8 @@ def arc_config(run: Run, setting: Setting) -> ARCConfig:
         return ARCConfig(num_byzantine=0, aggregator="mean", arc=False, worker_momentum=setting.beta)
     arc, static = PRES[run.pre]
     return ARCConfig(num_byzantine=run.f, aggregator=run.rule, nnm=True, arc=arc,
-                     static_clip=setting.clip if static else None, worker_momentum=setting.beta)
+                     static_clip=setting.clip if static else None, worker_momentum=setting.beta,
+                     robust_comm=setting.robust_comm)
 
 
 def attack_transforms(run: Run) -> list[SendTransform]:
@@ -350,7 +352,10 @@ def _finish(model: nn.Module, data: Data, setting: Setting, accs: list[float]) -
 
 
 def run_key(run: Run, setting: Setting) -> str:
-    text = repr(sorted(asdict(run).items())) + repr(sorted(asdict(setting).items()))
+    fields = asdict(setting)
+    if fields["robust_comm"] == "sharded":  # the default keeps the keys of the runs cached before it existed
+        del fields["robust_comm"]
+    text = repr(sorted(asdict(run).items())) + repr(sorted(fields.items()))
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -824,6 +829,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ddp-rules", default=None, help="rules of the DDP grid (default: --rules)")
     p.add_argument("--ddp-pres", default=None, help="pre-aggregation clippings of the DDP grid (default: --pres)")
     p.add_argument("--ddp-seeds", default=None, help="seeds of the DDP grid (default: --seeds)")
+    p.add_argument("--ddp-comm", choices=("sharded", "gather"), default="sharded",
+                   help="how the DDP runs move the vectors: by coordinate shards (default) or all-gathered")
     p.add_argument("--honest", type=int, default=10, help="honest workers (default 10)")
     p.add_argument("--batch", type=int, default=25, help="batch per worker (default 25)")
     p.add_argument("--lr", type=float, default=0.5, help="server SGD learning rate (default 0.5)")
@@ -861,7 +868,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = [1] if q else _csv(args.seeds, int)
     setting = Setting(honest=args.honest, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
                       beta=args.beta, steps=30 if q else args.steps, eval_every=10 if q else args.eval_every,
-                      clip=args.clip)
+                      clip=args.clip, robust_comm=args.ddp_comm)
     cache = args.cache
     args.out = output_dir(args.out, q, NAME)
     md_path, png_path = os.path.join(args.out, f"{NAME}.md"), os.path.join(args.out, f"{NAME}.png")
