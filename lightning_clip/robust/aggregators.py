@@ -247,8 +247,8 @@ def _trimmed_mean(xc: Tensor, f: int) -> Tensor:
 def trimmed_mean(x: Tensor, num_byzantine: int) -> Tensor:
     """Return the coordinate-wise trimmed mean: drop the ``f`` largest and ``f`` smallest values per coordinate.
 
-    Each column is sorted by a sorting network (:func:`sorting_network`); the kept values are summed in
-    sorted order and divided by ``n - 2f``.
+    The kept values of each column are picked by elementwise min/max (:func:`selection_network`, the part of
+    a sorting network they depend on), summed in sorted order and divided by ``n - 2f``.
 
     Args:
         x: Tensor ``[n, d]``.
