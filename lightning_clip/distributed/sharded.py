@@ -170,7 +170,12 @@ class CenterState:
             offset = 0
             for p in params:
                 numel = p.numel()
-                self.buffers[id(p)] = buffer[offset : offset + numel].clone()
+                value = buffer[offset : offset + numel]
+                kept = self.buffers.get(id(p))
+                if kept is not None and kept.shape == value.shape and kept.dtype == value.dtype:
+                    kept.copy_(value)  # no allocation per step
+                else:
+                    self.buffers[id(p)] = value.clone()
                 offset += numel
 
     def vector(self, params: Sequence[Tensor]) -> Tensor | None:
