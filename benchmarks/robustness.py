@@ -158,6 +158,7 @@ class Setting:
     hidden: int = 64
     clip: float = 2.0  # C of static clipping
     robust_comm: str = "sharded"  # how the DDP runs move the vectors (ARCConfig.robust_comm)
+    init_jitter: float = 0.0  # relative noise on the initial weights: a control for float sensitivity
 
 
 @dataclass(frozen=True)
@@ -253,11 +254,21 @@ def honest_shards(data: Data, het: str, honest: int, seed: int) -> list[Tensor]:
         return dirichlet_split(data.train_y, honest, alpha, seed=seed)
 
 
-def make_model(seed: int, hidden: int = 64) -> nn.Module:
-    """The MLP 64-hidden-10 (the architecture of ``lightning_clip.tools.demo.DigitsClassifier``), seeded init."""
+def make_model(seed: int, hidden: int = 64, jitter: float = 0.0) -> nn.Module:
+    """The MLP 64-hidden-10 (the architecture of ``lightning_clip.tools.demo.DigitsClassifier``), seeded init.
+
+    ``jitter > 0`` multiplies every initial weight by ``1 + jitter * N(0, 1)`` (its own seeded draw): a
+    perturbation of the size of float rounding, to see how far it alone moves a run.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, NUM_CLASSES))
+        model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, NUM_CLASSES))
+    if jitter > 0:
+        gen = torch.Generator().manual_seed(seed + 104_729)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + jitter * torch.randn(p.shape, generator=gen))
+    return model
 
 
 def rank_generator(seed: int, rank: int) -> torch.Generator:
@@ -353,8 +364,9 @@ def _finish(model: nn.Module, data: Data, setting: Setting, accs: list[float]) -
 
 def run_key(run: Run, setting: Setting) -> str:
     fields = asdict(setting)
-    if fields["robust_comm"] == "sharded":  # the default keeps the keys of the runs cached before it existed
-        del fields["robust_comm"]
+    for name, default in (("robust_comm", "sharded"), ("init_jitter", 0.0)):
+        if fields[name] == default:  # a default keeps the keys of the runs cached before the field existed
+            del fields[name]
     text = repr(sorted(asdict(run).items())) + repr(sorted(fields.items()))
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -397,7 +409,7 @@ def split_cached(runs: list[Run], setting: Setting, cache: str | None, mode: str
 def run_sim(run: Run, setting: Setting, data: Data, shards: list[Tensor]) -> Result:
     """Train ``run`` with all ``n`` workers in this process (Robust D-SHB), through the library's send chains."""
     t0 = time.perf_counter()
-    model = make_model(run.seed, setting.hidden)
+    model = make_model(run.seed, setting.hidden, setting.init_jitter)
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=setting.lr, weight_decay=setting.weight_decay)
     label_flip = run.attack == "LF"
@@ -507,7 +519,7 @@ def _ddp_worker(rank: int, world: int, port: int, runs: list[Run], setting: Sett
             if key not in shard_cache:
                 shard_cache[key] = honest_shards(data, run.het, run.honest, run.seed)
             shards = shard_cache[key]
-            model = make_model(run.seed, setting.hidden)
+            model = make_model(run.seed, setting.hidden, setting.init_jitter)
             ddp = DDP(model, bucket_cap_mb=64)  # one bucket: the whole gradient
             state = ARCHookState(arc_config(run, setting), transforms=attack_transforms(run))
             ddp.register_comm_hook(state, arc_hook)
@@ -831,6 +843,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ddp-seeds", default=None, help="seeds of the DDP grid (default: --seeds)")
     p.add_argument("--ddp-comm", choices=("sharded", "gather"), default="sharded",
                    help="how the DDP runs move the vectors: by coordinate shards (default) or all-gathered")
+    p.add_argument("--init-jitter", type=float, default=0.0, metavar="EPS",
+                   help="multiply every initial weight by 1 + EPS * N(0, 1): a control for float sensitivity")
     p.add_argument("--honest", type=int, default=10, help="honest workers (default 10)")
     p.add_argument("--batch", type=int, default=25, help="batch per worker (default 25)")
     p.add_argument("--lr", type=float, default=0.5, help="server SGD learning rate (default 0.5)")
@@ -868,7 +882,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = [1] if q else _csv(args.seeds, int)
     setting = Setting(honest=args.honest, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
                       beta=args.beta, steps=30 if q else args.steps, eval_every=10 if q else args.eval_every,
-                      clip=args.clip, robust_comm=args.ddp_comm)
+                      clip=args.clip, robust_comm=args.ddp_comm, init_jitter=args.init_jitter)
     cache = args.cache
     args.out = output_dir(args.out, q, NAME)
     md_path, png_path = os.path.join(args.out, f"{NAME}.md"), os.path.join(args.out, f"{NAME}.png")
