@@ -68,6 +68,8 @@ Usage::
 
     python benchmarks/robustness.py --cache /tmp/rob           # the study (hours on 2 cores)
     python benchmarks/robustness.py --quick                    # smoke run (~80 s on 2 cores), to a temporary dir
+    python benchmarks/robustness.py --mode ddp --ddp-comm gather  # the DDP grid on the all-gather path
+    python benchmarks/robustness.py --mode sim --init-jitter 1e-7 # how far one float rounding moves each run
 
 Writes ``robustness.md`` (tables, command, machine, wall times, reading) and ``robustness.png`` (heatmaps)
 into ``--out``; by default ``benchmarks/results`` for a full run and a new temporary directory with
