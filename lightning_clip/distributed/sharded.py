@@ -53,6 +53,7 @@ from lightning_clip.robust.aggregators import (
     COORDINATE_RULES,
     RuleOptions,
     _bucketing,
+    _centered_clipping_blocks,
     _krum_selection,
     _mean_rows,
     _nnm_weights,
@@ -438,7 +439,7 @@ class ShardedExchange:
             start = center.ranges(sent, ranges, dtype)
         centres = None if start is None else list(start.split([b.shape[1] for b in blocks]))
         outs = _centered_clipping_blocks(blocks, counted, centres, rest.cclip_tau, rest.cclip_iters,
-                                         comm.all_reduce_sum)
+                                         comm.all_reduce_sum, DIST_CHUNK)
         for i, out in enumerate(outs):
             emit(i, out.to(dtype))
 
@@ -553,39 +554,6 @@ def _weiszfeld_blocks(blocks: list[Tensor], counted: list[bool], reduce: Callabl
             z[a : a + DIST_CHUNK] = _sum_rows(w.unsqueeze(1) * block[:, a : a + DIST_CHUNK].to(cdt)) / total
         out.append(z)
     return out
-
-
-def _centered_clipping_blocks(blocks: list[Tensor], counted: list[bool], centres: list[Tensor] | None,
-                              tau: float, iters: int, reduce: Callable[[Tensor], Tensor]) -> list[Tensor]:
-    """The pipeline's centered clipping (``iters`` times ``v <- v + mean_i clip_tau(x_i - v)``) over this
-    rank's blocks, each from its part of the centre (zeros without one).
-
-    The one-process formulas column by column; each iteration's ``n`` distances are summed over the
-    ``counted`` blocks of every rank by one ``reduce``. Returns each block's result in the compute dtype.
-    """
-    n = blocks[0].shape[0]
-    cdt = compute_dtype(blocks[0].dtype)
-    if centres is None:
-        v = [torch.zeros(b.shape[1], dtype=cdt, device=b.device) for b in blocks]
-    else:
-        v = [c.to(cdt) for c in centres]
-    for _ in range(iters):
-        part = torch.zeros(n, dtype=cdt, device=blocks[0].device)
-        for block, vb, count in zip(blocks, v, counted):
-            if count:
-                for a in range(0, block.shape[1], DIST_CHUNK):
-                    part += (block[:, a : a + DIST_CHUNK].to(cdt) - vb[a : a + DIST_CHUNK]).pow(2).sum(dim=1)
-        dist = reduce(part).sqrt()
-        coeff = torch.where(dist > tau, tau / dist, torch.ones_like(dist)).unsqueeze(1)
-        moved = []
-        for block, vb in zip(blocks, v):
-            step = torch.empty_like(vb)
-            for a in range(0, block.shape[1], DIST_CHUNK):
-                x = block[:, a : a + DIST_CHUNK].to(cdt)
-                step[a : a + DIST_CHUNK] = _sum_rows((x - vb[a : a + DIST_CHUNK]) * coeff) / n
-            moved.append(vb + step)
-        v = moved
-    return v
 
 
 def _prepared(block: Tensor, scaling: Scaling | None, bucket_size: int, permutation: Tensor | None) -> Tensor:

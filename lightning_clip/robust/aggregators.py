@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -124,7 +124,7 @@ def _squared_distances(x: Tensor) -> Tensor:
     return total
 
 
-def _sum_rows(x: Tensor) -> Tensor:
+def _sum_rows(x: Tensor | Sequence[Tensor]) -> Tensor:
     """``x[0] + x[1] + ...`` added row by row: each column's bits do not depend on how many columns there are."""
     acc = x[0].clone()
     for row in x[1:]:
@@ -237,11 +237,7 @@ def _trimmed_mean(xc: Tensor, f: int) -> Tensor:
     n = xc.shape[0]
     if f == 0:
         return _mean_rows(xc)
-    rows = _selected_rows(xc, f, n - f)
-    acc = rows[0] + rows[1] if len(rows) > 1 else rows[0].clone()
-    for row in rows[2:]:
-        acc += row
-    return acc / (n - 2 * f)
+    return _sum_rows(_selected_rows(xc, f, n - f)) / (n - 2 * f)
 
 
 def trimmed_mean(x: Tensor, num_byzantine: int) -> Tensor:
@@ -414,15 +410,41 @@ def multi_krum(x: Tensor, num_byzantine: int, m: int | None = None) -> Tensor:
 
 
 def _centered_clipping(xc: Tensor, center: Tensor | None, tau: float, iters: int, reduce: Reduce) -> Tensor:
-    v = torch.zeros_like(xc[0]) if center is None else center.to(xc.dtype)
-    n = xc.shape[0]
+    return _centered_clipping_blocks([xc], [True], None if center is None else [center], tau, iters, reduce)[0]
+
+
+def _centered_clipping_blocks(blocks: list[Tensor], counted: list[bool], centres: list[Tensor] | None,
+                              tau: float, iters: int, reduce: Reduce, chunk: int | None = None) -> list[Tensor]:
+    """Centered clipping (``iters`` times ``v <- v + mean_i clip_tau(x_i - v)``) over blocks of coordinates,
+    each from its part of the centre (zeros without one).
+
+    Column by column, in chunks of ``chunk`` columns (:data:`COLUMNS` by default); each iteration's ``n``
+    distances are summed over the ``counted`` blocks, then by ``reduce`` (over the ranks, for the sharded
+    path). Returns each block's result in the compute dtype.
+    """
+    n = blocks[0].shape[0]
+    cdt = compute_dtype(blocks[0].dtype)
+    size = COLUMNS if chunk is None else chunk
+    if centres is None:
+        v = [torch.zeros(b.shape[1], dtype=cdt, device=b.device) for b in blocks]
+    else:
+        v = [c.to(cdt) for c in centres]
     for _ in range(iters):
-        dist = reduce(_row_sq_dist(xc, v)).sqrt()
-        coeff = torch.where(dist > tau, tau / dist, torch.ones_like(dist))
-        step = torch.empty_like(v)
-        for a, b in _chunks(xc.shape[1]):
-            step[a:b] = _sum_rows((xc[:, a:b] - v[a:b]) * coeff.unsqueeze(1)) / n
-        v = v + step
+        part = torch.zeros(n, dtype=cdt, device=blocks[0].device)
+        for block, vb, count in zip(blocks, v, counted):
+            if count:
+                for a in range(0, block.shape[1], size):
+                    part += (block[:, a : a + size].to(cdt) - vb[a : a + size]).pow(2).sum(dim=1)
+        dist = reduce(part).sqrt()
+        coeff = torch.where(dist > tau, tau / dist, torch.ones_like(dist)).unsqueeze(1)
+        moved = []
+        for block, vb in zip(blocks, v):
+            step = torch.empty_like(vb)
+            for a in range(0, block.shape[1], size):
+                x = block[:, a : a + size].to(cdt)
+                step[a : a + size] = _sum_rows((x - vb[a : a + size]) * coeff) / n
+            moved.append(vb + step)
+        v = moved
     return v
 
 
