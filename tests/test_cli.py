@@ -183,6 +183,10 @@ def test_command_line_appends_a_callback(tmp_path):
                      marks=needs_strategy),
         pytest.param("robust_dshb", "--trainer.strategy.init_args.static_clip=-2", "`static_clip`",
                      marks=needs_strategy),
+        pytest.param("arc_ddp", "--trainer.strategy.init_args.robust_comm=scatter", "`robust_comm`",
+                     marks=needs_strategy),
+        pytest.param("arc_ddp", "--trainer.strategy.init_args.cclip_tau=0", "`cclip_tau`",
+                     marks=needs_strategy),
     ],
 )
 def test_bad_values_exit_2_naming_the_option(config, override, named, capsys):
