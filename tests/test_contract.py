@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import RecordingLogger, TinyRegressor, make_loader, make_trainer
 from lightning.pytorch import seed_everything
 
 import lightning_clip
@@ -16,6 +15,7 @@ from lightning_clip import (
     WarmupThreshold,
     ZScoreThreshold,
 )
+from tests.helpers.models import RecordingLogger, TinyRegressor, make_loader, make_trainer
 
 CONTRACT = [
     "GradientNormMonitor", "GradientClipping", "NonFiniteGradientGuard", "FixedThreshold", "PercentileThreshold",

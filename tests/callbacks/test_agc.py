@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import RecordingLogger, TinyRegressor, make_loader, make_trainer
 from lightning.pytorch import Callback, seed_everything
 
 from lightning_clip import AdaptiveGradientClipping, GradientClipping
+from tests.helpers.models import RecordingLogger, TinyRegressor, make_loader, make_trainer
 
 
 class Grabber(Callback):

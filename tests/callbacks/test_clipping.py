@@ -7,7 +7,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import RecordingLogger, TinyRegressor, make_loader, make_trainer
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -20,6 +19,7 @@ from lightning_clip import (
     ZScoreThreshold,
 )
 from lightning_clip.callbacks.clipping import clip_rate_advice
+from tests.helpers.models import RecordingLogger, TinyRegressor, make_loader, make_trainer
 
 
 def _fit(tmp_path, callbacks=(), steps=12, model_kwargs=None, **trainer_kwargs):

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import RecordingLogger, TinyRegressor, make_loader, make_trainer, states_equal
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_clip import GradientClipping, PercentileThreshold, QuantileThreshold, tags
+from tests.helpers.models import RecordingLogger, TinyRegressor, TwoOptimizers, make_loader, make_trainer, states_equal
 
 
 class TwoGroupRegressor(TinyRegressor):
@@ -239,8 +239,6 @@ def test_groups_from_yaml_through_the_cli(tmp_path, monkeypatch):
 
 
 def test_each_optimizer_keeps_its_own_copy_of_a_group_policy(tmp_path):
-    from test_monitor import TwoOptimizers
-
     class WeightNorms(Callback):
         def __init__(self) -> None:
             self.norms: dict[int, list[float]] = {0: [], 1: []}

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
-from conftest import NormRecorder, RecordingLogger, TinyRegressor, make_loader, make_trainer
 from lightning.pytorch import seed_everything
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_clip import GradientClipping, GradientNormMonitor, NonFiniteGradientGuard, PercentileThreshold
+from tests.helpers.models import NormRecorder, RecordingLogger, TinyRegressor, make_loader, make_trainer
 
 
+@pytest.mark.distributed
 def test_two_rank_ddp_logs_identical_norms_and_thresholds(tmp_path):
     seed_everything(0, verbose=False)
     out = tmp_path / "out"

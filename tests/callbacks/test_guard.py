@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import RecordingLogger, Snapshot, TinyRegressor, make_loader, make_trainer, states_equal
 from lightning.pytorch import seed_everything
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
@@ -17,6 +16,7 @@ from lightning_clip import (
     SpikeGuard,
     ZScoreThreshold,
 )
+from tests.helpers.models import RecordingLogger, Snapshot, TinyRegressor, make_loader, make_trainer, states_equal
 
 
 @pytest.mark.parametrize("optimizer,momentum", [("sgd", 0.9), ("adam", 0.0)])

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import RecordingLogger, TinyRegressor, make_loader, make_trainer
-from lightning.pytorch import Callback, LightningModule, seed_everything
+from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
 
 from lightning_clip import GradientClipping, GradientNormMonitor, PercentileThreshold
+from tests.helpers.models import RecordingLogger, TinyRegressor, TwoOptimizers, make_loader, make_trainer
 
 
 class GradProbe(Callback):
@@ -53,32 +52,6 @@ def test_bad_monitor_arguments():
         GradientNormMonitor(per_parameter="yes")
     with pytest.raises(ValueError, match="log_every_n_steps"):
         GradientNormMonitor(log_every_n_steps=0)
-
-
-class TwoOptimizers(LightningModule):
-    """Manual optimization with two optimizers over disjoint parameter sets."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-        self.a = nn.Linear(8, 1)
-        self.b = nn.Linear(8, 1)
-        self.seen: list[tuple[int, list[float]]] = []
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        opt_a, opt_b = self.optimizers()
-        loss_a = nn.functional.mse_loss(self.a(x), y) * 100
-        opt_a.zero_grad()
-        self.manual_backward(loss_a)
-        opt_a.step()
-        loss_b = nn.functional.mse_loss(self.b(x), y) * 0.001
-        opt_b.zero_grad()
-        self.manual_backward(loss_b)
-        opt_b.step()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.a.parameters(), lr=0.01), torch.optim.SGD(self.b.parameters(), lr=0.01)
 
 
 class PostClipProbe(Callback):

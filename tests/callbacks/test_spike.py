@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import RecordingLogger, Snapshot, TinyRegressor, make_loader, make_trainer, states_equal
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.overrides import TorchFunctionMode
 
 from lightning_clip import GradientSpikeError, NonFiniteGradientGuard, SpikeGuard
 from lightning_clip.core.window import RollingWindow
+from tests.helpers.models import RecordingLogger, Snapshot, TinyRegressor, make_loader, make_trainer, states_equal
 
 
 class SpikyRegressor(TinyRegressor):

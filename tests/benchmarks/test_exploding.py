@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import quick_benchmark
+
+from tests.helpers.models import quick_benchmark
 
 TASK_SWEEPS = {"adding": ["0.1", "0.3", "1"], "digits": ["3", "30"]}  # the --quick sweeps
 ADAPTIVE_PREFIXES = [

@@ -11,7 +11,6 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from conftest import TinyRegressor, make_loader, make_trainer
 from torch import nn
 
 from lightning_clip.tools.demo import AddingProblemDataModule, AddingRNN
@@ -22,6 +21,7 @@ from lightning_clip.tools.finder import (
     find_clip_threshold,
     measure_gradient_norms,
 )
+from tests.helpers.models import TinyRegressor, make_loader, make_trainer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quick_benchmark
 
 from lightning_clip.robust.aggregators import aggregate
 from lightning_clip.robust.transforms import SendBuffers
 from lightning_clip.sim.transforms import simulate_sends
+from tests.helpers.models import quick_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "robustness.py"
 
 QUICK_ROWS = ["NNM > cwtm", "clip(2) > NNM > cwtm", "ARC > NNM > cwtm"]

@@ -106,7 +106,7 @@ def test_shard_sampler_validation():
 
 
 def _validate(model, datamodule, tmp_path) -> dict[str, float]:
-    from conftest import make_trainer
+    from tests.helpers.models import make_trainer
 
     (metrics,) = make_trainer(tmp_path).validate(model, datamodule=datamodule, verbose=False)
     return metrics
@@ -160,9 +160,8 @@ def test_adding_rnn_validation_mse_is_over_every_sample(tmp_path):
 
 @pytest.mark.parametrize("which", ["digits", "adding"])
 def test_train_loss_is_the_first_batch_loss_at_the_first_step(which, tmp_path):
-    from conftest import RecordingLogger, make_trainer
-
     from lightning_clip.tools.demo import AddingProblemDataModule, AddingRNN, DigitsClassifier, DigitsDataModule
+    from tests.helpers.models import RecordingLogger, make_trainer
 
     torch.manual_seed(0)
     if which == "digits":

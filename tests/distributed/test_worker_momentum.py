@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,6 @@ import torch.multiprocessing as mp
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _ddp_helpers as h  # noqa: E402
-
 from lightning_clip import ARCDDPStrategy  # noqa: E402
 from lightning_clip.distributed.config import ARCConfig  # noqa: E402
 from lightning_clip.distributed.hook import ARCHookState, arc_hook  # noqa: E402
@@ -43,6 +38,7 @@ from lightning_clip.distributed.strategy import WORKER_MOMENTUM_KEY  # noqa: E40
 from lightning_clip.robust.aggregators import aggregate  # noqa: E402
 from lightning_clip.robust.transforms import WorkerMomentum  # noqa: E402
 from lightning_clip.sim.byzantine import ByzantineSpec  # noqa: E402
+from tests.helpers import ddp as h
 
 N = 3  # ranks
 F = 1  # num_byzantine: k = 1, ARC clips rank 2 (the largest loss scale)
@@ -189,6 +185,7 @@ def _records(out: Path, tag: str) -> list[dict]:
 # Raw DDP + arc_hook with worker momentum
 
 
+@pytest.mark.distributed
 def test_momentum_mean_matches_hand_robust_dshb(raw):
     ref = reference(STEPS, BETA)
     for step, expected in enumerate(ref):
@@ -211,6 +208,7 @@ def test_momentum_mean_matches_hand_robust_dshb(raw):
         assert torch.equal(raw[rank]["mean"][-1]["params"], raw[0]["mean"][-1]["params"])
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", [n for n in SCENARIOS if n != "mean"])
 def test_momentum_robust_rules_and_attacks_match_reference(raw, name):
     kwargs, steps = SCENARIOS[name]
@@ -238,6 +236,7 @@ def _static_scales(norms: Tensor, bound: float) -> Tensor:
     return torch.clamp(bound / (norms + 1e-6), max=1.0)
 
 
+@pytest.mark.distributed
 def test_static_clip_really_clips_and_reports_its_scales(raw):
     ref = reference(3, BETA, arc=False, static_clip=STATIC)
     for step, expected in enumerate(ref):
@@ -260,6 +259,7 @@ def test_static_clip_really_clips_and_reports_its_scales(raw):
         torch.testing.assert_close(rec["scales"], expected_scales, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.distributed
 def test_without_arc_a_nan_rank_poisons_the_average_and_with_arc_it_does_not(raw):
     for rank in range(N):
         assert torch.isnan(raw[rank]["nan_no_arc"][0]["params"]).all()
@@ -268,6 +268,7 @@ def test_without_arc_a_nan_rank_poisons_the_average_and_with_arc_it_does_not(raw
     torch.testing.assert_close(raw[0]["nan_arc"][0]["params"], ref[0]["params"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.distributed
 def test_shared_omniscient_attack_sends_the_same_vector_from_every_byzantine_rank(raw):
     # The reference applies the attack on each Byzantine rank separately, as every Byzantine rank of the hook does.
     for name in ("shared_foe_ls", "shared_mimic_no_arc"):
@@ -280,6 +281,7 @@ def test_shared_omniscient_attack_sends_the_same_vector_from_every_byzantine_ran
             torch.testing.assert_close(raw[rank][name][-1]["params"], ref[-1]["params"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.distributed
 def test_beta_zero_is_bitwise_the_previous_behaviour(raw):
     for rank in range(N):
         for a, b in zip(raw[rank]["default"], raw[rank]["beta0"]):
@@ -290,6 +292,7 @@ def test_beta_zero_is_bitwise_the_previous_behaviour(raw):
     torch.testing.assert_close(raw[0]["beta0"][-1]["params"], ref[-1]["params"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.distributed
 def test_bf16_gradients_keep_a_float32_momentum(raw):
     rec = raw[0]["bf16"]
     assert rec[-1]["momentum_dtypes"] == ["torch.float32"]
@@ -303,7 +306,7 @@ def test_bf16_gradients_keep_a_float32_momentum(raw):
 
 
 class MomentumModule(h.RecordingModule):
-    """:class:`~_ddp_helpers.RecordingModule` (20 batches per rank: one epoch); saves every rank's momentum buffer."""
+    """``RecordingModule`` of ``tests.helpers.ddp`` (20 batches per rank: one epoch); saves every rank's momentum."""
 
     def on_train_end(self) -> None:
         state = self.trainer.strategy.arc_state
@@ -323,6 +326,7 @@ def _fit(root: Path, tag: str, max_steps: int, ckpt_dir: Path | None = None, ckp
                     N, max_steps, root, ckpt_dir=ckpt_dir, ckpt_path=ckpt_path)
 
 
+@pytest.mark.distributed
 def test_trainer_checkpoints_every_rank_and_resume_continues_the_run(out):
     total = TOTAL
     ckpt_dir = out / "ckpt"
@@ -359,6 +363,7 @@ def test_trainer_checkpoints_every_rank_and_resume_continues_the_run(out):
 ABLATION_CLIP = 0.6  # between ranks 1 and 2's momentum norms: ARC and the static clip act differently
 
 
+@pytest.mark.distributed
 def test_trainer_strategy_ablation_switches_reach_the_hook(out):
     ref = reference(3, BETA, aggregator="cwtm", nnm=True, arc=False, static_clip=ABLATION_CLIP)
     ablation = _records(out, "ablation")

@@ -37,10 +37,22 @@ def loss_of(net: nn.Module, data_rank: int) -> Tensor:
     return nn.functional.mse_loss(net(x), y)
 
 
-def _count_collectives(fn: Any) -> tuple[Any, int, int]:
-    """Run ``fn()``; return its result, the calls to ``dist.all_reduce`` and the gloo all-reduces run."""
-    from torch.profiler import ProfilerActivity, profile
+def _groups(mesh: Any = None) -> list[Any]:
+    """The process groups a collective of this test can run on: the world and each dimension of ``mesh``."""
+    groups = [dist.group.WORLD]
+    if mesh is not None:
+        groups += [mesh.get_group(i) for i in range(mesh.ndim)]
+    return list({id(g): g for g in groups}.values())
 
+
+def _count_collectives(fn: Any, groups: list[Any]) -> tuple[Any, int, int]:
+    """Run ``fn()``; return its result, its calls to ``dist.all_reduce`` and the collectives it ran on ``groups``.
+
+    The collectives are counted by each group's sequence number, which every collective on the group advances
+    whichever API issued it (``dist.*``, DTensor's functional collectives): exact, where a profiler's count of
+    gloo events depends on the timing of the gloo worker threads (an FSDP2 reduce-scatter still finishing when
+    profiling starts is counted too).
+    """
     calls = []
     original = dist.all_reduce
 
@@ -48,14 +60,14 @@ def _count_collectives(fn: Any) -> tuple[Any, int, int]:
         calls.append(1)
         return original(*args, **kwargs)
 
+    before = [g._get_sequence_number_for_group() for g in groups]
     dist.all_reduce = counting  # type: ignore[assignment]
     try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            result = fn()
+        result = fn()
     finally:
         dist.all_reduce = original
-    gloo = sum(1 for e in prof.events() if e.name == "gloo:all_reduce")
-    return result, len(calls), gloo
+    issued = sum(g._get_sequence_number_for_group() - b for g, b in zip(groups, before))
+    return result, len(calls), issued
 
 
 def worker(rank: int, world_size: int, port: int, out_dir: str, layout: str) -> None:
@@ -87,13 +99,14 @@ def worker(rank: int, world_size: int, port: int, out_dir: str, layout: str) -> 
         fully_shard(net, mesh=dp_mesh)
         loss_of(net, data_rank).backward()
         grads = [p.grad for p in net.parameters()]
-        stats, calls, gloo = _count_collectives(lambda: gradient_stats(grads))
+        dist.barrier()  # every rank's backward (and FSDP2's reduce-scatters) done before counting
+        stats, calls, issued = _count_collectives(lambda: gradient_stats(grads), _groups(mesh))
         try:  # torch's own norm of the same DTensor gradients (it refuses gradients on several meshes)
-            torch_total, _, torch_gloo = _count_collectives(
-                lambda: torch.nn.utils.get_total_norm(grads).full_tensor())  # type: ignore[union-attr]
+            torch_total, _, torch_issued = _count_collectives(
+                lambda: torch.nn.utils.get_total_norm(grads).full_tensor(), _groups(mesh))  # type: ignore[union-attr]
             torch_error = None
         except Exception as exc:  # noqa: BLE001 - recorded for the parent to check
-            torch_total, torch_gloo, torch_error = None, 0, f"{type(exc).__name__}: {exc}"
+            torch_total, torch_issued, torch_error = None, 0, f"{type(exc).__name__}: {exc}"
         # A gradient still Partial (not yet reduced) falls back to torch's own DTensor norm, in place.
         from torch.distributed.tensor import DTensor, Partial
 
@@ -101,8 +114,8 @@ def worker(rank: int, world_size: int, port: int, out_dir: str, layout: str) -> 
         with_partial = gradient_stats([grads[0], partial, *grads[1:]]).norms
         placements = [str(g.placements) for g in grads]  # type: ignore[union-attr]
         meshes = {str(g.device_mesh) for g in grads}  # type: ignore[union-attr]
-        torch.save({"norms": stats.norms, "total": stats.total_norm, "calls": calls, "gloo": gloo,
-                    "torch_total": torch_total, "torch_gloo": torch_gloo, "torch_error": torch_error,
+        torch.save({"norms": stats.norms, "total": stats.total_norm, "calls": calls, "collectives": issued,
+                    "torch_total": torch_total, "torch_collectives": torch_issued, "torch_error": torch_error,
                     "placements": placements, "data_world": data_world, "mesh_ndim": mesh.ndim,
                     "num_meshes": len(meshes), "with_partial": with_partial},
                    Path(out_dir) / f"{layout}{rank}.pt")
@@ -233,15 +246,16 @@ def fsdp1_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         for name, (shards, sharded) in layouts.items():
             grads = [*shards, replicated[0].clone()]
             mask = [*sharded, False]
-            stats, calls, gloo = _count_collectives(
-                lambda grads=grads, mask=mask: gradient_stats(grads, shard_group=dist.group.WORLD, sharded=mask))
+            stats, calls, issued = _count_collectives(
+                lambda grads=grads, mask=mask: gradient_stats(grads, shard_group=dist.group.WORLD, sharded=mask),
+                _groups())
             coef = clip_grads_with_norm_(grads, 1.0, stats.total_norm)
             gathered = []
             for s in grads[:-1]:  # rebuild every clipped flat shard / piece for the parent to compare
                 parts = [torch.zeros(0)] * world_size
                 dist.all_gather_object(parts, s)
                 gathered.append(torch.cat(parts))
-            out[name] = {"norms": stats.norms, "total": stats.total_norm, "calls": calls, "gloo": gloo,
+            out[name] = {"norms": stats.norms, "total": stats.total_norm, "calls": calls, "collectives": issued,
                          "coef": coef, "clipped": gathered, "replicated": grads[-1]}
         # a NaN in one rank's shard only: every rank must see the gradients as non-finite
         shards = [flat_shard(u, rank, world_size) for u in units]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _ddp_helpers as h  # noqa: E402
-
 from lightning_clip import ARCDDPStrategy  # noqa: E402
 from lightning_clip.distributed.strategy import DP_STATE_KEY  # noqa: E402
 from lightning_clip.robust.privacy import COUNT_STREAM, gaussian_noise  # noqa: E402
 from lightning_clip.tags import DP_CLIP_BOUND, DP_EPSILON  # noqa: E402
+from tests.helpers import ddp as h
 
 N = 3
 CLIP = 0.5  # below every rank's gradient norm of make_net: every rank is clipped
@@ -105,7 +101,7 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 class DPModule(h.RecordingModule):
-    """:class:`~_ddp_helpers.RecordingModule` that also records the clipping bound; saves the privacy summary."""
+    """:class:`~tests.helpers.ddp.RecordingModule` that also records the clipping bound; saves the privacy summary."""
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         bound = self.trainer.strategy.arc_state.dp.bound
@@ -152,6 +148,7 @@ def _epsilon(steps: int) -> float:
 # Raw DDP
 
 
+@pytest.mark.distributed
 def test_sigma_zero_is_bitwise_the_static_clip_run(raw):
     for rank in range(N):
         for a, b in zip(raw[rank]["static"], raw[rank]["sigma0"]):
@@ -160,6 +157,7 @@ def test_sigma_zero_is_bitwise_the_static_clip_run(raw):
     assert (raw[0]["static"][0]["scales"] < 1).all()  # every rank clipped: the bound is in force
 
 
+@pytest.mark.distributed
 def test_one_step_adds_the_seeded_noise_once_divided_by_n(raw):
     # noisy - noiseless aggregate of the first backward: a permutation of N(0, (sigma C)^2) / n of step 0.
     d = raw[0]["clean_grad"].numel()
@@ -175,6 +173,7 @@ def test_one_step_adds_the_seeded_noise_once_divided_by_n(raw):
         assert torch.equal(raw[rank]["cwtm_noisy_grad"], raw[0]["cwtm_noisy_grad"])
 
 
+@pytest.mark.distributed
 def test_noise_mean_and_variance_over_many_steps(raw):
     diffs = torch.stack([g - raw[0]["clean_grad"] for g in raw[0]["noisy_grads"]]).double().numpy()
     samples = diffs.reshape(-1)
@@ -186,6 +185,7 @@ def test_noise_mean_and_variance_over_many_steps(raw):
     assert abs(np.corrcoef(diffs[1:].reshape(-1), diffs[:-1].reshape(-1))[0, 1]) < 4.0 / math.sqrt(m)
 
 
+@pytest.mark.distributed
 def test_replicas_identical_after_noisy_steps(raw):
     for name in ("noisy", "noisy_cwtm", "adaptive"):
         for step in range(len(raw[0][name])):
@@ -195,6 +195,7 @@ def test_replicas_identical_after_noisy_steps(raw):
     assert not torch.allclose(raw[0]["noisy"][-1]["params"], raw[0]["static"][-1]["params"], atol=1e-4)
 
 
+@pytest.mark.distributed
 def test_adaptive_bound_follows_the_hand_update(raw):
     bound = torch.tensor(CLIP)
     for step, rec in enumerate(raw[0]["adaptive"]):
@@ -217,6 +218,7 @@ def _records(out: Path, tag: str) -> list[dict]:
     return [torch.load(out / f"{tag}_rank{r}.pt", weights_only=False) for r in range(N)]
 
 
+@pytest.mark.distributed
 def test_resume_replays_the_noise_and_the_bound(out):
     full, resumed = _records(out, "full"), _records(out, "resumed")
     ckpt = torch.load(out / "ckpt" / "step=2.ckpt", weights_only=True)
@@ -232,6 +234,7 @@ def test_resume_replays_the_noise_and_the_bound(out):
         assert torch.equal(full[rank]["records"][-1][1], full[0]["records"][-1][1])
 
 
+@pytest.mark.distributed
 def test_epsilon_is_the_accountants_and_is_logged(out):
     full = _records(out, "full")
     assert full[0]["epsilon"] == pytest.approx(_epsilon(TOTAL), rel=1e-12)

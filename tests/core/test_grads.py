@@ -289,6 +289,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(not _dtensor_available(), reason="torch.distributed.tensor (DTensor) or gloo unavailable")
 def test_dtensor_sharded_norm_equals_unsharded_norm(tmp_path):
     import os
@@ -296,7 +297,7 @@ def test_dtensor_sharded_norm_equals_unsharded_norm(tmp_path):
     import sys
     from pathlib import Path
 
-    pkg_dir = str(Path(__file__).resolve().parents[1] / "lightning_clip")
+    pkg_dir = str(Path(__file__).resolve().parents[2] / "lightning_clip")
     script = tmp_path / "dtensor_norm.py"
     script.write_text(_DTENSOR_SCRIPT)
     env = dict(os.environ, LC_PKG_DIR=pkg_dir)

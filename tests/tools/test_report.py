@@ -10,7 +10,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import TinyRegressor, make_loader, make_trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
@@ -28,6 +27,7 @@ from lightning_clip.tools.report import (
     read_scalars,
     summarize,
 )
+from tests.helpers.models import TinyRegressor, make_loader, make_trainer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

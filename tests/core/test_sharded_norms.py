@@ -6,23 +6,18 @@ reference and to torch's own norm of the DTensor gradients, with one all-reduce 
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent / "robust"))
-
-import _sharded_workers as w  # noqa: E402
-from _ddp_helpers import free_port  # noqa: E402
-from conftest import states_equal  # noqa: E402
-
 from lightning_clip import tags  # noqa: E402
 from lightning_clip.core.grads import gradient_stats  # noqa: E402
 from lightning_clip.core.sharded import is_dtensor  # noqa: E402
+from tests.helpers import sharded_workers as w
+from tests.helpers.ddp import free_port
+from tests.helpers.models import states_equal
 
 
 def _run(tmp_path: Path, layout: str, world: int) -> list[dict]:
@@ -40,6 +35,7 @@ def _reference(data_world: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ref.norms, ref.total_norm
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(("layout", "world"), [("fsdp", 2), ("2d", 4)])
 def test_sharded_norms_equal_the_unsharded_reference_with_one_all_reduce_per_mesh_dim(tmp_path, layout, world):
     out = _run(tmp_path, layout, world)
@@ -53,11 +49,11 @@ def test_sharded_norms_equal_the_unsharded_reference_with_one_all_reduce_per_mes
         partial_sum = sum(range(1, world + 1))
         expected = torch.cat([rec["norms"][:1], torch.tensor([partial_sum * 3 ** 0.5]), rec["norms"][1:]])
         torch.testing.assert_close(rec["with_partial"], expected, rtol=1e-6, atol=0)
-        # One all-reduce per mesh dimension that shards a gradient, and no other collective.
-        assert rec["calls"] == rec["gloo"] == rec["mesh_ndim"], rec
+        # One all-reduce per mesh dimension that shards a gradient, and no other collective on any group.
+        assert rec["calls"] == rec["collectives"] == rec["mesh_ndim"], rec
         if layout == "fsdp":  # torch's own norm of the same DTensors agrees, and batches its reduction too
             torch.testing.assert_close(rec["total"], rec["torch_total"], rtol=1e-6, atol=0)
-            assert rec["torch_gloo"] == 1
+            assert rec["torch_collectives"] == 1
         else:  # gradients on two meshes (the 2-D one and its data-parallel sub-mesh): torch refuses them
             assert rec["num_meshes"] == 2 and "same mesh" in rec["torch_error"], rec["torch_error"]
     if layout == "2d":
@@ -72,6 +68,7 @@ def test_plain_gradients_issue_no_collective_and_dtensor_detection():
     assert torch.equal(gradient_stats(g).total_norm, torch.nn.utils.get_total_norm(g))
 
 
+@pytest.mark.distributed
 def test_lightning_model_parallel_clips_like_the_unsharded_reference(tmp_path):
     """FSDP2 under Lightning's ModelParallelStrategy (2 CPU ranks): the callbacks measure the whole gradient,
     clip every shard by the same coefficient and train exactly like clip_grad_norm_ on the unsharded model."""
@@ -95,6 +92,7 @@ def test_lightning_model_parallel_clips_like_the_unsharded_reference(tmp_path):
     assert logged == pytest.approx(totals, rel=1e-6)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world", [3])
 def test_fsdp1_flat_shards_sum_to_the_unsharded_norm_with_one_all_reduce(tmp_path, world):
     """FSDP1 holds disjoint (zero-padded) shards of flat parameters; emulated here on gloo, as FSDP1 itself
@@ -117,7 +115,7 @@ def test_fsdp1_flat_shards_sum_to_the_unsharded_norm_with_one_all_reduce(tmp_pat
             # the same total and coefficient on every rank, bit for bit, equal to the unsharded one
             assert torch.equal(r["total"], out[0][layout]["total"]) and torch.equal(r["coef"], out[0][layout]["coef"])
             torch.testing.assert_close(r["total"], ref_total, rtol=1e-6, atol=0)
-            assert r["calls"] == r["gloo"] == 1, (layout, r["calls"], r["gloo"])
+            assert r["calls"] == r["collectives"] == 1, (layout, r["calls"], r["collectives"])
             torch.testing.assert_close(r["norms"][-1], replicated[0].norm(), rtol=1e-6, atol=0)  # not summed
             torch.testing.assert_close(r["replicated"], clipped[-1], rtol=1e-6, atol=1e-7)
         # the clipped shards, put back together, are torch's clip of the unsharded gradients
@@ -135,6 +133,7 @@ def test_fsdp1_flat_shards_sum_to_the_unsharded_norm_with_one_all_reduce(tmp_pat
     assert [rec["nan_finite"] for rec in out] == [False] * world
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_every_policy_and_guard_decides_alike_on_every_rank(tmp_path, strategy):
     """Percentile, warm-up then z-score and quantile thresholds, the non-finite guard and SpikeGuard on the

@@ -98,10 +98,10 @@ def overlap_run(rank: int, rule: str) -> dict[str, Any]:
     hook's flat layout (parameter indices in bucket order) and, at every bucket's call, how many buckets
     the step had already started sending.
     """
-    import _ddp_helpers as h  # loads Lightning: only here
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from lightning_clip.distributed.hook import ARCHookState, arc_hook
+    from tests.helpers import ddp as h  # loads Lightning: only here
 
     net = h.make_net()
     index = {id(p): i for i, p in enumerate(net.parameters())}
@@ -166,7 +166,7 @@ def worker(rank: int, world_sizes: tuple[int, ...], port: int, out_dir: str, tra
         if trainer:  # Lightning on every rank: checkpoint every 2 steps, then resume from step 2
             os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(max(world_sizes)),
                                "NODE_RANK": "0"})  # an external launcher's environment: Lightning starts nothing
-            import _sharded_trainer as st  # loads Lightning
+            from tests.helpers import sharded_trainer as st  # loads Lightning
 
             root = Path(out_dir)
             st.fit(root, "full", max(world_sizes), ckpt_dir=root / "ckpt")

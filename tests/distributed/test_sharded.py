@@ -9,18 +9,10 @@ bits, the distance-based ones agree to 1e-6 relative with the same selections.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _ddp_helpers as h  # noqa: E402
-import _sharded_helpers as sh  # noqa: E402
-import _sharded_trainer as st  # noqa: E402
 
 from lightning_clip.distributed.config import ARCConfig  # noqa: E402
 from lightning_clip.distributed.sharded import CenterState  # noqa: E402
@@ -31,6 +23,9 @@ from lightning_clip.robust.aggregators import (  # noqa: E402
     aggregate,
     preaggregate,
 )
+from tests.helpers import ddp as h
+from tests.helpers import sharded as sh
+from tests.helpers import sharded_trainer as st
 
 WORLD_SIZES = (3, 4, 5)
 
@@ -73,6 +68,7 @@ def trainer_reference(n: int, use_center: bool = True, step_offset: int = 0) -> 
     return params, aggs
 
 
+@pytest.mark.distributed
 def test_trainer_resume_restores_the_centre_and_replays_the_buckets(results):
     out = results[-1]
     n = max(WORLD_SIZES)
@@ -119,6 +115,7 @@ def reference(n: int, i: int, case: dict, compute: torch.dtype | None = None) ->
     return out
 
 
+@pytest.mark.distributed
 def test_sharded_equals_the_one_process_reference(run):
     n, ranks = run
     for i, case in enumerate(sh.cases(n)):
@@ -149,6 +146,7 @@ def test_sharded_equals_the_one_process_reference(run):
                 assert torch.equal(ranks[r][f"sharded{i}"][step]["agg"], got), case
 
 
+@pytest.mark.distributed
 def test_hook_sends_each_bucket_in_its_call_and_matches_the_reference_in_bucket_order(results):
     """Raw DDP on 5 ranks, tiny buckets (several after DDP's rebuild): every bucket's all-to-all starts in its
     own hook call (the exchange is under way before the last bucket), and the gradient DDP hands back is
@@ -190,6 +188,7 @@ def test_hook_sends_each_bucket_in_its_call_and_matches_the_reference_in_bucket_
             assert rec["workspace"] == sum(p.numel() for p in params)  # kept between steps: this rank's vector
 
 
+@pytest.mark.distributed
 def test_same_krum_selection_as_the_reference(run):
     n, ranks = run
     for i, case in enumerate(sh.cases(n)):
@@ -211,6 +210,7 @@ def test_same_krum_selection_as_the_reference(run):
         assert min(errors, key=errors.__getitem__) == tuple(sorted(chosen.tolist())), (n, case)
 
 
+@pytest.mark.distributed
 def test_cost_is_an_all_to_all_and_an_all_gather_of_one_vector(run):
     n, ranks = run
     for i, case in enumerate(sh.cases(n)):
@@ -232,6 +232,7 @@ def test_cost_is_an_all_to_all_and_an_all_gather_of_one_vector(run):
         assert gathered == {"all_reduce": 0, "all_gather": size * n * sh.length(n, case)}  # n vectors everywhere
 
 
+@pytest.mark.distributed
 def test_stats_are_the_references(run):
     n, ranks = run
     for i, case in enumerate(sh.cases(n)):

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-from conftest import TinyRegressor, make_loader, make_trainer
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_clip import AdaGCClipping
 from lightning_clip.core.adagc import adagc_coefficients
+from tests.helpers.models import TinyRegressor, make_loader, make_trainer
 
 INF, NAN = float("inf"), float("nan")
 

@@ -1,7 +1,7 @@
 """ARC across DDP ranks: real gloo processes on CPU, checked against single-process references.
 
 One ``torch.multiprocessing.spawn`` run (3 ranks) executes every raw-DDP scenario of
-``_ddp_helpers.raw_worker``; one Lightning ``Trainer`` run (3 ranks, ``start_method="spawn"``) checks
+``tests.helpers.ddp.raw_worker``; one Lightning ``Trainer`` run (3 ranks, ``start_method="spawn"``) checks
 the strategy end to end. The references below never call the hook: hand ARC on per-rank gradients
 recomputed in this process.
 """
@@ -12,8 +12,6 @@ import csv
 import dataclasses
 import inspect
 import pickle
-import sys
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -21,16 +19,13 @@ import torch
 import torch.multiprocessing as mp
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _ddp_helpers as h  # noqa: E402
-
 from lightning_clip import ARCDDPStrategy  # noqa: E402
 from lightning_clip.distributed.config import ARCConfig  # noqa: E402
 from lightning_clip.distributed.hook import ARCHookState  # noqa: E402
 from lightning_clip.robust.aggregators import aggregate  # noqa: E402
 from lightning_clip.sim.byzantine import ByzantineSpec  # noqa: E402
 from lightning_clip.tags import ARC_CLIPPED_RANKS, ARC_THRESHOLD, arc_norm_tag  # noqa: E402
+from tests.helpers import ddp as h
 
 N = 3  # ranks
 F = 1  # num_byzantine -> k = floor(2 * 1 * 2 / 3) = 1
@@ -58,6 +53,7 @@ def raw(tmp_path_factory) -> list[dict]:
 # Raw DDP + arc_hook
 
 
+@pytest.mark.distributed
 def test_arc_mean_sgd_matches_hand_arc(raw):
     net = h.make_net()
     for step, rec in enumerate(raw[0]["arc_mean"]):
@@ -77,6 +73,7 @@ def test_arc_mean_sgd_matches_hand_arc(raw):
         assert torch.equal(other["arc_mean"][-1]["params"], raw[0]["arc_mean"][-1]["params"])
 
 
+@pytest.mark.distributed
 def test_num_byzantine_zero_equals_plain_ddp_exactly(raw):
     for rank in range(N):
         for plain, arc in zip(raw[rank]["plain"], raw[rank]["f0"]):
@@ -84,6 +81,7 @@ def test_num_byzantine_zero_equals_plain_ddp_exactly(raw):
         assert not raw[rank]["f0"][-1]["clipped"].any()
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", range(len(h.ATTACK_CASES)), ids=[c["attack"] for c in h.ATTACK_CASES])
 def test_byzantine_rank_is_bounded(raw, case):
     spec = ByzantineSpec.from_config(h.ATTACK_CASES[case])
@@ -108,6 +106,7 @@ def test_byzantine_rank_is_bounded(raw, case):
         assert rec["comm"]["all_gather"] == 4 * N + 4 * N * g.shape[1]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "case", range(len(h.ROBUST_CASES)),
     ids=[f"{a}{'+nnm' if n else ''}{'+' + s['attack'] if s else ''}" for a, n, s in h.ROBUST_CASES],
@@ -133,6 +132,7 @@ def test_robust_aggregator_matches_pure_function(raw, case):
     assert rec["comm"]["all_gather"] == 4 * N * (d // N) + 4 * N * (d % N) + 4 * N
 
 
+@pytest.mark.distributed
 def test_a_dead_peer_is_reported_with_the_step_by_the_survivors(tmp_path):
     ctx = mp.get_context("spawn")
     port = h.free_port()
@@ -151,6 +151,7 @@ def test_a_dead_peer_is_reported_with_the_step_by_the_survivors(tmp_path):
         assert "Cause: [" in first_line and "gloo" in first_line  # gloo's own message, on the same line
 
 
+@pytest.mark.distributed
 def test_gradient_accumulation_with_no_sync(raw):
     rec = raw[0]["accumulate"]
     assert rec["iter_no_sync"] == 0 and rec["iter"] == 1  # the hook ran once, on the synced backward
@@ -158,6 +159,7 @@ def test_gradient_accumulation_with_no_sync(raw):
     torch.testing.assert_close(rec["grad"], hand_arc(g, F)[0].mean(dim=0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.distributed
 def test_bf16_gradients_norms_in_fp32(raw):
     rec = raw[0]["bf16"]
     assert rec["grad"].dtype == torch.bfloat16 and rec["norms"].dtype == torch.float32
@@ -166,6 +168,7 @@ def test_bf16_gradients_norms_in_fp32(raw):
     torch.testing.assert_close(rec["grad"].float(), hand_arc(g, F)[0].mean(dim=0), rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.distributed
 def test_find_unused_parameters(raw):
     rec = raw[0]["unused"]
     g = rank_grads(h.make_net(), 0)
@@ -182,6 +185,7 @@ def test_find_unused_parameters(raw):
 # Lightning
 
 
+@pytest.mark.distributed
 def test_trainer_fit_spawn_matches_hand_arc_and_logs(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(h.free_port()))
     byzantine = {"ranks": [2], "attack": "scale", "factor": 1000.0}

@@ -14,7 +14,7 @@ import torch
 from lightning_clip.tools.cli import main
 from lightning_clip.tools.report import read_scalars
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SINGLE_DEVICE = ["monitor", "fixed", "percentile", "warmup", "zscore", "value", "guard_skip", "spike_guard"]
 DDP = ["arc_ddp", "byzantine", "robust_dshb"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -107,6 +107,7 @@ def test_single_device_config_fits(name, tmp_path):
         np.testing.assert_array_equal(scalars["grad_spike/skipped"].values, np.zeros(steps))
 
 
+@pytest.mark.distributed
 @needs_strategy
 @pytest.mark.parametrize("name", DDP)
 def test_ddp_config_fits_in_real_processes(name, tmp_path):
@@ -124,6 +125,7 @@ def test_ddp_config_fits_in_real_processes(name, tmp_path):
     assert np.all(scalars["arc/clipped_ranks"].values <= 1)
 
 
+@pytest.mark.distributed
 @needs_strategy
 def test_static_clipping_ablation_from_the_command_line(tmp_path):
     # arc=false + static_clip=2.0 on robust_dshb.yaml: the logged threshold is C on every step (ARC would log

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import _ddp_helpers as h
 from torch import Tensor, nn
 
 from lightning_clip import ARCDDPStrategy
+from tests.helpers import ddp as h
 
 #: The strategy's settings: centered clipping from the previous aggregate, buckets of 2 of the 5 ranks.
 STRATEGY = {"num_byzantine": 1, "aggregator": "cclip", "cclip_tau": 0.05, "cclip_iters": 2, "bucket_size": 2,
@@ -26,7 +26,7 @@ def rank_loss(net: nn.Module, rank: int, step: int) -> Tensor:
 
 
 class ShardedModule(h.RecordingModule):
-    """:class:`~_ddp_helpers.RecordingModule` with this module's :func:`rank_loss`; saves centered clipping's centre."""
+    """``RecordingModule`` of ``tests.helpers.ddp`` with this module's :func:`rank_loss`; saves the cclip centre."""
 
     def loss(self, rank: int, step: int) -> Tensor:
         return rank_loss(self.net, rank, step)

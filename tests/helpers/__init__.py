@@ -1,0 +1,1 @@
+"""Importable test helpers: ``models`` (tiny modules, trainers, recorders); ``ddp``, ``sharded*`` (multi-process)."""
