@@ -57,12 +57,14 @@ def quick_report(tmp_path_factory) -> tuple[Path, str, str]:
                            wall_time="Wall time of this invocation:")
 
 
+@pytest.mark.distributed  # the quick run: a pool of 2 simulation processes and 3 gloo ranks
 def test_quick_writes_report_and_plot(quick_report):
     _, md, stdout = quick_report
     assert "## Reading (computed)" in md
     assert "| aggregation | extreme f=1 |" in stdout  # the tables are printed too
 
 
+@pytest.mark.distributed  # the quick run: a pool of 2 simulation processes and 3 gloo ranks
 def test_sim_table_has_every_row_and_worst_attacks(quick_report):
     _, md, _ = quick_report
     tables = _tables(md)
@@ -82,6 +84,7 @@ def test_sim_table_has_every_row_and_worst_attacks(quick_report):
     assert _acc(rows[0][1]) > 0.1  # better than chance after 30 steps of honest training
 
 
+@pytest.mark.distributed  # the quick run: a pool of 2 simulation processes and 3 gloo ranks
 def test_ddp_runs_through_the_library_hook_and_matches_sim_bitwise(quick_report):
     """The 3-rank DDP runs (library hook for every row, ARC on and off) reproduce the simulation exactly."""
     _, md, _ = quick_report
