@@ -19,7 +19,13 @@ __all__ = [
     "check_patterns",
     "check_positive_float",
     "check_positive_int",
+    "check_threshold",
 ]
+
+#: The smallest positive normal float32 and the largest finite one: a threshold outside this range is 0 or inf
+#: (or loses its precision) in the float32 arithmetic it is used in.
+FLOAT32_TINY = 1.1754943508222875e-38
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -48,6 +54,23 @@ def check_positive_float(name: str, value: Any, *, allow_zero: bool = False, all
         rng = "a non-negative" if allow_zero else "a positive"
         fin = "" if allow_inf else " finite"
         raise ValueError(f"Expected argument `{name}` to be {rng}{fin} number but got {value!r}")
+    return value
+
+
+def check_threshold(name: str, value: Any, *, allow_inf: bool = False) -> float:
+    """Return ``float(value)`` or raise naming ``name`` when it is not a positive number that float32 holds.
+
+    Thresholds are used in float32 (the gradients' norms): a value below the smallest normal float32
+    (``1.2e-38``) would become 0 or lose its precision, one above the largest (``3.4e38``) would become inf.
+    With ``allow_inf``, ``inf`` itself is accepted (no clipping).
+    """
+    value = check_positive_float(name, value, allow_inf=allow_inf)
+    if math.isinf(value):
+        return value
+    if not FLOAT32_TINY <= value <= FLOAT32_MAX:
+        becomes = "0" if value < FLOAT32_TINY else "inf"
+        raise ValueError(f"Expected argument `{name}` to be in [{FLOAT32_TINY:.4g}, {FLOAT32_MAX:.4g}] (thresholds "
+                         f"are used in float32, where {value!r} is {becomes}) but got {value!r}")
     return value
 
 
