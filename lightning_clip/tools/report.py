@@ -468,6 +468,8 @@ def format_report(report: RunReport) -> str:
 def plot_report(report: RunReport, path: str | os.PathLike[str]) -> Path:
     """Write a PNG of pre-clip norm, post-clip norm and threshold over steps (log y), one panel per optimizer.
 
+    Returns the path written: ``path``, with ``.png`` appended unless it already ends in ``.png``.
+
     ARC's per-rank norms and threshold get an extra panel. Uses matplotlib's Agg canvas directly
     (no pyplot, no global backend change, no display needed).
     """
@@ -515,6 +517,8 @@ def plot_report(report: RunReport, path: str | os.PathLike[str]) -> Path:
     fig.suptitle(str(report.path), fontsize=8)
     fig.tight_layout()
     out = Path(path)
+    if out.suffix.lower() != ".png":
+        out = out.with_name(out.name + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, format="png")
     return out
