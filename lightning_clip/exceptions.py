@@ -19,6 +19,7 @@ __all__ = [
     "check_patterns",
     "check_positive_float",
     "check_positive_int",
+    "check_seed",
     "check_threshold",
 ]
 
@@ -113,6 +114,18 @@ def check_non_negative_int(name: str, value: Any) -> int:
     if value < 0:
         raise ValueError(f"Expected argument `{name}` to be a non-negative integer but got {value}")
     return value
+
+
+def check_seed(name: str, value: Any) -> int:
+    """Return ``value`` or raise naming ``name`` when it is not an integer in ``[0, 2**32)``.
+
+    Seeds are mixed with a step counter into one 64-bit generator seed: a larger value would wrap
+    around (two seeds giving the same numbers) or overflow.
+    """
+    check_non_negative_int(name, value)
+    if value >= 1 << 32:
+        raise ValueError(f"Expected argument `{name}` to be an integer in [0, 2**32) but got {value}")
+    return int(value)
 
 
 def check_fraction(name: str, value: Any, *, low: float = 0.0, high: float = 1.0, open_low: bool = False,
