@@ -21,6 +21,7 @@ from lightning_clip.robust.privacy import (
     noise_seed,
     update_clip_bound,
 )
+from tests.helpers.reference import exact_gaussian_epsilon
 
 # ---------------------------------------------------------------------------------------------------
 # Noise
@@ -122,23 +123,10 @@ def _accountant_epsilon(z: float, q: float, steps: int, delta: float) -> float:
     return acc.get_epsilon(delta)
 
 
-def _exact_gaussian_epsilon(z: float, steps: int, delta: float) -> float:
-    """The tight epsilon of T Gaussian mechanisms (one of multiplier z / sqrt(T)), from scipy's normal CDF."""
-    from scipy.optimize import brentq
-    from scipy.stats import norm
-
-    m = z / math.sqrt(steps)
-
-    def excess(eps: float) -> float:
-        return norm.cdf(0.5 / m - eps * m) - math.exp(eps + norm.logcdf(-0.5 / m - eps * m)) - delta
-
-    return brentq(excess, 0.0, 1e4, xtol=1e-13, rtol=1e-13)
-
-
 @pytest.mark.parametrize(("z", "steps", "delta"), [(1.0, 200, 1e-5), (1.1, 500, 1e-5), (0.5, 10, 1e-6),
                                                    (4.0, 1, 1e-5), (2.0, 10_000, 1e-8), (0.3, 1000, 1e-5)])
 def test_full_participation_is_the_exact_gaussian_epsilon(z, steps, delta):
-    exact = _exact_gaussian_epsilon(z, steps, delta)
+    exact = exact_gaussian_epsilon(z, steps, delta)
     got = privacy.epsilon(z, 1.0, steps, delta)
     assert got == pytest.approx(exact, rel=1e-9) and got >= exact * (1 - 1e-9)
     assert got <= privacy.epsilon(z, 1.0, steps, delta, accountant="rdp")  # RDP is looser (1.9-8.3% here)
