@@ -14,20 +14,15 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_clip import GradientSpikeError, NonFiniteGradientGuard, SpikeGuard
 from lightning_clip.core.window import RollingWindow
-from tests.helpers.models import RecordingLogger, Snapshot, TinyRegressor, make_loader, make_trainer, states_equal
-
-
-class SpikyRegressor(TinyRegressor):
-    """TinyRegressor whose loss is multiplied by ``factor`` at the optimizer steps in ``spike_at``."""
-
-    def __init__(self, spike_at: set[int], factor: float = 50.0, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.spike_at = spike_at
-        self.factor = factor
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        return loss * self.factor if self.global_step in self.spike_at else loss
+from tests.helpers.models import (
+    RecordingLogger,
+    Snapshot,
+    SpikyRegressor,
+    TinyRegressor,
+    make_loader,
+    make_trainer,
+    states_equal,
+)
 
 
 class Seen(Callback):
