@@ -14,23 +14,30 @@ others find it done. The step runs in this order:
    computed from the pre-clip statistics and its own state only; all of them are read on the host in ONE copy
    (:attr:`StepState.host`). If any guard skips the step (:meth:`StepCallback.skips`), the gradients become
    ``None`` at once (:meth:`StepState.skip`).
-3. **act**: each callback's :meth:`StepCallback.on_step`, by :class:`Stage`: the guards (count, warn, raise; the
-   values of a step that any guard skipped enter no guard's window), the monitor (the pre-clip norms and
-   gradients), then, unless the step was skipped, the clippers in a fixed order: unit-wise
-   (``AdaptiveGradientClipping``), per tensor (``AdaGCClipping``), global (``GradientClipping``). Each clipper
-   reads the gradients as the one before left them (:meth:`StepState.current`). A skipped step reaches no
-   clipper, no threshold policy and no clipping counter.
+3. **act**: each callback's :meth:`StepCallback.on_step`, by :class:`Stage` (:func:`step_callbacks`): the
+   guards (count, warn, raise; the values of a step that any guard skipped enter no guard's window), the
+   monitor (the pre-clip norms and gradients), then, unless the step was skipped, the clippers in a fixed
+   order: unit-wise (``AdaptiveGradientClipping``), per tensor (``AdaGCClipping``), global
+   (``GradientClipping``). Each clipper reads the gradients as the one before left them
+   (:meth:`StepState.current`). A skipped step reaches no clipper, no threshold policy and no clipping counter.
 4. **log**: what the callbacks asked for (:meth:`StepState.log`), in one device-to-host copy and one
    ``log_metrics`` call per logger. ``grad_norm/total`` is the norm before any clipping and
    ``grad_norm/clipped_total`` the norm after all of it, whichever callback logs them.
 
 The list order therefore changes nothing: the stages fix the order, and the callbacks within a stage commute
-(each guard decides on its own; the monitor only reads). What would depend on it, two clippers of one kind
-(the second clips what the first left), is refused in ``setup`` (:func:`check_stack`).
+(each guard decides on its own; the monitor only reads) and still act in a fixed order (by class name). What
+would depend on it, two clippers of one kind (the second clips what the first left), is refused in ``setup``
+(:func:`check_stack`).
+
+A callback of another kind placed before the first of ours sees the step's own gradients; one placed after
+or between ours sees the step done (clipped, or ``None`` when skipped). Every rank runs the same callbacks in
+the same order, so the collectives inside a step (the FSDP1 norm reduction, the max of the ranks' loss
+z-scores) match, and every rank takes the same decision from the same flags.
 
 Where the state lives: one :class:`StepRunner` per Trainer, attached to it (:func:`step_runner`), holds the
-current :class:`StepState` and each optimizer's parameter index; nothing is kept at module level. What a
-callback keeps across steps is its own, and in its ``state_dict``.
+current :class:`StepState` (dropped at every backward pass and at ``setup``) and each optimizer's parameter
+index; nothing is kept at module level. What a callback keeps across steps is its own, and in its
+``state_dict``. A callback of another kind that needs the step's norms calls :func:`step_state`.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from lightning_clip.core.grads import GradientStats, gradient_stats
 
 __all__ = [
     "Stage", "StepCallback", "StepRunner", "StepState", "check_stack", "check_strategy", "fsdp1_shards",
-    "is_deepspeed", "optimizer_index", "should_log", "step_callbacks", "step_runner", "unwrap_optimizer",
+    "is_deepspeed", "optimizer_index", "should_log", "step_callbacks", "step_runner", "step_state", "unwrap_optimizer",
     "uses_grad_scaler",
 ]
 
@@ -216,6 +223,9 @@ class StepCallback(Callback):
         """Act on this optimizer step (called once per step by the :class:`StepRunner`, in stage order)."""
         raise NotImplementedError
 
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step_runner(trainer).state = None  # new gradients: the next optimizer step is a new step, whatever its counters
+
     @torch.no_grad()
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -225,11 +235,12 @@ class StepCallback(Callback):
 
 def step_callbacks(trainer: pl.Trainer, caller: StepCallback | None = None) -> list[StepCallback]:
     """The trainer's :class:`StepCallback` objects (and ``caller``, when it is not among them), in the order they
-    act: by stage, then by their position in the list."""
+    act: by stage, then by class name (so that of two guards raising on one step, the same one raises first
+    whatever the list order), then by position in the list (instances of one class commute)."""
     found = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, StepCallback)]
     if caller is not None and not any(c is caller for c in found):
         found.append(caller)
-    return sorted(found, key=lambda c: c.step_stage)
+    return sorted(found, key=lambda c: (c.step_stage, type(c).__name__))
 
 
 _HINTS = {
@@ -335,6 +346,12 @@ def step_runner(trainer: Any) -> StepRunner:
         runner = StepRunner()
         setattr(trainer, _RUNNER, runner)
     return runner
+
+
+def step_state(trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> StepState:
+    """The :class:`StepState` of the current optimizer step, for a callback of another kind in
+    ``on_before_optimizer_step``: runs the step for the trainer's step callbacks if none of them ran it yet."""
+    return step_runner(trainer).run(trainer, pl_module, optimizer)
 
 
 def unwrap_optimizer(optimizer: Any) -> Optimizer:

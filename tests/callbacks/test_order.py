@@ -22,6 +22,7 @@ from lightning_clip import (
     AdaptiveGradientClipping,
     GradientClipping,
     GradientNormMonitor,
+    NonFiniteGradientError,
     NonFiniteGradientGuard,
     PercentileThreshold,
     SpikeGuard,
@@ -232,17 +233,31 @@ def test_two_optimizers_in_either_order(tmp_path):
         <= ref.metrics.keys()
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["guards-last", "guards-first"])
-def test_one_host_read_per_step_whatever_the_order(tmp_path, reverse):
+@pytest.mark.parametrize("guards", [True, False], ids=["with-guards", "no-guards"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["clippers-first", "guards-first"])
+def test_one_host_read_per_step_whatever_the_order(tmp_path, reverse, guards):
     per_step: list[int] = []
     enter = Enter(HostReads(), per_step)
     stack = [GradientClipping(ZScoreThreshold(warmup_steps=2)), GradientNormMonitor(), AdaGCClipping(warmup_steps=2),
-             NonFiniteGradientGuard("skip"), SpikeGuard(("grad_norm", "loss"), window=4, warmup_steps=2)]
+             AdaptiveGradientClipping(0.05)]
+    if guards:
+        stack += [NonFiniteGradientGuard("skip"), SpikeGuard(("grad_norm", "loss"), window=4, warmup_steps=2)]
     stack = stack[::-1] if reverse else stack
     seed_everything(0, verbose=False)
     trainer = make_trainer(tmp_path, callbacks=[enter, *stack, Leave(enter)], max_steps=10)  # no logger
-    trainer.fit(SpikyRegressor(set(), lr=0.01), make_loader())
-    assert per_step == [1] * 10  # the guards' one read; nothing in the clipping path reads the device
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(SpikyRegressor(set(), lr=0.01), make_loader())
+    # the guards' one read, shared; nothing in the clipping path reads the device
+    assert per_step == [1 if guards else 0] * 10
+
+
+@pytest.mark.parametrize("nonfinite_first", [True, False])
+def test_two_guards_raising_on_one_step_raise_the_same_error_in_either_order(tmp_path, nonfinite_first):
+    guards = [NonFiniteGradientGuard("raise"), SpikeGuard(action="raise")]
+    trainer = make_trainer(tmp_path, callbacks=guards if nonfinite_first else guards[::-1], max_steps=8)
+    with pytest.raises(NonFiniteGradientError, match="Step 5: 4 parameter"):
+        trainer.fit(SpikyRegressor(set(), nan_at={5}), make_loader())
 
 
 @pytest.mark.parametrize("first,second", [
