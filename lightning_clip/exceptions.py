@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from fnmatch import fnmatchcase
 from typing import Any
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "check_non_negative_int",
     "check_optional_positive_int",
     "check_patterns",
+    "check_patterns_match",
     "check_positive_float",
     "check_positive_int",
     "check_seed",
@@ -158,3 +161,19 @@ def check_patterns(name: str, value: Any) -> tuple[str, ...]:
         raise TypeError(f"Expected argument `{name}` to be a parameter-name pattern or a list of non-empty "
                         f"patterns (strings, fnmatch style) but got {value!r}")
     return tuple(items)
+
+
+def check_patterns_match(name: str, patterns: Sequence[str], names: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming ``name`` when a pattern matches none of the parameter ``names`` (a typo).
+
+    The message shows the closest parameter names, or the first few.
+    """
+    for pattern in patterns:
+        if any(fnmatchcase(n, pattern) for n in names):
+            continue
+        close = difflib.get_close_matches(pattern, list(names), n=3, cutoff=0.5)
+        shown = close or list(names[:5])
+        more = "" if close or len(names) <= 5 else ", ..."
+        label = "the closest parameter names" if close else "the module's parameters"
+        raise ValueError(f"Expected every pattern of argument `{name}` to match a parameter name but {pattern!r} "
+                         f"matches none ({label}: {', '.join(repr(x) for x in shown)}{more})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,6 +19,7 @@ from lightning_clip.exceptions import (
     check_optional_positive_int,
     check_positive_float,
     check_positive_int,
+    check_threshold,
 )
 
 __all__ = ["AdaGCClipping"]
@@ -55,9 +57,15 @@ class AdaGCClipping(StepCallback):
     def __init__(self, warmup_steps: int = 100, absolute: float = 1.0, relative: float = 1.05, beta: float = 0.98,
                  log: bool = True, log_every_n_steps: int | None = None) -> None:
         self.warmup_steps = check_positive_int("warmup_steps", warmup_steps)
-        self.absolute = check_positive_float("absolute", absolute)
+        self.absolute = check_threshold("absolute", absolute)
         self.relative = check_positive_float("relative", relative)
         self.beta = check_fraction("beta", beta, open_low=True, open_high=True)
+        if self.relative < 1.0:
+            warnings.warn(
+                f"AdaGCClipping(relative={self.relative:g}): below 1, every clipped tensor is pulled under its EMA "
+                f"gamma, which then shrinks by a factor beta + (1 - beta) relative = "
+                f"{self.beta + (1 - self.beta) * self.relative:.4g} per clipped step, so the gradients fade away; "
+                "AdaGC uses relative=1.05", UserWarning, stacklevel=2)
         check_bool("log", log)
         check_optional_positive_int("log_every_n_steps", log_every_n_steps)
         self.log = log

@@ -11,7 +11,13 @@ from lightning_clip import tags
 from lightning_clip.callbacks.step import Stage, StepCallback, StepState, check_strategy, should_log
 from lightning_clip.core.sharded import is_dtensor
 from lightning_clip.core.unitwise import adaptive_clip_grads_
-from lightning_clip.exceptions import check_bool, check_optional_positive_int, check_patterns, check_positive_float
+from lightning_clip.exceptions import (
+    check_bool,
+    check_optional_positive_int,
+    check_patterns,
+    check_patterns_match,
+    check_positive_float,
+)
 
 __all__ = ["AdaptiveGradientClipping"]
 
@@ -58,6 +64,7 @@ class AdaptiveGradientClipping(StepCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, "AdaptiveGradientClipping")
+        check_patterns_match("exclude", self.exclude, [n for n, _ in pl_module.named_parameters()])
         super().setup(trainer, pl_module, stage)
 
     def excluded(self, name: str) -> bool:

@@ -16,7 +16,13 @@ from lightning_clip import tags
 from lightning_clip.callbacks.step import Stage, StepCallback, StepState, check_strategy, should_log, unwrap_optimizer
 from lightning_clip.core.functional import clip_grads_by_value_, clip_grads_with_norm_
 from lightning_clip.core.thresholds import FixedThreshold, ThresholdPolicy, as_policy
-from lightning_clip.exceptions import check_choice, check_non_negative_int, check_optional_positive_int, check_patterns
+from lightning_clip.exceptions import (
+    check_choice,
+    check_non_negative_int,
+    check_optional_positive_int,
+    check_patterns,
+    check_patterns_match,
+)
 
 __all__ = ["CLIP_RATE_BANDS", "GradientClipping", "GroupKey", "OptimizerClipState", "clip_rate_advice", "group_name"]
 
@@ -34,11 +40,6 @@ CLIP_RATE_BANDS: tuple[tuple[float, str], ...] = (
     (1.01, "excessive: clipped on most steps; if the loss is not falling, the threshold is too low or the "
            "learning rate too high (recurrent nets often train best clipped on most steps)"),
 )
-
-
-def _some(names: list[str], n: int = 5) -> str:
-    shown = ", ".join(repr(x) for x in names[:n])
-    return f"the module's parameters ({shown}{', ...' if len(names) > n else ''})"
 
 
 def clip_rate_advice(rate: float) -> str:
@@ -266,10 +267,7 @@ class GradientClipping(StepCallback):
         if not self.groups:
             return
         names = [n for n, _ in pl_module.named_parameters()]
-        for key in self.groups:
-            if isinstance(key, str) and not any(fnmatchcase(n, key) for n in names):
-                raise ValueError(f"Expected every pattern of argument `groups` to match a parameter name but "
-                                 f"{key!r} matches none of {_some(names)}")
+        check_patterns_match("groups", [k for k in self.groups if isinstance(k, str)], names)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.groups:

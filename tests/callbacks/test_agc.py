@@ -115,3 +115,11 @@ def test_float64_training_is_clipped_like_timm(tmp_path):
         for n, e in zip(names, expected):
             assert g1[n].dtype == torch.float64 and torch.equal(g1[n], e), n
         assert any(not torch.equal(g0[n], g1[n]) for n in names)  # it did clip
+
+
+def test_an_exclude_pattern_that_matches_nothing_is_an_error_at_setup(tmp_path):
+    agc = AdaptiveGradientClipping(exclude=["net.2.*", "net.O.weight"])  # a typo: O for 0
+    trainer = make_trainer(tmp_path, callbacks=[agc], max_steps=1)
+    with pytest.raises(ValueError, match=r"`exclude` to match a parameter name but 'net.O.weight' matches none "
+                                         r"\(the closest parameter names: .*'net.0.weight'"):
+        trainer.fit(TinyRegressor(), make_loader())
