@@ -42,6 +42,7 @@ index; nothing is kept at module level. What a callback keeps across steps is it
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -231,6 +232,35 @@ class StepCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         step_runner(trainer).run(trainer, pl_module, optimizer, self)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Resume the state saved by this callback under other settings, with a warning naming them.
+
+        A callback's ``state_key`` holds its settings (so that two instances coexist in one checkpoint); a
+        setting changed between the run and its resumption changes the key, and Lightning would drop the
+        saved state without a word. When the checkpoint has no state under this key but exactly one state of
+        this class that no other callback of the trainer claims, that state is loaded (the callback's own
+        checks still refuse one it cannot continue, e.g. another percentile window). Several such states:
+        ``ValueError``, since which one is meant cannot be told.
+        """
+        saved = checkpoint.get("callbacks") or {}
+        if self.state_key in saved:
+            return
+        mine = type(self).__qualname__
+        claimed = {getattr(c, "state_key", None) for c in getattr(trainer, "callbacks", [])}
+        candidates = [k for k in saved if isinstance(k, str) and k.split("{", 1)[0] == mine and k not in claimed]
+        if not candidates:
+            return
+        if len(candidates) > 1:
+            raise ValueError(f"{mine}: the checkpoint holds {len(candidates)} states of {mine} saved under other "
+                             f"settings ({', '.join(candidates)}) and none under this one's ({self.state_key}): "
+                             "resume with the settings of the run that wrote it")
+        warnings.warn(f"{mine}: the checkpoint's state was saved with the settings {candidates[0][len(mine):]}; "
+                      f"it is resumed under this callback's settings {self.state_key[len(mine):]}", UserWarning,
+                      stacklevel=2)
+        self.load_state_dict(saved[candidates[0]])
 
 
 def step_callbacks(trainer: pl.Trainer, caller: StepCallback | None = None) -> list[StepCallback]:
