@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.loops.loop import _Loop
@@ -82,12 +83,12 @@ class ClipThresholdFinder(Callback):
     replaces its result.) The ``GradientClipping``'s checkpoint entry is stored under the key of its
     configured threshold, so a run resumes with the callbacks it was started with.
 
-    Refused at setup, with the reason: no ``GradientClipping`` (or several) in the callbacks, two finders,
-    manual optimization (the search steps the optimizer through Lightning's automatic optimization; several
+    Refused at setup, with the reason: no ``GradientClipping`` (or several) in the callbacks, manual
+    optimization (the search steps the optimizer through Lightning's automatic optimization; several
     optimizers need manual optimization), ``GradientClipping(groups=...)`` or ``mode="value"``, DeepSpeed.
     At the start of the search, before any step: a training dataloader with fewer batches than one run needs
-    (``num_batches`` or ``num_probe_batches`` times ``accumulate_grad_batches``). Skipped with a warning
-    under ``fast_dev_run``.
+    (``num_batches`` or ``num_probe_batches`` times ``accumulate_grad_batches``). Two finders share one state
+    key, so the ``Trainer`` refuses them at construction. Skipped with a warning under ``fast_dev_run``.
 
     Args:
         candidates: the thresholds to try (positive numbers); default: the grid from ``m0``.
@@ -147,10 +148,6 @@ class ClipThresholdFinder(Callback):
         if stage != "fit":
             return
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
-        finders = [cb for cb in callbacks if isinstance(cb, ClipThresholdFinder)]
-        if len(finders) > 1:
-            raise ValueError(f"Expected one ClipThresholdFinder in `Trainer(callbacks=...)` but got {len(finders)}: "
-                             "each would search and set the same GradientClipping. Keep one.")
         clippers = [cb for cb in callbacks if isinstance(cb, GradientClipping)]
         if not clippers:
             raise ValueError("ClipThresholdFinder sets the threshold of a GradientClipping callback, but "
@@ -191,7 +188,7 @@ class ClipThresholdFinder(Callback):
         if 0 in self._searched:  # restored from a checkpoint: no second search
             self._pending = self.threshold is not None
             return
-        if trainer.fast_dev_run:
+        if getattr(trainer, "fast_dev_run", False):
             rank_zero_warn("ClipThresholdFinder: skipping the search under `fast_dev_run`; the GradientClipping "
                            "keeps its configured threshold.")
             return
@@ -205,7 +202,7 @@ class ClipThresholdFinder(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if epoch in self.milestones and epoch not in self._searched and not trainer.fast_dev_run:
+        if epoch in self.milestones and epoch not in self._searched and not getattr(trainer, "fast_dev_run", False):
             self._search(trainer, pl_module, epoch=epoch)
             self._apply(trainer)
 
@@ -223,19 +220,16 @@ class ClipThresholdFinder(Callback):
         at_fit_start = epoch == 0
         loop = trainer.fit_loop
         with isolate_rng(), _quiet_max_steps():
-            source_gens = _generator_states(_loaders(loop._data_source.instance)) if at_fit_start else []
+            # What the fit's first batches are drawn with: at fit start the dataloaders are not requested yet
+            # (the source's own generators count), at a milestone the epoch's iterator is not created yet.
+            start = _DataStart(trainer, reload=at_fit_start)
             try:
                 if at_fit_start:
                     loop.setup_data()
                 self._check_data(trainer)
-                result = self._runs(trainer, pl_module)
+                result = self._runs(trainer, pl_module, start)
             finally:
-                if at_fit_start:  # the fit re-requests its dataloaders, as without a search
-                    _set_generator_states(source_gens)
-                    if loop._data_fetcher is not None:
-                        loop._data_fetcher.teardown()
-                    loop._data_fetcher = None
-                    loop._combined_loader = None
+                start.restore()
         result = trainer.strategy.broadcast(result, src=0)
         if not result.found:
             raise RuntimeError(f"ClipThresholdFinder: every candidate threshold diverged, so none can be chosen. "
@@ -251,9 +245,9 @@ class ClipThresholdFinder(Callback):
             out = plot_search(result, Path(trainer.log_dir or trainer.default_root_dir) / name)
             rank_zero_info(f"[lightning_clip] clip-threshold search plot: {out}")
 
-    def _runs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SearchResult:
+    def _runs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, start: _DataStart) -> SearchResult:
         """The probe and the candidate runs, each from the state saved here, which is put back at the end."""
-        session = _Session(trainer, _TrainerState(trainer, pl_module), fresh_iterator=trainer.current_epoch == 0)
+        session = _Session(trainer, _TrainerState(trainer, pl_module), start)
         try:
             self.initial_norm = None
             if self.candidates is None:
@@ -376,6 +370,31 @@ def _loops(loop: _Loop) -> Iterator[_Loop]:
             yield from _loops(v)
 
 
+class _DataStart:
+    """The RNG and dataloader-generator states the next training batches are drawn with, and putting them back.
+
+    With ``reload`` (fit start) the training dataloaders are dropped on :meth:`restore`, so that the loop
+    requests them again, as a fit does: every run, and the fit after the search, then draws the same batches
+    (and the same random numbers in the steps) as a fit without the search.
+    """
+
+    def __init__(self, trainer: pl.Trainer, reload: bool) -> None:
+        loop = trainer.fit_loop
+        self.loop, self.reload = loop, reload
+        self.rng = _collect_rng_states(include_cuda=torch.cuda.is_available())
+        source = loop._data_source.instance if reload else loop._combined_loader
+        self.generators = _generator_states(_loaders(source))
+
+    def restore(self) -> None:
+        _set_rng_states(self.rng)
+        _set_generator_states(self.generators)
+        if self.reload:
+            if self.loop._data_fetcher is not None:
+                self.loop._data_fetcher.teardown()
+            self.loop._data_fetcher = None
+            self.loop._combined_loader = None
+
+
 _LOOP_FLAGS = ("_restarting", "_loaded_from_state_dict", "_resuming_from_checkpoint", "_restart_stage")
 _METRICS = ("_progress_bar_metrics", "_logged_metrics", "_callback_metrics")
 
@@ -402,8 +421,6 @@ class _TrainerState:
         self.callbacks = trainer.callbacks  # type: ignore[attr-defined]
         self.loggers = trainer.loggers
         self.limit_val_batches = trainer.limit_val_batches
-        combined = loop._combined_loader
-        self.generators = _generator_states(_loaders(combined)) if combined is not None else []
         connector = trainer._logger_connector
         self.metrics = {name: dict(getattr(connector, name)) for name in _METRICS}
 
@@ -432,7 +449,6 @@ class _TrainerState:
         loop.epoch_loop._batches_that_stepped = self.batches_that_stepped
         loop.epoch_loop.max_steps = self.max_steps
         trainer.should_stop = self.should_stop
-        _set_generator_states(self.generators)
 
     def restore_trainer(self) -> None:
         """Put back the callbacks, loggers and validation limit the runs replaced, and the logged metrics."""
@@ -449,21 +465,19 @@ class _TrainerState:
 class _Session:
     """Runs the training loop for a few steps at a time from the saved state, with the finder's callbacks only."""
 
-    def __init__(self, trainer: pl.Trainer, saved: _TrainerState, fresh_iterator: bool) -> None:
-        self.trainer, self.saved, self.fresh_iterator = trainer, saved, fresh_iterator
+    def __init__(self, trainer: pl.Trainer, saved: _TrainerState, start: _DataStart) -> None:
+        self.trainer, self.saved, self.start = trainer, saved, start
         trainer.loggers = [DummyLogger()] if trainer.loggers else []
         trainer.limit_val_batches = 0
 
     def _run(self, callbacks: list[Callback], num_steps: int) -> None:
         trainer, loop = self.trainer, self.trainer.fit_loop
         self.saved.restore(fresh=True)
-        with isolate_rng():  # every run starts from the same RNG state
-            trainer.callbacks = callbacks  # type: ignore[attr-defined]
-            loop.epoch_loop.max_steps = self.saved.global_step + num_steps
-            trainer.should_stop = False
-            if self.fresh_iterator and loop._data_fetcher is not None:
-                iter(loop._data_fetcher)  # the same first batches again (epoch 0 reuses the fetcher's iterator)
-            loop.run()
+        self.start.restore()  # the same batches and random numbers as the fit's first steps
+        trainer.callbacks = callbacks  # type: ignore[attr-defined]
+        loop.epoch_loop.max_steps = self.saved.global_step + num_steps
+        trainer.should_stop = False
+        loop.run()
 
     def probe(self, num_steps: int) -> list[float]:
         probe = _NormProbe()
