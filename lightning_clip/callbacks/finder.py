@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -86,9 +87,10 @@ class ClipThresholdFinder(Callback):
     Refused at setup, with the reason: no ``GradientClipping`` (or several) in the callbacks, manual
     optimization (the search steps the optimizer through Lightning's automatic optimization; several
     optimizers need manual optimization), ``GradientClipping(groups=...)`` or ``mode="value"``, DeepSpeed.
-    At the start of the search, before any step: a training dataloader with fewer batches than one run needs
-    (``num_batches`` or ``num_probe_batches`` times ``accumulate_grad_batches``). Two finders share one state
-    key, so the ``Trainer`` refuses them at construction. Skipped with a warning under ``fast_dev_run``.
+    At the start of the search, before any step: training data too short for one run (``num_batches`` or
+    ``num_probe_batches`` optimizer steps; a run may cross epochs, up to ``max_epochs``). Two finders share
+    one state key, so the ``Trainer`` refuses them at construction. Skipped with a warning under
+    ``fast_dev_run``.
 
     Args:
         candidates: the thresholds to try (positive numbers); default: the grid from ``m0``.
@@ -140,6 +142,8 @@ class ClipThresholdFinder(Callback):
         self._clipping: GradientClipping | None = None
         self._clipping_key: str | None = None  # the clipping callback's state key before any threshold was set
         self._can_plot = plot
+        #: Print the table and the plot's path on rank 0 (``find_clip_threshold`` prints them itself).
+        self.verbose = True
 
     # ------------------------------------------------------------------------------------------------
     # Setup: every refusal happens here or at the very start of the search, before any step.
@@ -219,7 +223,7 @@ class ClipThresholdFinder(Callback):
     def _search(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         at_fit_start = epoch == 0
         loop = trainer.fit_loop
-        with isolate_rng(), _quiet_max_steps():
+        with isolate_rng(), quiet_max_steps():
             # What the fit's first batches are drawn with: at fit start the dataloaders are not requested yet
             # (the source's own generators count), at a milestone the epoch's iterator is not created yet.
             start = _DataStart(trainer, reload=at_fit_start)
@@ -236,6 +240,8 @@ class ClipThresholdFinder(Callback):
                                f"Lower the learning rate or pass smaller `candidates`.\n{result.table()}")
         self.results, self.threshold = result, float(result.threshold)
         self._searched.add(epoch)
+        if not self.verbose:
+            return
         head = "" if self.initial_norm is None else (
             f"probe: median total gradient norm {self.initial_norm:.4g} over {self.num_probe_batches} steps\n")
         rank_zero_info(f"[lightning_clip] {'at fit start' if at_fit_start else f'at epoch {epoch}'}: {head}"
@@ -270,18 +276,23 @@ class ClipThresholdFinder(Callback):
             session.close()
 
     def _check_data(self, trainer: pl.Trainer) -> None:
-        available = trainer.num_training_batches
+        """Refuse a run longer than the training data allows (a run may cross epochs, up to ``max_epochs``)."""
+        batches = trainer.num_training_batches
         accumulate = trainer.accumulate_grad_batches
+        max_epochs = trainer.max_epochs
+        epochs = math.inf if max_epochs is None or max_epochs < 0 else max_epochs - trainer.current_epoch
+        steps_per_epoch = math.ceil(batches / accumulate) if math.isfinite(batches) else math.inf
+        available = steps_per_epoch * epochs if steps_per_epoch else 0
         needs = [("num_batches", self.rule.max_steps(self.num_batches))]
         if self.candidates is None:
             needs.append(("num_probe_batches", self.num_probe_batches))
         for name, steps in needs:
-            if steps * accumulate > available:
-                value = getattr(self, name)
+            if steps > available:
                 raise ValueError(
-                    f"Expected argument `{name}` ({value}) to fit the training data: a run of {steps} optimizer "
-                    f"steps needs {steps * accumulate} batches (accumulate_grad_batches={accumulate}) but an epoch "
-                    f"has {available} (limit_train_batches included). Lower `{name}` or use more batches.")
+                    f"Expected argument `{name}` ({getattr(self, name)}) to fit the training data: a run takes "
+                    f"{steps} optimizer steps but the training data allow {available} ({batches} batches per epoch "
+                    f"with limit_train_batches, accumulate_grad_batches={accumulate}, {epochs} epochs left of "
+                    f"max_epochs={max_epochs}). Lower `{name}`, or use more batches or epochs.")
 
     # ------------------------------------------------------------------------------------------------
     # Checkpoints.
@@ -544,8 +555,8 @@ class _DropMaxStepsInfo(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_max_steps() -> Iterator[None]:
-    """Drop Lightning's "`Trainer.fit` stopped: `max_steps=...` reached" line, which every run would print."""
+def quiet_max_steps() -> Iterator[None]:
+    """Drop Lightning's "`Trainer.fit` stopped: `max_steps=...` reached" line (every search run would print it)."""
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     flt = _DropMaxStepsInfo()
     logger.addFilter(flt)

@@ -121,15 +121,16 @@ def test_fit_after_the_search_equals_the_fit_with_the_chosen_threshold(tmp_path,
     assert len(searched[0].calls) - len(reference[0].calls) == expected
 
 
-def test_each_candidate_run_is_the_prefix_of_the_fit_clipped_there(tmp_path):
-    finder = ClipThresholdFinder(**SMALL)
-    model, _, _ = _fit(tmp_path / "a", [finder, GradientClipping()], max_steps=2)
+@pytest.mark.parametrize("num_batches", [4, 15])  # 15: the runs cross the end of the 12-batch epoch
+def test_each_candidate_run_is_the_prefix_of_the_fit_clipped_there(tmp_path, num_batches):
+    finder = ClipThresholdFinder(**{**SMALL, "num_batches": num_batches})
+    _fit(tmp_path / "a", [finder, GradientClipping()], max_steps=2)
     result = finder.results
     for k in (0, result.chosen, result.candidates.index(result.refined[0])):
         c = result.candidates[k]
-        reference, _, _ = _fit(tmp_path / f"c{k}", [GradientClipping(c)], max_steps=SMALL["num_batches"])
+        reference, _, _ = _fit(tmp_path / f"c{k}", [GradientClipping(c)], max_steps=num_batches)
         assert result.losses[k] == reference.calls  # same weights, batches, dropout masks, optimizer state
-        assert result.num_steps[k] == SMALL["num_batches"]
+        assert result.num_steps[k] == num_batches
 
 
 def test_probe_median_grid_and_rule_match_independent_computations(tmp_path):
@@ -311,12 +312,13 @@ def test_setup_refusals_come_before_any_step(tmp_path, callbacks, model, match):
 
 
 @pytest.mark.parametrize("kwargs, trainer_kwargs, name", [
-    ({"num_batches": 13}, {}, "num_batches"),
-    ({"num_batches": 7}, {"accumulate_grad_batches": 2}, "num_batches"),
-    ({"num_batches": 4, "num_probe_batches": 13}, {}, "num_probe_batches"),
-    ({"num_batches": 6}, {"limit_train_batches": 5}, "num_batches"),
+    ({"num_batches": 13}, {"max_epochs": 1}, "num_batches"),
+    ({"num_batches": 25}, {"max_epochs": 2}, "num_batches"),
+    ({"num_batches": 7}, {"max_epochs": 1, "accumulate_grad_batches": 2}, "num_batches"),
+    ({"num_batches": 4, "num_probe_batches": 13}, {"max_epochs": 1}, "num_probe_batches"),
+    ({"num_batches": 6}, {"max_epochs": 1, "limit_train_batches": 5}, "num_batches"),
 ])
-def test_a_dataloader_shorter_than_a_run_fails_before_any_step(tmp_path, kwargs, trainer_kwargs, name):
+def test_training_data_shorter_than_a_run_fails_before_any_step(tmp_path, kwargs, trainer_kwargs, name):
     finder = ClipThresholdFinder(**{**SMALL, **kwargs})
     seed_everything(0, verbose=False)
     model = Net()
