@@ -261,16 +261,17 @@ def _build_parser() -> argparse.ArgumentParser:
         "demo", help="about a minute on CPU: an exploding RNN trained without and with clipping, side by side",
         description="Train a vanilla tanh RNN on the adding problem (Pascanu et al. 2013; recurrent gain 1.2, SGD "
         "lr 0.05 with momentum 0.9) twice from the same initial weights on CPU: without clipping (its loss diverges "
-        "and the run stops there), then with GradientClipping; print the two validation MSEs side by side against "
+        "and the run stops there), then with GradientClipping at the threshold ClipThresholdFinder finds at fit "
+        "start; print the two validation MSEs side by side against "
         "the 1/6 of always predicting 1.0, write TensorBoard logs and print their gradient-health reports. About a "
         "minute for the default 800 steps.")
     demo.add_argument("--max-steps", type=_positive_int, default=800, help="optimizer steps per run (default: 800)")
     demo.add_argument("--out", default="lightning_logs", help="TensorBoard save_dir (default: lightning_logs)")
-    demo.add_argument("--threshold", type=float, default=0.3,
-                      help="fixed clipping threshold (max norm; default: 0.3)")
+    demo.add_argument("--threshold", type=float, default=None,
+                      help="a fixed clipping threshold (max norm) instead of ClipThresholdFinder's search")
     demo.add_argument("--percentile", type=_adaptive_percentile, default=None,
                       help="clip adaptively at this percentile, in (0, 100), of the last 200 clipped norms "
-                      "(PercentileThreshold, history='clipped') instead of the fixed threshold")
+                      "(PercentileThreshold, history='clipped'; warmup threshold: the search's choice or --threshold)")
     demo.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
     demo.add_argument("--seq-len", type=_positive_int, default=15, help="adding-problem sequence length (15)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
