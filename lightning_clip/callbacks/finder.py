@@ -41,6 +41,8 @@ __all__ = ["ClipThresholdFinder", "plot_search"]
 
 #: File name of the plot written next to the logs (``_epoch<m>`` added for a milestone's search).
 PLOT_NAME = "clip_threshold_finder"
+#: How many probe steps with a non-finite norm (a GradScaler finding its scale) the probe may take on top.
+PROBE_EXTRA_STEPS = 32
 
 
 class ClipThresholdFinder(Callback):
@@ -51,7 +53,8 @@ class ClipThresholdFinder(Callback):
     the RNG states and the training dataloaders' generators. It then
 
     1. measures ``m0``, the median total gradient norm of ``num_probe_batches`` optimizer steps whose update
-       is dropped (every one at the starting weights), unless ``candidates`` are given;
+       is dropped (every one at the starting weights), unless ``candidates`` are given; steps whose norm is
+       not finite (a GradScaler lowering its scale) do not count, up to ``PROBE_EXTRA_STEPS`` more steps;
     2. runs ``num_batches`` optimizer steps per candidate ``c_k = m0 * 10**(-3 + k/2)``,
        ``k = 0..num_candidates-1``, each from the saved state and on the same batches (Lightning's own
        training loop: AMP, gradient accumulation and data parallelism as configured), clipping the total
@@ -490,10 +493,10 @@ class _Session:
         trainer.should_stop = False
         loop.run()
 
-    def probe(self, num_steps: int) -> list[float]:
-        probe = _NormProbe()
-        self._run([probe], num_steps)
-        return probe.norms
+    def probe(self, num_norms: int) -> list[float]:
+        probe = _NormProbe(num_norms)
+        self._run([probe], num_norms + PROBE_EXTRA_STEPS)
+        return probe.norms[:num_norms]
 
     def run(self, threshold: float, num_steps: int, divergence_factor: float) -> list[float]:
         recorder = _LossRecorder(divergence_factor)
@@ -506,15 +509,21 @@ class _Session:
 
 
 class _NormProbe(Callback):
-    """Records the total gradient norm of each optimizer step, then drops the step (no update)."""
+    """Records the total gradient norm of each optimizer step, then drops the step (no update); stops the run
+    once ``num_norms`` norms were finite (the same decision on every rank: the norms are global)."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_norms: int) -> None:
+        self.num_norms = num_norms
         self.norms: list[float] = []
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         state = step_state(trainer, pl_module, optimizer)
-        self.norms.append(float(state.stats.total_norm))
+        norm = float(state.stats.total_norm)
+        if math.isfinite(norm):
+            self.norms.append(norm)
+        if len(self.norms) >= self.num_norms:
+            trainer.should_stop = True
         state.skip()
         # The runs restart the step counters, so a later step can carry this step's counters: the shared
         # state must not be taken for that step's.
