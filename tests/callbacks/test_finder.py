@@ -406,3 +406,48 @@ def test_two_rank_ddp_ranks_agree_on_the_mean_loss(tmp_path):
         mean = [(a + b) / 2 for a, b in zip(r0["calls"][pos:pos + n], r1["calls"][pos:pos + n])]
         np.testing.assert_allclose(results["losses"][results["candidates"].index(c)], mean, rtol=1e-6)
         pos += n
+
+
+# ----------------------------------------------------------------------------------------------------
+# FSDP2 (Lightning's ModelParallelStrategy, gloo on CPU): sharded gradients, the same threshold on every rank,
+# and the fit after the search is the fit with the chosen threshold.
+
+
+def _fsdp2_worker(rank: int, world: int, port: int, out_dir: str, threshold: float | None) -> None:
+    import os
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "NODE_RANK": "0"})
+    torch.set_num_threads(1)
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from tests.helpers.sharded_workers import make_fsdp_module
+
+    module = make_fsdp_module(out_dir)
+    module.on_train_end = lambda: None
+    finder = ClipThresholdFinder(num_candidates=3, num_batches=3, num_probe_batches=2, plot=False)
+    callbacks = [finder, GradientClipping()] if threshold is None else [GradientClipping(threshold)]
+    trainer = make_trainer(out_dir, callbacks=callbacks, max_steps=4, devices=world, deterministic=False,
+                           strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module)
+    weights = [p.full_tensor().detach().clone() for p in module.parameters()]
+    results = None if finder.results is None else finder.results.state_dict()
+    torch.save({"threshold": finder.threshold, "results": results, "weights": weights},
+               f"{out_dir}/{'search' if threshold is None else 'reference'}{rank}.pt")
+
+
+@pytest.mark.distributed
+def test_fsdp2_ranks_agree_and_the_fit_matches_the_chosen_threshold(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.helpers.ddp import free_port
+
+    mp.spawn(_fsdp2_worker, args=(2, free_port(), str(tmp_path), None), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"search{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["threshold"] == r1["threshold"] and r0["results"] == r1["results"]
+    mp.spawn(_fsdp2_worker, args=(2, free_port(), str(tmp_path), r0["threshold"]), nprocs=2, join=True)
+    ref = torch.load(tmp_path / "reference0.pt", weights_only=False)
+    for a, b in zip(r0["weights"], ref["weights"]):
+        assert torch.equal(a, b)
