@@ -179,7 +179,7 @@ class ClipThresholdFinder(Callback):
                              "does not allow.")
         if self._clipping is not clipping:
             self._clipping, self._clipping_key = clipping, clipping.state_key
-        if self.plot and self._can_plot and trainer.is_global_zero:
+        if self.plot and self._can_plot:  # on every rank: they all take part in finding the log directory
             try:
                 import matplotlib  # noqa: F401
             except ImportError:
@@ -249,10 +249,12 @@ class ClipThresholdFinder(Callback):
             f"probe: median total gradient norm {self.initial_norm:.4g} over {self.num_probe_batches} steps\n")
         rank_zero_info(f"[lightning_clip] {'at fit start' if at_fit_start else f'at epoch {epoch}'}: {head}"
                        f"{result.table()}")
-        if self.plot and self._can_plot and trainer.is_global_zero:
-            name = PLOT_NAME + ("" if at_fit_start else f"_epoch{epoch}") + ".png"
-            out = plot_search(result, Path(trainer.log_dir or trainer.default_root_dir) / name)
-            rank_zero_info(f"[lightning_clip] clip-threshold search plot: {out}")
+        if self.plot and self._can_plot:
+            log_dir = trainer.log_dir or trainer.default_root_dir  # every rank: `log_dir` is a broadcast
+            if trainer.is_global_zero:
+                name = PLOT_NAME + ("" if at_fit_start else f"_epoch{epoch}") + ".png"
+                out = plot_search(result, Path(log_dir) / name)
+                rank_zero_info(f"[lightning_clip] clip-threshold search plot: {out}")
 
     def _runs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, start: _DataStart) -> SearchResult:
         """The probe and the candidate runs, each from the state saved here, which is put back at the end."""

@@ -427,7 +427,10 @@ def _find_threshold(ns: argparse.Namespace, passthrough: list[str]) -> int:
     if ns.plot:
         from lightning_clip.callbacks.finder import plot_search
 
-        print(f"Plot: {plot_search(result, ns.plot)}")
+        try:
+            print(f"Plot: {plot_search(result, ns.plot)}")
+        except ImportError:
+            print("Plot: not written: matplotlib is not installed (pip install 'lightning-clip[plot]')")
     threshold = float(f"{result.threshold:.4g}")
     callbacks = callbacks_with_threshold(cli.config.get("trainer", {}).get("callbacks"), threshold)
     command = ["lightning-clip", "fit", *args, "--trainer.callbacks=" + json.dumps(callbacks, separators=(",", ":"))]

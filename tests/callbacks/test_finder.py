@@ -390,7 +390,7 @@ def test_two_rank_ddp_ranks_agree_on_the_mean_loss(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     seed_everything(0, verbose=False)
-    finder = ClipThresholdFinder(num_candidates=3, num_batches=3, num_probe_batches=2, plot=False)
+    finder = ClipThresholdFinder(num_candidates=3, num_batches=3, num_probe_batches=2, plot=True)
     trainer = make_trainer(tmp_path, callbacks=[finder, GradientClipping(), _WriteFinder(str(out))], max_steps=3,
                            devices=2, strategy=DDPStrategy(start_method="spawn", process_group_backend="gloo"))
     trainer.fit(_DDPNet(dropout=0.0), DataLoader(_data(), batch_size=8))  # DDP shards it: 6 batches per rank
@@ -406,6 +406,7 @@ def test_two_rank_ddp_ranks_agree_on_the_mean_loss(tmp_path):
         mean = [(a + b) / 2 for a, b in zip(r0["calls"][pos:pos + n], r1["calls"][pos:pos + n])]
         np.testing.assert_allclose(results["losses"][results["candidates"].index(c)], mean, rtol=1e-6)
         pos += n
+    assert (tmp_path / "clip_threshold_finder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # rank 0 wrote it
 
 
 # ----------------------------------------------------------------------------------------------------
