@@ -38,6 +38,7 @@ import numpy as np
 
 from lightning_clip import tags
 from lightning_clip.callbacks.clipping import CLIP_RATE_BANDS, clip_rate_advice
+from lightning_clip.core.search import DIVERGENCE_FACTOR
 from lightning_clip.tools.logs import Series, find_runs, log_source, read_scalars
 
 __all__ = [
@@ -58,9 +59,6 @@ __all__ = [
     "read_scalars",
     "summarize",
 ]
-
-#: A logged loss above this multiple of its first value (or not finite) means the run diverged.
-DIVERGENCE_FACTOR = 1e3
 
 #: The label of each band of ``CLIP_RATE_BANDS``.
 _BAND_LABELS: tuple[str, ...] = ("< 1%", "1-5%", "5-25%", "25-50%", "> 50%")
