@@ -57,8 +57,7 @@ from _results import add_output_arguments, output_dir, write_results  # noqa: E4
 from lightning_clip.distributed.config import ARCConfig  # noqa: E402
 from lightning_clip.distributed.hook import ARCHookState  # noqa: E402
 from lightning_clip.robust.privacy import epsilon  # noqa: E402
-from lightning_clip.sim.byzantine import ByzantineSpec  # noqa: E402
-from lightning_clip.sim.transforms import ByzantineTransform  # noqa: E402
+from lightning_clip.sim.byzantine import ByzantineSpec, ByzantineTransform  # noqa: E402
 
 NAME = "dp"
 N = 10

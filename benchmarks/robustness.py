@@ -42,8 +42,8 @@ worst case over the attacks.
 One pipeline for both execution modes, by construction: every run is one
 :class:`~lightning_clip.distributed.config.ARCConfig` (:func:`arc_config`) plus the simulated attack, and
 every rank's "what it sends" is the library's chain of send transforms (:func:`send_chain`: worker
-momentum, then :class:`~lightning_clip.sim.transforms.ByzantineTransform`). DDP runs that chain inside
-the hook; the simulation runs the same chain with :func:`~lightning_clip.sim.transforms.simulate_sends`
+momentum, then :class:`~lightning_clip.sim.byzantine.ByzantineTransform`). DDP runs that chain inside
+the hook; the simulation runs the same chain with :func:`~lightning_clip.sim.byzantine.simulate_sends`
 and aggregates with the config's ``server_aggregation``, the function the hook calls.
 
 * ``--mode sim``: all ``n`` workers in one process; per-worker gradients by autograd, flattened in the
@@ -109,10 +109,9 @@ from lightning_clip.distributed.config import ARCConfig  # noqa: E402
 from lightning_clip.distributed.hook import ARCHookState  # noqa: E402
 from lightning_clip.robust.arc import arc_num_clipped  # noqa: E402
 from lightning_clip.robust.transforms import SendBuffers, SendTransform  # noqa: E402
-from lightning_clip.sim.byzantine import ByzantineSpec  # noqa: E402
+from lightning_clip.sim.byzantine import ByzantineSpec, ByzantineTransform, simulate_sends  # noqa: E402
 from lightning_clip.sim.data import load_digits_tensors  # noqa: E402
 from lightning_clip.sim.partition import dirichlet_split, extreme_split  # noqa: E402
-from lightning_clip.sim.transforms import ByzantineTransform, simulate_sends  # noqa: E402
 
 NAME = "robustness"
 NUM_CLASSES = 10

@@ -5,7 +5,7 @@ modules                             may not import (directly or through any modu
 =================================== ===================================================================
 ``core``, ``robust``, ``sim``,      Lightning, our Lightning glue (``callbacks``, ``distributed.strategy``)
 ``exceptions``, ``tags``            and ``tools``; nor ``torch.distributed`` directly, except
-                                    ``core.sharded`` (the one batched norm reduction of sharded gradients)
+                                    ``core.dtensor_norms`` (the one batched norm reduction of sharded gradients)
 ``robust``, ``core``                also ``sim`` and ``distributed``
 ``sim``                             also ``distributed``
 ``distributed.hook`` (production)   ``sim``, Lightning, our glue and ``tools``
@@ -53,7 +53,7 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
 
 #: Modules that may issue collectives themselves: everything in DIRECT_RULES' scope but these must not
 #: import ``torch.distributed`` directly (the one batched norm reduction for sharded gradients is in core).
-COLLECTIVES_ALLOWED = ("lightning_clip.core.sharded",)
+COLLECTIVES_ALLOWED = ("lightning_clip.core.dtensor_norms",)
 DIRECT_RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("lightning_clip.core", "lightning_clip.robust", "lightning_clip.sim", "lightning_clip.exceptions",
       "lightning_clip.tags"), TORCH_DISTRIBUTED),
@@ -202,7 +202,7 @@ def test_every_layer_has_modules_and_the_rules_cover_them():
     for prefixes, _ in RULES:
         for prefix in prefixes:
             assert _modules((prefix,)), prefix
-    assert "lightning_clip.distributed.hook" in graph() and "lightning_clip.sim.transforms" in graph()
+    assert "lightning_clip.distributed.hook" in graph() and "lightning_clip.sim.byzantine" in graph()
 
 
 def test_source_check_is_not_vacuous():

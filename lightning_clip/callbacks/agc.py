@@ -12,8 +12,8 @@ from torch.optim import Optimizer
 
 from lightning_clip import tags
 from lightning_clip.callbacks.step import check_strategy, log_values, should_log, step_state
+from lightning_clip.core.dtensor_norms import is_dtensor
 from lightning_clip.core.grads import gradient_stats
-from lightning_clip.core.sharded import is_dtensor
 from lightning_clip.core.unitwise import adaptive_clip_grads_
 from lightning_clip.exceptions import check_bool, check_optional_positive_int, check_patterns, check_positive_float
 

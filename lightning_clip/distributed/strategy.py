@@ -58,8 +58,7 @@ from lightning_clip.exceptions import check_bool, check_non_negative_int
 from lightning_clip.robust import privacy
 from lightning_clip.robust.arc import ARCStats
 from lightning_clip.robust.transforms import WorkerMomentum
-from lightning_clip.sim.byzantine import ByzantineSpec
-from lightning_clip.sim.transforms import ByzantineTransform
+from lightning_clip.sim.byzantine import ByzantineSpec, ByzantineTransform
 from lightning_clip.tags import ARC_CLIPPED_RANKS, ARC_THRESHOLD, DP_CLIP_BOUND, DP_EPSILON, arc_norm_tag
 
 __all__ = ["CENTER_KEY", "DP_STATE_KEY", "WORKER_MOMENTUM_KEY", "ARCDDPStrategy"]

@@ -6,11 +6,11 @@ place) and a :class:`SendContext`. The hook itself is transport only; behaviour 
 what is sent, as torch's ``fp16_compress_wrapper`` wraps a communication hook:
 
 * :class:`WorkerMomentum` (production): send the rank's momentum instead of its gradient;
-* simulated attacks (:mod:`lightning_clip.sim.transforms`, injected by the strategy for experiments).
+* simulated attacks (:mod:`lightning_clip.sim.byzantine`, injected by the strategy for experiments).
 
 A transform never calls ``torch.distributed`` itself: when it needs the other ranks' vectors it calls
 ``ctx.gather``, which the hook implements with one all-gather and a single-process simulation
-(:func:`lightning_clip.sim.transforms.simulate_sends`) with the rows it already holds, so the same
+(:func:`lightning_clip.sim.byzantine.simulate_sends`) with the rows it already holds, so the same
 code gives the same bits in both.
 """
 

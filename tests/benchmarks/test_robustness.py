@@ -17,7 +17,7 @@ import torch
 
 from lightning_clip.robust.aggregators import aggregate
 from lightning_clip.robust.transforms import SendBuffers
-from lightning_clip.sim.transforms import simulate_sends
+from lightning_clip.sim.byzantine import simulate_sends
 from tests.helpers.models import quick_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -28,8 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_clip import ARCDDPStrategy
 from lightning_clip.distributed.config import ARCConfig
 from lightning_clip.distributed.hook import ARCHookState, arc_hook
-from lightning_clip.sim.byzantine import ByzantineSpec
-from lightning_clip.sim.transforms import ByzantineTransform
+from lightning_clip.sim.byzantine import ByzantineSpec, ByzantineTransform
 
 #: Per-rank loss multipliers: rank 2's gradient is the largest, so ARC (f=1, n=3, k=1) clips it.
 LOSS_SCALE = (1.0, 3.0, 10.0)

@@ -12,8 +12,7 @@ from lightning_clip.distributed.config import ARCConfig
 from lightning_clip.robust.aggregators import aggregate, preaggregate, preaggregation_stats
 from lightning_clip.robust.arc import arc_stats
 from lightning_clip.robust.transforms import SendBuffers, SendContext, WorkerMomentum
-from lightning_clip.sim.byzantine import ByzantineSpec
-from lightning_clip.sim.transforms import ByzantineTransform, simulate_sends
+from lightning_clip.sim.byzantine import ByzantineSpec, ByzantineTransform, simulate_sends
 
 
 def _ctx(rank: int = 0, n: int = 1, step: int = 0, rows: torch.Tensor | None = None) -> SendContext:
