@@ -15,7 +15,7 @@ hits both alike; ``vs plain`` is the ratio of the two medians of that window) an
   hook keeps between steps (the sharded path's workspace: a copy of the local vector), in MiB and in
   gradients.
 
-Robust modes use the sharded pipeline (:mod:`lightning_clip.distributed.sharded`) unless labelled
+Robust modes use the sharded pipeline (:mod:`lightning_clip.distributed.exchange`) unless labelled
 ``gather`` (``robust_comm="gather"``: every rank all-gathers every gradient).
 
 Usage::
@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _machine import free_port  # noqa: E402
 from _results import StdoutRecord, add_output_arguments, output_dir  # noqa: E402
 
-from lightning_clip.distributed.config import ARCConfig  # noqa: E402
 from lightning_clip.distributed.hook import ARCHookState, arc_hook  # noqa: E402
+from lightning_clip.robust.options import ARCConfig  # noqa: E402
 
 #: (label, ARCConfig keywords or None for plain DDP).
 MODES: tuple[tuple[str, dict[str, Any] | None], ...] = (

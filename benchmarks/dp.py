@@ -54,8 +54,8 @@ import robustness as rob  # noqa: E402
 from _machine import free_port, machine  # noqa: E402
 from _results import add_output_arguments, output_dir, write_results  # noqa: E402
 
-from lightning_clip.distributed.config import ARCConfig  # noqa: E402
 from lightning_clip.distributed.hook import ARCHookState  # noqa: E402
+from lightning_clip.robust.options import ARCConfig  # noqa: E402
 from lightning_clip.robust.privacy import epsilon  # noqa: E402
 from lightning_clip.sim.byzantine import ByzantineSpec, ByzantineTransform  # noqa: E402
 
@@ -99,7 +99,7 @@ def config(run: DPRun, setting: rob.Setting) -> ARCConfig:
 def transforms(run: DPRun) -> list[Any]:
     if run.attack is None or rob.ATTACKS[run.attack] is None:
         return []
-    return [ByzantineTransform(ByzantineSpec(ranks=[N - 1], **rob.ATTACKS[run.attack]))]
+    return [ByzantineTransform.from_spec(ByzantineSpec(ranks=[N - 1], **rob.ATTACKS[run.attack]))]
 
 
 def _worker(rank: int, runs: list[DPRun], setting: rob.Setting, data: rob.Data, port: int, out_path: str) -> None:

@@ -293,8 +293,8 @@ def _hook_worker(rank: int, world: int, port: int, backend: str, device_type: st
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from lightning_clip.distributed.config import ARCConfig
     from lightning_clip.distributed.hook import ARCHookState, arc_hook
+    from lightning_clip.robust.options import ARCConfig
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist.init_process_group(backend, rank=rank, world_size=world)

@@ -40,7 +40,7 @@ Metric, as in the paper: the maximum test accuracy over the evaluations, average
 worst case over the attacks.
 
 One pipeline for both execution modes, by construction: every run is one
-:class:`~lightning_clip.distributed.config.ARCConfig` (:func:`arc_config`) plus the simulated attack, and
+:class:`~lightning_clip.robust.options.ARCConfig` (:func:`arc_config`) plus the simulated attack, and
 every rank's "what it sends" is the library's chain of send transforms (:func:`send_chain`: worker
 momentum, then :class:`~lightning_clip.sim.byzantine.ByzantineTransform`). DDP runs that chain inside
 the hook; the simulation runs the same chain with :func:`~lightning_clip.sim.byzantine.simulate_sends`
@@ -105,9 +105,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import free_port, machine  # noqa: E402
 from _results import add_output_arguments, output_dir, write_results  # noqa: E402
 
-from lightning_clip.distributed.config import ARCConfig  # noqa: E402
 from lightning_clip.distributed.hook import ARCHookState  # noqa: E402
 from lightning_clip.robust.arc import arc_num_clipped  # noqa: E402
+from lightning_clip.robust.options import ARCConfig  # noqa: E402
 from lightning_clip.robust.transforms import SendBuffers, SendTransform  # noqa: E402
 from lightning_clip.sim.byzantine import ByzantineSpec, ByzantineTransform, simulate_sends  # noqa: E402
 from lightning_clip.sim.data import load_digits_tensors  # noqa: E402
@@ -315,7 +315,7 @@ def arc_config(run: Run, setting: Setting) -> ARCConfig:
 def attack_transforms(run: Run) -> list[SendTransform]:
     """The simulated attack of ``run`` as send transforms (empty without a vector-level attack)."""
     spec = byzantine_spec(run)
-    return [] if spec is None else [ByzantineTransform(spec)]
+    return [] if spec is None else [ByzantineTransform.from_spec(spec)]
 
 
 def send_chain(run: Run, setting: Setting) -> list[SendTransform]:

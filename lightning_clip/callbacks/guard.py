@@ -26,7 +26,7 @@ from lightning_clip.exceptions import NonFiniteGradientError, check_choice, chec
 __all__ = ["NonFiniteGradientGuard"]
 
 
-def _uses_grad_scaler(trainer: pl.Trainer) -> bool:
+def uses_grad_scaler(trainer: pl.Trainer) -> bool:
     plugin = getattr(trainer, "precision_plugin", None)
     return getattr(plugin, "scaler", None) is not None
 
@@ -72,7 +72,7 @@ class NonFiniteGradientGuard(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, "NonFiniteGradientGuard")
-        self._defer_to_scaler = _uses_grad_scaler(trainer)
+        self._defer_to_scaler = uses_grad_scaler(trainer)
         if self._defer_to_scaler:
             rank_zero_info(
                 "NonFiniteGradientGuard: a GradScaler (fp16 mixed precision) handles non-finite gradients "

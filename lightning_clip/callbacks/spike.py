@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clip import tags
-from lightning_clip.callbacks.guard import _uses_grad_scaler
+from lightning_clip.callbacks.guard import uses_grad_scaler
 from lightning_clip.callbacks.step import (
     StepState,
     check_strategy,
@@ -144,7 +144,7 @@ class SpikeGuard(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, "SpikeGuard")
-        self._defer_nonfinite = _uses_grad_scaler(trainer)
+        self._defer_nonfinite = uses_grad_scaler(trainer)
 
     def _window(self, monitor: str, optimizer_idx: int) -> RollingWindow:
         key = f"{monitor}/{optimizer_idx}"

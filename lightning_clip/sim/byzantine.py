@@ -8,6 +8,7 @@ one process, the gathers answered from the rows it holds, so a simulation and a 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -259,25 +260,56 @@ class ByzantineSpec:
 
 
 class ByzantineTransform:
-    """Send the attack of ``spec`` from the Byzantine ranks; the honest ranks send what they hold.
+    """A send transform: the Byzantine ranks send their attack, the honest ranks what they hold.
 
+    Give it to the strategy, ``ARCDDPStrategy(send_transforms=[ByzantineTransform(ranks=[2], attack="sign_flip")])``,
+    or in YAML as ``{class_path: lightning_clip.sim.ByzantineTransform, init_args: {ranks: [2], attack: sign_flip}}``.
     An omniscient attack (``spec.needs_honest``) gathers every rank's vector first; every rank takes
     part in that gather, so the ranks call the same collectives. Each Byzantine rank computes the
     attack from the same gathered rows, so they all send the same vector. The ``gaussian`` attack
     draws from a generator seeded by ``(seed, rank, step)``: a resumed run replays the same noise.
 
     Args:
-        spec: The Byzantine ranks and their attack.
+        ranks: The Byzantine ranks (see :class:`ByzantineSpec`).
+        attack: One of :data:`ATTACK_NAMES`.
+        params: The attack's parameters, e.g. ``{"factor": -100.0}`` for ``"scale"``.
+        fixed_clip: Clip the Byzantine vector to this norm after the attack (a baseline), or ``None``.
         seed: Seed of the ``gaussian`` attack.
+
+    Attributes:
+        spec: The validated :class:`ByzantineSpec`.
     """
 
     __slots__ = ("seed", "spec")
 
-    def __init__(self, spec: ByzantineSpec, seed: int = 0) -> None:
+    def __init__(self, ranks: Sequence[int] | int, attack: str, params: Mapping[str, Any] | None = None,
+                 fixed_clip: float | None = None, seed: int = 0) -> None:
+        if params is not None and not isinstance(params, Mapping):
+            raise TypeError(f"Expected argument `params` to be a mapping of attack parameters but got {params!r}")
+        self.spec = ByzantineSpec.from_config({"ranks": ranks, "attack": attack, "fixed_clip": fixed_clip,
+                                               "params": params or {}})
+        self.seed = check_non_negative_int("seed", seed)
+
+    @classmethod
+    def from_spec(cls, spec: ByzantineSpec, seed: int = 0) -> ByzantineTransform:
+        """The transform of an existing ``spec``."""
         if not isinstance(spec, ByzantineSpec):
             raise TypeError(f"Expected argument `spec` to be a ByzantineSpec but got {type(spec).__name__}")
-        self.spec = spec
-        self.seed = check_non_negative_int("seed", seed)
+        return cls(list(spec.ranks), spec.attack, dict(spec.params), spec.fixed_clip, seed)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], seed: int = 0) -> ByzantineTransform:
+        """The transform of :meth:`ByzantineSpec.from_config` ``(config)``, e.g. ``{"ranks": [1], "attack": "nan"}``."""
+        return cls.from_spec(ByzantineSpec.from_config(config), seed)
+
+    def check_world_size(self, world_size: int, num_byzantine: int) -> None:
+        """Raise unless the attack can run with ``world_size`` ranks; warn when it makes more ranks misbehave
+        than the ``num_byzantine`` the aggregation is set to tolerate (allowed: it shows the breakdown point)."""
+        self.spec.check_world_size(world_size)
+        if self.spec.num_byzantine > num_byzantine:
+            warnings.warn(f"The simulated attack makes {self.spec.num_byzantine} ranks misbehave but "
+                          f"`num_byzantine={num_byzantine}`: ARC is only guaranteed to tolerate `num_byzantine` "
+                          "of them.", UserWarning, stacklevel=2)
 
     def generator(self, rank: int, step: int) -> torch.Generator:
         """The generator of rank ``rank``'s ``gaussian`` draw at ``step`` (a fresh seed per pair)."""
@@ -298,7 +330,7 @@ class ByzantineTransform:
         sent.write_(spec.apply(flat, honest, generator=self.generator(ctx.rank, ctx.step), aggregation=aggregation))
 
     def __repr__(self) -> str:
-        return f"ByzantineTransform({self.spec!r}, seed={self.seed})"
+        return f"ByzantineTransform.from_spec({self.spec!r}, seed={self.seed})"
 
 
 def simulate_sends(

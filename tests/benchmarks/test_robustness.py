@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_clip.robust.aggregators import aggregate
+from lightning_clip.robust.pipeline import aggregate
 from lightning_clip.robust.transforms import SendBuffers
 from lightning_clip.sim.byzantine import simulate_sends
 from tests.helpers.models import quick_benchmark

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_clip.distributed.config import ARCConfig
 from lightning_clip.robust import privacy
-from lightning_clip.robust.aggregators import preaggregation_stats, static_clip
+from lightning_clip.robust.options import ARCConfig
+from lightning_clip.robust.pipeline import preaggregation_stats, static_clip
 from lightning_clip.robust.privacy import (
     COUNT_STREAM,
     adaptive_noise_multiplier,
