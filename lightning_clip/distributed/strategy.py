@@ -226,16 +226,14 @@ class ARCDDPStrategy(DDPStrategy):
         if "optimizer_states" in checkpoint and state.stateful:
             names, params = self._named_params()
             local = state.state_dict(params)
-            rows: list[Any] = [local["per_rank"]]
-            world_size, rank = 1, 0
-            if local["per_rank"] and dist.is_available() and dist.is_initialized():
-                world_size, rank = dist.get_world_size(), dist.get_rank()
-                rows = [None] * world_size if rank == 0 else []
-                dist.gather_object(local["per_rank"], rows if rank == 0 else None, dst=0)
-            elif dist.is_available() and dist.is_initialized():
-                world_size = dist.get_world_size()
+            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            rows: list[Any] = [local["per_rank"]] if local["per_rank"] else []
+            if rows and world_size > 1:
+                gathered: list[Any] | None = [None] * world_size if dist.get_rank() == 0 else None
+                dist.gather_object(local["per_rank"], gathered, dst=0)
+                rows = gathered or []  # complete on rank 0, which writes the file
             checkpoint[ARC_STATE_KEY] = {"names": names, "world_size": world_size, "shared": local["shared"],
-                                         "per_rank": rows if local["per_rank"] else []}
+                                         "per_rank": rows}
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:

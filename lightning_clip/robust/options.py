@@ -8,6 +8,7 @@ builds it from its keyword arguments (the strategy's signature is generated from
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -188,7 +189,7 @@ class ARCConfig:
 
     # -- derived -----------------------------------------------------------------------------------------
 
-    @property
+    @functools.cached_property
     def rule(self) -> Rule:
         """The rule object of ``aggregator`` with its settings (``cclip_tau``, ``cclip_iters``) from this config."""
         return RULES[self.aggregator].configured(self)

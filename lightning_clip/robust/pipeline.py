@@ -272,7 +272,8 @@ def run(
             without NNM reduces each before the next is asked for).
         counted: Per block, whether its partial sums count here (see :class:`~lightning_clip.robust.rules.Blocks`).
         norms: The L2 norms ``[n]`` of the *whole* rows, in the compute dtype.
-        options: The pipeline's settings (:data:`~lightning_clip.robust.options.PIPELINE_FIELDS`).
+        options: The pipeline's settings (:data:`~lightning_clip.robust.options.PIPELINE_FIELDS`), already checked
+            for the ``n`` vectors (:meth:`~lightning_clip.robust.options.ARCConfig.check_rows`).
         emit: Receives each block's aggregate, in the blocks' dtype.
         reduce: Completes a small sum over the blocks held elsewhere (the identity when ``parts`` is everything).
         step: Step counter of the bucketing permutation.
@@ -282,7 +283,6 @@ def run(
         :func:`preaggregation_stats` of ``norms``.
     """
     n = norms.shape[0]
-    options.check_rows(n)
     f = options.num_byzantine
     stats = preaggregation_stats(norms, f, arc=options.arc, static_clip=options.static_clip)
     scaling = None
@@ -321,6 +321,7 @@ def aggregate_with(x: Tensor, options: ARCConfig, *, center: Tensor | None = Non
         The aggregate ``[d]`` (dtype of ``x``) and :func:`preaggregation_stats` of the rows' norms.
     """
     xc = check_matrix("x", x)
+    options.check_rows(xc.shape[0])
     check_non_negative_int("step", step)
     check_center(center, xc.shape[1])
     norms = torch.linalg.vector_norm(x, dim=1, dtype=compute_dtype(x.dtype))

@@ -183,15 +183,13 @@ class Blocks:
                     acc += (part[:, a : a + DIST_CHUNK].to(cdt) - v[a : a + DIST_CHUNK]).pow(2).sum(dim=1)
         return self.reduce(acc)
 
-    def weighted_sum(self, w: Tensor) -> list[Tensor]:
-        """``sum_i w_i x_i`` of every block (compute dtype), rows added one by one."""
-        out = []
+    def weighted_sums(self, w: Tensor) -> Iterator[Tensor]:
+        """``sum_i w_i x_i`` of each block in turn (compute dtype of ``w``), rows added one by one."""
         for part in self.parts:
             z = torch.empty(part.shape[1], dtype=w.dtype, device=w.device)
             for a in range(0, part.shape[1], DIST_CHUNK):
                 z[a : a + DIST_CHUNK] = sum_rows(w.unsqueeze(1) * part[:, a : a + DIST_CHUNK].to(w.dtype))
-            out.append(z)
-        return out
+            yield z
 
 
 # ----------------------------------------------------------------------------- the rules
@@ -218,9 +216,9 @@ class Rule:
         raise NotImplementedError
 
     def blocks(self, blocks: Blocks, f: int, center: Sequence[Tensor] | None = None) -> Iterator[Tensor]:
-        """The aggregate of each block of ``blocks``, in order (compute dtype), as soon as each is ready."""
-        for part in blocks.parts:
-            yield self.columns(part.to(blocks.compute_dtype), f)
+        """The aggregate of each block of ``blocks``, in order (compute dtype), as soon as each is ready; ``center``
+        holds each block's part of the starting point of a :attr:`uses_center` rule (``None``: zeros)."""
+        raise NotImplementedError
 
     def configured(self, options: Any) -> Rule:
         """This rule with its settings taken from ``options`` (an ``ARCConfig``) per :attr:`option_fields`."""
@@ -414,8 +412,8 @@ class GeometricMedian(Rule):
                 if it + 1 < self.max_iter:
                     d2 = forms(eye - v).to(cdt)
         total = w.sum()
-        for z in blocks.weighted_sum(w):
-            yield z / total
+        for z in blocks.weighted_sums(w):
+            yield z.div_(total)
 
 
 def _check_m(n: int, m: int | None, f: int) -> int:

@@ -319,3 +319,20 @@ def test_hook_state_validation_and_pickle():
     assert copy.transforms[1].spec == state.transforms[1].spec
     assert copy.worker_momentum.beta == 0.5 and copy.worker_momentum.buffers == {}  # keyed by live parameters
     assert "process_group" not in state.__getstate__()
+
+
+def test_hook_state_collects_the_state_of_its_parts_shared_or_per_rank():
+    params = list(h.make_net().parameters())
+    state = h.hook_state(num_byzantine=1, aggregator="cclip", worker_momentum=0.5,
+                         byzantine={"ranks": [0], "attack": "zero"})
+    assert list(state.stateful) == ["worker_momentum", "center"]  # the attack keeps no state
+    d = sum(p.numel() for p in params)
+    state.center.load_vector(torch.arange(float(d)), params)
+    saved = state.state_dict(params)
+    assert list(saved["per_rank"]) == ["worker_momentum"] and list(saved["shared"]) == ["center"]
+    assert torch.equal(saved["shared"]["center"]["vector"], torch.arange(float(d)))
+    fresh = h.hook_state(num_byzantine=1, aggregator="cclip", worker_momentum=0.5)
+    fresh.load_state_dict({**saved["shared"], **saved["per_rank"]}, params)
+    assert torch.equal(fresh.center.vector(params), torch.arange(float(d)))
+    assert not fresh.worker_momentum.vector(params).any()  # m_0 = 0, restored as saved
+    assert list(h.hook_state(num_byzantine=1).stateful) == []
