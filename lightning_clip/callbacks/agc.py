@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 
 from lightning_clip import tags
 from lightning_clip.callbacks.step import Stage, StepCallback, StepState, check_strategy, should_log
-from lightning_clip.core.sharded import is_dtensor
+from lightning_clip.core.dtensor_norms import is_dtensor
 from lightning_clip.core.unitwise import adaptive_clip_grads_
 from lightning_clip.exceptions import (
     check_bool,

@@ -17,14 +17,16 @@ the vectors then get the larger noise multiplier of :func:`adaptive_noise_multip
 of mechanisms together has multiplier ``sigma``.
 
 The noise of a step is a pure function of ``(seed, step)`` (:func:`noise_seed`), drawn on the given
-device: a resumed run replays it, and every process drawing it gets the same numbers.
+device: a resumed run replays it, and every process drawing it gets the same numbers. :class:`DPState` is
+what the ``ddp_arc`` hook keeps: the adaptive bound and the noise laid out on DDP's buckets.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -38,12 +40,17 @@ from lightning_clip.exceptions import (
     check_seed,
 )
 from lightning_clip.robust.arc import ARCStats
+from lightning_clip.robust.transforms import SendBuffers
+
+if TYPE_CHECKING:
+    from lightning_clip.robust.options import ARCConfig
 
 __all__ = [
     "ACCOUNTANTS",
     "DP_EXTRA_HINT",
     "VECTOR_STREAM",
     "COUNT_STREAM",
+    "DPState",
     "adaptive_noise_multiplier",
     "bound_stats",
     "epsilon",
@@ -154,7 +161,7 @@ def update_clip_bound(bound: Tensor, norms: Tensor, quantile: float, learning_ra
 def bound_stats(stats: ARCStats, bound: Tensor, arc: bool) -> ARCStats:
     """``stats`` (ARC's, or unit scales) with every vector then clipped to the tensor ``bound``.
 
-    The static clip of :func:`~lightning_clip.robust.aggregators.preaggregation_stats` for a bound held
+    The static clip of :func:`~lightning_clip.robust.pipeline.preaggregation_stats` for a bound held
     on the device (the adaptive one): the factor ``min(1, C / (norm_after_ARC + 1e-6))`` is multiplied in.
     Without ARC the reported threshold is ``C``.
     """
@@ -255,3 +262,113 @@ def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: fl
     if z == 0.0:
         return math.inf
     return _accounted_epsilon(z, q, t, d, accountant)
+
+
+class DPState:
+    """What the ``ddp_arc`` hook needs for client-level DP: the adaptive clip bound and the noise's layout.
+
+    The noise of a step is one flat vector of ``d`` samples in a canonical parameter order: the order of the
+    parameters in DDP's buckets at the first step this state sees. A fresh DDP model always starts with the
+    same buckets (DDP rebuilds them in gradient-ready order after its first step), so a resumed run maps the
+    noise of a step onto the parameters exactly as the uninterrupted run did.
+
+    Args:
+        config: The validated settings (``static_clip`` and the ``dp_*`` fields).
+
+    Attributes:
+        bound: The adaptive clip bound ``C_t`` (0-d float32 tensor), ``None`` with a fixed bound: the only
+            state (:meth:`state_dict`), the same on every rank.
+    """
+
+    __slots__ = ("config", "bound", "_offsets", "_perms")
+    per_rank: ClassVar[bool] = False
+
+    def __init__(self, config: ARCConfig) -> None:
+        self.config = config
+        self.bound: Tensor | None = None
+        if config.dp_clip_quantile is not None and config.static_clip is not None:
+            self.bound = torch.tensor(config.static_clip, dtype=torch.float32)
+        self._offsets: dict[int, int] | None = None  # id(parameter) -> offset in the canonical order
+        self._perms: dict[tuple[int, ...], Tensor | None] = {}
+
+    def clip_bound(self, device: torch.device) -> Tensor | float:
+        """The clip bound ``C`` in force: the adaptive one on ``device``, else ``static_clip``."""
+        if self.bound is None:
+            return float(self.config.static_clip or 0.0)
+        if self.bound.device != device:
+            self.bound = self.bound.to(device)
+        return self.bound
+
+    def stats(self, stats: ARCStats, device: torch.device) -> ARCStats:
+        """``stats`` computed without the static clip, with the adaptive bound applied (fixed bound: unchanged)."""
+        bound = self.clip_bound(device)
+        return stats if not isinstance(bound, Tensor) else bound_stats(stats, bound, self.config.arc)
+
+    def update_bound(self, norms: Tensor, step: int) -> None:
+        """Move the adaptive bound one geometric step towards the target quantile of ``norms [n]`` (same everywhere)."""
+        cfg = self.config
+        bound = self.clip_bound(norms.device)
+        if not isinstance(bound, Tensor) or cfg.dp_clip_quantile is None:
+            return
+        self.bound = update_clip_bound(bound, norms.to(bound.dtype), cfg.dp_clip_quantile, cfg.dp_clip_learning_rate,
+                                       cfg.dp_count_stddev(norms.shape[0]), cfg.dp_seed, step)
+
+    def add_noise_(self, sent: SendBuffers, step: int, world_size: int) -> None:
+        """Add ``N(0, (sigma C / n)^2)`` noise of step ``step`` to the buffers, in the canonical parameter order."""
+        multiplier = self.config.dp_vector_noise_multiplier(world_size)
+        if multiplier == 0.0:
+            return
+        device = sent.buffers[0].device
+        numel = sum(b.numel() for b in sent.buffers)
+        std = self.clip_bound(device) * (multiplier * (1.0 / world_size))
+        noise = gaussian_noise(numel, std, self.config.dp_seed, step, device=device)
+        perm = self._perm(sent, numel)
+        if perm is not None:
+            noise = noise[perm.to(device)]
+        offset = 0
+        for b in sent.buffers:
+            b.add_(noise[offset : offset + b.numel()].view_as(b).to(b.dtype))
+            offset += b.numel()
+
+    def _perm(self, sent: SendBuffers, numel: int) -> Tensor | None:
+        """Indices into the canonical noise vector, in the order of this step's buckets (``None``: the same order)."""
+        ids = tuple(id(p) for ps in sent.params for p in ps)
+        if ids in self._perms:
+            return self._perms[ids]
+        params = [p for ps in sent.params for p in ps]
+        held = sum(p.numel() for p in params)
+        if held != numel:
+            raise RuntimeError(
+                f"ddp_arc: the gradient buckets hold {numel} elements but their parameters {held}; "
+                "privacy noise needs buckets laid out parameter by parameter"
+            )
+        if self._offsets is None:
+            self._offsets, offset = {}, 0
+            for p in params:
+                self._offsets[id(p)] = offset
+                offset += p.numel()
+        parts = [torch.arange(self._offsets[id(p)], self._offsets[id(p)] + p.numel()) for p in params]
+        perm: Tensor | None = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        if perm is not None and torch.equal(perm, torch.arange(numel)):
+            perm = None
+        self._perms[ids] = perm
+        return perm
+
+    def state_dict(self, params: Sequence[Tensor] = ()) -> dict[str, Any]:
+        """The adaptive bound (``{}`` with a fixed bound): the only state; the noise is seeded per step."""
+        return {} if self.bound is None else {"clip_bound": self.bound.detach().cpu().clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any], params: Sequence[Tensor] = ()) -> None:
+        """Restore :meth:`state_dict`'s output (a missing bound keeps the current one)."""
+        if self.bound is not None and state.get("clip_bound") is not None:
+            self.bound = torch.as_tensor(state["clip_bound"], dtype=torch.float32).clone().reshape(())
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the parameter layout (keyed by object ids, meaningless in another process)."""
+        return {"config": self.config, "bound": self.bound}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore ``state`` with an empty layout."""
+        self.config, self.bound = state["config"], state["bound"]
+        self._offsets = None
+        self._perms = {}

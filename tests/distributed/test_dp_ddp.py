@@ -30,10 +30,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from lightning_clip import ARCDDPStrategy  # noqa: E402
-from lightning_clip.distributed.strategy import DP_STATE_KEY  # noqa: E402
-from lightning_clip.robust.privacy import COUNT_STREAM, gaussian_noise  # noqa: E402
-from lightning_clip.tags import DP_CLIP_BOUND, DP_EPSILON  # noqa: E402
+from lightning_clip import ARCDDPStrategy
+from lightning_clip.distributed.strategy import ARC_STATE_KEY
+from lightning_clip.robust.privacy import COUNT_STREAM, gaussian_noise
+from lightning_clip.tags import DP_CLIP_BOUND, DP_EPSILON
 from tests.helpers import ddp as h
 from tests.helpers.reference import exact_gaussian_epsilon
 
@@ -220,7 +220,7 @@ def _records(out: Path, tag: str) -> list[dict]:
 def test_resume_replays_the_noise_and_the_bound(out):
     full, resumed = _records(out, "full"), _records(out, "resumed")
     ckpt = torch.load(out / "ckpt" / "step=2.ckpt", weights_only=True)
-    assert float(ckpt[DP_STATE_KEY]["clip_bound"]) == full[0]["records"][1][2]
+    assert float(ckpt[ARC_STATE_KEY]["shared"]["dp"]["clip_bound"]) == full[0]["records"][1][2]
     for rank in range(N):
         assert [s for s, _, _ in resumed[rank]["records"]] == list(range(3, TOTAL + 1))
         for (step, params, bound), (fstep, fparams, fbound) in zip(resumed[rank]["records"], full[rank]["records"][2:]):

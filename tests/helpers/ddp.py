@@ -26,10 +26,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_clip import ARCDDPStrategy
-from lightning_clip.distributed.config import ARCConfig
 from lightning_clip.distributed.hook import ARCHookState, arc_hook
-from lightning_clip.sim.byzantine import ByzantineSpec
-from lightning_clip.sim.transforms import ByzantineTransform
+from lightning_clip.robust.options import ARCConfig
+from lightning_clip.sim.byzantine import ByzantineTransform
 
 #: Per-rank loss multipliers: rank 2's gradient is the largest, so ARC (f=1, n=3, k=1) clips it.
 LOSS_SCALE = (1.0, 3.0, 10.0)
@@ -104,7 +103,7 @@ def param_vector(net: nn.Module) -> Tensor:
 
 def hook_state(byzantine: dict[str, Any] | None = None, seed: int = 0, **config: Any) -> ARCHookState:
     """``ARCHookState`` for ``ARCConfig(**config)``, with a simulated attack appended as the strategy does."""
-    extra = [] if byzantine is None else [ByzantineTransform(ByzantineSpec.from_config(byzantine), seed=seed)]
+    extra = [] if byzantine is None else [ByzantineTransform.from_config(byzantine, seed=seed)]
     return ARCHookState(ARCConfig(**config), transforms=extra)
 
 

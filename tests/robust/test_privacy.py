@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_clip.distributed.config import ARCConfig
 from lightning_clip.robust import privacy
-from lightning_clip.robust.aggregators import preaggregation_stats, static_clip
+from lightning_clip.robust.options import ARCConfig
+from lightning_clip.robust.pipeline import preaggregation_stats, static_clip
 from lightning_clip.robust.privacy import (
     COUNT_STREAM,
     adaptive_noise_multiplier,
@@ -235,3 +235,19 @@ def test_robust_rules_and_arc_warn_that_the_guarantee_is_not_established():
         warnings.simplefilter("error")
         ARCConfig(arc=False, static_clip=1.0, dp_noise_multiplier=1.0)  # DP-FedAvg: no warning
         ARCConfig(static_clip=1.0, dp_noise_multiplier=0.0)  # no noise: no warning
+
+
+def test_dp_state_is_shared_and_round_trips_the_adaptive_bound():
+    config = ARCConfig(arc=False, static_clip=1.5, dp_noise_multiplier=1.0, dp_clip_quantile=0.5,
+                       dp_clipped_count_stddev=0.6)
+    state = privacy.DPState(config)
+    assert not privacy.DPState.per_rank and float(state.bound) == 1.5  # starts at static_clip
+    norms = torch.tensor([0.5, 1.0, 4.0])
+    state.update_bound(norms, step=3)
+    # The geometric update of the noisy unclipped fraction (2 of 3 below 1.5, plus the count's noise of step 3).
+    below = (2.0 + 0.6 * float(gaussian_noise(1, 1.0, 0, 3, stream=COUNT_STREAM)[0])) / 3
+    assert float(state.bound) == pytest.approx(1.5 * math.exp(-0.2 * (below - 0.5)), rel=1e-6)
+    other = privacy.DPState(config)
+    other.load_state_dict(state.state_dict())
+    assert torch.equal(other.bound, state.bound)
+    assert privacy.DPState(ARCConfig(arc=False, static_clip=1.0, dp_noise_multiplier=1.0)).state_dict() == {}
