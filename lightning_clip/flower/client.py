@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch import Tensor
@@ -108,7 +108,7 @@ def lightning_client_app(
     Example::
 
         app = lightning_client_app(lambda ctx: DigitsClassifier(), lambda ctx: loaders(ctx.node_config["partition-id"]),
-                                   steps=20, callbacks_fn=lambda ctx: [GradientClipping(max_norm=1.0)])
+                                   steps=20, callbacks_fn=lambda ctx: [GradientClipping(threshold=1.0)])
 
     Args:
         module_fn: Builds a fresh LightningModule; the global arrays are loaded into its ``state_dict`` by key.
@@ -161,7 +161,7 @@ def lightning_client_app(
             module = module_fn(context)
             names = list(module.state_dict().keys())
             global_arrays = ArrayRecord(dict(zip(names, [Array(np.asarray(a)) for a in
-                                                         compat.parameters_to_ndarrays(fitins.parameters)])))
+                                                         parameters_to_ndarrays(fitins.parameters)])))
         else:
             global_arrays = _only(msg.content.array_records, "ArrayRecord")
             config = _config(msg.content.config_records)

@@ -110,7 +110,8 @@ def differential_privacy(strategy: FedARC, num_sampled_clients: int, *,
         clipping: ``"server"``: the server clips each update; ``"client"``: each site clips its own.
 
     Raises:
-        ValueError: Without noise, with ``dp_sampling_rate < 1``, with secure aggregation, or for a bad argument.
+        ValueError: Without noise, with ``dp_sampling_rate < 1``, or for a bad argument (a FedARC with secure
+            aggregation and noise is refused when it is built).
     """
     if not isinstance(strategy, FedARC):
         raise TypeError(f"Expected argument `strategy` to be a FedARC but got {type(strategy).__name__}")
@@ -126,9 +127,6 @@ def differential_privacy(strategy: FedARC, num_sampled_clients: int, *,
             "number of sites per round, not each site independently, so the accountant's amplification by Poisson "
             "sampling does not apply; epsilon is reported for every site taking part in every round"
         )
-    if strategy.secure_aggregation is not None:
-        raise ValueError("differential_privacy with secure_aggregation is not supported: Flower's DP wrappers read "
-                         "the replies, which SecAgg+ masks")
     privacy.epsilon(cfg.dp_noise_multiplier, 1.0, 1, cfg.dp_delta)  # the accountant answers before any round
     cls: Any = ServerSideDP if clipping == "server" else ClientSideDP
     return cls(strategy, cfg.dp_noise_multiplier, cfg.static_clip, num_sampled_clients)
