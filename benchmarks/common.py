@@ -50,7 +50,8 @@ from lightning_clip.sim.partition import dirichlet_split, extreme_split
 __all__ = [
     # the library's names the scripts use
     "ARCConfig", "ARCHookState", "ByzantineSpec", "ByzantineTransform", "SendBuffers", "SendTransform", "arc_hook",
-    "adding_task", "arc_num_clipped", "flower_api", "clip_grads_with_norm_", "epsilon", "gradient_stats", "load_digits_tensors",
+    "adding_task", "arc_num_clipped", "flower_api", "clip_grads_with_norm_", "epsilon", "gradient_stats",
+    "load_digits_tensors",
     "markov_text", "simulate_sends",
     # results, machine, processes, tables
     "NOTES_MARKER", "RESULTS_DIR", "StdoutRecord", "add_output_arguments", "command_line", "free_port", "kept_notes",

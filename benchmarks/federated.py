@@ -129,7 +129,7 @@ def make_strategy(name: str, f: int) -> Any | None:
     if name == "FedTrimmedAvg":
         return FedTrimmedAvg(beta=(max(f, 1) + 0.5) / N, **kw)
     if name == "Bulyan":
-        return Bulyan(num_malicious_nodes=f, **kw) if N >= 4 * f + 3 else None
+        return Bulyan(num_malicious_nodes=f, **kw) if 4 * f + 3 <= N else None
     if name == "ARC > NNM > CWTM":
         return fl.FedARC(num_byzantine=f, aggregator="cwtm", nnm=True, arc=True, **kw)
     if name == "ARC > mean":
@@ -139,7 +139,7 @@ def make_strategy(name: str, f: int) -> Any | None:
 
 def flat(record: Any) -> Tensor:
     """The arrays of ``record`` laid end to end (all float32 here)."""
-    return torch.cat([torch.from_numpy(record[k].numpy()).reshape(-1) for k in record.keys()])
+    return torch.cat([torch.from_numpy(record[k].numpy()).reshape(-1) for k in record])
 
 
 def write_flat(record: Any, vector: Tensor) -> Any:
@@ -147,7 +147,7 @@ def write_flat(record: Any, vector: Tensor) -> Any:
     from flwr.app import Array, ArrayRecord
 
     out, offset = {}, 0
-    for key in record.keys():
+    for key in record:
         a = record[key].numpy()
         out[key] = Array(vector[offset : offset + a.size].reshape(a.shape).numpy().astype(a.dtype))
         offset += a.size

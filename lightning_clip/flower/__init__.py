@@ -21,10 +21,10 @@ try:
 except ImportError as err:
     raise ImportError(f"lightning_clip.flower needs Flower's message API: {FLOWER_EXTRA_HINT}") from err
 
-from lightning_clip.flower.client import SiteContext, UpdateTransform, lightning_client_app
-from lightning_clip.flower.grid import InProcessGrid
-from lightning_clip.flower.privacy import differential_privacy
-from lightning_clip.flower.strategy import FedARC
+from lightning_clip.flower.client import SiteContext, UpdateTransform, lightning_client_app  # noqa: E402
+from lightning_clip.flower.grid import InProcessGrid  # noqa: E402
+from lightning_clip.flower.privacy import differential_privacy  # noqa: E402
+from lightning_clip.flower.strategy import FedARC  # noqa: E402
 
 __all__ = [
     "FLOWER_EXTRA_HINT",

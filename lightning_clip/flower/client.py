@@ -130,8 +130,8 @@ def lightning_client_app(
     epochs = check_optional_positive_int("epochs", epochs)
     steps = check_optional_positive_int("steps", steps)
     if (epochs is None) == (steps is None):
-        raise ValueError(f"Give exactly one of `epochs` and `steps` (local training per round) but got epochs={epochs}, "
-                         f"steps={steps}")
+        raise ValueError("Give exactly one of `epochs` and `steps` (local training per round) but got "
+                         f"epochs={epochs}, steps={steps}")
     for name, fn in (("module_fn", module_fn), ("data_fn", data_fn)):
         if not callable(fn):
             raise TypeError(f"Expected argument `{name}` to be a callable taking the Flower Context but got {fn!r}")
@@ -184,7 +184,7 @@ def lightning_client_app(
         if legacy:  # secure aggregation: the update itself, and the weight every site reports
             delta = layout.record(update)
             ndarrays = [delta[key].numpy() if key in layout.keys else np.zeros_like(global_arrays[key].numpy())
-                        for key in global_arrays.keys()]
+                        for key in global_arrays]
             weight = int(config.get(SECURE_WEIGHT_KEY, 1))
             fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(ndarrays), weight, metrics)
             return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
@@ -202,7 +202,7 @@ def lightning_client_app(
                              "fraction_evaluate=0.0 on the server")
         check = trainer(context)
         check.validate(module, dataloaders=val_loader, verbose=False)
-        metrics = {"num-examples": _num_examples(val_loader), **_metrics(check)}
+        metrics: dict[str, Any] = {"num-examples": _num_examples(val_loader), **_metrics(check)}
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app

@@ -44,7 +44,7 @@ CLIPPING_SIDES = ("server", "client")
 class _Accounted:
     """Counts the noisy releases of a Flower DP wrapper around a FedARC and reports epsilon after each."""
 
-    strategy: FedARC
+    strategy: Any  # the FedARC inside (Flower's wrappers declare it a Strategy)
     noise_multiplier: float
     releases: int
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ class Layout:
         positions = {key: i for i, key in enumerate(self.template.keys())}
         pieces = []
         for key in self.keys:
+            value: Any
             if isinstance(record, Sequence):
                 value = record[positions[key]]
             elif key in record:

@@ -56,7 +56,8 @@ def check_secure_aggregation(config: ARCConfig, workflow: Any) -> None:
             ``clipping_range``, a ``max_weight`` that is not a whole number, or with DP noise.
     """
     if not isinstance(workflow, SecAggPlusWorkflow):
-        raise TypeError(f"Expected argument `secure_aggregation` to be Flower's SecAggPlusWorkflow but got {workflow!r}")
+        raise TypeError("Expected argument `secure_aggregation` to be Flower's SecAggPlusWorkflow but got "
+                        f"{workflow!r}")
     robust = [f"{name}={getattr(config, name)!r}" for name, plain in
               (("aggregator", "mean"), ("arc", False), ("nnm", False), ("bucket_size", 1))
               if getattr(config, name) != plain]
@@ -119,6 +120,10 @@ class _Round(LegacyStrategy):
         return None
 
 
+def _numeric(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def run_secure_round(strategy: FedARC, server_round: int, arrays: ArrayRecord, messages: list[Message],
                      grid: Grid) -> tuple[Tensor, MetricRecord | None] | None:
     """One SecAgg+ round with the sites of ``messages`` (FedAvg's sampling): the mean update ``[d]`` and the
@@ -144,6 +149,6 @@ def run_secure_round(strategy: FedARC, server_round: int, arrays: ArrayRecord, m
     keys = list(arrays.keys())
     mean = torch.cat([torch.from_numpy(np.asarray(bridge.mean[keys.index(key)], dtype=np.float64)).reshape(-1)
                       for key in layout.keys])
-    records = [RecordDict({"metrics": MetricRecord(dict(res.metrics))}) for _, res in bridge.results]
+    records = [RecordDict({"metrics": MetricRecord(_numeric(res.metrics))}) for _, res in bridge.results]
     metrics = strategy.train_metrics_aggr_fn(records, strategy.weighted_by_key) if records else None
     return mean, metrics

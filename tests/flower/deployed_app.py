@@ -32,8 +32,8 @@ def main(grid: Grid, context: Context) -> None:
     start = initial_arrays()
     result = strategy.start(grid=grid, initial_arrays=start, num_rounds=int(context.run_config["num-server-rounds"]),
                             timeout=120)
-    flat = torch.cat([torch.from_numpy(result.arrays[k].numpy()).reshape(-1) for k in result.arrays.keys()])
-    start_flat = torch.cat([torch.from_numpy(start[k].numpy()).reshape(-1) for k in start.keys()])
+    flat = torch.cat([torch.from_numpy(result.arrays[k].numpy()).reshape(-1) for k in result.arrays])
+    start_flat = torch.cat([torch.from_numpy(start[k].numpy()).reshape(-1) for k in start])
     summary = {
         "finite": bool(torch.isfinite(flat).all()),
         "moved": float((flat - start_flat).norm()),

@@ -28,7 +28,7 @@ def _strategy(**kwargs) -> FedARC:
 
 
 def _flat(record: ArrayRecord) -> torch.Tensor:
-    return torch.cat([torch.from_numpy(record[k].numpy()).reshape(-1) for k in record.keys()]).double()
+    return torch.cat([torch.from_numpy(record[k].numpy()).reshape(-1) for k in record]).double()
 
 
 def test_flowers_server_side_wrapper_clips_and_adds_noise_of_std_sigma_c_over_m():

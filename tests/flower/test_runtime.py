@@ -49,7 +49,7 @@ def _importable_repo(monkeypatch):
 
 
 def _flat(record: ArrayRecord) -> torch.Tensor:
-    return torch.cat([torch.from_numpy(record[k].numpy()).reshape(-1) for k in record.keys()])
+    return torch.cat([torch.from_numpy(record[k].numpy()).reshape(-1) for k in record])
 
 
 def _nan_site(update: torch.Tensor, site: SiteContext) -> torch.Tensor:
@@ -231,18 +231,24 @@ out-dir = "{tmp_path}"
     logs = tmp_path / "logs"
     logs.mkdir()
     procs: list[subprocess.Popen] = []
+    handles = []
+
+    def log_file(name: str):
+        handles.append(open(logs / name, "w"))  # noqa: SIM115  (closed in `finally`)
+        return handles[-1]
+
     try:
         procs.append(subprocess.Popen(
             [str(superlink), "--insecure", "--host", "127.0.0.1", "--port", str(port),
              "--disable-runtime-dependency-installation"],
-            env=env, stdout=open(logs / "superlink.log", "w"), stderr=subprocess.STDOUT))
+            env=env, stdout=log_file("superlink.log"), stderr=subprocess.STDOUT))
         _wait_for_port(port, procs[0])
         for i in range(sites):
             procs.append(subprocess.Popen(
                 [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
                  "--host", "127.0.0.1", "--port", str(_free_port()),
                  "--node-config", f"partition-id={i} num-partitions={sites}"],
-                env=env, stdout=open(logs / f"supernode{i}.log", "w"), stderr=subprocess.STDOUT))
+                env=env, stdout=log_file(f"supernode{i}.log"), stderr=subprocess.STDOUT))
         run = subprocess.run([str(flwr), "run", str(app), "local", "--stream"], env=env, capture_output=True,
                              text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -254,6 +260,8 @@ out-dir = "{tmp_path}"
         summary = json.loads(result_path.read_text())
     finally:
         _stop(procs)
+        for fh in handles:
+            fh.close()
     assert all(p.returncode is not None for p in procs)
     assert summary["finite"] and summary["moved"] > 0  # the NaN site did not poison the model
     assert summary["pid"] != os.getpid()  # the ServerApp ran in its own process

@@ -41,7 +41,7 @@ def _run_round(strategy, global_arrays: ArrayRecord, msgs, server_round: int = 1
 
 
 def _flat(record: ArrayRecord) -> torch.Tensor:
-    return torch.cat([torch.from_numpy(record[k].numpy()).reshape(-1) for k in record.keys()])
+    return torch.cat([torch.from_numpy(record[k].numpy()).reshape(-1) for k in record])
 
 
 CONFIGS = [
@@ -240,7 +240,7 @@ def test_a_round_with_too_few_replies_for_num_byzantine_is_skipped(caplog):
 
 def test_integer_arrays_keep_the_global_value():
     g = initial_arrays()
-    record = ArrayRecord({**{k: g[k] for k in g.keys()}, "counter": Array(np.array([7], dtype=np.int64))})
+    record = ArrayRecord({**{k: g[k] for k in g}, "counter": Array(np.array([7], dtype=np.int64))})
     layout = Layout(record)
     assert "counter" not in layout.keys and layout.numel == Layout(g).numel
     out = layout.record(layout.global_flat + 1.0)

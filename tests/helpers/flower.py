@@ -10,7 +10,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from torch import nn
 
 from lightning_clip.flower.grid import ensure_task_identity
-
 from tests.helpers.models import TinyRegressor, make_loader
 
 
