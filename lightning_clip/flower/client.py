@@ -37,12 +37,10 @@ from torch import Tensor
 
 from lightning_clip.core.functional import clip_coefficient
 from lightning_clip.exceptions import check_optional_positive_int
-from lightning_clip.flower.records import Layout
+from lightning_clip.flower.records import SECURE_WEIGHT_KEY, Layout
 
 __all__ = ["SECURE_WEIGHT_KEY", "SiteContext", "UpdateTransform", "lightning_client_app"]
 
-#: Config key of the weight a site reports under secure aggregation (the same on every site: a plain mean).
-SECURE_WEIGHT_KEY = "secagg-weight"
 #: The legacy layout of a train message (what ``secaggplus_mod`` passes on).
 _LEGACY_PARAMETERS = "fitins.parameters"
 

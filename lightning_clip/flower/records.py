@@ -10,7 +10,10 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import Tensor
 
-__all__ = ["Layout", "flat_update", "floating_keys"]
+__all__ = ["SECURE_WEIGHT_KEY", "Layout", "flat_update", "floating_keys"]
+
+#: Config key of the weight every site reports under secure aggregation (the same everywhere: a plain mean).
+SECURE_WEIGHT_KEY = "secagg-weight"
 
 
 def floating_keys(record: ArrayRecord) -> list[str]:

@@ -34,8 +34,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch import Tensor
 
-from lightning_clip.flower.client import SECURE_WEIGHT_KEY
-from lightning_clip.flower.records import Layout
+from lightning_clip.flower.records import SECURE_WEIGHT_KEY, Layout
 from lightning_clip.robust.options import ARCConfig
 
 if TYPE_CHECKING:

@@ -44,12 +44,13 @@ from flwr.supercore import log
 from torch import Tensor
 
 from lightning_clip.flower.records import Layout
+from lightning_clip.flower.secure import check_secure_aggregation, run_secure_round
 from lightning_clip.robust.arc import ARCStats
 from lightning_clip.robust.options import ARCConfig
 from lightning_clip.robust.pipeline import aggregate_with
 from lightning_clip.tags import ARC_CLIPPED_RANKS, ARC_THRESHOLD
 
-__all__ = ["FedARC", "check_federated"]
+__all__ = ["FedARC", "check_federated", "fewest_updates"]
 
 
 def check_federated(config: ARCConfig) -> None:
@@ -75,6 +76,13 @@ def check_federated(config: ARCConfig) -> None:
     if config.dp_seed != 0:
         raise ValueError(f"FedARC got dp_seed={config.dp_seed}: Flower's DP wrappers draw the noise from numpy's "
                          "global generator, so the seed would have no effect; leave dp_seed=0")
+
+
+def fewest_updates(config: ARCConfig) -> int:
+    """The fewest updates ``config``'s pipeline can aggregate: ``2 f + 1`` (``s 2 f + 1`` with buckets of ``s``), at
+    least 2 (FedAvg's default)."""
+    f, s = config.num_byzantine, config.bucket_size
+    return max(2, 2 * f * s + 1 if f else 1)
 
 
 def _fedavg_parameters() -> set[str]:
@@ -113,6 +121,8 @@ class FedARC(FedAvg):
             workflow's ``clipping_range``.
         **fedavg_kwargs: Flower's ``FedAvg`` arguments (``fraction_train``, ``min_train_nodes``,
             ``min_available_nodes``, ``weighted_by_key``, ``train_metrics_aggr_fn``, ...); unknown names raise.
+            ``min_train_nodes`` defaults to the fewest updates the pipeline can aggregate (:func:`fewest_updates`,
+            ``2 num_byzantine + 1``) and ``min_available_nodes`` to at least that.
 
     Attributes:
         arc_config: The validated configuration.
@@ -126,13 +136,14 @@ class FedARC(FedAvg):
         config = ARCConfig.from_keywords("FedARC", arc_config, kwargs)
         check_federated(config)
         _check_fedavg_kwargs(kwargs)
+        fewest = fewest_updates(config)
+        kwargs.setdefault("min_train_nodes", fewest)
+        kwargs.setdefault("min_available_nodes", max(fewest, kwargs["min_train_nodes"]))
         super().__init__(**kwargs)
         self.arc_config = config
         self._check_min_train_nodes()
         self.secure_aggregation = secure_aggregation
         if secure_aggregation is not None:
-            from lightning_clip.flower.secure import check_secure_aggregation
-
             check_secure_aggregation(config, secure_aggregation)
         self.current_arrays: ArrayRecord | None = None
         self.last_stats: ARCStats | None = None
@@ -202,8 +213,6 @@ class FedARC(FedAvg):
         self.current_arrays = arrays
         if self.secure_aggregation is None:
             return super().configure_train(server_round, arrays, config, grid)
-        from lightning_clip.flower.secure import run_secure_round
-
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._secure_mean = run_secure_round(self, server_round, arrays, messages, grid)
         return []

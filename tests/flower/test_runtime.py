@@ -227,7 +227,8 @@ out-dir = "{tmp_path}"
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
                                       f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-    env = {**os.environ, "FLWR_HOME": str(home)}
+    # the SuperLink and SuperNodes start Flower's app processes by name: this Python's tools come first
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])}
     logs = tmp_path / "logs"
     logs.mkdir()
     procs: list[subprocess.Popen] = []

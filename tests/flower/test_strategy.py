@@ -324,3 +324,15 @@ def test_the_strategy_runs_rounds_through_flowers_start_with_fedavgs_sampling_an
     assert len(s.last_node_ids) == 5  # max(int(5 * 0.6), min_train_nodes) sites: FedAvg's sampling
     assert set(result.evaluate_metrics_clientapp) == {1, 2} and "val_loss" in result.evaluate_metrics_clientapp[2]
     assert not torch.equal(_flat(result.arrays), _flat(initial_arrays()))
+
+
+@pytest.mark.parametrize(("options", "fewest"), [({}, 3), ({"num_byzantine": 0}, 2), ({"num_byzantine": 2}, 5),
+                                                 ({"num_byzantine": 2, "bucket_size": 2}, 9)])
+def test_node_minimums_default_to_the_fewest_updates_the_pipeline_can_aggregate(options, fewest):
+    s = FedARC(**options)
+    assert s.min_train_nodes == s.min_available_nodes == fewest
+    s.arc_config.check_rows(fewest)  # the pipeline accepts that many
+    if fewest > 2:
+        with pytest.raises(ValueError):
+            s.arc_config.check_rows(fewest - 1)
+    assert FedARC(min_train_nodes=fewest + 2, **options).min_available_nodes == fewest + 2
