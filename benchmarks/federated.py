@@ -100,10 +100,11 @@ class DigitsSite(pl.LightningModule):
 
 @dataclass(frozen=True)
 class Scenario:
-    """``f`` Byzantine sites (the last ``f``) running ``attack`` (``None`` for no attack)."""
+    """``f`` Byzantine sites (the last ``f`` of ``n``) running ``attack`` (``None`` for no attack)."""
 
     attack: str | None
     f: int
+    n: int = N
 
     @property
     def label(self) -> str:
@@ -111,7 +112,7 @@ class Scenario:
 
     @property
     def byzantine(self) -> list[int]:
-        return list(range(N - self.f, N))
+        return list(range(self.n - self.f, self.n))
 
 
 def make_strategy(name: str, f: int) -> Any | None:
@@ -160,7 +161,7 @@ def attack_grid(client_app: Any, scenario: Scenario) -> Any:
     chains = None
     if kwargs is not None and scenario.f > 0:
         spec = ByzantineSpec(ranks=scenario.byzantine, **kwargs)
-        chains = [[ByzantineTransform.from_spec(spec)] for _ in range(N)]
+        chains = [[ByzantineTransform.from_spec(spec)] for _ in range(scenario.n)]
 
     class AttackGrid(flower_api().InProcessGrid):  # type: ignore[misc, name-defined]
         round = 0
@@ -181,7 +182,7 @@ def attack_grid(client_app: Any, scenario: Scenario) -> Any:
                     out[i].content["arrays"] = write_flat(global_arrays, g + attacked[row])
             return out
 
-    return AttackGrid(client_app, N)
+    return AttackGrid(client_app, scenario.n)
 
 
 def run_one(name: str, scenario: Scenario, rounds: int, seed: int, data: Data,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 pytest.importorskip("flwr.serverapp")
 
@@ -51,3 +52,42 @@ def test_a_sign_flipping_site_costs_fedavg_accuracy():
     attacked = m.run_one("FedAvg", m.Scenario("scale", 3), 4, 1, data, shards)
     assert honest is not None and attacked is not None
     assert attacked[-1] < honest[-1] - 0.2
+
+
+@pytest.mark.parametrize("attack", ["ALIE", "FOE", "SF"])
+def test_the_study_sends_the_simulation_layers_attack_on_the_honest_updates_of_the_round(attack):
+    from lightning_clip.flower import FedARC
+    from lightning_clip.flower.records import Layout
+    from lightning_clip.sim.attacks import alie, foe
+    from tests.helpers.flower import initial_arrays, site_data, site_module
+
+    seen = []
+
+    class Recording(FedARC):
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            seen.append(self.stack_updates(Layout(self.current_arrays), [r.content for r in sorted(
+                replies, key=lambda r: r.metadata.src_node_id)]))
+            return super().aggregate_train(server_round, replies)
+
+    from lightning_clip.flower import lightning_client_app
+
+    scenario = m.Scenario(attack, 2, n=6)
+    grid = m.attack_grid(lightning_client_app(site_module, site_data, steps=2), scenario)
+    Recording(num_byzantine=2, fraction_evaluate=0.0, min_train_nodes=6).start(
+        grid=grid, initial_arrays=initial_arrays(), num_rounds=1)
+    (x,) = seen  # sites in node-id order = partition order here; the last two are Byzantine
+    honest = x[:4]
+    expected = {"ALIE": lambda: alie(honest, num_byzantine=2), "FOE": lambda: foe(honest),
+                "SF": lambda: None}[attack]()
+    if attack == "SF":
+        clean = m.attack_grid(lightning_client_app(site_module, site_data, steps=2), m.Scenario(None, 0, n=6))
+        seen.clear()
+        Recording(num_byzantine=2, fraction_evaluate=0.0, min_train_nodes=6).start(
+            grid=clean, initial_arrays=initial_arrays(), num_rounds=1)
+        expected = -seen[0][4:]
+        assert torch.allclose(x[4:], expected, atol=1e-6)
+    else:
+        for row in x[4:]:
+            assert torch.allclose(row, expected.to(row.dtype), atol=1e-6)
+    assert torch.equal(x[:4], honest)

@@ -172,3 +172,33 @@ def test_evaluation_validates_the_global_arrays_on_the_sites_data():
 def test_bad_arguments_fail_when_the_app_is_built(kwargs, error, match):
     with pytest.raises(error, match=match):
         lightning_client_app(site_module, site_data, **kwargs)
+
+
+def test_local_epochs_run_whole_passes_over_the_sites_data():
+    app = lightning_client_app(site_module, site_data, epochs=2)
+    update = _update(app(_train_message(), _context()))
+    module = site_module(_context())
+    module.load_state_dict(initial_arrays().to_torch_state_dict())
+    train, _ = site_data(_context())
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train)
+    assert trainer.global_step == 2 * len(train) == 8
+    layout = Layout(initial_arrays())
+    assert torch.equal(update, layout.flatten(ArrayRecord(module.state_dict())) - layout.global_flat)
+
+
+def test_a_gradient_ascent_site_is_a_module_factory_choice():
+    # data-level attacks live in the site's own factories: here the Byzantine site ascends its loss
+    class Ascent(SiteRegressor):
+        def training_step(self, batch, batch_idx):
+            return -super().training_step(batch, batch_idx)
+
+    def module_fn(ctx):
+        torch.manual_seed(0)
+        return Ascent(lr=0.05) if ctx.node_config["partition-id"] == 1 else SiteRegressor(lr=0.05)
+
+    app = lightning_client_app(module_fn, site_data, steps=1)
+    ascent = _update(app(_train_message(), _context(site=1)))
+    honest = _update(lightning_client_app(site_module, site_data, steps=1)(_train_message(), _context(site=1)))
+    assert torch.allclose(ascent, -honest, rtol=1e-5, atol=1e-7) and float(honest.norm()) > 0
