@@ -307,6 +307,9 @@ def test_strategy_builds_or_takes_one_config_and_forwards_it():
     assert strategy.arc_config.static_clip == 2.0 and isinstance(strategy.arc_config.static_clip, float)
     config = ARCConfig(num_byzantine=2, aggregator="cwtm", nnm=True, worker_momentum=0.9)
     assert ARCDDPStrategy(arc_config=config).arc_config is config
+    # A keyword next to the object would be silently ignored, even at its default value: refused, naming it.
+    with pytest.raises(ValueError, match=r"either `arc_config` or the keyword arguments that build one \(nnm\)"):
+        ARCDDPStrategy(arc_config=config, nnm=False)
     # The strategy's keyword defaults are the config's defaults (declared once, checked here).
     params = inspect.signature(ARCDDPStrategy.__init__).parameters
     for field in dataclasses.fields(ARCConfig):
