@@ -28,6 +28,7 @@ buckets), the ``d / n`` aggregated coordinates and the pipeline's chunk-sized te
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -71,6 +72,15 @@ class Transport:
             return fn()
         except RuntimeError as exc:  # DistBackendError included
             cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            waited = re.search(r"[Tt]imed out (?:waiting |after )?(\d+)\s*ms", cause)
+            if waited is not None or "timeout" in cause.lower() or "timed out" in cause.lower():
+                after = f" after {int(waited.group(1)) / 1000:g} s" if waited else ""
+                raise PeerFailureError(
+                    f"ddp_arc: the {what} of step {self.step} timed out{after} on rank {self.rank} of {self.n}: a "
+                    "peer rank did not take part in time, so it is hung (blocked, or far slower than the others) "
+                    "rather than dead; the limit is the process group's timeout (DDPStrategy(timeout=...)). "
+                    f"Cause: {cause}"
+                ) from exc
             raise PeerFailureError(
                 f"ddp_arc: the {what} of step {self.step} failed on rank {self.rank} of {self.n}: a peer rank "
                 f"has probably died (look for its own traceback above) or the connection broke. Cause: {cause}"

@@ -155,7 +155,7 @@ class ARCDDPStrategy(DDPStrategy):
             raise ValueError("Give ARCDDPStrategy either `arc_config` or the keyword arguments that build one "
                              f"({', '.join(sorted(settings))}), not both")
         config = ARCConfig(**settings) if arc_config is None else arc_config
-        if config.dp_noise_multiplier > 0.0:
+        if config.dp_noise_multiplier > 0.0 and (config.dp_sampling_rate < 1.0 or config.dp_accountant == "rdp"):
             privacy.require_accountant()  # epsilon is reported: fail now, naming the extra, when it cannot be
         check_bool("log_arc", log_arc)
         check_transforms(send_transforms)
@@ -322,15 +322,15 @@ class ARCDDPStrategy(DDPStrategy):
     def dp_epsilon(self, steps: int | None = None) -> float | None:
         """Epsilon at ``dp_delta`` after ``steps`` noisy steps (default: the steps so far); ``None`` without noise.
 
-        The accountant's (:func:`lightning_clip.robust.privacy.epsilon`) for ``dp_noise_multiplier``,
-        ``dp_sampling_rate`` and the steps. A guarantee only where the configuration's warning did not say otherwise.
+        :func:`lightning_clip.robust.privacy.epsilon` for ``dp_noise_multiplier``, ``dp_sampling_rate``, the steps
+        and ``dp_accountant``. A guarantee only where the configuration's warning did not say otherwise.
         """
         cfg = self.arc_config
         if cfg.dp_noise_multiplier == 0.0:
             return None
         if steps is None:
             steps = 0 if self._arc_state is None else self._arc_state.iter
-        return privacy.epsilon(cfg.dp_noise_multiplier, cfg.dp_sampling_rate, steps, cfg.dp_delta)
+        return privacy.epsilon(cfg.dp_noise_multiplier, cfg.dp_sampling_rate, steps, cfg.dp_delta, cfg.dp_accountant)
 
     def dp_summary(self) -> str | None:
         """The end-of-fit line on the privacy spent (``None`` without noise)."""

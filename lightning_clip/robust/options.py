@@ -25,6 +25,7 @@ from lightning_clip.exceptions import (
     check_non_negative_int,
     check_positive_float,
     check_positive_int,
+    check_seed,
 )
 from lightning_clip.robust import privacy
 from lightning_clip.robust.arc import check_num_byzantine
@@ -69,7 +70,7 @@ class ARCConfig:
             the sum over the ranks, then the sum is divided by ``n`` (:mod:`lightning_clip.robust.privacy`).
             Needs ``static_clip``. ``0.0`` (the default) adds nothing. The guarantee is established for
             ``arc=False``, ``aggregator="mean"``, ``nnm=False``; other settings warn.
-        dp_seed: Seed of the noise; the noise of a step is a function of ``(dp_seed, step)``.
+        dp_seed: Seed of the noise, in ``[0, 2**32)``; the noise of a step is a function of ``(dp_seed, step)``.
         dp_delta: ``delta`` in ``(0, 1)`` at which epsilon is reported.
         dp_sampling_rate: In ``(0, 1]``: the probability that a client takes part in a step, for the
             accountant (``1.0``: every rank's client contributes to every step).
@@ -78,6 +79,9 @@ class ARCConfig:
         dp_clip_learning_rate: Positive step size of the adaptive bound's geometric update.
         dp_clipped_count_stddev: Standard deviation (``>= 0``) of the noise on the count of unclipped ranks;
             ``None``: ``n / 20`` with noise, ``0`` without. With noise it must exceed ``dp_noise_multiplier / 2``.
+        dp_accountant: How epsilon is computed (:func:`~lightning_clip.robust.privacy.epsilon`): ``"pld"``
+            (the default: exact for ``dp_sampling_rate=1``, else the tight privacy-loss-distribution
+            accountant) or ``"rdp"`` (Renyi DP, looser).
         robust_comm: How a robust rule (or NNM) moves the vectors: ``"sharded"`` (the default: each rank
             aggregates ``d / n`` coordinates after one all-to-all, then one all-gather; about an
             all-reduce's traffic and one gradient of extra memory, :mod:`lightning_clip.distributed.exchange`)
@@ -86,7 +90,7 @@ class ARCConfig:
         bucket_size: ``s >= 1``: average random buckets of ``s`` vectors before NNM and the rule (the
             permutation is a function of ``(bucket_seed, step)``, the same on every rank and on resume);
             needs ``num_byzantine < ceil(world_size / s) / 2``. ``1`` (the default) skips bucketing.
-        bucket_seed: Seed of the bucketing permutation.
+        bucket_seed: Seed of the bucketing permutation, in ``[0, 2**32)``.
         cclip_tau: Radius of centered clipping (``aggregator="cclip"``), positive.
         cclip_iters: Iterations of centered clipping per step, positive.
     """
@@ -104,6 +108,7 @@ class ARCConfig:
     dp_clip_quantile: float | None = None
     dp_clip_learning_rate: float = 0.2
     dp_clipped_count_stddev: float | None = None
+    dp_accountant: str = "pld"
     robust_comm: str = "sharded"
     bucket_size: int = 1
     bucket_seed: int = 0
@@ -127,12 +132,15 @@ class ARCConfig:
         norm("worker_momentum", check_fraction("worker_momentum", self.worker_momentum, low=0.0, high=1.0,
                                                open_high=True))
         check_positive_int("bucket_size", self.bucket_size)
-        check_non_negative_int("bucket_seed", self.bucket_seed)
+        check_seed("bucket_seed", self.bucket_seed)
         norm("cclip_tau", check_positive_float("cclip_tau", self.cclip_tau))
         check_positive_int("cclip_iters", self.cclip_iters)
         norm("dp_noise_multiplier", check_positive_float("dp_noise_multiplier", self.dp_noise_multiplier,
                                                          allow_zero=True))
-        check_non_negative_int("dp_seed", self.dp_seed)
+        check_seed("dp_seed", self.dp_seed)
+        if not isinstance(self.dp_accountant, str):
+            raise TypeError(f"Expected argument `dp_accountant` to be a string but got {self.dp_accountant!r}")
+        check_choice("dp_accountant", self.dp_accountant, privacy.ACCOUNTANTS)
         norm("dp_delta", check_fraction("dp_delta", self.dp_delta, open_low=True, open_high=True))
         norm("dp_sampling_rate", check_fraction("dp_sampling_rate", self.dp_sampling_rate, open_low=True))
         norm("dp_clip_learning_rate", check_positive_float("dp_clip_learning_rate", self.dp_clip_learning_rate))
@@ -143,6 +151,27 @@ class ARCConfig:
             norm("dp_clip_quantile", check_fraction("dp_clip_quantile", self.dp_clip_quantile, open_low=True,
                                                     open_high=True))
         self._check_dp()
+        self._warn_unused()
+
+    def _warn_unused(self) -> None:
+        """Warn, naming them, about settings changed from their defaults that do nothing in this combination."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        unused: list[tuple[str, str]] = []
+        if self.aggregator != "cclip":
+            unused += [(n, f"aggregator={self.aggregator!r} is not 'cclip'") for n in ("cclip_tau", "cclip_iters")]
+        if self.bucket_size == 1:
+            unused.append(("bucket_seed", "bucket_size=1 (no bucketing)"))
+        if self.dp_clip_quantile is None:
+            unused.append(("dp_clip_learning_rate", "dp_clip_quantile=None (a fixed clip bound)"))
+        if self.dp_noise_multiplier == 0.0:
+            why = "dp_noise_multiplier=0 (no noise, no epsilon)"
+            unused += [(n, why) for n in ("dp_delta", "dp_sampling_rate", "dp_accountant")]
+            if self.dp_clip_quantile is None:
+                unused += [(n, why + " and no adaptive bound") for n in ("dp_seed", "dp_clipped_count_stddev")]
+        for name, why in unused:
+            if getattr(self, name) != defaults[name]:
+                warnings.warn(f"ARCConfig: `{name}={getattr(self, name)!r}` has no effect: {why}", UserWarning,
+                              stacklevel=4)
 
     def _check_dp(self) -> None:
         sigma, q = self.dp_noise_multiplier, self.dp_clip_quantile
@@ -275,8 +304,8 @@ class ARCConfig:
         rows = -(-n // self.bucket_size)
         if self.bucket_size > 1 and 2 * f >= rows:
             raise ValueError(
-                f"Expected argument `bucket_size` to leave more than 2 num_byzantine = {2 * f} buckets of {n} "
-                f"vectors but got bucket_size={self.bucket_size} ({rows} buckets); use "
+                f"Expected argument `bucket_size` to leave more than 2 * num_byzantine = {2 * f} buckets "
+                f"(num_byzantine={f}) of {n} vectors but got bucket_size={self.bucket_size} ({rows} buckets); use "
                 f"bucket_size <= {max(1, (n - 1) // (2 * f)) if f else n}"
             )
 

@@ -152,6 +152,27 @@ def test_a_dead_peer_is_reported_with_the_step_by_the_survivors(tmp_path):
 
 
 @pytest.mark.distributed
+def test_a_hung_peer_is_reported_as_a_timeout_by_the_survivors(tmp_path):
+    ctx = mp.get_context("spawn")
+    port = h.free_port()
+    # Rank 2 stops taking part at step 2 and stays alive past the 3 s timeout of the process group.
+    procs = [ctx.Process(target=h.peer_failure_worker, args=(r, N, port, str(tmp_path), 2, 2, 12.0))
+             for r in range(N)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 3]
+    for rank in (0, 1):
+        outcome = torch.load(tmp_path / f"peer{rank}.pt", weights_only=False)
+        assert outcome["type"] == "PeerFailureError", outcome
+        first_line = outcome["message"].splitlines()[0]
+        assert first_line.startswith(f"ddp_arc: the all-gather of step 2 timed out after 3 s on rank {rank} of {N}: "
+                                     "a peer rank did not take part in time, so it is hung"), first_line
+        assert "probably died" not in first_line and "DDPStrategy(timeout=...)" in first_line
+
+
+@pytest.mark.distributed
 def test_gradient_accumulation_with_no_sync(raw):
     rec = raw[0]["accumulate"]
     assert rec["iter_no_sync"] == 0 and rec["iter"] == 1  # the hook ran once, on the synced backward
@@ -286,6 +307,9 @@ def test_strategy_builds_or_takes_one_config_and_forwards_it():
     assert strategy.arc_config.static_clip == 2.0 and isinstance(strategy.arc_config.static_clip, float)
     config = ARCConfig(num_byzantine=2, aggregator="cwtm", nnm=True, worker_momentum=0.9)
     assert ARCDDPStrategy(arc_config=config).arc_config is config
+    # A keyword next to the object would be silently ignored, even at its default value: refused, naming it.
+    with pytest.raises(ValueError, match=r"either `arc_config` or the keyword arguments that build one \(nnm\)"):
+        ARCDDPStrategy(arc_config=config, nnm=False)
     # The strategy's keyword defaults are the config's defaults (declared once, checked here).
     params = inspect.signature(ARCDDPStrategy.__init__).parameters
     for field in dataclasses.fields(ARCConfig):

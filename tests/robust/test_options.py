@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,8 @@ def test_robust_comm_bucketing_and_rule_settings_are_validated():
         ARCConfig(bucket_size=0)
     with pytest.raises(ValueError, match=r"`cclip_tau`"):
         ARCConfig(aggregator="cclip", cclip_tau=0.0)
-    with pytest.raises(ValueError, match=r"`bucket_size` to leave more than 2 num_byzantine = 2 buckets of 4"):
+    with pytest.raises(ValueError, match=r"`bucket_size` to leave more than 2 \* num_byzantine = 2 buckets "
+                                         r"\(num_byzantine=1\) of 4"):
         ARCConfig(aggregator="cwtm", bucket_size=2).check_world_size(4)
     ARCConfig(aggregator="cwtm", bucket_size=2).check_world_size(5)
 
@@ -124,3 +126,48 @@ def test_signature_with_fields_lists_every_field_with_its_default_and_type():
     for field in dataclasses.fields(ARCConfig):
         assert params[field.name].default == field.default and params[field.name].kind.name == "KEYWORD_ONLY"
     assert list(params)[-2:] == ["own", "kwargs"]
+
+
+@pytest.mark.parametrize("name", ["bucket_seed", "dp_seed"])
+def test_seeds_outside_32_bits_are_refused_at_construction(name):
+    with pytest.raises(ValueError, match=rf"`{name}` to be an integer in \[0, 2\*\*32\) but got {2**70}"):
+        ARCConfig(**{name: 2**70})
+
+
+@pytest.mark.parametrize(("settings", "named", "why"), [
+    ({"cclip_tau": 2.0}, "cclip_tau=2.0", "aggregator='mean' is not 'cclip'"),
+    ({"aggregator": "cwtm", "cclip_iters": 3}, "cclip_iters=3", "aggregator='cwtm' is not 'cclip'"),
+    ({"bucket_seed": 7}, "bucket_seed=7", "bucket_size=1"),
+    ({"dp_delta": 1e-6}, "dp_delta=1e-06", "dp_noise_multiplier=0"),
+    ({"dp_sampling_rate": 0.5}, "dp_sampling_rate=0.5", "dp_noise_multiplier=0"),
+    ({"dp_accountant": "rdp"}, "dp_accountant='rdp'", "dp_noise_multiplier=0"),
+    ({"dp_clipped_count_stddev": 0.3}, "dp_clipped_count_stddev=0.3", "no adaptive bound"),
+    ({"dp_seed": 3}, "dp_seed=3", "no adaptive bound"),
+    ({"dp_clip_learning_rate": 0.5}, "dp_clip_learning_rate=0.5", "dp_clip_quantile=None"),
+])
+def test_a_setting_that_has_no_effect_warns_naming_it(settings, named, why):
+    with pytest.warns(UserWarning, match=rf"ARCConfig: `{re.escape(named)}` has no effect: .*{re.escape(why)}"):
+        ARCConfig(**settings)
+
+
+def test_settings_that_take_effect_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ARCConfig(aggregator="cclip", cclip_tau=2.0, cclip_iters=2, bucket_size=2, bucket_seed=7, num_byzantine=0)
+        ARCConfig(static_clip=1.0, dp_clip_quantile=0.5, dp_clip_learning_rate=0.5, dp_seed=3,
+                  dp_clipped_count_stddev=0.3)
+        ARCConfig(arc=False, static_clip=1.0, dp_noise_multiplier=1.0, dp_delta=1e-6, dp_sampling_rate=0.5,
+                  dp_accountant="rdp", dp_seed=3)
+
+
+def test_dp_accountant_is_checked_and_reaches_the_strategys_epsilon():
+    from lightning_clip import ARCDDPStrategy
+    from lightning_clip.robust import privacy
+
+    with pytest.raises(ValueError, match=r"`dp_accountant` to be one of 'pld', 'rdp' but got 'prv'"):
+        ARCConfig(static_clip=1.0, dp_noise_multiplier=1.0, arc=False, dp_accountant="prv")
+    for accountant in ("pld", "rdp"):
+        strategy = ARCDDPStrategy(arc=False, static_clip=1.0, dp_noise_multiplier=1.0, dp_accountant=accountant)
+        assert strategy.dp_epsilon(100) == privacy.epsilon(1.0, 1.0, 100, 1e-5, accountant)
+    assert ARCDDPStrategy(arc=False, static_clip=1.0, dp_noise_multiplier=1.0).dp_epsilon(100) < \
+        ARCDDPStrategy(arc=False, static_clip=1.0, dp_noise_multiplier=1.0, dp_accountant="rdp").dp_epsilon(100)

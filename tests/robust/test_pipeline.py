@@ -182,7 +182,8 @@ def test_aggregate_with_bucketing_is_rule_of_the_buckets_of_the_clipped_rows():
 
 def test_bucketing_validation():
     x = torch.zeros(5, 2)
-    with pytest.raises(ValueError, match=r"`bucket_size` to leave more than 2 num_byzantine = 2 buckets"):
+    with pytest.raises(ValueError, match=r"`bucket_size` to leave more than 2 \* num_byzantine = 2 buckets "
+                                         r"\(num_byzantine=1\)"):
         aggregate(x, "cwtm", 1, bucket_size=3)  # 2 buckets cannot hold an honest majority
     with pytest.raises(ValueError, match=r"`permutation` to be a permutation of range\(5\)"):
         bucketing(x, 2, torch.tensor([0, 0, 1, 2, 3]))

@@ -184,9 +184,12 @@ def test_missing_accountant_names_the_extra(monkeypatch):
     assert privacy.epsilon(1.0, 1.0, 10, 1e-5) > 0  # exact without it
     from lightning_clip import ARCDDPStrategy
 
-    with pytest.raises(ImportError, match=r"lightning-clip\[dp\]"):
-        ARCDDPStrategy(arc=False, static_clip=1.0, dp_noise_multiplier=1.0)
-    ARCDDPStrategy(arc=False, static_clip=1.0)  # without noise nothing is accounted: no need for it
+    for needs_it in ({"dp_sampling_rate": 0.5}, {"dp_accountant": "rdp"}):
+        with pytest.raises(ImportError, match=r"lightning-clip\[dp\]"):
+            ARCDDPStrategy(arc=False, static_clip=1.0, dp_noise_multiplier=1.0, **needs_it)
+    # every rank in every step: epsilon is exact without the extra; without noise nothing is accounted
+    assert ARCDDPStrategy(arc=False, static_clip=1.0, dp_noise_multiplier=1.0).dp_epsilon(10) > 0
+    ARCDDPStrategy(arc=False, static_clip=1.0)
 
 
 # ---------------------------------------------------------------------------------------------------
