@@ -10,9 +10,10 @@ combination with ARC, NNM or a robust rule warns there, as in ``ddp_arc`` (the s
 established for the mean of clipped updates only). FedARC's pipeline clips at ``static_clip`` again on the server,
 which also bounds a site that skipped its own clipping.
 
-Epsilon comes from the library's accountant (:func:`lightning_clip.robust.privacy.epsilon`): after every noisy
-round it is logged and added to the round's train metrics as ``dp/epsilon``. Flower samples a fixed number of
-sites per round (not Poisson sampling), so no amplification by sampling is claimed: ``dp_sampling_rate`` must be 1.
+Epsilon comes from the library's accountant (:func:`lightning_clip.robust.privacy.epsilon`, with the strategy's
+``dp_accountant``): after every noisy round it is logged and added to the round's train metrics as ``dp/epsilon``.
+Flower samples a fixed number of sites per round (not Poisson sampling), so no amplification by sampling is
+claimed: ``dp_sampling_rate`` must be 1.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class _Accounted:
         """Epsilon at ``dp_delta`` after ``rounds`` noisy rounds (default: the rounds released so far)."""
         cfg = self.strategy.arc_config
         return privacy.epsilon(cfg.dp_noise_multiplier, cfg.dp_sampling_rate,
-                               self.releases if rounds is None else rounds, cfg.dp_delta)
+                               self.releases if rounds is None else rounds, cfg.dp_delta, cfg.dp_accountant)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -127,6 +128,6 @@ def differential_privacy(strategy: FedARC, num_sampled_clients: int, *,
             "number of sites per round, not each site independently, so the accountant's amplification by Poisson "
             "sampling does not apply; epsilon is reported for every site taking part in every round"
         )
-    privacy.epsilon(cfg.dp_noise_multiplier, 1.0, 1, cfg.dp_delta)  # the accountant answers before any round
+    privacy.epsilon(cfg.dp_noise_multiplier, 1.0, 1, cfg.dp_delta, cfg.dp_accountant)  # answers before any round
     cls: Any = ServerSideDP if clipping == "server" else ClientSideDP
     return cls(strategy, cfg.dp_noise_multiplier, cfg.static_clip, num_sampled_clients)
