@@ -34,6 +34,7 @@ Needs the extra ``pip install 'lightning-clip[flower]'``.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import statistics
@@ -286,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     curves: dict[tuple[str, str, int], list[float]] = {}
     for i, (name, sc, seed) in enumerate(runs):
+        gc.collect()
+        gc.freeze()  # Flower's Bulyan collects garbage for every reply: keep the objects that live on out of it
         shards = honest_shards(data, HET, N, seed)
         accs = run_one(name, sc, rounds, seed, data, shards)
         if accs is not None:
