@@ -56,6 +56,15 @@ def test_epsilon_is_the_library_accountants_and_agrees_with_an_independent_pld_a
         assert dp.dp_epsilon(rounds) == pytest.approx(acc.get_epsilon(DELTA), rel=0.01)
 
 
+def test_the_rdp_accountant_is_used_when_the_config_names_it():
+    dp_accounting = pytest.importorskip("dp_accounting")
+    dp = differential_privacy(_strategy(dp_accountant="rdp"), num_sampled_clients=8)
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(dp_accounting.GaussianDpEvent(SIGMA), 10)
+    assert dp.dp_epsilon(10) == pytest.approx(acc.get_epsilon(DELTA), rel=1e-6)
+    assert dp.dp_epsilon(10) > differential_privacy(_strategy(), num_sampled_clients=8).dp_epsilon(10)  # RDP is looser
+
+
 def test_client_side_clipping_epsilon_per_round_and_fedavgs_sampling_in_a_run():
     norms = []
 
