@@ -31,7 +31,7 @@ def main(grid: Grid, context: Context) -> None:
                       min_available_nodes=sites, fraction_evaluate=1.0, min_evaluate_nodes=sites)
     start = initial_arrays()
     result = strategy.start(grid=grid, initial_arrays=start, num_rounds=int(context.run_config["num-server-rounds"]),
-                            timeout=120)
+                            timeout=240)
     flat = torch.cat([torch.from_numpy(result.arrays[k].numpy()).reshape(-1) for k in result.arrays])
     start_flat = torch.cat([torch.from_numpy(start[k].numpy()).reshape(-1) for k in start])
     summary = {

@@ -51,7 +51,7 @@ def test_epsilon_is_the_library_accountants_and_agrees_with_an_independent_pld_a
     dp_accounting = pytest.importorskip("dp_accounting")
     dp = differential_privacy(_strategy(), num_sampled_clients=8)
     for rounds in (1, 10, 100):
-        acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+        acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)  # within 1e-7 here
         acc.compose(dp_accounting.GaussianDpEvent(SIGMA), rounds)
         assert dp.dp_epsilon(rounds) == pytest.approx(acc.get_epsilon(DELTA), rel=0.01)
 
