@@ -270,4 +270,4 @@ out-dir = "{tmp_path}"
     assert len(summary["node_ids"]) == sites
     for r in map(str, range(1, rounds + 1)):
         assert summary["train"][r][ARC_CLIPPED_RANKS] >= 1
-        assert np.isfinite(summary["evaluate"][r]["val_loss"])
+        assert np.isfinite(summary["train"][r]["train_loss"])
