@@ -271,7 +271,8 @@ def worker(rank, world_size, port):
         dist.destroy_process_group()
         raise
     else:
-        close_group()
+        dist.barrier()  # every rank done before any tears down its gloo pairs
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
