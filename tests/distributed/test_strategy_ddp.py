@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lightning_clip import ARCDDPStrategy
 from lightning_clip.distributed.hook import ARCHookState
+from lightning_clip.robust import pipeline
 from lightning_clip.robust.options import ARCConfig
 from lightning_clip.robust.pipeline import aggregate
 from lightning_clip.sim.byzantine import ByzantineSpec, ByzantineTransform
@@ -322,7 +323,7 @@ def test_server_aggregation_is_the_pure_pipeline():
     config = ARCConfig(num_byzantine=1, aggregator="cwtm", nnm=True, arc=False, static_clip=2.0)
     x = torch.randn(5, 4) * torch.tensor([[1.0], [2.0], [3.0], [40.0], [0.5]])
     # The aggregation the line search attacks is the hook's own pipeline, switches included.
-    assert torch.equal(config.server_aggregation(x), aggregate(x, "cwtm", 1, nnm=True, static_clip=2.0))
+    assert torch.equal(pipeline.server_aggregation(config)(x), aggregate(x, "cwtm", 1, nnm=True, static_clip=2.0))
 
 
 def test_hook_state_validation_and_pickle():
