@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from lightning_clip.callbacks import (
         AdaGCClipping,
         AdaptiveGradientClipping,
+        ClipThresholdFinder,
         GradientClipping,
         GradientNormMonitor,
         NonFiniteGradientGuard,
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 _LIGHTNING_EXPORTS: dict[str, str] = {
     "AdaGCClipping": "lightning_clip.callbacks",
     "AdaptiveGradientClipping": "lightning_clip.callbacks",
+    "ClipThresholdFinder": "lightning_clip.callbacks",
     "GradientClipping": "lightning_clip.callbacks",
     "GradientNormMonitor": "lightning_clip.callbacks",
     "NonFiniteGradientGuard": "lightning_clip.callbacks",
@@ -52,6 +54,7 @@ __all__ = [
     "ARCDDPStrategy",
     "AdaGCClipping",
     "AdaptiveGradientClipping",
+    "ClipThresholdFinder",
     "FixedThreshold",
     "GradientClipping",
     "GradientNormMonitor",

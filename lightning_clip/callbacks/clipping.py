@@ -340,6 +340,22 @@ class GradientClipping(Callback):
             state = self._optimizers[optimizer_idx] = OptimizerClipState(policy)
         return state
 
+    def set_threshold(self, value: float) -> None:
+        """Give the threshold policy (and every optimizer's copy of it) the threshold ``value``.
+
+        What ``value`` becomes, per policy (:func:`lightning_clip.core.search.apply_threshold`):
+        ``FixedThreshold``: ``max_norm``; ``PercentileThreshold`` and ``WarmupThreshold``: ``warmup_threshold``;
+        ``ZScoreThreshold``: ``max_norm`` (the warmup threshold and the cap); ``QuantileThreshold``: ``initial``
+        and the threshold in force. What the policies observed is kept; per-group thresholds are left as they
+        are. The state key names the threshold, so it changes with it.
+        """
+        from lightning_clip.core.search import apply_threshold
+
+        apply_threshold(self.policy, value)
+        for state in self._optimizers.values():
+            if state.policy is not self.policy:
+                apply_threshold(state.policy, value)
+
     def policy_for(self, optimizer_idx: int) -> ThresholdPolicy:
         """The threshold policy of optimizer ``optimizer_idx`` (created on first use)."""
         return self.optimizer_state(optimizer_idx).policy
