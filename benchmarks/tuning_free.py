@@ -35,7 +35,7 @@ from _machine import machine  # noqa: E402
 from _results import add_output_arguments, output_dir, write_results  # noqa: E402
 
 #: Bump when a change to this file changes what a cached run computes (every cached run is then redone).
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 #: The default cache of finished runs (ignored by git): one JSON file per run, named by its settings' hash.
 CACHE_DIR = Path(__file__).resolve().parent / ".cache" / "tuning_free"
 
@@ -336,11 +336,20 @@ class Clipper:
 #: A run diverged when a training loss is not finite or above this multiple of the run's first loss,
 #: or when its final validation loss is not below the validation loss of the initial weights.
 DIVERGE_FACTOR = 1e3
+#: The final validation loss is the mean of this many evaluations over the last tenth of the run (every
+#: hundredth of it, the last step included): one evaluation at a constant learning rate catches the weights at
+#: a random phase of their fluctuation.
+TAIL_EVALS = 10
 
 
 def train(cfg: dict[str, Any], seed: int, spec: Spec, schedule: str, steps: int,
           val_points: int = 10) -> dict[str, Any]:
-    """One training run in a plain loop: ``steps`` optimizer steps of ``spec`` clipping under ``schedule``."""
+    """One training run in a plain loop: ``steps`` optimizer steps of ``spec`` clipping under ``schedule``.
+
+    Returns the per-step training losses and pre-clip norms, ``val_points`` validation losses along the run
+    and ``final_val``, the mean validation loss of :data:`TAIL_EVALS` evaluations spread over the last tenth
+    of the run (``inf`` for a divergence).
+    """
     torch.set_num_threads(1)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     s = build(cfg, seed)
@@ -349,6 +358,9 @@ def train(cfg: dict[str, Any], seed: int, spec: Spec, schedule: str, steps: int,
     clipper = Clipper(spec, params)
     val0 = s.val()
     every = max(1, steps // val_points)
+    tail_every = max(1, steps // (10 * TAIL_EVALS))
+    tail_from = steps - (TAIL_EVALS - 1) * tail_every  # the 1-based step of the first tail evaluation
+    tail: list[float] = []
     losses: list[float] = []
     norms: list[float] = []
     vals: list[tuple[int, float]] = [(0, val0)]
@@ -367,13 +379,20 @@ def train(cfg: dict[str, Any], seed: int, spec: Spec, schedule: str, steps: int,
         grads = [p.grad for p in params if p.grad is not None]
         norms.append(clipper(grads))
         opt.step()
-        if (t + 1) % every == 0 or t + 1 == steps:
-            vals.append((t + 1, s.val()))
-    final = math.inf if diverged_at is not None else vals[-1][1]
+        tail_point = t + 1 >= tail_from and (steps - t - 1) % tail_every == 0
+        curve_point = (t + 1) % every == 0 or t + 1 == steps
+        if tail_point or curve_point:
+            value = s.val()
+            if tail_point:
+                tail.append(value)
+            if curve_point:
+                vals.append((t + 1, value))
+    final = math.inf if diverged_at is not None or not tail else float(np.mean(tail))
     if diverged_at is None and not final < val0:
         diverged_at = steps
     thr = clipper.thresholds[len(clipper.thresholds) // 2:]
     return {"final_val": final if diverged_at is None else math.inf, "val0": val0, "diverged_at": diverged_at,
+            "tail_vals": tail,
             "steps": len(losses), "losses": [float(f"{v:.5g}") for v in losses],
             "norms": [float(f"{v:.4g}") for v in norms], "vals": vals,
             "threshold_median": float(np.median(thr)) if thr else None,
