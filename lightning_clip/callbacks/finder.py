@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -40,6 +41,8 @@ __all__ = ["ClipThresholdFinder", "plot_search"]
 
 #: File name of the plot written next to the logs (``_epoch<m>`` added for a milestone's search).
 PLOT_NAME = "clip_threshold_finder"
+#: How many probe steps with a non-finite norm (a GradScaler finding its scale) the probe may take on top.
+PROBE_EXTRA_STEPS = 32
 
 
 class ClipThresholdFinder(Callback):
@@ -50,7 +53,8 @@ class ClipThresholdFinder(Callback):
     the RNG states and the training dataloaders' generators. It then
 
     1. measures ``m0``, the median total gradient norm of ``num_probe_batches`` optimizer steps whose update
-       is dropped (every one at the starting weights), unless ``candidates`` are given;
+       is dropped (every one at the starting weights), unless ``candidates`` are given; steps whose norm is
+       not finite (a GradScaler lowering its scale) do not count, up to ``PROBE_EXTRA_STEPS`` more steps;
     2. runs ``num_batches`` optimizer steps per candidate ``c_k = m0 * 10**(-3 + k/2)``,
        ``k = 0..num_candidates-1``, each from the saved state and on the same batches (Lightning's own
        training loop: AMP, gradient accumulation and data parallelism as configured), clipping the total
@@ -86,9 +90,10 @@ class ClipThresholdFinder(Callback):
     Refused at setup, with the reason: no ``GradientClipping`` (or several) in the callbacks, manual
     optimization (the search steps the optimizer through Lightning's automatic optimization; several
     optimizers need manual optimization), ``GradientClipping(groups=...)`` or ``mode="value"``, DeepSpeed.
-    At the start of the search, before any step: a training dataloader with fewer batches than one run needs
-    (``num_batches`` or ``num_probe_batches`` times ``accumulate_grad_batches``). Two finders share one state
-    key, so the ``Trainer`` refuses them at construction. Skipped with a warning under ``fast_dev_run``.
+    At the start of the search, before any step: training data too short for one run (``num_batches`` or
+    ``num_probe_batches`` optimizer steps; a run may cross epochs, up to ``max_epochs``). Two finders share
+    one state key, so the ``Trainer`` refuses them at construction. Skipped with a warning under
+    ``fast_dev_run``.
 
     Args:
         candidates: the thresholds to try (positive numbers); default: the grid from ``m0``.
@@ -140,6 +145,8 @@ class ClipThresholdFinder(Callback):
         self._clipping: GradientClipping | None = None
         self._clipping_key: str | None = None  # the clipping callback's state key before any threshold was set
         self._can_plot = plot
+        #: Print the table and the plot's path on rank 0 (``find_clip_threshold`` prints them itself).
+        self.verbose = True
 
     # ------------------------------------------------------------------------------------------------
     # Setup: every refusal happens here or at the very start of the search, before any step.
@@ -172,7 +179,7 @@ class ClipThresholdFinder(Callback):
                              "does not allow.")
         if self._clipping is not clipping:
             self._clipping, self._clipping_key = clipping, clipping.state_key
-        if self.plot and self._can_plot and trainer.is_global_zero:
+        if self.plot and self._can_plot:  # on every rank: they all take part in finding the log directory
             try:
                 import matplotlib  # noqa: F401
             except ImportError:
@@ -219,7 +226,7 @@ class ClipThresholdFinder(Callback):
     def _search(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         at_fit_start = epoch == 0
         loop = trainer.fit_loop
-        with isolate_rng(), _quiet_max_steps():
+        with isolate_rng(), quiet_max_steps():
             # What the fit's first batches are drawn with: at fit start the dataloaders are not requested yet
             # (the source's own generators count), at a milestone the epoch's iterator is not created yet.
             start = _DataStart(trainer, reload=at_fit_start)
@@ -236,14 +243,18 @@ class ClipThresholdFinder(Callback):
                                f"Lower the learning rate or pass smaller `candidates`.\n{result.table()}")
         self.results, self.threshold = result, float(result.threshold)
         self._searched.add(epoch)
+        if not self.verbose:
+            return
         head = "" if self.initial_norm is None else (
             f"probe: median total gradient norm {self.initial_norm:.4g} over {self.num_probe_batches} steps\n")
         rank_zero_info(f"[lightning_clip] {'at fit start' if at_fit_start else f'at epoch {epoch}'}: {head}"
                        f"{result.table()}")
-        if self.plot and self._can_plot and trainer.is_global_zero:
-            name = PLOT_NAME + ("" if at_fit_start else f"_epoch{epoch}") + ".png"
-            out = plot_search(result, Path(trainer.log_dir or trainer.default_root_dir) / name)
-            rank_zero_info(f"[lightning_clip] clip-threshold search plot: {out}")
+        if self.plot and self._can_plot:
+            log_dir = trainer.log_dir or trainer.default_root_dir  # every rank: `log_dir` is a broadcast
+            if trainer.is_global_zero:
+                name = PLOT_NAME + ("" if at_fit_start else f"_epoch{epoch}") + ".png"
+                out = plot_search(result, Path(log_dir) / name)
+                rank_zero_info(f"[lightning_clip] clip-threshold search plot: {out}")
 
     def _runs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, start: _DataStart) -> SearchResult:
         """The probe and the candidate runs, each from the state saved here, which is put back at the end."""
@@ -270,18 +281,23 @@ class ClipThresholdFinder(Callback):
             session.close()
 
     def _check_data(self, trainer: pl.Trainer) -> None:
-        available = trainer.num_training_batches
+        """Refuse a run longer than the training data allows (a run may cross epochs, up to ``max_epochs``)."""
+        batches = trainer.num_training_batches
         accumulate = trainer.accumulate_grad_batches
+        max_epochs = trainer.max_epochs
+        epochs = math.inf if max_epochs is None or max_epochs < 0 else max_epochs - trainer.current_epoch
+        steps_per_epoch = math.ceil(batches / accumulate) if math.isfinite(batches) else math.inf
+        available = steps_per_epoch * epochs if steps_per_epoch else 0
         needs = [("num_batches", self.rule.max_steps(self.num_batches))]
         if self.candidates is None:
             needs.append(("num_probe_batches", self.num_probe_batches))
         for name, steps in needs:
-            if steps * accumulate > available:
-                value = getattr(self, name)
+            if steps > available:
                 raise ValueError(
-                    f"Expected argument `{name}` ({value}) to fit the training data: a run of {steps} optimizer "
-                    f"steps needs {steps * accumulate} batches (accumulate_grad_batches={accumulate}) but an epoch "
-                    f"has {available} (limit_train_batches included). Lower `{name}` or use more batches.")
+                    f"Expected argument `{name}` ({getattr(self, name)}) to fit the training data: a run takes "
+                    f"{steps} optimizer steps but the training data allow {available} ({batches} batches per epoch "
+                    f"with limit_train_batches, accumulate_grad_batches={accumulate}, {epochs} epochs left of "
+                    f"max_epochs={max_epochs}). Lower `{name}`, or use more batches or epochs.")
 
     # ------------------------------------------------------------------------------------------------
     # Checkpoints.
@@ -479,10 +495,10 @@ class _Session:
         trainer.should_stop = False
         loop.run()
 
-    def probe(self, num_steps: int) -> list[float]:
-        probe = _NormProbe()
-        self._run([probe], num_steps)
-        return probe.norms
+    def probe(self, num_norms: int) -> list[float]:
+        probe = _NormProbe(num_norms)
+        self._run([probe], num_norms + PROBE_EXTRA_STEPS)
+        return probe.norms[:num_norms]
 
     def run(self, threshold: float, num_steps: int, divergence_factor: float) -> list[float]:
         recorder = _LossRecorder(divergence_factor)
@@ -495,15 +511,21 @@ class _Session:
 
 
 class _NormProbe(Callback):
-    """Records the total gradient norm of each optimizer step, then drops the step (no update)."""
+    """Records the total gradient norm of each optimizer step, then drops the step (no update); stops the run
+    once ``num_norms`` norms were finite (the same decision on every rank: the norms are global)."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_norms: int) -> None:
+        self.num_norms = num_norms
         self.norms: list[float] = []
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         state = step_state(trainer, pl_module, optimizer)
-        self.norms.append(float(state.stats.total_norm))
+        norm = float(state.stats.total_norm)
+        if math.isfinite(norm):
+            self.norms.append(norm)
+        if len(self.norms) >= self.num_norms:
+            trainer.should_stop = True
         state.skip()
         # The runs restart the step counters, so a later step can carry this step's counters: the shared
         # state must not be taken for that step's.
@@ -544,8 +566,8 @@ class _DropMaxStepsInfo(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_max_steps() -> Iterator[None]:
-    """Drop Lightning's "`Trainer.fit` stopped: `max_steps=...` reached" line, which every run would print."""
+def quiet_max_steps() -> Iterator[None]:
+    """Drop Lightning's "`Trainer.fit` stopped: `max_steps=...` reached" line (every search run would print it)."""
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     flt = _DropMaxStepsInfo()
     logger.addFilter(flt)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from lightning.pytorch import LightningDataModule, seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -27,6 +28,7 @@ from lightning_clip import (
     ZScoreThreshold,
     tags,
 )
+from lightning_clip.callbacks.finder import PROBE_EXTRA_STEPS
 from lightning_clip.core.search import SearchRule, candidate_grid, search
 from tests.helpers.models import RecordingLogger, TwoOptimizers, make_trainer, states_equal
 
@@ -100,36 +102,47 @@ def _assert_same_fit(a, b, last_calls=None):
     assert ta.global_step == tb.global_step
 
 
+def _fp16_with_a_grad_scaler():
+    """fp16 autocast with a GradScaler on the CPU: the first steps overflow and are skipped while it backs off."""
+    return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 16))]}
+
+
 @pytest.mark.parametrize("data, trainer_kwargs", [
-    ("generator", {}),
-    ("datamodule", {}),
-    ("generator", {"accumulate_grad_batches": 2}),
-    ("generator", {"precision": "bf16-mixed"}),
+    ("generator", dict),
+    ("datamodule", dict),
+    ("generator", lambda: {"accumulate_grad_batches": 2}),
+    ("generator", lambda: {"precision": "bf16-mixed"}),
+    ("generator", _fp16_with_a_grad_scaler),
 ])
 def test_fit_after_the_search_equals_the_fit_with_the_chosen_threshold(tmp_path, data, trainer_kwargs):
     finder, clip = ClipThresholdFinder(**SMALL), GradientClipping()
-    searched = _fit(tmp_path / "a", [finder, clip], data=data, **trainer_kwargs)
+    searched = _fit(tmp_path / "a", [finder, clip], data=data, **trainer_kwargs())
     assert finder.threshold is not None and finder.threshold == finder.results.threshold
     assert clip.policy.max_norm == finder.threshold
     reference_clip = GradientClipping(finder.threshold)
-    reference = _fit(tmp_path / "b", [reference_clip], data=data, **trainer_kwargs)
+    reference = _fit(tmp_path / "b", [reference_clip], data=data, **trainer_kwargs())
     _assert_same_fit(searched, reference)
     assert states_equal(clip.state_dict(), reference_clip.state_dict())  # counters and policy state
+    assert states_equal(searched[1].precision_plugin.state_dict(), reference[1].precision_plugin.state_dict())
     # the search ran: probe + candidate runs before the fit's own steps
-    accumulate = trainer_kwargs.get("accumulate_grad_batches", 1)
-    expected = (3 + finder.results.total_steps) * accumulate
-    assert len(searched[0].calls) - len(reference[0].calls) == expected
+    accumulate = trainer_kwargs().get("accumulate_grad_batches", 1)
+    probe_steps = (len(searched[0].calls) - len(reference[0].calls)) // accumulate - finder.results.total_steps
+    if trainer_kwargs is _fp16_with_a_grad_scaler:  # overflowing steps have no finite norm: the probe goes on
+        assert 3 < probe_steps <= 3 + PROBE_EXTRA_STEPS
+    else:
+        assert probe_steps == 3
 
 
-def test_each_candidate_run_is_the_prefix_of_the_fit_clipped_there(tmp_path):
-    finder = ClipThresholdFinder(**SMALL)
-    model, _, _ = _fit(tmp_path / "a", [finder, GradientClipping()], max_steps=2)
+@pytest.mark.parametrize("num_batches", [4, 15])  # 15: the runs cross the end of the 12-batch epoch
+def test_each_candidate_run_is_the_prefix_of_the_fit_clipped_there(tmp_path, num_batches):
+    finder = ClipThresholdFinder(**{**SMALL, "num_batches": num_batches})
+    _fit(tmp_path / "a", [finder, GradientClipping()], max_steps=2)
     result = finder.results
     for k in (0, result.chosen, result.candidates.index(result.refined[0])):
         c = result.candidates[k]
-        reference, _, _ = _fit(tmp_path / f"c{k}", [GradientClipping(c)], max_steps=SMALL["num_batches"])
+        reference, _, _ = _fit(tmp_path / f"c{k}", [GradientClipping(c)], max_steps=num_batches)
         assert result.losses[k] == reference.calls  # same weights, batches, dropout masks, optimizer state
-        assert result.num_steps[k] == SMALL["num_batches"]
+        assert result.num_steps[k] == num_batches
 
 
 def test_probe_median_grid_and_rule_match_independent_computations(tmp_path):
@@ -311,12 +324,13 @@ def test_setup_refusals_come_before_any_step(tmp_path, callbacks, model, match):
 
 
 @pytest.mark.parametrize("kwargs, trainer_kwargs, name", [
-    ({"num_batches": 13}, {}, "num_batches"),
-    ({"num_batches": 7}, {"accumulate_grad_batches": 2}, "num_batches"),
-    ({"num_batches": 4, "num_probe_batches": 13}, {}, "num_probe_batches"),
-    ({"num_batches": 6}, {"limit_train_batches": 5}, "num_batches"),
+    ({"num_batches": 13}, {"max_epochs": 1}, "num_batches"),
+    ({"num_batches": 25}, {"max_epochs": 2}, "num_batches"),
+    ({"num_batches": 7}, {"max_epochs": 1, "accumulate_grad_batches": 2}, "num_batches"),
+    ({"num_batches": 4, "num_probe_batches": 13}, {"max_epochs": 1}, "num_probe_batches"),
+    ({"num_batches": 6}, {"max_epochs": 1, "limit_train_batches": 5}, "num_batches"),
 ])
-def test_a_dataloader_shorter_than_a_run_fails_before_any_step(tmp_path, kwargs, trainer_kwargs, name):
+def test_training_data_shorter_than_a_run_fails_before_any_step(tmp_path, kwargs, trainer_kwargs, name):
     finder = ClipThresholdFinder(**{**SMALL, **kwargs})
     seed_everything(0, verbose=False)
     model = Net()
@@ -376,7 +390,7 @@ def test_two_rank_ddp_ranks_agree_on_the_mean_loss(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     seed_everything(0, verbose=False)
-    finder = ClipThresholdFinder(num_candidates=3, num_batches=3, num_probe_batches=2, plot=False)
+    finder = ClipThresholdFinder(num_candidates=3, num_batches=3, num_probe_batches=2, plot=True)
     trainer = make_trainer(tmp_path, callbacks=[finder, GradientClipping(), _WriteFinder(str(out))], max_steps=3,
                            devices=2, strategy=DDPStrategy(start_method="spawn", process_group_backend="gloo"))
     trainer.fit(_DDPNet(dropout=0.0), DataLoader(_data(), batch_size=8))  # DDP shards it: 6 batches per rank
@@ -392,3 +406,49 @@ def test_two_rank_ddp_ranks_agree_on_the_mean_loss(tmp_path):
         mean = [(a + b) / 2 for a, b in zip(r0["calls"][pos:pos + n], r1["calls"][pos:pos + n])]
         np.testing.assert_allclose(results["losses"][results["candidates"].index(c)], mean, rtol=1e-6)
         pos += n
+    assert (tmp_path / "clip_threshold_finder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # rank 0 wrote it
+
+
+# ----------------------------------------------------------------------------------------------------
+# FSDP2 (Lightning's ModelParallelStrategy, gloo on CPU): sharded gradients, the same threshold on every rank,
+# and the fit after the search is the fit with the chosen threshold.
+
+
+def _fsdp2_worker(rank: int, world: int, port: int, out_dir: str, threshold: float | None) -> None:
+    import os
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "NODE_RANK": "0"})
+    torch.set_num_threads(1)
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from tests.helpers.sharded_workers import make_fsdp_module
+
+    module = make_fsdp_module(out_dir)
+    module.on_train_end = lambda: None
+    finder = ClipThresholdFinder(num_candidates=3, num_batches=3, num_probe_batches=2, plot=False)
+    callbacks = [finder, GradientClipping()] if threshold is None else [GradientClipping(threshold)]
+    trainer = make_trainer(out_dir, callbacks=callbacks, max_steps=4, devices=world, deterministic=False,
+                           strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module)
+    weights = [p.full_tensor().detach().clone() for p in module.parameters()]
+    results = None if finder.results is None else finder.results.state_dict()
+    torch.save({"threshold": finder.threshold, "results": results, "weights": weights},
+               f"{out_dir}/{'search' if threshold is None else 'reference'}{rank}.pt")
+
+
+@pytest.mark.distributed
+def test_fsdp2_ranks_agree_and_the_fit_matches_the_chosen_threshold(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.helpers.ddp import free_port
+
+    mp.spawn(_fsdp2_worker, args=(2, free_port(), str(tmp_path), None), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"search{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["threshold"] == r1["threshold"] and r0["results"] == r1["results"]
+    mp.spawn(_fsdp2_worker, args=(2, free_port(), str(tmp_path), r0["threshold"]), nprocs=2, join=True)
+    ref = torch.load(tmp_path / "reference0.pt", weights_only=False)
+    for a, b in zip(r0["weights"], ref["weights"]):
+        assert torch.equal(a, b)
