@@ -1,6 +1,43 @@
 """Does the clip-threshold finder replace hand tuning? Five tasks x two schedules, paired seeds, plain PyTorch loops.
 
-(Docstring completed below, once the study's shape is settled.)
+Tasks (each at a constant learning rate and with a cosine schedule to 0):
+
+- ``adding``: the adding problem (seq_len 30) with a vanilla tanh RNN (hidden 64, recurrent weights orthogonal
+  x1.2), SGD lr 0.05 momentum 0.9, 1500 steps: the set-up of ``benchmarks/exploding.py``, where an unclipped
+  run explodes within ten steps. Metric: validation MSE.
+- ``digits``: an MLP 64-64-64-10 on scikit-learn's digits with the cross-entropy summed over batches of 32,
+  SGD lr 0.05/32 momentum 0.9, 1000 steps: gradient norms ~10-60 and no clipping needed. Metric: validation CE.
+- ``lm`` and ``lm10x``: the 2-layer causal transformer of ``benchmarks/spikes.py`` (d 64) on Markov text
+  (``sim.data.markov_text``), AdamW at lr 3e-3 and at 10x, 600 steps. Metric: validation CE per token.
+- ``charlstm``: a character LSTM (embedding 32, hidden 64) on generated words (``sim.data.word_text``), the
+  cross-entropy summed over the 32 positions of a window (as Zaremba et al.), SGD lr 1, 1000 steps: unclipped
+  it diverges. Metric: validation CE per character.
+
+Methods, on every test seed (the same seed: the same initial weights and batch order for every method): no
+clipping, a fixed 1.0, every threshold policy and clipping callback at its defaults (``PercentileThreshold``,
+``QuantileThreshold``, ``ZScoreThreshold``, ``WarmupThreshold``, ``AdaptiveGradientClipping``,
+``AdaGCClipping``, each through the same core functions its callback calls), the **tuned fixed threshold**
+(the value of a half-decade grid with the lowest geometric-mean final loss on separate tuning seeds), and the
+finder: :func:`lightning_clip.core.search.search` in the same loop (the search ``ClipThresholdFinder`` runs at
+fit start: the probe median of the first batches, one run per candidate from the initial weights on the run's
+first batches under the run's schedule), then the training run at the threshold it chose. The finder runs
+twice: with the rule as the issue first specified it (mean loss of 50-step runs, the largest within 2 SE,
+refined) and with the library's current rule; the latter also trained for the steps left after its search
+(equal total steps). The final validation loss is the mean of 10 evaluations over the last tenth of the run.
+
+Every run is cached in ``--cache`` (one JSON file per run, named by the hash of its settings), so a crash or a
+change to one method re-runs only what changed. ``--lightning-check`` runs ``ClipThresholdFinder`` in a
+Lightning ``Trainer`` on one task and seed and checks it picks the plain-loop search's threshold.
+
+Usage::
+
+    python benchmarks/tuning_free.py                      # the full study (~3 h of one core; 2 processes)
+    python benchmarks/tuning_free.py --tasks adding       # one task
+    python benchmarks/tuning_free.py --quick              # tiny models, 3 seeds, into a temporary directory
+    python benchmarks/tuning_free.py --lightning-check    # the Lightning callback against the plain loop
+
+Writes ``tuning_free.md`` (tables, command, machine) and ``tuning_free.png`` (final loss against threshold)
+into ``--out``: ``benchmarks/results`` for a full run, a new temporary directory with ``--quick``.
 """
 
 from __future__ import annotations
@@ -429,7 +466,14 @@ def find(cfg: dict[str, Any], seed: int, schedule: str, finder: dict[str, Any]) 
     """
     import copy
 
-    from lightning_clip.core.search import SearchRule, candidate_grid, divergence_step, probe_median, search
+    from lightning_clip.core.search import (
+        SearchRule,
+        candidate_grid,
+        divergence_step,
+        probe_median,
+        schedule_steps,
+        search,
+    )
 
     torch.set_num_threads(1)
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -447,14 +491,19 @@ def find(cfg: dict[str, Any], seed: int, schedule: str, finder: dict[str, Any]) 
     m0 = probe_median(norms)
     steps = cfg["steps"]
 
+    # the learning rate of each run step: the training's schedule compressed into the run (the library's rule),
+    # or the schedule's first steps (the issue's rule)
+    compressed = finder.get("horizon") == "compressed"
+
     def run(threshold: float, num_steps: int) -> list[float]:
         s.model.load_state_dict(weights)
         opt.load_state_dict(copy.deepcopy(opt_state))
         clipper = Clipper(("fixed", threshold), params)
+        at = schedule_steps(steps if compressed else None, num_steps)
         losses: list[float] = []
         for t in range(num_steps):
             for g in opt.param_groups:
-                g["lr"] = lr_at(schedule, cfg["lr"], t, steps)
+                g["lr"] = lr_at(schedule, cfg["lr"], at[t], steps)
             opt.zero_grad(set_to_none=True)
             loss = s.loss(s.stream.batch(t))
             loss.backward()
@@ -465,7 +514,8 @@ def find(cfg: dict[str, Any], seed: int, schedule: str, finder: dict[str, Any]) 
             opt.step()
         return losses
 
-    result = search(run, candidate_grid(m0, finder["num_candidates"]), finder["num_batches"], rule)
+    grid = candidate_grid(m0, finder["num_candidates"], *finder.get("grid", ()))
+    result = search(run, grid, finder["num_batches"], rule)
     return {"threshold": result.threshold, "m0": m0, "candidates": result.candidates, "scores": result.scores,
             "num_steps": result.num_steps, "best": result.best, "chosen": result.chosen, "error": result.error,
             "extra_steps": result.total_steps, "probe_batches": finder["num_probe_batches"],
@@ -542,7 +592,10 @@ ISSUE_RULE: dict[str, Any] = {"num_candidates": 9, "num_batches": 50, "num_probe
 
 
 def find_job(task: str, cfg: dict[str, Any], seed: int, schedule: str, finder: dict[str, Any]) -> dict[str, Any]:
-    """The settings of one search (its cache key)."""
+    """The settings of one search (its cache key). At a constant learning rate the compressed schedule is the
+    schedule's first steps, so the horizon setting is dropped (one search serves both rules)."""
+    if schedule == "constant":
+        finder = {k: v for k, v in finder.items() if k != "horizon"}
     return {"kind": "find", "task": task, "cfg": cfg, "seed": seed, "schedule": schedule, "finder": finder}
 
 
@@ -619,9 +672,13 @@ class Setting:
         return self.methods[0]
 
 
-#: The finder rows: (row name, settings of the search); the first is the library's current rule.
+#: The library's search (ClipThresholdFinder's defaults): the issue's selection, each candidate run following
+#: the training's learning-rate schedule compressed into the run.
+LIBRARY_RULE: dict[str, Any] = {**ISSUE_RULE, "horizon": "compressed"}
+#: The finder rows: (row name, settings of the search); the last is the library's rule.
 FINDERS: list[tuple[str, dict[str, Any]]] = [
     ("finder (issue's rule)", ISSUE_RULE),
+    ("finder", LIBRARY_RULE),
 ]
 #: The row of the finder trained for the steps left after its search (equal total steps).
 EQUAL_STEPS = "finder, equal total steps"
@@ -629,18 +686,22 @@ EQUAL_STEPS = "finder, equal total steps"
 
 def study(tasks: Sequence[Task], cfgs: dict[str, dict[str, Any]], grids: dict[str, tuple[float, ...]],
           schedules: Sequence[str],
-          test_seeds: Sequence[int], tuning_seeds: Sequence[int], finders: Sequence[tuple[str, dict[str, Any]]],
-          cache: Path, workers: int) -> tuple[list[Setting], float]:
+          test_seeds: dict[str, list[int]], tuning_seeds: Sequence[int],
+          finders: Sequence[tuple[str, dict[str, Any]]], cache: Path, workers: int,
+          baseline_seeds: dict[str, list[int]] | None = None) -> tuple[list[Setting], float]:
     """Run (or read from ``cache``) every run of the study; the tables' numbers, and the CPU seconds of all
-    the runs and searches they read."""
+    the runs and searches they read. ``test_seeds`` and ``baseline_seeds`` (default: the test seeds) are per
+    task; the baselines at their defaults run on ``baseline_seeds``, a prefix of the test seeds."""
+    bseeds = {k: (baseline_seeds or {}).get(k, v) for k, v in test_seeds.items()}
     pairs = [(t, sched) for t in tasks for sched in schedules]
     # Phase 1: everything that does not depend on another run's outcome.
     jobs: list[dict[str, Any]] = []
+    jobs_baselines: list[dict[str, Any]] = []  # run last: no other run depends on them
     for t, sched in pairs:
         cfg = cfgs[t.key]
         jobs += tuning_jobs(t, cfg, sched, tuning_seeds, grids[t.key])
-        jobs += [train_job(t.key, cfg, seed, spec, sched) for _, spec in BASELINES for seed in test_seeds]
-        jobs += [find_job(t.key, cfg, seed, sched, f) for _, f in finders for seed in test_seeds]
+        jobs += [find_job(t.key, cfg, seed, sched, f) for _, f in finders for seed in test_seeds[t.key]]
+        jobs_baselines += [train_job(t.key, cfg, seed, spec, sched) for _, spec in BASELINES for seed in bseeds[t.key]]
     results = dict(zip((_key(j) for j in jobs), run_jobs(jobs, cache, workers, "phase 1 (sweeps, baselines, "
                                                                                  "searches)")))
     # Phase 2: the tuned threshold and the finders' thresholds on the test seeds.
@@ -651,9 +712,9 @@ def study(tasks: Sequence[Task], cfgs: dict[str, dict[str, Any]], grids: dict[st
         sweep = {c: [results[_key(train_job(t.key, cfg, s, ("fixed", c), sched))]["final_val"] for s in tuning_seeds]
                  for c in grids[t.key]}
         tuned[t.key, sched] = tuned_threshold(grids[t.key], sweep)
-        jobs2 += [train_job(t.key, cfg, seed, ("fixed", tuned[t.key, sched]), sched) for seed in test_seeds]
+        jobs2 += [train_job(t.key, cfg, seed, ("fixed", tuned[t.key, sched]), sched) for seed in test_seeds[t.key]]
         for i, (_, f) in enumerate(finders):
-            for seed in test_seeds:
+            for seed in test_seeds[t.key]:
                 found = results[_key(find_job(t.key, cfg, seed, sched, f))]
                 jobs2.append(train_job(t.key, cfg, seed, ("fixed", found["threshold"]), sched))
                 if i == len(finders) - 1:  # the library's rule: also at equal total steps
@@ -661,14 +722,16 @@ def study(tasks: Sequence[Task], cfgs: dict[str, dict[str, Any]], grids: dict[st
                                            max(1, cfg["steps"] - found["extra_steps"])))
     results.update(zip((_key(j) for j in jobs2), run_jobs(jobs2, cache, workers, "phase 2 (tuned and found "
                                                                                    "thresholds)")))
-    settings = [_setting(t, cfgs[t.key], sched, grids[t.key], tuned[t.key, sched], results, test_seeds,
-                         tuning_seeds, finders) for t, sched in pairs]
+    results.update(zip((_key(j) for j in jobs_baselines),
+                       run_jobs(jobs_baselines, cache, workers, "phase 3 (baselines at their defaults)")))
+    settings = [_setting(t, cfgs[t.key], sched, grids[t.key], tuned[t.key, sched], results, test_seeds[t.key],
+                         tuning_seeds, finders, bseeds[t.key]) for t, sched in pairs]
     return settings, float(sum(r["cpu_s"] for r in results.values()))
 
 
 def _setting(t: Task, cfg: dict[str, Any], sched: str, grid: Sequence[float], c: float,
              results: dict[str, dict[str, Any]], test_seeds: Sequence[int], tuning_seeds: Sequence[int],
-             finders: Sequence[tuple[str, dict[str, Any]]]) -> Setting:
+             finders: Sequence[tuple[str, dict[str, Any]]], baseline_seeds: Sequence[int] | None = None) -> Setting:
     """One task and schedule's rows, from the runs' ``results`` (keyed by their settings' hash)."""
 
     def finals(spec: Spec, seeds: Sequence[int] = test_seeds) -> list[float]:
@@ -676,7 +739,7 @@ def _setting(t: Task, cfg: dict[str, Any], sched: str, grid: Sequence[float], c:
 
     sweep = {g: finals(("fixed", g), seeds=tuning_seeds) for g in grid}
     rows = [Method(f"tuned fixed {c:g}", finals(("fixed", c)), "best of the grid on the tuning seeds")]
-    rows += [Method(name, finals(spec)) for name, spec in BASELINES]
+    rows += [Method(name, finals(spec, baseline_seeds or test_seeds)) for name, spec in BASELINES]
     for i, (name, f) in enumerate(finders):
         found = [results[_key(find_job(t.key, cfg, s, sched, f))] for s in test_seeds]
         runs = [results[_key(train_job(t.key, cfg, s, ("fixed", r["threshold"]), sched))]
@@ -701,6 +764,8 @@ TARGET_RATIO, TARGET_UPPER, TARGET_LM = 1.2, 1.5, 1.05
 
 
 def _ratio_cell(m: Method, ref: Method) -> str:
+    """``m`` against ``ref`` on the seeds ``m`` ran (a prefix of the reference's seeds)."""
+    ref = Method(ref.name, ref.finals[: len(m.finals)])
     gm, lo, hi = gm_ratio(m.finals, ref.finals)
     if math.isfinite(gm):
         return f"{gm:.3f} [{lo:.3f}, {hi:.3f}]"
@@ -817,6 +882,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     p.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated: constant, cosine")
     p.add_argument("--seeds", type=int, default=None, help=f"test seeds (default {len(TEST_SEEDS)}; quick: 3)")
+    p.add_argument("--task-seeds", default="", help="per-task number of test seeds, e.g. lm=5,lm10x=5 (overrides "
+                   "--seeds for those tasks)")
+    p.add_argument("--baseline-seeds", default="", help="per-task number of test seeds the baselines at their "
+                   "defaults run on (the first ones), e.g. lm=3 (default: all test seeds)")
     p.add_argument("--workers", type=int, default=None, help="processes (default 2; quick: 1)")
     p.add_argument("--cache", default=None,
                    help=f"cache of finished runs (default {CACHE_DIR.relative_to(CACHE_DIR.parents[2])}; quick: a "
@@ -855,14 +924,18 @@ def main(argv: list[str] | None = None) -> list[Setting]:
         cfgs = {k: cfgs[k] for k in keys}
         finders = [(name, {**f, **small}) for name, f in finders]
     test_seeds = list(TEST_SEEDS[: args.seeds] if args.seeds else (TEST_SEEDS[:3] if q else TEST_SEEDS))
+    per_task = {k: test_seeds[: min(len(test_seeds), n)] if q else list(TEST_SEEDS[:n])
+                for k, n in _per_task(args.task_seeds, keys, "--task-seeds").items()}
+    seeds = {k: per_task.get(k, test_seeds) for k in keys}
+    baseline_seeds = {k: seeds[k][:n] for k, n in _per_task(args.baseline_seeds, keys, "--baseline-seeds").items()}
     tuning_seeds = list(TUNING_SEEDS[:2] if q else TUNING_SEEDS)
     workers = args.workers if args.workers is not None else (1 if q else 2)
     cache = Path(args.cache) if args.cache else (Path(out) / "cache" if q else CACHE_DIR)
     print(f"machine: {machine()}", flush=True)
     t0 = time.perf_counter()
     grids = {k: TASKS[k].grid[::3] if q else TASKS[k].grid for k in keys}
-    settings, cpu = study([TASKS[k] for k in keys], cfgs, grids, scheds, test_seeds, tuning_seeds, finders, cache,
-                          workers)
+    settings, cpu = study([TASKS[k] for k in keys], cfgs, grids, scheds, seeds, tuning_seeds, finders, cache,
+                          workers, baseline_seeds)
     wall = time.perf_counter() - t0
     command = " ".join(["python benchmarks/tuning_free.py"] + [shlex.quote(a) for a in
                                                                 (sys.argv[1:] if argv is None else argv)])
@@ -878,7 +951,8 @@ def main(argv: list[str] | None = None) -> list[Setting]:
         f"Total wall time: {wall:.0f} s for what was not cached ({workers} worker process(es), 1 torch thread "
         f"each); CPU time of every run and search of the study: {cpu:.0f} s.",
         "",
-        f"Test seeds {test_seeds} (the same seed: the same initial weights and batch order for every method); "
+        f"Test seeds {test_seeds}{_seed_note(seeds, baseline_seeds, test_seeds)} (the same seed: the same initial "
+        "weights and batch order for every method); "
         f"the tuned fixed threshold is the grid value with the lowest geometric-mean final loss over the tuning "
         f"seeds {tuning_seeds}. Ratios: geometric mean over the test seeds of a method's final validation loss "
         "over the tuned fixed threshold's on the same seed, with a paired bootstrap 90% interval (10,000 "
@@ -900,6 +974,27 @@ def main(argv: list[str] | None = None) -> list[Setting]:
     print("\n".join(parts[:-2]), flush=True)
     print(f"total wall time {wall:.0f} s; wrote {md} and {png}", flush=True)
     return settings
+
+
+def _seed_note(seeds: dict[str, list[int]], baseline_seeds: dict[str, list[int]], default: list[int]) -> str:
+    """Which tasks ran on fewer seeds than the others, in words ("" when none)."""
+    notes = [f"`{k}`: test seeds {v}" for k, v in seeds.items() if v != default]
+    notes += [f"`{k}`: the baselines at their defaults on seeds {v} only" for k, v in baseline_seeds.items()
+              if v != seeds[k]]
+    return f" ({'; '.join(notes)}: fewer runs where the study ran out of time)" if notes else ""
+
+
+def _per_task(text: str, keys: Sequence[str], option: str) -> dict[str, int]:
+    """``"lm=5,lm10x=3"`` as ``{"lm": 5, "lm10x": 3}`` (tasks not run are dropped)."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, n = part.partition("=")
+        if key not in TASKS or not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"{option}: expected TASK=N with TASK one of {', '.join(TASKS)} and N >= 1 but got "
+                             f"{part!r}")
+        if key in keys:
+            out[key] = int(n)
+    return out
 
 
 def setting_line(st: Setting) -> str:
@@ -953,7 +1048,7 @@ def lightning_check(task: str, quick: bool, seed: int = 0, schedule: str = "cosi
 
     finder_cb = ClipThresholdFinder(num_candidates=finder["num_candidates"], num_batches=finder["num_batches"],
                                     num_probe_batches=finder["num_probe_batches"], plot=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=finder["num_batches"],
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps,  # the fit's length sets the compression
                          callbacks=[finder_cb, GradientClipping()], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(Module(), DataLoader(Batches(), batch_size=None))
