@@ -15,13 +15,13 @@ hits both alike; ``vs plain`` is the ratio of the two medians of that window) an
   hook keeps between steps (the sharded path's workspace: a copy of the local vector), in MiB and in
   gradients.
 
-Robust modes use the sharded pipeline (:mod:`lightning_clip.distributed.sharded`) unless labelled
+Robust modes use the library's sharded pipeline unless labelled
 ``gather`` (``robust_comm="gather"``: every rank all-gathers every gradient).
 
-Usage::
+Usage (from the repository root)::
 
-    python benchmarks/arc_ddp.py            # 4 ranks, ~25M parameters
-    python benchmarks/arc_ddp.py --quick    # ~1M parameters, a few seconds
+    python -m benchmarks.arc_ddp            # 4 ranks, ~25M parameters
+    python -m benchmarks.arc_ddp --quick    # ~1M parameters, a few seconds
 
 Prints the table and writes it to ``arc_ddp.txt`` in ``--out`` (default ``benchmarks/results``; with
 ``--quick`` a new temporary directory).
@@ -34,24 +34,23 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _machine import free_port  # noqa: E402
-from _results import StdoutRecord, add_output_arguments, output_dir  # noqa: E402
-
-from lightning_clip.distributed.config import ARCConfig  # noqa: E402
-from lightning_clip.distributed.hook import ARCHookState, arc_hook  # noqa: E402
+from benchmarks.common import (
+    ARCConfig,
+    ARCHookState,
+    StdoutRecord,
+    add_output_arguments,
+    arc_hook,
+    output_dir,
+    run_ranks,
+)
 
 #: (label, ARCConfig keywords or None for plain DDP).
 MODES: tuple[tuple[str, dict[str, Any] | None], ...] = (
@@ -135,29 +134,21 @@ def _time_pair(kwargs: dict[str, Any] | None, warmup: int, steps: int, x, y, arg
             "grad_bytes": grad_bytes}
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        gen = torch.Generator().manual_seed(rank)
-        x = torch.randn(args.batch, args.width, generator=gen)
-        y = torch.randn(args.batch, args.width, generator=gen)
-        rows = []
-        for label, kwargs in MODES:
-            if args.skip_gather and kwargs is not None and kwargs.get("robust_comm") == "gather":
-                continue
-            if args.modes and label != "plain DDP" and not any(m in label for m in args.modes):
-                continue
-            slow = kwargs is not None and kwargs.get("robust_comm") == "gather"
-            steps = min(args.steps, args.gather_steps) if slow else args.steps
-            rows.append((label, _time_pair(kwargs, min(args.warmup, 1) if slow else args.warmup, steps, x, y, args),
-                         steps))
-        if rank == 0:
-            queue.put(rows)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, args: argparse.Namespace) -> list[tuple[str, dict, int]]:
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(args.batch, args.width, generator=gen)
+    y = torch.randn(args.batch, args.width, generator=gen)
+    rows = []
+    for label, kwargs in MODES:
+        if args.skip_gather and kwargs is not None and kwargs.get("robust_comm") == "gather":
+            continue
+        if args.modes and label != "plain DDP" and not any(m in label for m in args.modes):
+            continue
+        slow = kwargs is not None and kwargs.get("robust_comm") == "gather"
+        steps = min(args.steps, args.gather_steps) if slow else args.steps
+        rows.append((label, _time_pair(kwargs, min(args.warmup, 1) if slow else args.warmup, steps, x, y, args),
+                     steps))
+    return rows
 
 
 def _fmt_bytes(n: float) -> str:
@@ -194,12 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     args.width = max(8, int((args.params / args.depth) ** 0.5))
     num_params = args.depth * (args.width * args.width + args.width)
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
     wall = time.perf_counter()
-    mp.start_processes(_worker, args=(args.world, free_port(), args, queue), nprocs=args.world,
-                       start_method="spawn", join=True)
-    rows = queue.get()
+    rows = run_ranks(_worker, args.world, (args,), threads=max(1, (os.cpu_count() or 1) // args.world))[0]
     wall = time.perf_counter() - wall
     record.start()
 

@@ -1,11 +1,11 @@
 """What does client-level differential privacy cost in ``ddp_arc``? Accuracy against epsilon on digits, real DDP.
 
-Setting: the digits study of ``benchmarks/robustness.py`` (its data split, shards, model, batches and
-worker momentum are imported from there), with ``n = 10`` ranks in real DDP (gloo, CPU; one
-``torch.multiprocessing.spawn`` launch, every run in sequence). Each rank's worker momentum is clipped to
-``C`` and the hook adds ``N(0, sigma^2 C^2)`` once to the sum of the ``n`` clipped vectors before dividing
-by ``n`` (``ARCConfig(dp_noise_multiplier=sigma, static_clip=C)``), then a plain SGD step. A small
-MLP 64-16-10 (1210 weights) keeps the noise's norm ``sigma C sqrt(d) / n`` as small as this setting allows.
+Setting: the digits task of ``benchmarks.robustness`` (its data split, shards, model, batches and worker
+momentum, from ``benchmarks.common``), with ``n = 10`` ranks in real DDP (gloo, CPU; one launch, every run
+in sequence). Each rank's worker momentum is clipped to ``C`` and the hook adds ``N(0, sigma^2 C^2)`` once to
+the sum of the ``n`` clipped vectors before dividing by ``n`` (``ARCConfig(dp_noise_multiplier=sigma,
+static_clip=C)``), then a plain SGD step. A small MLP 64-16-10 (1210 weights) keeps the noise's norm
+``sigma C sqrt(d) / n`` as small as this setting allows.
 
 Two studies, ``sigma`` in {0, 0.5, 1, 2}:
 
@@ -16,14 +16,14 @@ Two studies, ``sigma`` in {0, 0.5, 1, 2}:
   not established (the library warns): their epsilon is the accountant's number for the same noise, not a
   guarantee.
 
-Epsilon: ``lightning_clip.robust.privacy.epsilon`` (dp-accounting's RDP accountant) at ``delta = 1e-5`` for
-``sampling rate 1`` (every rank's client takes part in every step) and the run's steps. Metric: the test
-accuracy at the end of training and the best over the evaluations, averaged over seeds.
+Epsilon: the library's ``epsilon`` (dp-accounting's RDP accountant) at ``delta = 1e-5`` for ``sampling rate 1``
+(every rank's client takes part in every step) and the run's steps. Metric: the test accuracy at the end of
+training and the best over the evaluations, averaged over seeds.
 
-Usage::
+Usage (from the repository root)::
 
-    python benchmarks/dp.py              # the study (minutes on 2 cores), into benchmarks/results/dp.md
-    python benchmarks/dp.py --quick      # smoke run to a temporary directory
+    python -m benchmarks.dp              # the study (minutes on 2 cores), into benchmarks/results/dp.md
+    python -m benchmarks.dp --quick      # smoke run to a temporary directory
 
 Writes ``dp.md`` (tables, command, machine, wall time) and ``dp.png`` (accuracy against epsilon).
 """
@@ -32,33 +32,27 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
-import sys
-import tempfile
 import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import robustness as rob  # noqa: E402
-from _machine import free_port, machine  # noqa: E402
-from _results import add_output_arguments, output_dir, write_results  # noqa: E402
-
-from lightning_clip.distributed.config import ARCConfig  # noqa: E402
-from lightning_clip.distributed.hook import ARCHookState  # noqa: E402
-from lightning_clip.robust.privacy import epsilon  # noqa: E402
-from lightning_clip.sim.byzantine import ByzantineSpec  # noqa: E402
-from lightning_clip.sim.transforms import ByzantineTransform  # noqa: E402
+from benchmarks.common import (
+    ARCConfig,
+    Result,
+    SendTransform,
+    Setting,
+    add_output_arguments,
+    attack_transforms,
+    command_line,
+    epsilon,
+    machine,
+    md_table,
+    output_dir,
+    run_ddp_all,
+    write_results,
+)
 
 NAME = "dp"
 N = 10
@@ -83,65 +77,32 @@ class DPRun:
     seed: int
 
     @property
+    def het(self) -> str:
+        return HET
+
+    @property
+    def n(self) -> int:
+        return N
+
+    @property
     def honest(self) -> int:
         return N if self.attack is None else N - 1
 
+    @property
+    def label(self) -> str:
+        return f"sigma={self.sigma:g} {self.row:<26} {self.attack or '-':<8} seed {self.seed}"
 
-def config(run: DPRun, setting: rob.Setting) -> ARCConfig:
-    """The run's settings: worker momentum, the clip, the noise (and ARC / the rule in the Byzantine rows)."""
-    arc, rule, nnm = (False, "mean", False) if run.attack is None else ROWS[run.row]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "the DP guarantee is not established" for the ARC rows: said in the table
-        return ARCConfig(num_byzantine=0 if run.attack is None else 1, aggregator=rule, nnm=nnm, arc=arc,
-                         static_clip=setting.clip, worker_momentum=setting.beta, dp_noise_multiplier=run.sigma,
-                         dp_seed=run.seed, dp_delta=DELTA)
+    def config(self, setting: Setting) -> ARCConfig:
+        """Worker momentum, the clip, the noise (and ARC / the rule in the Byzantine rows)."""
+        arc, rule, nnm = (False, "mean", False) if self.attack is None else ROWS[self.row]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "the DP guarantee is not established" for the ARC rows: in the table
+            return ARCConfig(num_byzantine=0 if self.attack is None else 1, aggregator=rule, nnm=nnm, arc=arc,
+                             static_clip=setting.clip, worker_momentum=setting.beta, dp_noise_multiplier=self.sigma,
+                             dp_seed=self.seed, dp_delta=DELTA)
 
-
-def transforms(run: DPRun) -> list[Any]:
-    if run.attack is None or rob.ATTACKS[run.attack] is None:
-        return []
-    return [ByzantineTransform(ByzantineSpec(ranks=[N - 1], **rob.ATTACKS[run.attack]))]
-
-
-def _worker(rank: int, runs: list[DPRun], setting: rob.Setting, data: rob.Data, port: int, out_path: str) -> None:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from lightning_clip.distributed.hook import arc_hook
-
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=N)
-    results: list[dict[str, Any]] = []
-    try:
-        for i, run in enumerate(runs):
-            t0 = time.perf_counter()
-            shards = rob.honest_shards(data, HET, run.honest, run.seed)
-            model = rob.make_model(run.seed, setting.hidden)
-            ddp = DDP(model, bucket_cap_mb=64)
-            ddp.register_comm_hook(ARCHookState(config(run, setting), transforms=transforms(run)), arc_hook)
-            opt = torch.optim.SGD(ddp.parameters(), lr=setting.lr, weight_decay=setting.weight_decay)
-            gen = rob.rank_generator(run.seed, rank)
-            accs: list[float] = []
-            for step in range(1, setting.steps + 1):
-                x, y = rob.sample_batch(data, shards, rank, setting.batch, gen, run.attack == "LF")
-                opt.zero_grad(set_to_none=True)
-                rob.loss_fn(ddp(x), y).backward()
-                opt.step()
-                if rank == 0 and step % setting.eval_every == 0:
-                    accs.append(rob.accuracy(model, data.test_x, data.test_y))
-                if not rob.all_finite(model):
-                    break
-            if rank == 0:
-                accs = rob._finish(model, data, setting, accs)
-                results.append({"run": run, "final": accs[-1], "max": max(accs), "wall": time.perf_counter() - t0})
-                print(f"  {i + 1}/{len(runs)} sigma={run.sigma:g} {run.row:<26} {run.attack or '-':<8} "
-                      f"seed {run.seed}: final acc {accs[-1]:.3f}, {time.perf_counter() - t0:.1f} s", flush=True)
-            del ddp, opt
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    if rank == 0:
-        torch.save(results, out_path)
+    def transforms(self) -> list[SendTransform]:
+        return attack_transforms(self.attack, range(self.honest, N))
 
 
 def build_runs(sigmas: tuple[float, ...], attacks: tuple[str, ...], seeds: tuple[int, ...],
@@ -151,35 +112,31 @@ def build_runs(sigmas: tuple[float, ...], attacks: tuple[str, ...], seeds: tuple
     return runs
 
 
-def tables(results: list[dict[str, Any]], sigmas: tuple[float, ...], steps: int) -> tuple[str, dict]:
-    by: dict[tuple[float, str, str | None], list[dict]] = defaultdict(list)
+def tables(results: list[Result], sigmas: tuple[float, ...], steps: int) -> tuple[str, dict]:
+    by: dict[tuple[float, str, str | None], list[Result]] = defaultdict(list)
     for r in results:
-        by[(r["run"].sigma, r["run"].row, r["run"].attack)].append(r)
+        by[(r.run.sigma, r.run.row, r.run.attack)].append(r)
 
     def mean(key: tuple, metric: str) -> float:
-        return statistics.fmean(r[metric] for r in by[key])
+        return statistics.fmean(r.accs[-1] if metric == "final" else r.max_acc for r in by[key])
 
     eps = {s: epsilon(s, 1.0, steps, DELTA) for s in sigmas}
-    attacks = sorted({r["run"].attack for r in results if r["run"].attack is not None})
-    lines = [f"| sigma | epsilon (delta = {DELTA:g}) | {HONEST_ROW}: final | best |", "|---|---|---|---|"]
+    attacks = sorted({r.run.attack for r in results if r.run.attack is not None})
     summary: dict[str, dict[float, float]] = defaultdict(dict)
+    honest, byz = [], []
     for s in sigmas:
         final, best = mean((s, HONEST_ROW, None), "final"), mean((s, HONEST_ROW, None), "max")
         summary[HONEST_ROW][s] = final
-        lines.append(f"| {s:g} | {eps[s]:.3g} | {final:.3f} | {best:.3f} |")
-    honest = "\n".join(lines)
-    header = "| sigma | epsilon | " + " | ".join(f"{row}{'' if row == 'clip > mean' else ' †'}" for row in ROWS) + " |"
-    lines = [header, "|" + "---|" * (2 + len(ROWS))]
-    for s in sigmas:
+        honest.append([f"{s:g}", f"{eps[s]:.3g}", f"{final:.3f}", f"{best:.3f}"])
         cells = []
         for row in ROWS:
             worst = min(attacks, key=lambda a: mean((s, row, a), "final"))
-            value = mean((s, row, worst), "final")
-            summary[row][s] = value
-            cells.append(f"{value:.3f} ({worst})")
-        lines.append(f"| {s:g} | {eps[s]:.3g} | " + " | ".join(cells) + " |")
-    byz = "\n".join(lines)
-    return honest + "\n\n" + byz, {"eps": eps, "summary": summary}
+            summary[row][s] = mean((s, row, worst), "final")
+            cells.append(f"{summary[row][s]:.3f} ({worst})")
+        byz.append([f"{s:g}", f"{eps[s]:.3g}", *cells])
+    text = (md_table(["sigma", f"epsilon (delta = {DELTA:g})", f"{HONEST_ROW}: final", "best"], honest) + "\n\n"
+            + md_table(["sigma", "epsilon", *(row + ("" if row == "clip > mean" else " †") for row in ROWS)], byz))
+    return text, {"eps": eps, "summary": summary}
 
 
 def plot(info: dict, path: str) -> None:
@@ -219,19 +176,14 @@ def main(argv: list[str] | None = None) -> None:
     else:
         sigmas, attacks, steps = SIGMAS, ATTACKS, args.steps
         seeds, byz_seeds = tuple(range(1, args.seeds + 1)), tuple(range(1, args.byz_seeds + 1))
-    setting = rob.Setting(steps=steps, hidden=16)
+    setting = Setting(steps=steps, hidden=16)
     runs = build_runs(sigmas, attacks, seeds, byz_seeds)
     print(f"{len(runs)} runs on {N} gloo processes", flush=True)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "dp.pt")
-        mp.spawn(_worker, args=(runs, setting, rob.load_data(), free_port(), path), nprocs=N, join=True)
-        results = torch.load(path, weights_only=False)
+    results, _ = run_ddp_all(runs, setting, cache=None)
     wall = time.perf_counter() - t0
     text, info = tables(results, sigmas, steps)
     print(text)
-    command = "python benchmarks/dp.py" + ("" if argv is None and len(sys.argv) == 1 else " " +
-                                          shlex.join(sys.argv[1:] if argv is None else argv))
     md = "\n".join([
         "# Client-level differential privacy in ddp_arc: accuracy against epsilon",
         "",
@@ -247,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         text,
         "",
-        f"Command: `{command}`",
+        f"Command: `{command_line(NAME, argv)}`",
         "",
         f"Machine: {machine()}",
         "",

@@ -3,8 +3,8 @@
 Two tasks whose best fixed thresholds differ by more than 10x, so that no single constant wins both:
 
 - ``adding``: the adding problem (Pascanu et al. 2013) with the library's demo vanilla tanh RNN
-  (:class:`~lightning_clip.tools.demo.AddingRNN` on :class:`~lightning_clip.tools.demo.AddingProblemDataModule`),
-  SGD with momentum at a learning rate where an unclipped run explodes. Metric: validation MSE.
+  (``AddingRNN`` on ``AddingProblemDataModule``), SGD with momentum at a learning rate where an unclipped run
+  explodes. Metric: validation MSE.
 - ``digits``: an MLP (64-h-h-10, ReLU) on scikit-learn's bundled 8x8 digits with the cross-entropy
   *summed* over the batch (as token-summed language-model losses are), so gradient norms are ~batch
   size times a mean loss's; SGD with momentum at a high learning rate. Metric: validation cross-entropy
@@ -31,12 +31,12 @@ wall time; then one table over both tasks: each method's final metric relative t
 threshold, and whether it meets the target (0 divergences on both tasks and within 1.5x of the tuned
 fixed threshold on each).
 
-Usage::
+Usage (from the repository root)::
 
-    python benchmarks/exploding.py                  # full setting (~35 min on 2 shared cores)
-    python benchmarks/exploding.py --quick          # tiny smoke setting, into a temporary directory
-    python benchmarks/exploding.py --tasks digits   # one task only
-    python benchmarks/exploding.py --core --seeds 2 # defaults and history variants only (a busy machine)
+    python -m benchmarks.exploding                  # full setting (~35 min on 2 shared cores)
+    python -m benchmarks.exploding --quick          # tiny smoke setting, into a temporary directory
+    python -m benchmarks.exploding --tasks digits   # one task only
+    python -m benchmarks.exploding --core --seeds 2 # defaults and history variants only (a busy machine)
 
 Writes ``exploding.md`` (tables + command + machine) and ``exploding.png`` (median training loss
 curves, log scale, one row per task) into ``--out``; by default ``benchmarks/results`` for a full run
@@ -50,20 +50,24 @@ import argparse
 import logging
 import math
 import os
-import shlex
-import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import machine  # noqa: E402
-from _results import add_output_arguments, output_dir, write_results  # noqa: E402
+from benchmarks.common import (
+    add_output_arguments,
+    adding_task,
+    command_line,
+    load_digits_tensors,
+    machine,
+    output_dir,
+    process_map,
+    write_results,
+)
 
 TARGET_RATIO = 1.5  # an adaptive policy meets the target within this factor of the tuned fixed threshold's metric
 
@@ -194,8 +198,6 @@ def digits_parts(cfg: dict[str, Any], seed: int) -> tuple[Any, Any]:
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_clip.sim.data import load_digits_tensors
-
     class DigitsData(pl.LightningDataModule):
         def __init__(self) -> None:
             super().__init__()
@@ -257,7 +259,6 @@ def _run(args: tuple[Method, int, dict[str, Any]]) -> RunResult:
     from torch import nn
 
     from lightning_clip import AdaGCClipping, AdaptiveGradientClipping, GradientClipping
-    from lightning_clip.tools.demo import AddingProblemDataModule, AddingRNN
 
     torch.set_num_threads(cfg["threads"])
     warnings.filterwarnings("ignore")
@@ -282,27 +283,17 @@ def _run(args: tuple[Method, int, dict[str, Any]]) -> RunResult:
     res = RunResult(method=method.name, seed=seed, task=cfg["task"])
     bound = cfg["diverge_bound"]
 
-    class PreNorm(pl.Callback):
-        """First in the list: sees the gradient norm before any callback clips."""
+    class Norms(pl.Callback):
+        """The gradient norm at every step, where the callback stands in the list: first, before any callback
+        clips; last, after callback-based clipping (zclip's clip rate)."""
 
         def __init__(self) -> None:
-            self.pre: list[float] = []
+            self.norms: list[float] = []
 
         @torch.no_grad()
         def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-            self.pre.append(float(torch.nn.utils.get_total_norm(grads)))
-
-    class PostNorm(pl.Callback):
-        """Last in the list: sees the norm after callback-based clipping (zclip's clip rate)."""
-
-        def __init__(self) -> None:
-            self.post: list[float] = []
-
-        @torch.no_grad()
-        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-            self.post.append(float(torch.nn.utils.get_total_norm(grads)))
+            self.norms.append(float(torch.nn.utils.get_total_norm(grads)))
 
     class Recorder(pl.Callback):
         """Training loss per step, validation MSE every ``val_every`` steps, divergence stop."""
@@ -336,13 +327,14 @@ def _run(args: tuple[Method, int, dict[str, Any]]) -> RunResult:
     dm: Any
     model: Any
     if cfg["task"] == "adding":
-        dm = AddingProblemDataModule(seq_len=cfg["seq_len"], num_train=cfg["num_train"], num_val=cfg["num_val"],
-                                     batch_size=cfg["batch_size"], seed=seed)
-        model = AddingRNN(hidden_size=cfg["hidden"], cell=cfg["cell"], lr=cfg["lr"], momentum=cfg["momentum"],
-                          init_scale=cfg["init_scale"])
+        data_cls, rnn_cls = adding_task()
+        dm = data_cls(seq_len=cfg["seq_len"], num_train=cfg["num_train"], num_val=cfg["num_val"],
+                      batch_size=cfg["batch_size"], seed=seed)
+        model = rnn_cls(hidden_size=cfg["hidden"], cell=cfg["cell"], lr=cfg["lr"], momentum=cfg["momentum"],
+                        init_scale=cfg["init_scale"])
     else:
         dm, model = digits_parts(cfg, seed)
-    pre, post = PreNorm(), PostNorm()
+    pre, post = Norms(), Norms()
     callbacks: list[Any] = [pre]
     clipper: Any = None
     if method.kind == "ours":
@@ -377,8 +369,8 @@ def _run(args: tuple[Method, int, dict[str, Any]]) -> RunResult:
         res.final_val = res.val_loss[-1]
 
     # clip rate and the threshold in force
-    pre_n = np.asarray(pre.pre, dtype=float)
-    post_n = np.asarray(post.post, dtype=float)
+    pre_n = np.asarray(pre.norms, dtype=float)
+    post_n = np.asarray(post.norms, dtype=float)
     half = len(pre_n) // 2
     if method.kind == "ours":
         res.clip_rate = clipper.clip_rate()
@@ -404,23 +396,6 @@ def _run(args: tuple[Method, int, dict[str, Any]]) -> RunResult:
             ok = np.isfinite(pre_n[:n]) & np.isfinite(post_n[:n]) & (post_n[:n] < pre_n[:n] * (1 - 1e-4))
             res.threshold_last = float(post_n[:n][ok][-1]) if ok.any() else None
     return res
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def run_jobs(jobs: list[tuple[Method, int, dict[str, Any]]], workers: int, threads: int) -> list[RunResult]:
-    """Run every ``(method, seed, cfg)`` job, in ``workers`` processes (results in job order)."""
-    if workers <= 1:
-        return [_run(j) for j in jobs]
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                             initargs=(threads,)) as ex:
-        return list(ex.map(_run, jobs))
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -671,7 +646,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Row]]:
         sweep_values["digits"] = tuple(float(v) for v in args.digits_sweep.split(",") if v.strip())
     sweeps = {k: sweep_methods(sweep_values[k]) for k in keys}
     jobs = [(m, s, cfgs[k]) for k in keys for m in sweeps[k] for s in seeds]
-    results = run_jobs(jobs, workers, args.threads)
+    results = list(process_map(_run, jobs, workers))
     per_task: dict[str, list[Row]] = {}
     tuned: dict[str, float] = {}
     for k in keys:
@@ -685,7 +660,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Row]]:
     phase2 = {k: [m for m in adaptive_methods(tuned[k], has_zclip) if not args.core or m.name in CORE_ROWS
                   or m.name.startswith(TUNED_PREFIX)] for k in keys}
     jobs = [(m, s, cfgs[k]) for k in keys for m in phase2[k] for s in seeds]
-    results = run_jobs(jobs, workers, args.threads)
+    results = list(process_map(_run, jobs, workers))
     for k in keys:
         mine = [r for r in results if r.task == k]
         per_task[k] += [Row(m, [r for r in mine if r.method == m.name]) for m in phase2[k]]
@@ -693,8 +668,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Row]]:
 
     png = os.path.join(args.out, "exploding.png")
     plot(per_task, cfgs, png)
-    command = " ".join(["python benchmarks/exploding.py"] + [shlex.quote(a) for a in
-                                                             (sys.argv[1:] if argv is None else argv)])
+    command = command_line("exploding", argv)
     zclip_line = ("`zclip` (PyPI) is installed: its `ZClipLightningCallback()` is the last row of each task."
                   if has_zclip else
                   "`zclip` (PyPI) is not installed (or `--no-zclip`): no zclip row. `pip install zclip` adds it.")

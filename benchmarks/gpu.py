@@ -23,10 +23,10 @@ Sections (each row of the table says ``ok``, a measurement, or why it was skippe
 Without CUDA the CUDA-only rows are skipped with a clear message and the rest run on CPU at small sizes
 (so the script itself is tested on every machine).
 
-Usage::
+Usage (from the repository root)::
 
-    python benchmarks/gpu.py            # on a GPU machine: the full sizes (~1B parameters)
-    python benchmarks/gpu.py --quick    # small sizes, a smoke run (CPU or GPU)
+    python -m benchmarks.gpu            # on a GPU machine: the full sizes (~1B parameters)
+    python -m benchmarks.gpu --quick    # small sizes, a smoke run (CPU or GPU)
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -43,11 +42,20 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _machine import free_port, machine  # noqa: E402
-from _results import add_output_arguments, output_dir, write_results  # noqa: E402
+from benchmarks.common import (
+    ARCConfig,
+    ARCHookState,
+    add_output_arguments,
+    arc_hook,
+    clip_grads_with_norm_,
+    command_line,
+    gradient_stats,
+    machine,
+    md_table,
+    output_dir,
+    run_ranks,
+    write_results,
+)
 
 CUDA = torch.cuda.is_available()
 NO_CUDA = "skipped: CUDA is not available on this machine"
@@ -216,8 +224,6 @@ def _sync() -> None:
 def _time_stack(n: int, numel: int, rounds: int) -> tuple[float, float]:
     """Medians (s) of torch's clip_grad_norm_ and of the stack's per-step work on ``n`` gradients of ``numel``."""
     from lightning_clip import PercentileThreshold
-    from lightning_clip.core.functional import clip_grads_with_norm_
-    from lightning_clip.core.grads import gradient_stats
 
     device = _device()
     params = [nn.Parameter(torch.empty(numel, device=device)) for _ in range(n)]
@@ -289,51 +295,35 @@ def percentile_backend(big: int, calls: int) -> list[Row]:
 # ------------------------------------------------------------------------------------------- 5. comm hook
 
 
-def _hook_worker(rank: int, world: int, port: int, backend: str, device_type: str, out: str) -> None:
-    import torch.distributed as dist
+def _hook_worker(rank: int, world: int, device_type: str) -> torch.Tensor:
+    """One backward through ``ddp_arc``'s hook; this rank's averaged gradients (on the CPU)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from lightning_clip.distributed.config import ARCConfig
-    from lightning_clip.distributed.hook import ARCHookState, arc_hook
-
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    dist.init_process_group(backend, rank=rank, world_size=world)
-    try:
-        device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).to(device)
-        model = DDP(net, device_ids=[0] if device_type == "cuda" else None)
-        state = ARCHookState(ARCConfig(num_byzantine=0 if world < 3 else 1, static_clip=0.5))
-        model.register_comm_hook(state, arc_hook)
-        g = torch.Generator().manual_seed(100 + rank)
-        x, y = torch.randn(4, 8, generator=g).to(device), torch.randn(4, 1, generator=g).to(device)
-        nn.functional.mse_loss(model(x), y).backward()
-        grads = torch.cat([p.grad.reshape(-1).cpu() for p in net.parameters() if p.grad is not None])
-        torch.save(grads, Path(out) / f"hook_{backend}_{device_type}_{world}_{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).to(device)
+    model = DDP(net, device_ids=[0] if device_type == "cuda" else None)
+    state = ARCHookState(ARCConfig(num_byzantine=0 if world < 3 else 1, static_clip=0.5))
+    model.register_comm_hook(state, arc_hook)
+    g = torch.Generator().manual_seed(100 + rank)
+    x, y = torch.randn(4, 8, generator=g).to(device), torch.randn(4, 1, generator=g).to(device)
+    nn.functional.mse_loss(model(x), y).backward()
+    return torch.cat([p.grad.reshape(-1).cpu() for p in net.parameters() if p.grad is not None])
 
 
-def comm_hook(out: str) -> list[Row]:
-    import torch.multiprocessing as mp
-
+def comm_hook() -> list[Row]:
     rows: list[Row] = []
-    cpu = None
-    mp.spawn(_hook_worker, args=(2, free_port(), "gloo", "cpu", out), nprocs=2, join=True)
-    cpu = [torch.load(Path(out) / f"hook_gloo_cpu_2_{r}.pt") for r in range(2)]
+    cpu = run_ranks(_hook_worker, 2, ("cpu",), threads=None)
     rows.append(("5 comm hook", "gloo, 2 processes, CPU tensors: ranks agree", str(torch.equal(cpu[0], cpu[1]))))
     if not CUDA:
         rows.append(("5 comm hook", "gloo, 2 processes on one GPU; NCCL world size 1", NO_CUDA))
         return rows
-    mp.spawn(_hook_worker, args=(2, free_port(), "gloo", "cuda", out), nprocs=2, join=True)
-    gpu = [torch.load(Path(out) / f"hook_gloo_cuda_2_{r}.pt") for r in range(2)]
+    gpu = run_ranks(_hook_worker, 2, ("cuda",), threads=None)
     diff = max(float((a - b).abs().max()) for a, b in zip(gpu, cpu))
     rows.append(("5 comm hook", "gloo, 2 processes on one GPU: futures complete; max |GPU - CPU|",
                  f"yes; {diff:.3g} {'ok' if diff <= 1e-5 else 'DIFFERS'}"))
-    mp.spawn(_hook_worker, args=(1, free_port(), "nccl", "cuda", out), nprocs=1, join=True)
-    mp.spawn(_hook_worker, args=(1, free_port(), "gloo", "cpu", out), nprocs=1, join=True)
-    a = torch.load(Path(out) / "hook_nccl_cuda_1_0.pt")
-    b = torch.load(Path(out) / "hook_gloo_cpu_1_0.pt")
+    (a,) = run_ranks(_hook_worker, 1, ("cuda",), backend="nccl", threads=None)
+    (b,) = run_ranks(_hook_worker, 1, ("cpu",), threads=None)
     diff = float((a - b).abs().max())
     rows.append(("5 comm hook", "NCCL, world size 1: futures complete; max |GPU - CPU|",
                  f"yes; {diff:.3g} {'ok' if diff <= 1e-5 else 'DIFFERS'}"))
@@ -389,7 +379,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         lambda: precision_check(20),
         lambda: overhead(3_000_000 if big else 1_000_000_000, (300, 3000), 5 if big else 20),
         lambda: percentile_backend(1000 if big else 100_000, 200 if big else 1000),
-        lambda: comm_hook(out),
+        comm_hook,
         lambda: fsdp1(20),
     ]
     for section in sections:
@@ -401,13 +391,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     lines = [
         "# lightning_clip on GPU: sync check, precision, overhead, device percentile, comm hook, FSDP1",
         "",
-        f"Command: `python benchmarks/gpu.py{' --quick' if args.quick else ''}`",
+        f"Command: `{command_line('gpu', argv)}`",
         "",
         f"Machine: {machine()}; GPU: {device_name}. Wall time {time.perf_counter() - start:.0f} s.",
         "",
-        "| section | check | result |",
-        "|---|---|---|",
-        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        md_table(["section", "check", "result"], rows),
     ]
     text = "\n".join(lines)
     print(text, flush=True)

@@ -1,6 +1,6 @@
 """Per-step cost of per-group thresholds (``GradientClipping(groups=...)``) against one threshold and torch's clip.
 
-Real ``Trainer`` runs on the gradients of ``benchmarks/overhead.py`` (its bench module, no-op optimizer and timing
+Real ``Trainer`` runs on the gradients of ``benchmarks.overhead`` (its bench module, no-op optimizer and timing
 callbacks: a timer placed first and one placed last bracket ``GradientClipping.on_before_optimizer_step``, and the
 last one then runs torch's ``get_total_norm`` + ``clip_grads_with_norm_`` on the same gradients in the same step):
 
@@ -11,8 +11,9 @@ last one then runs torch's ``get_total_norm`` + ``clip_grads_with_norm_`` on the
 Reported: median and mean ms per step and the ratio to torch's clip measured in the same steps (the shared
 machine's noise hits both alike). The single-group ratio is the one to compare with ``overhead.txt``'s (c)/(a).
 
-Run: ``python benchmarks/group_overhead.py`` (a few minutes) or ``--quick`` (seconds). Prints the table and writes
-``group_overhead.txt`` into ``--out`` (default ``benchmarks/results``; with ``--quick`` a temporary directory).
+Run (from the repository root): ``python -m benchmarks.group_overhead`` (a few minutes) or ``--quick`` (seconds).
+Prints the table and writes ``group_overhead.txt`` into ``--out`` (default ``benchmarks/results``; with ``--quick``
+a temporary directory).
 """
 
 from __future__ import annotations
@@ -20,30 +21,24 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import machine  # noqa: E402
-from _results import add_output_arguments, output_dir, write_results  # noqa: E402
-from overhead import (  # noqa: E402
-    LOG_EVERY,
-    _Bench,
-    _BenchModule,
-    _NoOpOptimizer,
-    _NullLogger,
-    _StartTimer,
-    _stats,
-    _StopTimer,
-    _table,
+from benchmarks.common import (
+    add_output_arguments,
+    command_line,
+    machine,
+    md_table,
+    output_dir,
+    summary_stats,
+    write_results,
 )
+from benchmarks.overhead import LOG_EVERY, Bench, BenchModule, NoOpOptimizer, NullLogger, StartTimer, StopTimer
+from lightning_clip import GradientClipping, PercentileThreshold
 
-from lightning_clip import GradientClipping, PercentileThreshold  # noqa: E402
 
-
-class _GroupedModule(_BenchModule):
+class _GroupedModule(BenchModule):
     """The bench module with its tensors split into ``num_groups`` contiguous optimizer param groups."""
 
     def __init__(self, n_tensors: int, numel: int, num_groups: int) -> None:
@@ -53,23 +48,23 @@ class _GroupedModule(_BenchModule):
     def configure_optimizers(self):
         params = list(self.weights)
         per = -(-len(params) // self.num_groups)
-        return _NoOpOptimizer([{"params": params[i:i + per]} for i in range(0, len(params), per)])
+        return NoOpOptimizer([{"params": params[i:i + per]} for i in range(0, len(params), per)])
 
 
 def _policy() -> PercentileThreshold:
     return PercentileThreshold(percentile=90.0, warmup_steps=5, warmup_threshold=1.0)
 
 
-def run(n_tensors: int, numel: int, groups: int, warmup: int, reps: int) -> _Bench:
+def run(n_tensors: int, numel: int, groups: int, warmup: int, reps: int) -> Bench:
     """One Trainer run with ``groups`` own-policy param groups (0: the single-group path)."""
     model = _GroupedModule(n_tensors, numel, groups + 1)
-    bench = _Bench(warmup)
+    bench = Bench(warmup)
     clip = GradientClipping(_policy(), summary=False, groups={i: _policy() for i in range(groups)} or None)
     steps = warmup + reps
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=1, logger=_NullLogger(),
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=1, logger=NullLogger(),
                          log_every_n_steps=LOG_EVERY, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0,
-                         callbacks=[_StartTimer(bench), clip, _StopTimer(bench)])
+                         callbacks=[StartTimer(bench), clip, StopTimer(bench)])
     gc.collect()
     trainer.fit(model, DataLoader(list(range(steps)), batch_size=1))
     assert len(bench.times["c"]) == reps, f"expected {reps} measured steps, got {len(bench.times['c'])}"
@@ -95,7 +90,7 @@ def main(argv: list[str] | None = None) -> str:
     rows = []
     for k in (int(v) for v in args.groups.split(",") if v.strip()):
         bench = run(args.tensors, numel, k, warmup, reps)
-        sa, sc = _stats(bench.times["a"]), _stats(bench.times["c"])
+        sa, sc = summary_stats(bench.times["a"]), summary_stats(bench.times["c"])
         name = "one threshold (single-group path)" if k == 0 else f"{k} groups + the ungrouped rest"
         rows.append([name, f"{sc['median'] * ms:.2f}", f"{sc['mean'] * ms:.2f}", f"{sa['median'] * ms:.2f}",
                      f"{sc['median'] / sa['median']:.3f}", f"{(sc['median'] - sa['median']) * ms:.2f}", str(sc["n"])])
@@ -103,12 +98,12 @@ def main(argv: list[str] | None = None) -> str:
     text = "\n".join([
         "# GradientClipping(groups=...) cost per optimizer step",
         "",
-        f"Command: `python benchmarks/group_overhead.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"Command: `{command_line('group_overhead', argv)}`",
         f"Machine: {machine()}. {args.tensors} fp32 gradient tensors x {numel:,} entries; PercentileThreshold in "
         f"every group; {reps} measured steps after {warmup}; log_every_n_steps={LOG_EVERY}.",
         "",
-        _table(["GradientClipping", "median ms", "mean ms", "torch clip median ms (same steps)",
-                "ratio to torch (median)", "median - torch ms", "reps"], rows),
+        md_table(["GradientClipping", "median ms", "mean ms", "torch clip median ms (same steps)",
+                "ratio to torch (median)", "median - torch ms", "reps"], rows, pad=True),
         "",
     ])
     print(text)

@@ -35,7 +35,8 @@ the logged values) on the same gradients, one call at a time right after the mem
 in a real step), to show where any overhead comes from. The cost of ``LightningModule.log_dict`` itself shows up
 as the difference between logging steps and ordinary steps of (c).
 
-Run: ``python benchmarks/overhead.py`` (a few minutes) or ``python benchmarks/overhead.py --quick`` (< 20 s).
+Run (from the repository root): ``python -m benchmarks.overhead`` (a few minutes) or
+``python -m benchmarks.overhead --quick`` (< 20 s).
 Prints the tables and writes them to ``overhead.txt`` in ``--out`` (default ``benchmarks/results``; with
 ``--quick`` a new temporary directory).
 """
@@ -53,7 +54,6 @@ from collections import defaultdict
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from _results import StdoutRecord, add_output_arguments, output_dir
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import GradClipAlgorithmType
@@ -62,9 +62,16 @@ from torch.nn.utils import clip_grads_with_norm_ as torch_clip_grads_with_norm_
 from torch.nn.utils import get_total_norm
 from torch.utils.data import DataLoader
 
+from benchmarks.common import (
+    StdoutRecord,
+    add_output_arguments,
+    clip_grads_with_norm_,
+    gradient_stats,
+    md_table,
+    output_dir,
+    summary_stats,
+)
 from lightning_clip import GradientClipping, GradientNormMonitor, NonFiniteGradientGuard, PercentileThreshold
-from lightning_clip.core.functional import clip_grads_with_norm_
-from lightning_clip.core.grads import gradient_stats
 
 CLIP_VAL = 1.0
 LOG_EVERY = 50
@@ -74,26 +81,7 @@ LOG_EVERY = 50
 # helpers
 
 
-def _stats(xs: list[float]) -> dict[str, float]:
-    xs = sorted(xs)
-    return {
-        "median": statistics.median(xs),
-        "mean": statistics.fmean(xs),
-        "p10": xs[int(0.1 * (len(xs) - 1))],
-        "p90": xs[int(0.9 * (len(xs) - 1))],
-        "n": len(xs),
-    }
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    return "\n".join([line, sep, *body])
-
-
-class _NullLogger(Logger):
+class NullLogger(Logger):
     """A logger that accepts everything: logging steps do all the work up to the logger, nothing is written."""
 
     @property
@@ -111,7 +99,7 @@ class _NullLogger(Logger):
         return None
 
 
-class _NoOpOptimizer(torch.optim.Optimizer):
+class NoOpOptimizer(torch.optim.Optimizer):
     """Runs the closure (training_step, backward, hooks, clipping) and updates nothing."""
 
     def __init__(self, params) -> None:
@@ -125,7 +113,7 @@ class _NoOpOptimizer(torch.optim.Optimizer):
         return None
 
 
-class _BenchModule(pl.LightningModule):
+class BenchModule(pl.LightningModule):
     def __init__(self, n_tensors: int, numel: int, seed: int = 0) -> None:
         super().__init__()
         rows = max(1, int(math.sqrt(numel)))
@@ -144,10 +132,10 @@ class _BenchModule(pl.LightningModule):
             p.grad = g
 
     def configure_optimizers(self):
-        return _NoOpOptimizer(list(self.weights))
+        return NoOpOptimizer(list(self.weights))
 
 
-class _Bench:
+class Bench:
     def __init__(self, warmup_steps: int) -> None:
         self.warmup_steps = warmup_steps
         self.t0 = 0.0
@@ -156,18 +144,18 @@ class _Bench:
         self.step = 0
 
 
-class _StartTimer(Callback):
-    def __init__(self, bench: _Bench) -> None:
+class StartTimer(Callback):
+    def __init__(self, bench: Bench) -> None:
         self.bench = bench
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.bench.t0 = time.perf_counter()
 
 
-class _StopTimer(Callback):
+class StopTimer(Callback):
     """Stops the clock of (c), then runs (a) and (b) on the same gradients, in alternating order."""
 
-    def __init__(self, bench: _Bench) -> None:
+    def __init__(self, bench: Bench) -> None:
         self.bench = bench
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -205,23 +193,23 @@ class _StopTimer(Callback):
                 b.times[name].append(e - s)
 
 
-def bench_clipping(n_tensors: int, numel: int, warmup: int, reps: int) -> tuple[_Bench, _BenchModule]:
-    model = _BenchModule(n_tensors, numel)
-    bench = _Bench(warmup)
+def bench_clipping(n_tensors: int, numel: int, warmup: int, reps: int) -> tuple[Bench, BenchModule]:
+    model = BenchModule(n_tensors, numel)
+    bench = Bench(warmup)
     policy = PercentileThreshold(percentile=90.0, warmup_steps=5, warmup_threshold=CLIP_VAL)
     stack = [
         GradientNormMonitor(per_parameter=True),
         GradientClipping(policy, summary=False),
         NonFiniteGradientGuard("skip"),
     ]
-    callbacks = [_StartTimer(bench), *stack, _StopTimer(bench)]
+    callbacks = [StartTimer(bench), *stack, StopTimer(bench)]
     steps = warmup + reps
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_steps=steps,
         max_epochs=1,
-        logger=_NullLogger(),
+        logger=NullLogger(),
         log_every_n_steps=LOG_EVERY,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -230,7 +218,7 @@ def bench_clipping(n_tensors: int, numel: int, warmup: int, reps: int) -> tuple[
         callbacks=callbacks,
     )
     order = [type(c) for c in trainer.callbacks]
-    first, last = order.index(_StartTimer), order.index(_StopTimer)
+    first, last = order.index(StartTimer), order.index(StopTimer)
     assert all(first < order.index(type(c)) < last for c in stack), f"callback order changed: {order}"
     gc.collect()
     trainer.fit(model, DataLoader(list(range(steps)), batch_size=1))
@@ -284,7 +272,7 @@ def bench_percentile(big: int, rounds: int, calls: dict[str, int]) -> dict[str, 
 # breakdown of (c) outside Lightning
 
 
-def bench_breakdown(model: _BenchModule, rounds: int) -> dict[str, list[float]]:
+def bench_breakdown(model: BenchModule, rounds: int) -> dict[str, list[float]]:
     params = list(model.weights)
     for p, g in zip(params, model.grad_buffers):
         p.grad = g
@@ -338,7 +326,7 @@ def bench_breakdown(model: _BenchModule, rounds: int) -> dict[str, list[float]]:
 
 def _report_clipping(n_tensors: int, numel: int, warmup: int, reps: int, quick: bool) -> None:
     bench, model = bench_clipping(n_tensors, numel, warmup, reps)
-    sa, sb, sc = _stats(bench.times["a"]), _stats(bench.times["b"]), _stats(bench.times["c"])
+    sa, sb, sc = summary_stats(bench.times["a"]), summary_stats(bench.times["b"]), summary_stats(bench.times["c"])
     ms = 1e3
     rows = [
         ["(a) torch get_total_norm + clip_grads_with_norm_", sa],
@@ -347,10 +335,10 @@ def _report_clipping(n_tensors: int, numel: int, warmup: int, reps: int, quick: 
     ]
     print(f"## Clipping cost per optimizer step ({reps} steps after {warmup} warm-up steps, interleaved; "
           f"log_every_n_steps={LOG_EVERY})\n")
-    print(_table(
+    print(md_table(
         ["variant", "median ms", "mean ms", "p10 ms", "p90 ms", "reps"],
         [[name, f"{s['median'] * ms:.2f}", f"{s['mean'] * ms:.2f}", f"{s['p10'] * ms:.2f}", f"{s['p90'] * ms:.2f}",
-          str(s["n"])] for name, s in rows],
+          str(s["n"])] for name, s in rows], pad=True,
     ))
     if bench.logging_step_times:
         lt = ", ".join(f"{t * ms:.2f}" for t in bench.logging_step_times)
@@ -369,9 +357,9 @@ def _report_clipping(n_tensors: int, numel: int, warmup: int, reps: int, quick: 
 
     breakdown = bench_breakdown(model, rounds=10 if quick else 20)
     print("\n## Breakdown of (c), pieces timed outside Lightning on the same gradients (interleaved)\n")
-    print(_table(
+    print(md_table(
         ["piece", "median ms", "reps"],
-        [[name, f"{statistics.median(v) * ms:.4f}", str(len(v))] for name, v in breakdown.items()],
+        [[name, f"{statistics.median(v) * ms:.4f}", str(len(v))] for name, v in breakdown.items()], pad=True,
     ))
     del model
     gc.collect()
@@ -385,10 +373,10 @@ def _report_percentile(big: int, pct_rounds: int, calls: dict[str, int]) -> None
           f"batches of {calls['host']} (host) / {calls['device']} (device) calls)\n")
     prow = []
     for name in ["host@10", "host@big", "device@10", "device@big"]:
-        s = _stats(pt[name])
+        s = summary_stats(pt[name])
         prow.append([name.replace("big", label), f"{s['median'] * us:.1f}", f"{s['mean'] * us:.1f}",
                      f"{s['p90'] * us:.1f}", str(s["n"])])
-    print(_table(["backend@history", "median us/call", "mean us/call", "p90 us/call", "batches"], prow))
+    print(md_table(["backend@history", "median us/call", "mean us/call", "p90 us/call", "batches"], prow, pad=True))
     hr = statistics.median(pt["host@big"]) / statistics.median(pt["host@10"])
     dr = statistics.median(pt["device@big"]) / statistics.median(pt["device@10"])
     print(f"\nratio host percentile@{label} / @10: {hr:.3f}  (target <= 1.05: {'met' if hr <= 1.05 else 'MISSED'})")
@@ -396,7 +384,7 @@ def _report_percentile(big: int, pct_rounds: int, calls: dict[str, int]) -> None
           f"parallel work per step, meant for accelerators)")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_output_arguments(parser, "small sizes, runs in < 20 s")
     parser.add_argument("--tensors", type=int, default=160)
@@ -404,7 +392,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="measured training steps (default 100)")
     parser.add_argument("--sections", default="clip,percentile",
                         help="comma-separated subset of: clip (a, b, c and the breakdown), percentile (d)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sections = {x.strip() for x in args.sections.split(",")}
     record = StdoutRecord(output_dir(args.out, args.quick, "overhead"), "overhead.txt").start()
 

@@ -3,13 +3,12 @@
 Setting (arXiv 2405.14432; the paper's algorithm, scaled down to the 8x8 digits):
 ``n = 10 honest + f Byzantine`` workers train one MLP 64-64-10. Every step each worker draws a batch of
 25 samples and updates its *local momentum* ``m <- beta m + (1 - beta) g`` (``beta = 0.9``, ``m_0 = 0``,
-no bias correction: the convention of the paper's library ByzFL and of the library's
-:class:`~lightning_clip.robust.transforms.WorkerMomentum`). Honest workers sample from their own heterogeneous
-shard of the train split (``extreme``: labels sorted and cut into 10 contiguous chunks, 1-2 classes each; Dirichlet
-``a=0.1`` / ``a=0.5``); the Byzantine workers (the last ``f`` ranks) sample from the whole train split and
-keep a momentum of their own gradient. The server receives the ``n`` vectors, computes
-``rule(NNM(pre(x)))`` and takes a plain SGD step (lr 0.5, weight decay 1e-4, no server momentum). 200
-steps, test accuracy every 10 steps.
+no bias correction: the convention of the paper's library ByzFL and of the library's ``WorkerMomentum``).
+Honest workers sample from their own heterogeneous shard of the train split (``extreme``: labels sorted and
+cut into 10 contiguous chunks, 1-2 classes each; Dirichlet ``a=0.1`` / ``a=0.5``); the Byzantine workers
+(the last ``f`` ranks) sample from the whole train split and keep a momentum of their own gradient. The
+server receives the ``n`` vectors, computes ``rule(NNM(pre(x)))`` and takes a plain SGD step (lr 0.5,
+weight decay 1e-4, no server momentum). 200 steps, test accuracy every 10 steps.
 
 Rows: a rule after NNM -- coordinate-wise trimmed mean (``cwtm``), geometric median (``geomed``),
 Multi-Krum (``multikrum``) -- with one of these pre-aggregation clippings of the received vectors:
@@ -22,7 +21,8 @@ Multi-Krum (``multikrum``) -- with one of these pre-aggregation clippings of the
 ``arc+clip`` both (not in the default grid): ``ARC > clip(2) > NNM > rule``
 ============ ==========================================================================================
 
-Attacks (what the Byzantine workers send; the worst case is taken over them):
+Attacks (what the Byzantine workers send; the worst case is taken over them; defined in
+``benchmarks.common.ATTACKS``):
 
 =========== ======================================================================================
 SF          sign flip of the worker's own momentum (``ByzantineSpec(attack="sign_flip")``)
@@ -33,26 +33,25 @@ Mimic       a copy of the first honest worker's momentum
 =========== ======================================================================================
 
 Optional (not in the default grid): ``ALIE`` / ``FOE`` with the library's fixed factors, ``NaN`` and
-``scale`` (x1e3). The line search (:func:`~lightning_clip.sim.attacks.search_factor`) maximises
+``scale`` (x1e3). The line search (the library's ``search_factor``) maximises
 ``|| server(honest + f copies) - mean(honest) ||`` against the server's actual pipeline of the row.
 
 Metric, as in the paper: the maximum test accuracy over the evaluations, averaged over seeds, then the
 worst case over the attacks.
 
-One pipeline for both execution modes, by construction: every run is one
-:class:`~lightning_clip.distributed.config.ARCConfig` (:func:`arc_config`) plus the simulated attack, and
-every rank's "what it sends" is the library's chain of send transforms (:func:`send_chain`: worker
-momentum, then :class:`~lightning_clip.sim.transforms.ByzantineTransform`). DDP runs that chain inside
-the hook; the simulation runs the same chain with :func:`~lightning_clip.sim.transforms.simulate_sends`
-and aggregates with the config's ``server_aggregation``, the function the hook calls.
+One pipeline for both execution modes, by construction: every run is one ``ARCConfig`` (:meth:`Run.config`)
+plus the simulated attack (:meth:`Run.transforms`), and every rank's "what it sends" is the library's chain
+of send transforms (``ARCConfig.send_chain``: worker momentum, then the ``ByzantineTransform``). DDP runs
+that chain inside the hook; the simulation runs the same chain with the library's ``simulate_sends`` and
+aggregates with the config's ``server_aggregation``, the function the hook calls.
 
 * ``--mode sim``: all ``n`` workers in one process; per-worker gradients by autograd, flattened in the
   layout of DDP's single gradient bucket (parameter order at the first step, reversed from the second
   on, when DDP rebuilds its bucket in gradient-ready order) so every reduction sums in the same order.
-* ``--mode ddp``: ``n`` real gloo processes on CPU (``torch.multiprocessing.spawn``, one launch per world
-  size, several configurations per launch), each a ``DistributedDataParallel`` replica whose gradient
-  averaging is replaced by the library's :func:`~lightning_clip.distributed.hook.arc_hook` -- worker
-  momentum, the simulated attack, the pre-aggregation and the rule all run inside the hook.
+* ``--mode ddp``: ``n`` real gloo processes on CPU (one launch per world size, several configurations per
+  launch), each a ``DistributedDataParallel`` replica whose gradient averaging is replaced by the library's
+  ``arc_hook`` -- worker momentum, the simulated attack, the pre-aggregation and the rule all run inside
+  the hook.
 * ``--mode both`` (default): the sim grid, then the DDP grid, then a run-by-run comparison of the runs
   both modes executed.
 
@@ -64,12 +63,12 @@ and seeds, plus the f = 0 reference.
 the setting) and reuses it: an interrupted study resumes where it stopped, and sim and DDP can run in
 separate invocations that a final one assembles.
 
-Usage::
+Usage (from the repository root)::
 
-    python benchmarks/robustness.py --cache /tmp/rob           # the study (hours on 2 cores)
-    python benchmarks/robustness.py --quick                    # smoke run (~80 s on 2 cores), to a temporary dir
-    python benchmarks/robustness.py --mode ddp --ddp-comm gather  # the DDP grid on the all-gather path
-    python benchmarks/robustness.py --mode sim --init-jitter 1e-7 # how far one float rounding moves each run
+    python -m benchmarks.robustness --cache /tmp/rob           # the study (hours on 2 cores)
+    python -m benchmarks.robustness --quick                    # smoke run (~80 s on 2 cores), to a temporary dir
+    python -m benchmarks.robustness --mode ddp --ddp-comm gather  # the DDP grid on the all-gather path
+    python -m benchmarks.robustness --mode sim --init-jitter 1e-7 # how far one float rounding moves each run
 
 Writes ``robustness.md`` (tables, command, machine, wall times, reading) and ``robustness.png`` (heatmaps)
 into ``--out``; by default ``benchmarks/results`` for a full run and a new temporary directory with
@@ -79,56 +78,38 @@ into ``--out``; by default ``benchmarks/results`` for a full run and a new tempo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
-import shlex
 import statistics
-import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch import Tensor, nn
+from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _machine import free_port, machine  # noqa: E402
-from _results import add_output_arguments, output_dir, write_results  # noqa: E402
-
-from lightning_clip.distributed.config import ARCConfig  # noqa: E402
-from lightning_clip.distributed.hook import ARCHookState  # noqa: E402
-from lightning_clip.robust.arc import arc_num_clipped  # noqa: E402
-from lightning_clip.robust.transforms import SendBuffers, SendTransform  # noqa: E402
-from lightning_clip.sim.byzantine import ByzantineSpec  # noqa: E402
-from lightning_clip.sim.data import load_digits_tensors  # noqa: E402
-from lightning_clip.sim.partition import dirichlet_split, extreme_split  # noqa: E402
-from lightning_clip.sim.transforms import ByzantineTransform, simulate_sends  # noqa: E402
+from benchmarks.common import (
+    ATTACKS,
+    HETEROGENEITY,
+    ARCConfig,
+    Result,
+    SendTransform,
+    Setting,
+    add_output_arguments,
+    arc_num_clipped,
+    attack_transforms,
+    command_line,
+    machine,
+    md_table,
+    output_dir,
+    run_ddp_all,
+    run_sim_all,
+    write_results,
+)
 
 NAME = "robustness"
-NUM_CLASSES = 10
-
-#: Attack label -> ``ByzantineSpec`` keyword arguments (ranks added per run); ``None``: label flip (data level).
-ATTACKS: dict[str, dict[str, Any] | None] = {
-    "SF": {"attack": "sign_flip"},
-    "LF": None,
-    "FOE-LS": {"attack": "foe_ls"},
-    "ALIE-LS": {"attack": "alie_ls"},
-    "Mimic": {"attack": "mimic"},
-    "ALIE": {"attack": "alie"},
-    "FOE": {"attack": "foe"},
-    "NaN": {"attack": "nan"},
-    "scale": {"attack": "scale", "factor": 1e3},
-}
 #: The paper's attacks: the default grid.
 DEFAULT_ATTACKS = ("SF", "LF", "FOE-LS", "ALIE-LS", "Mimic")
 LINE_SEARCHED = ("FOE-LS", "ALIE-LS")
@@ -137,35 +118,20 @@ RULES = ("cwtm", "geomed", "multikrum")
 PRES: dict[str, tuple[bool, bool]] = {"none": (False, False), "clip": (False, True), "arc": (True, False),
                                       "arc+clip": (True, True)}
 DEFAULT_PRES = ("none", "clip", "arc", "arc+clip")
-#: Heterogeneity label -> Dirichlet alpha (``None``: the extreme sorted split).
-HETEROGENEITY: dict[str, float | None] = {"extreme": None, "a=0.1": 0.1, "a=0.5": 0.5, "a=1": 1.0}
 DEFAULT_HETS = ("extreme", "a=0.1", "a=0.5")
 DDP_HETS = ("extreme",)
 
 
-# --------------------------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True)
-class Setting:
-    """Hyperparameters shared by every run."""
-
-    honest: int = 10
-    batch: int = 25
-    lr: float = 0.5
-    weight_decay: float = 1e-4
-    beta: float = 0.9  # worker momentum
-    steps: int = 200
-    eval_every: int = 10
-    hidden: int = 64
-    clip: float = 2.0  # C of static clipping
-    robust_comm: str = "sharded"  # how the DDP runs move the vectors (ARCConfig.robust_comm)
-    init_jitter: float = 0.0  # relative noise on the initial weights: a control for float sensitivity
+# --------------------------------------------------------------------------------------------- the grid
 
 
 @dataclass(frozen=True)
 class Run:
-    """One training run. ``attack`` is ``None`` exactly when ``f == 0`` (the reference: plain mean, no NNM)."""
+    """One training run. ``attack`` is ``None`` exactly when ``f == 0`` (the reference: plain mean, no NNM).
+
+    Its fields and the :class:`~benchmarks.common.Setting` make its cache key: a new field needs a default
+    that stays out of the key (see ``benchmarks.common.run_key``) for the cached runs to be reused.
+    """
 
     het: str
     f: int
@@ -187,6 +153,23 @@ class Run:
     def col(self) -> str:
         return col_label(self.het, self.f)
 
+    @property
+    def label(self) -> str:
+        return f"{self.row:<26} {self.col:<13} {self.attack or '-':<7} seed {self.seed}"
+
+    def config(self, setting: Setting) -> ARCConfig:
+        """The server pipeline and worker momentum of this run: the one definition both modes use."""
+        if self.f == 0:
+            return ARCConfig(num_byzantine=0, aggregator="mean", arc=False, worker_momentum=setting.beta)
+        arc, static = PRES[self.pre]
+        return ARCConfig(num_byzantine=self.f, aggregator=self.rule, nnm=True, arc=arc,
+                         static_clip=setting.clip if static else None, worker_momentum=setting.beta,
+                         robust_comm=setting.robust_comm)
+
+    def transforms(self) -> list[SendTransform]:
+        """The simulated attack of the last ``f`` ranks (none for the label flip, which acts on the data)."""
+        return attack_transforms(self.attack, range(self.honest, self.n))
+
 
 def row_label(rule: str, pre: str, clip: float = 2.0) -> str:
     if rule == "mean":
@@ -199,19 +182,6 @@ def col_label(het: str, f: int) -> str:
     return f"{het} f={f}"
 
 
-@dataclass
-class Result:
-    run: Run
-    accs: list[float]  # test accuracy at every evaluation
-    wall: float  # seconds
-    steps_done: int  # fewer than the setting's steps when the weights became non-finite
-    final: Tensor | None = None  # final flat parameters in ``model.parameters()`` order
-
-    @property
-    def max_acc(self) -> float:
-        return max(self.accs)
-
-
 def build_runs(hets: Sequence[str], fs: Sequence[int], attacks: Sequence[str], rules: Sequence[str],
                pres: Sequence[str], seeds: Sequence[int], honest: int, baseline: bool = True) -> list[Run]:
     runs = []
@@ -219,361 +189,15 @@ def build_runs(hets: Sequence[str], fs: Sequence[int], attacks: Sequence[str], r
         for seed in seeds:
             if baseline:
                 runs.append(Run(het, 0, None, "mean", "none", seed, honest))
-            for f in fs:
-                for rule in rules:
-                    for pre in pres:
-                        for attack in attacks:
-                            runs.append(Run(het, f, attack, rule, pre, seed, honest))
+            runs += [Run(het, f, attack, rule, pre, seed, honest) for f in fs for rule in rules for pre in pres
+                     for attack in attacks]
     return runs
 
 
-# --------------------------------------------------------------------------------------------- shared pieces
-
-
-@dataclass
-class Data:
-    train_x: Tensor
-    train_y: Tensor
-    test_x: Tensor
-    test_y: Tensor
-
-
-def load_data(test_fraction: float = 0.2, split_seed: int = 0) -> Data:
-    """scikit-learn's digits (x in [0, 1]), a fixed random train/test split."""
-    x, y = load_digits_tensors()
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed))
-    n_test = int(len(y) * test_fraction)
-    test, train = perm[:n_test], perm[n_test:]
-    return Data(x[train].contiguous(), y[train].contiguous(), x[test].contiguous(), y[test].contiguous())
-
-
-def honest_shards(data: Data, het: str, honest: int, seed: int) -> list[Tensor]:
-    """Train-split indices of each honest worker."""
-    alpha = HETEROGENEITY[het]
-    if alpha is None:
-        return extreme_split(data.train_y, honest)
-    with torch.random.fork_rng(devices=[]):  # dirichlet_split reseeds torch's global generator
-        return dirichlet_split(data.train_y, honest, alpha, seed=seed)
-
-
-def make_model(seed: int, hidden: int = 64, jitter: float = 0.0) -> nn.Module:
-    """The MLP 64-hidden-10 (the architecture of ``lightning_clip.tools.demo.DigitsClassifier``), seeded init.
-
-    ``jitter > 0`` multiplies every initial weight by ``1 + jitter * N(0, 1)`` (its own seeded draw): a
-    perturbation of the size of float rounding, to see how far it alone moves a run.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, NUM_CLASSES))
-    if jitter > 0:
-        gen = torch.Generator().manual_seed(seed + 104_729)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(1 + jitter * torch.randn(p.shape, generator=gen))
-    return model
-
-
-def rank_generator(seed: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7_919 + 29)
-
-
-def sample_batch(data: Data, shards: list[Tensor], rank: int, batch: int, gen: torch.Generator,
-                 label_flip: bool) -> tuple[Tensor, Tensor]:
-    """Rank ``rank``'s next batch: from its shard if honest, from the whole train split if Byzantine."""
-    honest = len(shards)
-    if rank < honest:
-        pool = shards[rank]
-        idx = pool[torch.randint(len(pool), (batch,), generator=gen)]
-    else:
-        idx = torch.randint(len(data.train_y), (batch,), generator=gen)
-    x, y = data.train_x[idx], data.train_y[idx]
-    if rank >= honest and label_flip:
-        y = (NUM_CLASSES - 1) - y
-    return x, y
-
-
-def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
-    return nn.functional.cross_entropy(logits, y)
-
-
-def byzantine_spec(run: Run) -> ByzantineSpec | None:
-    """The vector-level attack of ``run`` (``None`` for no attack and for the data-level label flip)."""
-    if run.f == 0 or run.attack is None or ATTACKS[run.attack] is None:
-        return None
-    return ByzantineSpec(ranks=list(range(run.honest, run.n)), **ATTACKS[run.attack])
-
-
-def arc_config(run: Run, setting: Setting) -> ARCConfig:
-    """The server pipeline and worker momentum of ``run``: the one definition both modes use."""
-    if run.f == 0:
-        return ARCConfig(num_byzantine=0, aggregator="mean", arc=False, worker_momentum=setting.beta)
-    arc, static = PRES[run.pre]
-    return ARCConfig(num_byzantine=run.f, aggregator=run.rule, nnm=True, arc=arc,
-                     static_clip=setting.clip if static else None, worker_momentum=setting.beta,
-                     robust_comm=setting.robust_comm)
-
-
-def attack_transforms(run: Run) -> list[SendTransform]:
-    """The simulated attack of ``run`` as send transforms (empty without a vector-level attack)."""
-    spec = byzantine_spec(run)
-    return [] if spec is None else [ByzantineTransform(spec)]
-
-
-def send_chain(run: Run, setting: Setting) -> list[SendTransform]:
-    """One rank's chain of send transforms in ``run``: exactly what ``ARCHookState`` runs in DDP."""
-    return arc_config(run, setting).send_chain(attack_transforms(run))
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Test accuracy; a sample whose logits are not finite counts as wrong."""
-    logits = model(x)
-    ok = (logits.argmax(dim=1) == y) & torch.isfinite(logits).all(dim=1)
-    return float(ok.float().mean())
-
-
-def all_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-def flat_params(model: nn.Module) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
-
-
-def evaluations(setting: Setting) -> int:
-    return setting.steps // setting.eval_every
-
-
-def bucket_layout(num_params: int, step: int) -> list[int]:
-    """Indices (into ``model.parameters()``) in the order of DDP's single gradient bucket at ``step`` (1-based).
-
-    DDP's first bucket follows the parameter order; after the first iteration it is rebuilt in the order
-    the gradients became ready in backward (last layer first), which for this ``Sequential`` is the reverse
-    order. The sim mode flattens in the same layout so every reduction sums in the same order.
-    """
-    return list(range(num_params)) if step == 1 else list(reversed(range(num_params)))
-
-
-def _finish(model: nn.Module, data: Data, setting: Setting, accs: list[float]) -> list[float]:
-    # A non-finite model stays non-finite: its remaining evaluations are what it scores now.
-    while len(accs) < evaluations(setting):
-        accs.append(accuracy(model, data.test_x, data.test_y))
-    return accs
-
-
-# --------------------------------------------------------------------------------------------- result cache
-
-
-def run_key(run: Run, setting: Setting) -> str:
-    fields = asdict(setting)
-    for name, default in (("robust_comm", "sharded"), ("init_jitter", 0.0)):
-        if fields[name] == default:  # a default keeps the keys of the runs cached before the field existed
-            del fields[name]
-    text = repr(sorted(asdict(run).items())) + repr(sorted(fields.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-def cache_path(cache: str | None, mode: str, run: Run, setting: Setting) -> str | None:
-    return None if cache is None else os.path.join(cache, mode, f"{run_key(run, setting)}.pt")
-
-
-def save_result(path: str | None, result: Result) -> None:
-    if path is None:
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save({"run": asdict(result.run), "accs": result.accs, "wall": result.wall,
-                "steps_done": result.steps_done, "final": result.final}, tmp)
-    os.replace(tmp, path)
-
-
-def load_result(path: str | None) -> Result | None:
-    if path is None or not os.path.exists(path):
-        return None
-    rec = torch.load(path, weights_only=False)
-    return Result(Run(**rec["run"]), rec["accs"], rec["wall"], rec["steps_done"], rec["final"])
-
-
-def split_cached(runs: list[Run], setting: Setting, cache: str | None, mode: str) -> tuple[list[Result], list[Run]]:
-    done, todo = [], []
-    for run in runs:
-        res = load_result(cache_path(cache, mode, run, setting))
-        if res is None:
-            todo.append(run)
-        else:
-            done.append(res)
-    return done, todo
-
-
-# --------------------------------------------------------------------------------------------- sim mode
-
-
-def run_sim(run: Run, setting: Setting, data: Data, shards: list[Tensor]) -> Result:
-    """Train ``run`` with all ``n`` workers in this process (Robust D-SHB), through the library's send chains."""
-    t0 = time.perf_counter()
-    model = make_model(run.seed, setting.hidden, setting.init_jitter)
-    params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=setting.lr, weight_decay=setting.weight_decay)
-    label_flip = run.attack == "LF"
-    server = arc_config(run, setting).server_aggregation
-    chains = [send_chain(run, setting) for _ in range(run.n)]  # every rank's own momentum and attack
-    gens = [rank_generator(run.seed, r) for r in range(run.n)]
-    accs: list[float] = []
-    step = 0
-    for step in range(1, setting.steps + 1):
-        order = bucket_layout(len(params), step)
-        sends = []
-        for r in range(run.n):  # the same autograd computation as each DDP rank's backward
-            x, y = sample_batch(data, shards, r, setting.batch, gens[r], label_flip)
-            g = torch.autograd.grad(loss_fn(model(x), y), params)
-            flat = torch.cat([g[i].reshape(-1) for i in order])  # DDP's single bucket
-            sends.append(SendBuffers([flat], [[params[i] for i in order]]))
-        agg = server(simulate_sends(chains, sends, step - 1, server))
-        offset = 0
-        for i in order:
-            p = params[i]
-            p.grad = agg[offset : offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
-        opt.step()
-        if step % setting.eval_every == 0:
-            accs.append(accuracy(model, data.test_x, data.test_y))
-        if not all_finite(model):
-            break
-    return Result(run, _finish(model, data, setting, accs), time.perf_counter() - t0, step, flat_params(model))
-
-
-_SIM_CTX: dict[str, Any] = {}
-
-
-def _sim_init(setting: Setting, threads: int, cache: str | None) -> None:
-    torch.set_num_threads(threads)
-    _SIM_CTX.update(setting=setting, data=load_data(), shards={}, cache=cache)
-
-
-def _sim_one(run: Run) -> Result:
-    data: Data = _SIM_CTX["data"]
-    key = (run.het, run.honest, run.seed)
-    if key not in _SIM_CTX["shards"]:
-        _SIM_CTX["shards"][key] = honest_shards(data, run.het, run.honest, run.seed)
-    res = run_sim(run, _SIM_CTX["setting"], data, _SIM_CTX["shards"][key])
-    save_result(cache_path(_SIM_CTX["cache"], "sim", run, _SIM_CTX["setting"]), res)
-    return res
-
-
-def _cost(run: Run) -> float:
+def cost(run: Run) -> float:
     """Rough relative cost of a run, to schedule the long ones first."""
     c = 1.0 + (8.0 if run.attack in LINE_SEARCHED else 0.0)
     return c * (2.0 if run.rule == "geomed" else 1.0) * run.n
-
-
-def run_sim_all(runs: list[Run], setting: Setting, jobs: int, threads: int, cache: str | None,
-                label: str = "sim") -> list[Result]:
-    results, todo = split_cached(runs, setting, cache, "sim")
-    if results:
-        print(f"  [{label}] {len(results)} runs from the cache, {len(todo)} to run", flush=True)
-    if not todo:
-        return results
-    t0 = time.perf_counter()
-    every = max(1, len(todo) // 20)
-    ordered_runs = sorted(todo, key=_cost, reverse=True)
-
-    def progress(i: int) -> None:
-        if (i + 1) % every == 0 or i + 1 == len(todo):
-            print(f"  [{label}] {i + 1}/{len(todo)} runs, {time.perf_counter() - t0:.0f} s", flush=True)
-
-    if jobs <= 1:
-        _sim_init(setting, threads, cache)
-        for i, run in enumerate(ordered_runs):
-            results.append(_sim_one(run))
-            progress(i)
-    else:
-        ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_sim_init,
-                                 initargs=(setting, threads, cache)) as ex:
-            for i, res in enumerate(ex.map(_sim_one, ordered_runs, chunksize=1)):
-                results.append(res)
-                progress(i)
-    return results
-
-
-# --------------------------------------------------------------------------------------------- ddp mode
-
-
-def _ddp_worker(rank: int, world: int, port: int, runs: list[Run], setting: Setting, data: Data,
-                out_path: str, cache: str | None) -> None:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from lightning_clip.distributed.hook import arc_hook
-
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    results: list[Result] = []
-    shard_cache: dict[tuple, list[Tensor]] = {}
-    t_launch = time.perf_counter()
-    try:
-        for i, run in enumerate(runs):
-            if run.n != world:
-                raise RuntimeError(f"run {run} needs {run.n} ranks, this launch has {world}")
-            t0 = time.perf_counter()
-            key = (run.het, run.honest, run.seed)
-            if key not in shard_cache:
-                shard_cache[key] = honest_shards(data, run.het, run.honest, run.seed)
-            shards = shard_cache[key]
-            model = make_model(run.seed, setting.hidden, setting.init_jitter)
-            ddp = DDP(model, bucket_cap_mb=64)  # one bucket: the whole gradient
-            state = ARCHookState(arc_config(run, setting), transforms=attack_transforms(run))
-            ddp.register_comm_hook(state, arc_hook)
-            opt = torch.optim.SGD(ddp.parameters(), lr=setting.lr, weight_decay=setting.weight_decay)
-            gen = rank_generator(run.seed, rank)
-            accs: list[float] = []
-            step = 0
-            for step in range(1, setting.steps + 1):
-                x, y = sample_batch(data, shards, rank, setting.batch, gen, run.attack == "LF")
-                opt.zero_grad(set_to_none=True)
-                loss_fn(ddp(x), y).backward()
-                opt.step()
-                if rank == 0 and step % setting.eval_every == 0:
-                    accs.append(accuracy(model, data.test_x, data.test_y))
-                if not all_finite(model):  # identical replicas: every rank stops at the same step
-                    break
-            if rank == 0:
-                res = Result(run, _finish(model, data, setting, accs), time.perf_counter() - t0, step,
-                             flat_params(model))
-                results.append(res)
-                save_result(cache_path(cache, "ddp", run, setting), res)
-                print(f"  [ddp n={world}] {i + 1}/{len(runs)} {run.row:<26} {run.col:<13} {run.attack or '-':<7} "
-                      f"seed {run.seed}: max acc {res.max_acc:.3f}, {res.wall:.1f} s, "
-                      f"{time.perf_counter() - t_launch:.0f} s", flush=True)
-            del ddp, opt
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    if rank == 0:
-        torch.save(results, out_path)
-
-
-def run_ddp_all(runs: list[Run], setting: Setting, cache: str | None) -> tuple[list[Result], dict[int, float]]:
-    """One ``torch.multiprocessing.spawn`` launch per world size; returns results and wall time per launch."""
-    results, todo = split_cached(runs, setting, cache, "ddp")
-    if results:
-        print(f"  [ddp] {len(results)} runs from the cache, {len(todo)} to run", flush=True)
-    by_world: dict[int, list[Run]] = defaultdict(list)
-    for run in sorted(todo, key=lambda r: (r.n, r.seed, r.rule, r.pre, r.attack or "")):
-        by_world[run.n].append(run)
-    walls: dict[int, float] = {}
-    data = load_data()
-    with tempfile.TemporaryDirectory() as tmp:
-        for world, group in sorted(by_world.items()):
-            out = os.path.join(tmp, f"ddp_{world}.pt")
-            print(f"  [ddp] launching {world} gloo processes for {len(group)} runs", flush=True)
-            t0 = time.perf_counter()
-            mp.spawn(_ddp_worker, args=(world, free_port(), group, setting, data, out, cache), nprocs=world,
-                     join=True)
-            walls[world] = time.perf_counter() - t0
-            results += torch.load(out, weights_only=False)
-    return results, walls
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -616,12 +240,6 @@ def row_order(rules: Sequence[str], pres: Sequence[str], clip: float = 2.0) -> l
 
 def col_order(hets: Sequence[str], fs: Sequence[int]) -> list[str]:
     return [col_label(h, f) for h in hets for f in fs]
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def worst_tables(results: list[Result], rows: list[str], cols: list[str], bold_best: bool = True) -> tuple[str, str]:
@@ -838,11 +456,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pres", default=",".join(DEFAULT_PRES), help=f"pre-aggregation clippings ({', '.join(PRES)})")
     p.add_argument("--seeds", default="1,2", help="seeds (model init, Dirichlet split, batches)")
     p.add_argument("--ddp-hets", default=",".join(DDP_HETS), help="heterogeneity of the DDP grid (else as sim)")
-    p.add_argument("--ddp-f", default=None, help="f of the DDP grid (default: --f)")
-    p.add_argument("--ddp-attacks", default=None, help="attacks of the DDP grid (default: --attacks)")
-    p.add_argument("--ddp-rules", default=None, help="rules of the DDP grid (default: --rules)")
-    p.add_argument("--ddp-pres", default=None, help="pre-aggregation clippings of the DDP grid (default: --pres)")
-    p.add_argument("--ddp-seeds", default=None, help="seeds of the DDP grid (default: --seeds)")
+    for name, what in (("f", "f"), ("attacks", "attacks"), ("rules", "rules"),
+                       ("pres", "pre-aggregation clippings"), ("seeds", "seeds")):
+        p.add_argument(f"--ddp-{name}", default=None, help=f"{what} of the DDP grid (default: --{name})")
     p.add_argument("--ddp-comm", choices=("sharded", "gather"), default="sharded",
                    help="how the DDP runs move the vectors: by coordinate shards (default) or all-gathered")
     p.add_argument("--init-jitter", type=float, default=0.0, metavar="EPS",
@@ -858,9 +474,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="sim worker processes (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per sim process (default 1)")
     args = p.parse_args(argv)
-    for name in ("ddp_f", "ddp_attacks", "ddp_rules", "ddp_pres", "ddp_seeds"):
-        if getattr(args, name) is None:
-            setattr(args, name, getattr(args, name[4:] if name != "ddp_f" else "f"))
+    for name in ("f", "attacks", "rules", "pres", "seeds"):
+        if getattr(args, f"ddp_{name}") is None:
+            setattr(args, f"ddp_{name}", getattr(args, name))
     for name, allowed in (("hets", HETEROGENEITY), ("attacks", ATTACKS), ("rules", RULES), ("pres", PRES),
                           ("ddp_hets", HETEROGENEITY), ("ddp_attacks", ATTACKS), ("ddp_rules", RULES),
                           ("ddp_pres", PRES)):
@@ -888,8 +504,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cache = args.cache
     args.out = output_dir(args.out, q, NAME)
     md_path, png_path = os.path.join(args.out, f"{NAME}.md"), os.path.join(args.out, f"{NAME}.png")
-    command = " ".join([f"python benchmarks/{NAME}.py"] +
-                       [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
+    command = command_line(NAME, argv)
     print(f"machine: {machine()}", flush=True)
     print(f"setting: {setting}", flush=True)
 
@@ -901,17 +516,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ddp_setting = setting
         ddp_runs = build_runs(_csv(args.ddp_hets), _csv(args.ddp_f, int), _csv(args.ddp_attacks),
                               _csv(args.ddp_rules), _csv(args.ddp_pres), _csv(args.ddp_seeds, int), setting.honest)
+    ddp_runs.sort(key=lambda r: (r.n, r.seed, r.rule, r.pre, r.attack or ""))
     sim: list[Result] = []
     ddp: list[Result] = []
     sim_cmp: list[Result] = []
     walls: dict[str, float] = {}
     ddp_walls: dict[int, float] = {}
+
+    def simulate(runs: list[Run], st: Setting, label: str) -> list[Result]:
+        t0 = time.perf_counter()
+        out = run_sim_all(sorted(runs, key=cost, reverse=True), st, args.jobs, args.threads, cache, label)
+        walls[label] = time.perf_counter() - t0
+        return out
+
     if args.mode in ("sim", "both"):
         runs = build_runs(hets, fs, attacks, rules, pres, seeds, setting.honest)
         print(f"sim: {len(runs)} runs", flush=True)
-        t0 = time.perf_counter()
-        sim = run_sim_all(runs, setting, args.jobs, args.threads, cache)
-        walls["sim"] = time.perf_counter() - t0
+        sim = simulate(runs, setting, "sim")
     if args.mode in ("ddp", "both"):
         print(f"ddp: {len(ddp_runs)} runs", flush=True)
         t0 = time.perf_counter()
@@ -920,9 +541,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         have = {r.run: r for r in sim} if ddp_setting == setting else {}
         missing = [r for r in ddp_runs if r not in have]
         if missing:
-            t0 = time.perf_counter()
-            sim_cmp = run_sim_all(missing, ddp_setting, args.jobs, args.threads, cache, "sim (same runs as ddp)")
-            walls["sim (same runs as ddp)"] = time.perf_counter() - t0
+            sim_cmp = simulate(missing, ddp_setting, "sim (same runs as ddp)")
         sim_cmp += [have[r] for r in ddp_runs if r in have]
 
     total = time.perf_counter() - t_start
@@ -976,10 +595,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stdout += [f"sim vs ddp: {summ}"]
     main_results = ddp if ddp else sim
     main_setting = ddp_setting if ddp else setting
+    rows_all = ordered({r.run.row for r in main_results}, row_order(RULES, list(PRES), main_setting.clip))
+    cols_all = col_order(ordered({r.run.het for r in main_results}, list(HETEROGENEITY)),
+                         sorted({r.run.f for r in main_results if r.run.f > 0}))
     if main_results and not q:
-        rows_all = ordered({r.run.row for r in main_results}, row_order(RULES, list(PRES), main_setting.clip))
-        cols_all = col_order(ordered({r.run.het for r in main_results}, list(HETEROGENEITY)),
-                             sorted({r.run.f for r in main_results if r.run.f > 0}))
         used = ordered({r.run.attack for r in main_results if r.run.attack}, list(ATTACKS))
         sections += [f"<details><summary>Every attack ({'DDP' if ddp else 'sim'}; max accuracy, mean over seeds)"
                      "</summary>", "", attack_table(main_results, rows_all, cols_all, used), "", "</details>", ""]
@@ -991,9 +610,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r_rules = ordered({r.run.rule for r in res if r.run.f > 0}, list(RULES))
             read_parts += [f"{label}:", "", reading(res, r_hets, r_fs, r_rules, st), ""]
     if main_results:
-        rows_all = ordered({r.run.row for r in main_results}, row_order(RULES, list(PRES), main_setting.clip))
-        cols_all = col_order(ordered({r.run.het for r in main_results}, list(HETEROGENEITY)),
-                             sorted({r.run.f for r in main_results if r.run.f > 0}))
         plot(main_results, rows_all, cols_all, png_path,
              f"Robust D-SHB (beta {main_setting.beta:g}) on digits, MLP 64-{main_setting.hidden}-10, "
              f"{main_setting.honest} honest + f Byzantine, {main_setting.steps} steps "

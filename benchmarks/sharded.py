@@ -4,42 +4,39 @@
 ``fully_shard``; after one backward, each rank times, interleaved in the same rounds:
 
 * torch: ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` on the DTensor gradients;
-* ours: :func:`~lightning_clip.core.grads.gradient_stats` (local sums of squares, one all-reduce per mesh
-  dimension) then :func:`~lightning_clip.core.functional.clip_grads_with_norm_` with the same ``max_norm``.
+* ours: the library's ``gradient_stats`` (local sums of squares, one all-reduce per mesh dimension) then
+  its ``clip_grads_with_norm_`` with the same ``max_norm``.
 
 ``max_norm`` is huge, so neither changes the gradients and every round measures the same work. Printed:
 the median per round on rank 0 and the ratio ours / torch, with the collectives each issued per call
 (gloo all-reduces seen by the profiler).
 
-Usage::
+Usage (from the repository root)::
 
-    python benchmarks/sharded.py               # 150 layers = 300 gradient tensors, ~12M parameters
-    python benchmarks/sharded.py --quick       # 30 layers, a few seconds, into a temporary directory
+    python -m benchmarks.sharded               # 150 layers = 300 gradient tensors, ~12M parameters
+    python -m benchmarks.sharded --quick       # 30 layers, a few seconds, into a temporary directory
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _machine import free_port, machine  # noqa: E402
-from _results import StdoutRecord, add_output_arguments, output_dir  # noqa: E402
-
-from lightning_clip.core.functional import clip_grads_with_norm_  # noqa: E402
-from lightning_clip.core.grads import gradient_stats  # noqa: E402
+from benchmarks.common import (
+    StdoutRecord,
+    add_output_arguments,
+    clip_grads_with_norm_,
+    gradient_stats,
+    machine,
+    output_dir,
+    run_ranks,
+)
 
 MAX_NORM = 1e30
 
@@ -57,49 +54,41 @@ def _gloo_all_reduces(fn: Any) -> int:
     return sum(1 for e in prof.events() if e.name == "gloo:all_reduce")
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+def _worker(rank: int, world: int, args: argparse.Namespace) -> tuple[int, int, dict[str, float], dict[str, int]]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world,))
-        torch.manual_seed(0)
-        net = nn.Sequential(*[nn.Linear(args.width, args.width) for _ in range(args.layers)])
-        for m in net:
-            fully_shard(m, mesh=mesh)
-        fully_shard(net, mesh=mesh)
-        x = torch.randn(4, args.width, generator=torch.Generator().manual_seed(rank))
-        net(x).square().mean().backward()
-        params = list(net.parameters())
-        grads = [p.grad for p in params]
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Linear(args.width, args.width) for _ in range(args.layers)])
+    for m in net:
+        fully_shard(m, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    x = torch.randn(4, args.width, generator=torch.Generator().manual_seed(rank))
+    net(x).square().mean().backward()
+    params = list(net.parameters())
+    grads = [p.grad for p in params]
 
-        def torch_clip() -> None:
-            torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+    def torch_clip() -> None:
+        torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
 
-        def ours() -> None:
-            _ours(grads)
+    def ours() -> None:
+        _ours(grads)
 
-        runs = {"torch clip_grad_norm_": torch_clip, "ours (gradient_stats + clip_grads_with_norm_)": ours}
-        collectives = {label: _gloo_all_reduces(fn) for label, fn in runs.items()}
-        times: dict[str, list[float]] = {label: [] for label in runs}
-        for r in range(args.warmup + args.rounds):
-            order = list(runs.items()) if r % 2 == 0 else list(reversed(runs.items()))
-            for label, fn in order:
-                dist.barrier()
-                t0 = time.perf_counter()
-                fn()
-                elapsed = time.perf_counter() - t0
-                if r >= args.warmup:
-                    times[label].append(elapsed)
-        if rank == 0:
-            queue.put((len(grads), sum(p.numel() for p in params),
-                       {label: statistics.median(t) * 1e3 for label, t in times.items()}, collectives))
-    finally:
-        dist.destroy_process_group()
+    runs = {"torch clip_grad_norm_": torch_clip, "ours (gradient_stats + clip_grads_with_norm_)": ours}
+    collectives = {label: _gloo_all_reduces(fn) for label, fn in runs.items()}
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for r in range(args.warmup + args.rounds):
+        order = list(runs.items()) if r % 2 == 0 else list(reversed(runs.items()))
+        for label, fn in order:
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - t0
+            if r >= args.warmup:
+                times[label].append(elapsed)
+    medians = {label: statistics.median(t) * 1e3 for label, t in times.items()}
+    return len(grads), sum(p.numel() for p in params), medians, collectives
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,11 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.layers, args.rounds, args.warmup = 30, 20, 2
     world = 2
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, free_port(), args, queue), nprocs=world, start_method="spawn",
-                       join=True)
-    num_tensors, num_params, medians, collectives = queue.get()
+    num_tensors, num_params, medians, collectives = run_ranks(_worker, world, (args,))[0]
     record.start()
     print(f"Clipping FSDP2 gradients: {world} gloo ranks on CPU, {num_tensors} gradient tensors, "
           f"{num_params / 1e6:.1f}M parameters, median of {args.rounds} interleaved rounds on rank 0")

@@ -23,31 +23,32 @@ injected steps skipped, clean steps skipped (false positives), and the false pos
 guard on the same run without injections. A skipped step is one whose gradients the guard took away
 (the optimizer did not move).
 
-Usage::
+Usage (from the repository root)::
 
-    python benchmarks/spikes.py --task lm        # one task, 2,000 steps, 3 seeds (~15 min on 2 idle cores)
-    python benchmarks/spikes.py                  # both tasks (~30 min on 2 idle cores)
-    python benchmarks/spikes.py --quick          # 600 steps, 1 seed, into a temporary directory
+    python -m benchmarks.spikes --task lm        # one task, 2,000 steps, 3 seeds (~15 min on 2 idle cores)
+    python -m benchmarks.spikes                  # both tasks (~30 min on 2 idle cores)
+    python -m benchmarks.spikes --quick          # 600 steps, 1 seed, into a temporary directory
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import statistics
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _machine import machine  # noqa: E402
-from _results import add_output_arguments, output_dir, write_results  # noqa: E402
+from benchmarks.common import (
+    add_output_arguments,
+    command_line,
+    load_digits_tensors,
+    machine,
+    markov_text,
+    output_dir,
+    process_map,
+    write_results,
+)
 
 TASKS = ("lm", "digits")
 KINDS = {"lm": ("random", "misaligned", "foreign"), "digits": ("x-1e3", "labels", "noise")}
@@ -101,8 +102,6 @@ def _lm_module(seed: int, injected: set[int]) -> tuple[Any, Any, Any]:
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
-
-    from lightning_clip.sim.data import markov_text
 
     w = LM_WINDOW + 1
     train, _ = markov_text(LM_TOKENS, LM_VOCAB, LM_CONCENTRATION, seed=1, source_seed=0)
@@ -161,8 +160,6 @@ def _digits_module(seed: int, injected: set[int]) -> tuple[Any, Any, Any]:
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
-
-    from lightning_clip.sim.data import load_digits_tensors
 
     x, y = load_digits_tensors()
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
@@ -300,16 +297,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
     jobs += [(row, seed, steps, [], task) for task in tasks for row in ROWS[task]
              if row == "no guard" or row.startswith("SpikeGuard") for seed in seeds]
     start = time.perf_counter()
-    ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-        results = list(pool.map(_run, jobs))
+    results = list(process_map(_run, jobs, args.workers))
     wall = time.perf_counter() - start
-    cmd = "python benchmarks/spikes.py" + (" --quick" if args.quick else "") + (
-        f" --task {args.task}" if args.task != "both" else "")
     lines = [
         "# Spike guards on corrupted batches: real Lightning Trainer",
         "",
-        f"Command: `{cmd}`",
+        f"Command: `{command_line('spikes', argv)}`",
         "",
         f"Machine: {machine()}.",
         f"Total wall time: {wall:.0f} s ({args.workers} worker processes, 1 torch thread each).",

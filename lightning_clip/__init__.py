@@ -23,6 +23,7 @@ from lightning_clip.core.thresholds import (
     ZScoreThreshold,
 )
 from lightning_clip.exceptions import GradientSpikeError, NonFiniteGradientError
+from lightning_clip.robust.options import ARCConfig
 
 if TYPE_CHECKING:
     from lightning_clip.callbacks import (
@@ -51,6 +52,7 @@ _LIGHTNING_EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "ARCConfig",
     "ARCDDPStrategy",
     "AdaGCClipping",
     "AdaptiveGradientClipping",

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import gpu  # noqa: E402
+from benchmarks import gpu
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of the GPU script")

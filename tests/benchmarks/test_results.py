@@ -1,28 +1,22 @@
-"""benchmarks/_results.py: --quick never writes into benchmarks/results/, hand-written notes survive a rewrite."""
+"""benchmarks/common.py: --quick never writes into benchmarks/results/, hand-written notes survive a rewrite; the
+scripts share that code through its public names, and reach the library's inner modules only through it."""
 
 from __future__ import annotations
 
-import importlib.util
+import ast
 import re
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCHMARKS = ROOT / "benchmarks"
-SCRIPTS = ["exploding", "robustness", "arc_ddp", "overhead"]
+from benchmarks import common as results
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem not in ("__init__", "common"))
 
 
-@pytest.fixture(scope="module")
-def results():
-    spec = importlib.util.spec_from_file_location("benchmark_results", BENCHMARKS / "_results.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_quick_without_out_writes_to_a_fresh_temporary_directory(results, capsys):
+def test_quick_without_out_writes_to_a_fresh_temporary_directory(capsys):
     a, b = results.output_dir(None, True, "exploding"), results.output_dir(None, True, "exploding")
     try:
         assert a != b
@@ -35,14 +29,14 @@ def test_quick_without_out_writes_to_a_fresh_temporary_directory(results, capsys
         Path(b).rmdir()
 
 
-def test_out_is_used_as_given_and_a_full_run_writes_the_committed_results(results, tmp_path):
+def test_out_is_used_as_given_and_a_full_run_writes_the_committed_results(tmp_path):
     for quick in (True, False):
         out = tmp_path / f"nested{quick}" / "dir"
         assert results.output_dir(out, quick, "overhead") == str(out) and out.is_dir()
     assert results.output_dir(None, False, "overhead") == str(BENCHMARKS / "results")
 
 
-def test_rewriting_keeps_the_hand_written_notes(results, tmp_path):
+def test_rewriting_keeps_the_hand_written_notes(tmp_path):
     path = tmp_path / "report.md"
     results.write_results(path, "# first run\n")
     assert path.read_text() == "# first run\n"
@@ -54,7 +48,7 @@ def test_rewriting_keeps_the_hand_written_notes(results, tmp_path):
     assert path.read_text() == "# third run\n\n" + notes  # kept again, not doubled
 
 
-def test_stdout_record_writes_what_was_printed(results, tmp_path, capsys):
+def test_stdout_record_writes_what_was_printed(tmp_path, capsys):
     record = results.StdoutRecord(tmp_path, "table.txt").start()
     print("| a | b |")
     print("| 1 | 2 |")
@@ -65,10 +59,36 @@ def test_stdout_record_writes_what_was_printed(results, tmp_path, capsys):
     assert sys.stdout is not None and "after" not in (tmp_path / "table.txt").read_text()
 
 
+def test_tables_and_the_command_line():
+    assert results.md_table(["a", "bb"], [["1", "2"]]) == "| a | bb |\n|---|---|\n| 1 | 2 |"
+    assert results.md_table(["a", "bb"], [["100", "2"]], pad=True) == "| a   | bb |\n|-----|----|\n| 100 | 2  |"
+    assert results.command_line("dp", ["--quick", "--out", "a b"]) == "python -m benchmarks.dp --quick --out 'a b'"
+
+
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.distributed)])
+def test_process_map_keeps_the_job_order(workers):
+    assert list(results.process_map(abs, [-3, 1, -2, 5], workers)) == [3, 1, 2, 5]
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_every_script_writes_through_the_shared_helpers(name):
     source = (BENCHMARKS / f"{name}.py").read_text()
     assert "add_output_arguments(" in source and "output_dir(args.out, " in source
-    # one implementation of the notes marker and of the results directory, in _results.py
-    assert "NOTES_MARKER =" not in source and "_kept_notes" not in source
-    assert not re.search(r"[\"']results[\"']", source)
+    # one implementation of the notes marker, of the results directory and of the machine line, in common.py
+    assert "NOTES_MARKER =" not in source and "RESULTS_DIR" not in source and "/proc/cpuinfo" not in source
+    assert "sys.path" not in source and not re.search(r"[\"']results[\"']", source)
+
+
+@pytest.mark.parametrize("name", [*SCRIPTS, "common"])
+def test_imports_are_public_and_the_library_is_reached_through_common(name):
+    tree = ast.parse((BENCHMARKS / f"{name}.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [a.name for a in node.names]
+            if node.module.startswith("benchmarks"):
+                assert not any(n.startswith("_") for n in names), (node.module, names)
+            if node.module.startswith("lightning_clip.") and name != "common":
+                pytest.fail(f"{name}.py imports {node.module}: the library's inner modules are imported in common.py")
+        if isinstance(node, ast.Import):
+            inner = [a.name for a in node.names if a.name.startswith("lightning_clip.")]
+            assert not inner or name == "common", inner

@@ -7,21 +7,16 @@ and real gloo DDP through the library's hook) agree run by run -- not which meth
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_clip.robust.aggregators import aggregate
-from lightning_clip.robust.transforms import SendBuffers
-from lightning_clip.sim.transforms import simulate_sends
+from benchmarks import common
+from benchmarks import robustness as m
+from lightning_clip.robust import aggregate
 from tests.helpers.models import quick_benchmark
-
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "robustness.py"
 
 QUICK_ROWS = ["NNM > cwtm", "clip(2) > NNM > cwtm", "ARC > NNM > cwtm"]
 QUICK_COL = "extreme f=1"
@@ -55,14 +50,6 @@ def _acc(cell: str) -> float:
     return v
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("robustness_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["robustness_bench"] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory) -> tuple[Path, str, str]:
     # checks the PNG, the command, the machine and the wall time in the report
@@ -70,12 +57,14 @@ def quick_report(tmp_path_factory) -> tuple[Path, str, str]:
                            wall_time="Wall time of this invocation:")
 
 
+@pytest.mark.distributed  # the quick run: a pool of 2 simulation processes and 3 gloo ranks
 def test_quick_writes_report_and_plot(quick_report):
     _, md, stdout = quick_report
     assert "## Reading (computed)" in md
     assert "| aggregation | extreme f=1 |" in stdout  # the tables are printed too
 
 
+@pytest.mark.distributed  # the quick run: a pool of 2 simulation processes and 3 gloo ranks
 def test_sim_table_has_every_row_and_worst_attacks(quick_report):
     _, md, _ = quick_report
     tables = _tables(md)
@@ -95,6 +84,7 @@ def test_sim_table_has_every_row_and_worst_attacks(quick_report):
     assert _acc(rows[0][1]) > 0.1  # better than chance after 30 steps of honest training
 
 
+@pytest.mark.distributed  # the quick run: a pool of 2 simulation processes and 3 gloo ranks
 def test_ddp_runs_through_the_library_hook_and_matches_sim_bitwise(quick_report):
     """The 3-rank DDP runs (library hook for every row, ARC on and off) reproduce the simulation exactly."""
     _, md, _ = quick_report
@@ -115,10 +105,9 @@ def test_ddp_runs_through_the_library_hook_and_matches_sim_bitwise(quick_report)
 
 
 def test_metric_is_seed_mean_then_worst_attack():
-    m = _load_module()
     runs = {(a, s): m.Run("extreme", 1, a, "cwtm", "arc", s) for a in ("SF", "Mimic") for s in (1, 2)}
     accs = {("SF", 1): [0.2, 0.9], ("SF", 2): [0.5, 0.1], ("Mimic", 1): [0.6], ("Mimic", 2): [0.7]}
-    results = [m.Result(runs[k], v, 0.0, 1) for k, v in accs.items()]
+    results = [common.Result(runs[k], v, 0.0, 1) for k, v in accs.items()]
     wc = m.worst_case(results)
     value, attack = wc[("ARC > NNM > cwtm", "extreme f=1")]
     assert attack == "Mimic" and value == pytest.approx(0.65)  # SF: (0.9 + 0.5) / 2 = 0.7, Mimic: (0.6 + 0.7) / 2
@@ -126,17 +115,15 @@ def test_metric_is_seed_mean_then_worst_attack():
 
 
 def test_worst_attack_ties_name_every_attack_in_a_fixed_order():
-    m = _load_module()
     accs = {"Mimic": 0.4, "FOE-LS": 0.4, "SF": 0.4, "LF": 0.9}
-    results = [m.Result(m.Run("extreme", 1, a, "cwtm", "arc", 1), [v], 0.0, 1) for a, v in accs.items()]
+    results = [common.Result(m.Run("extreme", 1, a, "cwtm", "arc", 1), [v], 0.0, 1) for a, v in accs.items()]
     for order in (results, results[::-1]):
         value, attack = m.worst_case(order)[("ARC > NNM > cwtm", "extreme f=1")]
         assert value == pytest.approx(0.4) and attack == "SF/FOE-LS/Mimic"
 
 
 def test_rows_map_to_the_hook_pipeline():
-    m = _load_module()
-    setting = m.Setting()
+    setting = common.Setting()
     x = torch.randn(12, 5) * torch.linspace(0.5, 6.0, 12).unsqueeze(1)
     cases = {
         "none": functools.partial(aggregate, rule="geomed", num_byzantine=2, nnm=True),
@@ -146,52 +133,60 @@ def test_rows_map_to_the_hook_pipeline():
     }
     for pre, expected in cases.items():
         run = m.Run("extreme", 2, "SF", "geomed", pre, 1)
-        config = m.arc_config(run, setting)
+        config = run.config(setting)
         assert config.worker_momentum == 0.9 and config.num_byzantine == 2
         assert torch.equal(config.server_aggregation(x), expected(x))
         # The chain every rank runs: worker momentum, then the attack of the last f ranks.
-        chain = m.send_chain(run, setting)
+        chain = config.send_chain(run.transforms())
         assert [type(t).__name__ for t in chain] == ["WorkerMomentum", "ByzantineTransform"]
         assert chain[1].spec.ranks == (10, 11)
     assert m.row_label("cwtm", "arc+clip") == "ARC > clip(2) > NNM > cwtm"
-    assert m.arc_config(m.Run("extreme", 0, None, "mean", "none", 1), setting).num_byzantine == 0
+    assert m.Run("extreme", 0, None, "mean", "none", 1).config(setting).num_byzantine == 0
 
 
 def test_sim_sends_replace_only_byzantine_rows():
-    m = _load_module()
-    setting = m.Setting(beta=0.0)  # no momentum: the sent rows are the gradients themselves
+    setting = common.Setting(beta=0.0)  # no momentum: the sent rows are the gradients themselves
     g = torch.arange(15.0).reshape(5, 3)
 
     def sends(run):
-        chains = [m.send_chain(run, setting) for _ in range(run.n)]
-        bufs = [SendBuffers([g[r].clone()], [[torch.zeros(3)]]) for r in range(run.n)]
-        return simulate_sends(chains, bufs, 0, lambda x: x.mean(0))
+        chains = [run.config(setting).send_chain(run.transforms()) for _ in range(run.n)]
+        bufs = [common.SendBuffers([g[r].clone()], [[torch.zeros(3)]]) for r in range(run.n)]
+        return common.simulate_sends(chains, bufs, 0, lambda x: x.mean(0))
 
     sent = sends(m.Run("extreme", 2, "SF", "cwtm", "none", 1, honest=3))
     assert torch.equal(sent[:3], g[:3]) and torch.equal(sent[3:], -g[3:])
     sent = sends(m.Run("extreme", 2, "Mimic", "cwtm", "none", 1, honest=3))
     assert torch.equal(sent[:3], g[:3]) and torch.equal(sent[3], g[0]) and torch.equal(sent[4], g[0])
-    assert m.byzantine_spec(m.Run("extreme", 1, "LF", "cwtm", "none", 1, honest=3)) is None  # data level
+    assert m.Run("extreme", 1, "LF", "cwtm", "none", 1, honest=3).transforms() == []  # data level
 
 
 def test_cache_round_trip_and_resume(tmp_path):
-    m = _load_module()
-    setting = m.Setting(steps=20)
+    setting = common.Setting(steps=20)
     run = m.Run("extreme", 1, "SF", "cwtm", "arc", 3)
-    res = m.Result(run, [0.1, 0.4], 1.5, 20, torch.arange(4.0))
-    path = m.cache_path(str(tmp_path), "sim", run, setting)
-    m.save_result(path, res)
-    back = m.load_result(path)
+    res = common.Result(run, [0.1, 0.4], 1.5, 20, torch.arange(4.0))
+    path = common.cache_path(str(tmp_path), "sim", run, setting)
+    common.save_result(path, res)
+    back = common.load_result(path, m.Run)
     assert back.run == run and back.accs == [0.1, 0.4] and torch.equal(back.final, res.final)
-    done, todo = m.split_cached([run, m.Run("extreme", 1, "LF", "cwtm", "arc", 3)], setting, str(tmp_path), "sim")
+    done, todo = common.split_cached([run, m.Run("extreme", 1, "LF", "cwtm", "arc", 3)], setting, str(tmp_path),
+                                     "sim")
     assert [r.run for r in done] == [run] and [r.attack for r in todo] == ["LF"]
     # Another setting is another key: nothing stale is reused.
-    assert m.cache_path(str(tmp_path), "sim", run, m.Setting(steps=21)) != path
-    assert m.split_cached([run], setting, str(tmp_path), "ddp")[0] == []
+    assert common.cache_path(str(tmp_path), "sim", run, common.Setting(steps=21)) != path
+    assert common.split_cached([run], setting, str(tmp_path), "ddp")[0] == []
+
+
+def test_cache_keys_stay_those_of_the_runs_already_cached():
+    """A cached study is reused: the keys are those the study's runs were cached under (fields at the defaults
+    added since, ``robust_comm`` and ``init_jitter``, stay out of the key)."""
+    run, ref = m.Run("extreme", 1, "SF", "cwtm", "arc", 1), m.Run("extreme", 0, None, "mean", "none", 1)
+    assert common.run_key(run, common.Setting()) == "6c13b01eb03290979b55"
+    assert common.run_key(ref, common.Setting()) == "55c315806950876687ef"
+    assert common.run_key(run, common.Setting(robust_comm="gather")) == "336ec0229781dc5e3b84"
+    assert common.run_key(run, common.Setting(init_jitter=1e-7)) == "d8f6b4bd25138977c8a3"
 
 
 def test_bad_arguments_are_rejected():
-    m = _load_module()
     with pytest.raises(SystemExit):
         m.parse_args(["--attacks", "SF,boom"])
     with pytest.raises(SystemExit):

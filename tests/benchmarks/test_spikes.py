@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import spikes  # noqa: E402
+from benchmarks import spikes
 
 
 def test_table_counts_caught_and_false_skips():

@@ -450,7 +450,7 @@ def _fsdp2_worker(rank: int, world: int, port: int, out_dir: str, threshold: flo
     torch.set_num_threads(1)
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from tests.helpers.sharded_workers import make_fsdp_module
+    from tests.helpers.dtensor_workers import make_fsdp_module
 
     module = make_fsdp_module(out_dir)
     module.on_train_end = lambda: None

@@ -69,6 +69,19 @@ class TinyRegressor(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
+class SpikyRegressor(TinyRegressor):
+    """TinyRegressor whose loss is multiplied by ``factor`` at the optimizer steps in ``spike_at``."""
+
+    def __init__(self, spike_at: set[int], factor: float = 50.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.spike_at = spike_at
+        self.factor = factor
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * self.factor if self.global_step in self.spike_at else loss
+
+
 def make_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 8, generator=g)
@@ -173,7 +186,7 @@ def states_equal(a, b) -> bool:
 
 def quick_benchmark(name: str, tmp_path_factory: pytest.TempPathFactory, min_png_bytes: int,
                     wall_time: str) -> tuple[Path, str, str]:
-    """Run ``benchmarks/<name>.py --quick --out <new dir>`` in a fresh process: ``(out, <name>.md, stdout)``.
+    """Run ``python -m benchmarks.<name> --quick --out <new dir>`` in a fresh process: ``(out, <name>.md, stdout)``.
 
     Fails the calling test, with the end of the script's output, when it exits non-zero; checks what
     every benchmark report holds: its PNG (at least ``min_png_bytes``), the command that made it, the
@@ -181,12 +194,12 @@ def quick_benchmark(name: str, tmp_path_factory: pytest.TempPathFactory, min_png
     """
     out = tmp_path_factory.mktemp(name)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     md = (out / f"{name}.md").read_text()
     png = (out / f"{name}.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > min_png_bytes
-    assert f"Command: `python benchmarks/{name}.py --quick --out " in md
+    assert f"Command: `python -m benchmarks.{name} --quick --out " in md
     assert "nproc=" in md and "torch " in md and wall_time in md
     return out, md, proc.stdout

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from lightning_clip.robust.aggregators import aggregate
+from lightning_clip.robust.pipeline import aggregate
 from lightning_clip.sim.adaptive import (
     ADAPTIVE_ATTACKS,
     ALIE_LS_GRID,
