@@ -31,10 +31,10 @@ Lightning ``Trainer`` on one task and seed and checks it picks the plain-loop se
 
 Usage::
 
-    python benchmarks/tuning_free.py                      # the full study (~3 h of one core; 2 processes)
-    python benchmarks/tuning_free.py --tasks adding       # one task
-    python benchmarks/tuning_free.py --quick              # tiny models, 3 seeds, into a temporary directory
-    python benchmarks/tuning_free.py --lightning-check    # the Lightning callback against the plain loop
+    python -m benchmarks.tuning_free                    # the full study (~3 h of one core; 2 processes)
+    python -m benchmarks.tuning_free --tasks adding       # one task
+    python -m benchmarks.tuning_free --quick              # tiny models, 3 seeds, into a temporary directory
+    python -m benchmarks.tuning_free --lightning-check    # the Lightning callback against the plain loop
 
 Writes ``tuning_free.md`` (tables, command, machine) and ``tuning_free.png`` (final loss against threshold)
 into ``--out``: ``benchmarks/results`` for a full run, a new temporary directory with ``--quick``.
@@ -48,8 +48,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import shlex
-import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -61,15 +59,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from benchmarks.common import add_output_arguments, command_line, machine, output_dir, write_results
 from lightning_clip.core.adagc import adagc_coefficients
 from lightning_clip.core.functional import clip_grads_with_norm_
 from lightning_clip.core.grads import gradient_stats
 from lightning_clip.core.unitwise import adaptive_clip_grads_
 from lightning_clip.sim.data import ALPHABET, adding_problem, load_digits_tensors, markov_text, word_text
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import machine  # noqa: E402
-from _results import add_output_arguments, output_dir, write_results  # noqa: E402
 
 #: Bump when a change to this file changes what a cached run computes (every cached run is then redone).
 CACHE_VERSION = 2
@@ -686,7 +681,7 @@ EQUAL_STEPS = "finder, equal total steps"
 
 def study(tasks: Sequence[Task], cfgs: dict[str, dict[str, Any]], grids: dict[str, tuple[float, ...]],
           schedules: Sequence[str],
-          test_seeds: dict[str, list[int]], tuning_seeds: Sequence[int],
+          test_seeds: dict[str, list[int]], tuning_seeds: dict[str, list[int]],
           finders: Sequence[tuple[str, dict[str, Any]]], cache: Path, workers: int,
           baseline_seeds: dict[str, list[int]] | None = None) -> tuple[list[Setting], float]:
     """Run (or read from ``cache``) every run of the study; the tables' numbers, and the CPU seconds of all
@@ -694,38 +689,38 @@ def study(tasks: Sequence[Task], cfgs: dict[str, dict[str, Any]], grids: dict[st
     task; the baselines at their defaults run on ``baseline_seeds``, a prefix of the test seeds."""
     bseeds = {k: (baseline_seeds or {}).get(k, v) for k, v in test_seeds.items()}
     pairs = [(t, sched) for t in tasks for sched in schedules]
-    # Phase 1: everything that does not depend on another run's outcome.
-    jobs: list[dict[str, Any]] = []
-    jobs_baselines: list[dict[str, Any]] = []  # run last: no other run depends on them
-    for t, sched in pairs:
-        cfg = cfgs[t.key]
-        jobs += tuning_jobs(t, cfg, sched, tuning_seeds, grids[t.key])
-        jobs += [find_job(t.key, cfg, seed, sched, f) for _, f in finders for seed in test_seeds[t.key]]
-        jobs_baselines += [train_job(t.key, cfg, seed, spec, sched) for _, spec in BASELINES for seed in bseeds[t.key]]
-    results = dict(zip((_key(j) for j in jobs), run_jobs(jobs, cache, workers, "phase 1 (sweeps, baselines, "
-                                                                                 "searches)")))
-    # Phase 2: the tuned threshold and the finders' thresholds on the test seeds.
+    # Phase 1: the tuning sweeps, which choose each setting's tuned threshold.
+    jobs = [j for t, sched in pairs for j in tuning_jobs(t, cfgs[t.key], sched, tuning_seeds[t.key], grids[t.key])]
+    results = dict(zip((_key(j) for j in jobs), run_jobs(jobs, cache, workers, "phase 1 (tuning sweeps)")))
     tuned: dict[tuple[str, str], float] = {}
-    jobs2: list[dict[str, Any]] = []
     for t, sched in pairs:
-        cfg = cfgs[t.key]
-        sweep = {c: [results[_key(train_job(t.key, cfg, s, ("fixed", c), sched))]["final_val"] for s in tuning_seeds]
-                 for c in grids[t.key]}
+        sweep = {c: [results[_key(train_job(t.key, cfgs[t.key], s, ("fixed", c), sched))]["final_val"]
+                     for s in tuning_seeds[t.key]] for c in grids[t.key]}
         tuned[t.key, sched] = tuned_threshold(grids[t.key], sweep)
-        jobs2 += [train_job(t.key, cfg, seed, ("fixed", tuned[t.key, sched]), sched) for seed in test_seeds[t.key]]
-        for i, (_, f) in enumerate(finders):
-            for seed in test_seeds[t.key]:
+    # Phase 2, one test seed at a time (a cut-short study leaves whole seeds): the searches, then the training
+    # runs at the tuned threshold and at each finder's threshold (the library's rule also at equal total steps).
+    for n in range(max(len(v) for v in test_seeds.values())):
+        at = [(t, sched, test_seeds[t.key][n]) for t, sched in pairs if n < len(test_seeds[t.key])]
+        finds = [find_job(t.key, cfgs[t.key], seed, sched, f) for t, sched, seed in at for _, f in finders]
+        results.update(zip((_key(j) for j in finds), run_jobs(finds, cache, workers, f"test seed {n}: searches")))
+        jobs2: list[dict[str, Any]] = []
+        for t, sched, seed in at:
+            cfg = cfgs[t.key]
+            jobs2.append(train_job(t.key, cfg, seed, ("fixed", tuned[t.key, sched]), sched))
+            for i, (_, f) in enumerate(finders):
                 found = results[_key(find_job(t.key, cfg, seed, sched, f))]
                 jobs2.append(train_job(t.key, cfg, seed, ("fixed", found["threshold"]), sched))
-                if i == len(finders) - 1:  # the library's rule: also at equal total steps
+                if i == len(finders) - 1:
                     jobs2.append(train_job(t.key, cfg, seed, ("fixed", found["threshold"]), sched,
                                            max(1, cfg["steps"] - found["extra_steps"])))
-    results.update(zip((_key(j) for j in jobs2), run_jobs(jobs2, cache, workers, "phase 2 (tuned and found "
-                                                                                   "thresholds)")))
-    results.update(zip((_key(j) for j in jobs_baselines),
-                       run_jobs(jobs_baselines, cache, workers, "phase 3 (baselines at their defaults)")))
+        results.update(zip((_key(j) for j in jobs2), run_jobs(jobs2, cache, workers, f"test seed {n}: training")))
+    # Phase 3: the baselines at their defaults (no other run depends on them), seed by seed.
+    jobs3 = [train_job(t.key, cfgs[t.key], seed, spec, sched) for t, sched in pairs for _, spec in BASELINES
+             for seed in bseeds[t.key]]
+    jobs3.sort(key=lambda j: j["seed"])
+    results.update(zip((_key(j) for j in jobs3), run_jobs(jobs3, cache, workers, "phase 3 (baselines)")))
     settings = [_setting(t, cfgs[t.key], sched, grids[t.key], tuned[t.key, sched], results, test_seeds[t.key],
-                         tuning_seeds, finders, bseeds[t.key]) for t, sched in pairs]
+                         tuning_seeds[t.key], finders, bseeds[t.key]) for t, sched in pairs]
     return settings, float(sum(r["cpu_s"] for r in results.values()))
 
 
@@ -765,6 +760,8 @@ TARGET_RATIO, TARGET_UPPER, TARGET_LM = 1.2, 1.5, 1.05
 
 def _ratio_cell(m: Method, ref: Method) -> str:
     """``m`` against ``ref`` on the seeds ``m`` ran (a prefix of the reference's seeds)."""
+    if not m.finals:
+        return "not run"
     ref = Method(ref.name, ref.finals[: len(m.finals)])
     gm, lo, hi = gm_ratio(m.finals, ref.finals)
     if math.isfinite(gm):
@@ -884,6 +881,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=None, help=f"test seeds (default {len(TEST_SEEDS)}; quick: 3)")
     p.add_argument("--task-seeds", default="", help="per-task number of test seeds, e.g. lm=5,lm10x=5 (overrides "
                    "--seeds for those tasks)")
+    p.add_argument("--tuning-seeds", default="", help="per-task number of tuning seeds (the first ones), e.g. lm=1 "
+                   f"(default {len(TUNING_SEEDS)})")
     p.add_argument("--baseline-seeds", default="", help="per-task number of test seeds the baselines at their "
                    "defaults run on (the first ones), e.g. lm=3 (default: all test seeds)")
     p.add_argument("--workers", type=int, default=None, help="processes (default 2; quick: 1)")
@@ -928,7 +927,9 @@ def main(argv: list[str] | None = None) -> list[Setting]:
                 for k, n in _per_task(args.task_seeds, keys, "--task-seeds").items()}
     seeds = {k: per_task.get(k, test_seeds) for k in keys}
     baseline_seeds = {k: seeds[k][:n] for k, n in _per_task(args.baseline_seeds, keys, "--baseline-seeds").items()}
-    tuning_seeds = list(TUNING_SEEDS[:2] if q else TUNING_SEEDS)
+    tuning = list(TUNING_SEEDS[:2] if q else TUNING_SEEDS)
+    tuning_seeds = {k: tuning[:n] for k, n in _per_task(args.tuning_seeds, keys, "--tuning-seeds").items()}
+    tuning_seeds = {k: tuning_seeds.get(k, tuning) for k in keys}
     workers = args.workers if args.workers is not None else (1 if q else 2)
     cache = Path(args.cache) if args.cache else (Path(out) / "cache" if q else CACHE_DIR)
     print(f"machine: {machine()}", flush=True)
@@ -937,8 +938,7 @@ def main(argv: list[str] | None = None) -> list[Setting]:
     settings, cpu = study([TASKS[k] for k in keys], cfgs, grids, scheds, seeds, tuning_seeds, finders, cache,
                           workers, baseline_seeds)
     wall = time.perf_counter() - t0
-    command = " ".join(["python benchmarks/tuning_free.py"] + [shlex.quote(a) for a in
-                                                                (sys.argv[1:] if argv is None else argv)])
+    command = command_line("tuning_free", argv)
     finder, issue = finders[-1][0], (finders[0][0] if len(finders) > 1 else None)
     png = os.path.join(out, "tuning_free.png")
     plot(settings, [n for n, _ in finders], png)
@@ -954,7 +954,8 @@ def main(argv: list[str] | None = None) -> list[Setting]:
         f"Test seeds {test_seeds}{_seed_note(seeds, baseline_seeds, test_seeds)} (the same seed: the same initial "
         "weights and batch order for every method); "
         f"the tuned fixed threshold is the grid value with the lowest geometric-mean final loss over the tuning "
-        f"seeds {tuning_seeds}. Ratios: geometric mean over the test seeds of a method's final validation loss "
+        f"seeds {tuning}{_seed_note({}, tuning_seeds, tuning, 'tuning')}. Ratios: geometric mean over the test "
+        "seeds of a method's final validation loss "
         "over the tuned fixed threshold's on the same seed, with a paired bootstrap 90% interval (10,000 "
         "resamples of the seeds); a divergence makes the ratio inf. Target: 0 divergences, ratio <= "
         f"{TARGET_RATIO:g} with the interval's upper end <= {TARGET_UPPER:g}, and <= {TARGET_LM:g} on the "
@@ -976,11 +977,11 @@ def main(argv: list[str] | None = None) -> list[Setting]:
     return settings
 
 
-def _seed_note(seeds: dict[str, list[int]], baseline_seeds: dict[str, list[int]], default: list[int]) -> str:
+def _seed_note(seeds: dict[str, list[int]], fewer: dict[str, list[int]], default: list[int],
+               what: str = "the baselines at their defaults") -> str:
     """Which tasks ran on fewer seeds than the others, in words ("" when none)."""
     notes = [f"`{k}`: test seeds {v}" for k, v in seeds.items() if v != default]
-    notes += [f"`{k}`: the baselines at their defaults on seeds {v} only" for k, v in baseline_seeds.items()
-              if v != seeds[k]]
+    notes += [f"`{k}`: {what} on seeds {v} only" for k, v in fewer.items() if v != seeds.get(k, default)]
     return f" ({'; '.join(notes)}: fewer runs where the study ran out of time)" if notes else ""
 
 
@@ -989,8 +990,9 @@ def _per_task(text: str, keys: Sequence[str], option: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, n = part.partition("=")
-        if key not in TASKS or not n.isdigit() or int(n) < 1:
-            raise SystemExit(f"{option}: expected TASK=N with TASK one of {', '.join(TASKS)} and N >= 1 but got "
+        low = 0 if option == "--baseline-seeds" else 1
+        if key not in TASKS or not n.isdigit() or int(n) < low:
+            raise SystemExit(f"{option}: expected TASK=N with TASK one of {', '.join(TASKS)} and N >= {low} but got "
                              f"{part!r}")
         if key in keys:
             out[key] = int(n)

@@ -148,6 +148,9 @@ class ClipThresholdFinder(Callback):
         self.plot = check_bool("plot", plot)
         self.compress_schedule = check_bool("compress_schedule", compress_schedule)
         self.rule = SearchRule(tolerance=self.tolerance, refine=self.refine)
+        #: The optimizer steps the compressed schedule spans (``None``: those left in the fit); set by
+        #: :func:`lightning_clip.tools.finder.find_clip_threshold`, which searches outside the fit.
+        self.fit_steps: int | None = None
         #: The threshold chosen by the last search (``None`` before it).
         self.threshold: float | None = None
         #: The last search's candidates, losses, scores and choice (``None`` before it).
@@ -273,7 +276,7 @@ class ClipThresholdFinder(Callback):
     def _runs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, start: _DataStart) -> SearchResult:
         """The probe and the candidate runs, each from the state saved here, which is put back at the end."""
         # The optimizer steps left in the fit, read before the runs change the loop's step limit.
-        left = trainer.estimated_stepping_batches - trainer.global_step
+        left = trainer.estimated_stepping_batches - trainer.global_step if self.fit_steps is None else self.fit_steps
         total = int(left) if self.compress_schedule and math.isfinite(left) else None
         session = _Session(trainer, _TrainerState(trainer, pl_module), start)
         try:

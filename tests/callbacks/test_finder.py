@@ -173,6 +173,23 @@ def test_each_run_follows_the_whole_schedule_compressed(tmp_path, compress):
     assert model.rates[3 + 4 * runs:] == pytest.approx(rate, rel=1e-12)  # the fit's own 40 steps
 
 
+@pytest.mark.parametrize("fit_steps", [40, None])
+def test_the_tool_compresses_the_schedule_of_the_fit_it_searches_for(tmp_path, fit_steps):
+    """find_clip_threshold(fit_steps=40) runs as the callback does at the start of a 40-step fit (the rates
+    of fit steps 0, 10, 20, 30); the trainer's max_steps is the default."""
+    from lightning_clip.tools.finder import find_clip_threshold
+
+    seed_everything(0, verbose=False)
+    model = RateNet(scheduler=True)
+    trainer = make_trainer(tmp_path, max_steps=40 if fit_steps is None else -1, max_epochs=1)
+    result = find_clip_threshold(trainer, model, train_dataloaders=_loader(), num_candidates=4, num_batches=4,
+                                 num_probe_batches=3, fit_steps=fit_steps)
+    rate = [0.02 * 0.7 ** (s // 3) for s in range(40)]
+    assert model.rates[3:] == pytest.approx([rate[s] for s in (0, 10, 20, 30)] * len(result.candidates), rel=1e-12)
+    with pytest.raises(ValueError, match="fit_steps"):
+        find_clip_threshold(trainer, model, train_dataloaders=_loader(), fit_steps=0)
+
+
 def test_probe_median_grid_and_rule_match_independent_computations(tmp_path):
     finder = ClipThresholdFinder(**SMALL)
     model, _, _ = _fit(tmp_path, [finder, GradientClipping()], data="ordered", max_steps=1,
