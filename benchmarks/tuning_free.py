@@ -675,6 +675,10 @@ FINDERS: list[tuple[str, dict[str, Any]]] = [
     ("finder (issue's rule)", ISSUE_RULE),
     ("finder", LIBRARY_RULE),
 ]
+#: The noise control: a fixed threshold 10**0.05 (1.12) times the tuned one. Its ratio to the tuned threshold
+#: shows how far two nearly equal thresholds end apart on the same seeds (the floor of the finder's ratio).
+CONTROL_FACTOR = 10 ** 0.05
+CONTROL = "fixed 1.12 x tuned (noise control)"
 #: The row of the finder trained for the steps left after its search (equal total steps).
 EQUAL_STEPS = "finder, equal total steps"
 
@@ -707,6 +711,7 @@ def study(tasks: Sequence[Task], cfgs: dict[str, dict[str, Any]], grids: dict[st
         for t, sched, seed in at:
             cfg = cfgs[t.key]
             jobs2.append(train_job(t.key, cfg, seed, ("fixed", tuned[t.key, sched]), sched))
+            jobs2.append(train_job(t.key, cfg, seed, ("fixed", tuned[t.key, sched] * CONTROL_FACTOR), sched))
             for i, (_, f) in enumerate(finders):
                 found = results[_key(find_job(t.key, cfg, seed, sched, f))]
                 jobs2.append(train_job(t.key, cfg, seed, ("fixed", found["threshold"]), sched))
@@ -733,7 +738,8 @@ def _setting(t: Task, cfg: dict[str, Any], sched: str, grid: Sequence[float], c:
         return [results[_key(train_job(t.key, cfg, s, spec, sched))]["final_val"] for s in seeds]
 
     sweep = {g: finals(("fixed", g), seeds=tuning_seeds) for g in grid}
-    rows = [Method(f"tuned fixed {c:g}", finals(("fixed", c)), "best of the grid on the tuning seeds")]
+    rows = [Method(f"tuned fixed {c:g}", finals(("fixed", c)), "best of the grid on the tuning seeds"),
+            Method(CONTROL, finals(("fixed", c * CONTROL_FACTOR)), "the spread a near-identical threshold shows")]
     rows += [Method(name, finals(spec, baseline_seeds or test_seeds)) for name, spec in BASELINES]
     for i, (name, f) in enumerate(finders):
         found = [results[_key(find_job(t.key, cfg, s, sched, f))] for s in test_seeds]
@@ -794,7 +800,7 @@ def summary_table(settings: Sequence[Setting], finder: str, issue: str | None) -
     """One row per task and schedule: the finder against the tuned fixed threshold."""
     head = ["task", "schedule", "tuned fixed (grid, tuning seeds)", "finder / tuned: geo. mean [90% CI]",
             "finder diverged", "finder threshold: median (range)", "extra steps (+ probe batches)",
-            "search CPU / training CPU", "equal total steps: finder / tuned"]
+            "search CPU / training CPU", "equal total steps: finder / tuned", "noise control: 1.12 x tuned / tuned"]
     if issue:
         head += ["issue's rule / tuned", "issue's rule diverged"]
     head += ["meets the target"]
@@ -807,7 +813,7 @@ def summary_table(settings: Sequence[Setting], finder: str, issue: str | None) -
         training = float(np.mean(f.train_cpu_s or [1.0]))
         cells = [st.task.key, st.schedule, f"{st.tuned:g}", _ratio_cell(f, ref), f"{f.diverged}/{len(f.finals)}",
                  _range(f.thresholds or [math.nan]), f"{np.mean(f.extra_steps or [0]):.0f} (+8)",
-                 f"{search:.1f} s / {training:.1f} s", _ratio_cell(eq, ref)]
+                 f"{search:.1f} s / {training:.1f} s", _ratio_cell(eq, ref), _ratio_cell(st.method(CONTROL), ref)]
         if issue:
             i = st.method(issue)
             cells += [_ratio_cell(i, ref), f"{i.diverged}/{len(i.finals)}"]

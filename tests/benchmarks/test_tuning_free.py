@@ -75,7 +75,7 @@ def test_every_method_has_a_row(quick_report):
         rows = tables[_section(task, sched)]
         names = [r["method"] for r in rows]
         assert names[0].startswith("tuned fixed ") and rows[0]["x tuned: geo. mean [90% CI]"] == "1 (reference)"
-        assert names[1:] == [n for n, _ in tf.BASELINES] + [n for n, _ in tf.FINDERS] + [tf.EQUAL_STEPS]
+        assert names[1:] == [tf.CONTROL] + [n for n, _ in tf.BASELINES] + [n for n, _ in tf.FINDERS] + [tf.EQUAL_STEPS]
         for r in rows:
             assert re.fullmatch(r"[0-3]/3", r["diverged"]), r
 
