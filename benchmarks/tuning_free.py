@@ -740,7 +740,8 @@ def _setting(t: Task, cfg: dict[str, Any], sched: str, grid: Sequence[float], c:
     sweep = {g: finals(("fixed", g), seeds=tuning_seeds) for g in grid}
     rows = [Method(f"tuned fixed {c:g}", finals(("fixed", c)), "best of the grid on the tuning seeds"),
             Method(CONTROL, finals(("fixed", c * CONTROL_FACTOR)), "the spread a near-identical threshold shows")]
-    rows += [Method(name, finals(spec, baseline_seeds or test_seeds)) for name, spec in BASELINES]
+    bseeds = test_seeds if baseline_seeds is None else baseline_seeds
+    rows += [Method(name, finals(spec, bseeds)) for name, spec in BASELINES]
     for i, (name, f) in enumerate(finders):
         found = [results[_key(find_job(t.key, cfg, s, sched, f))] for s in test_seeds]
         runs = [results[_key(train_job(t.key, cfg, s, ("fixed", r["threshold"]), sched))]
