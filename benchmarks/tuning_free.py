@@ -21,9 +21,10 @@ clipping, a fixed 1.0, every threshold policy and clipping callback at its defau
 finder: :func:`lightning_clip.core.search.search` in the same loop (the search ``ClipThresholdFinder`` runs at
 fit start: the probe median of the first batches, one run per candidate from the initial weights on the run's
 first batches under the run's schedule), then the training run at the threshold it chose. The finder runs
-twice: with the rule as the issue first specified it (mean loss of 50-step runs, the largest within 2 SE,
-refined) and with the library's current rule; the latter also trained for the steps left after its search
-(equal total steps). The final validation loss is the mean of 10 evaluations over the last tenth of the run.
+twice: at ``ClipThresholdFinder``'s defaults (9 candidates of 50 steps at the schedule's first steps, the
+largest threshold whose mean loss is within 2 SE of the best, refined), also trained for the steps left after
+its search (equal total steps), and with each run following the whole schedule compressed into it
+(``compress_schedule=True``). The final validation loss is the mean of 10 evaluations over the last tenth of the run.
 
 Every run is cached in ``--cache`` (one JSON file per run, named by the hash of its settings), so a crash or a
 change to one method re-runs only what changed. ``--lightning-check`` runs ``ClipThresholdFinder`` in a
@@ -486,8 +487,8 @@ def find(cfg: dict[str, Any], seed: int, schedule: str, finder: dict[str, Any]) 
     m0 = probe_median(norms)
     steps = cfg["steps"]
 
-    # the learning rate of each run step: the training's schedule compressed into the run (the library's rule),
-    # or the schedule's first steps (the issue's rule)
+    # the learning rate of each run step: the training's schedule compressed into the run (compress_schedule=True),
+    # or the schedule's first steps (the default)
     compressed = finder.get("horizon") == "compressed"
 
     def run(threshold: float, num_steps: int) -> list[float]:
@@ -580,9 +581,9 @@ def tuning_jobs(task: Task, cfg: dict[str, Any], schedule: str, seeds: Sequence[
     return [train_job(task.key, cfg, seed, ("fixed", c), schedule) for c in grid for seed in seeds]
 
 
-#: The search as the issue specified it (ClipThresholdFinder's defaults before this study): 9 candidates,
+#: The search at ClipThresholdFinder's defaults: 9 candidates,
 #: 50 steps each, scored by the mean loss, the largest within 2 SE of the best, refined.
-ISSUE_RULE: dict[str, Any] = {"num_candidates": 9, "num_batches": 50, "num_probe_batches": 8,
+DEFAULT_RULE: dict[str, Any] = {"num_candidates": 9, "num_batches": 50, "num_probe_batches": 8,
                               "rule": {"tolerance": 2.0, "refine": True}}
 
 
@@ -667,13 +668,14 @@ class Setting:
         return self.methods[0]
 
 
-#: The library's search (ClipThresholdFinder's defaults): the issue's selection, each candidate run following
-#: the training's learning-rate schedule compressed into the run.
-LIBRARY_RULE: dict[str, Any] = {**ISSUE_RULE, "horizon": "compressed"}
-#: The finder rows: (row name, settings of the search); the last is the library's rule.
+#: The same selection, each candidate run following the training's learning-rate schedule compressed into the
+#: run (``ClipThresholdFinder(compress_schedule=True)``).
+COMPRESSED_RULE: dict[str, Any] = {**DEFAULT_RULE, "horizon": "compressed"}
+#: The finder rows: (row name, settings of the search); the last is the library's default
+#: (``ClipThresholdFinder()``: the issue's rule, each run at the schedule's first steps).
 FINDERS: list[tuple[str, dict[str, Any]]] = [
-    ("finder (issue's rule)", ISSUE_RULE),
-    ("finder", LIBRARY_RULE),
+    ("finder, compressed schedule", COMPRESSED_RULE),
+    ("finder", DEFAULT_RULE),
 ]
 #: The noise control: a fixed threshold 10**0.05 (1.12) times the tuned one. Its ratio to the tuned threshold
 #: shows how far two nearly equal thresholds end apart on the same seeds (the floor of the finder's ratio).
@@ -760,7 +762,7 @@ def _setting(t: Task, cfg: dict[str, Any], sched: str, grid: Sequence[float], c:
 
 # ------------------------------------------------------------------------------------------------- report
 
-#: The issue's targets: the finder's geometric-mean ratio to the tuned fixed threshold, the upper end of its
+#: The targets: the finder's geometric-mean ratio to the tuned fixed threshold, the upper end of its
 #: interval, and the tighter ratio on the language model (both learning rates).
 TARGET_RATIO, TARGET_UPPER, TARGET_LM = 1.2, 1.5, 1.05
 
@@ -785,7 +787,7 @@ def _range(values: Sequence[float]) -> str:
 
 
 def meets_target(st: Setting, m: Method) -> tuple[bool, str]:
-    """Whether finder row ``m`` meets the issue's targets on ``st``, and the first one it misses."""
+    """Whether finder row ``m`` meets the targets on ``st``, and the first one it misses."""
     gm, _, hi = gm_ratio(m.finals, st.reference.finals)
     limit = TARGET_LM if st.task.key.startswith("lm") else TARGET_RATIO
     if m.diverged:
@@ -797,13 +799,13 @@ def meets_target(st: Setting, m: Method) -> tuple[bool, str]:
     return True, ""
 
 
-def summary_table(settings: Sequence[Setting], finder: str, issue: str | None) -> str:
+def summary_table(settings: Sequence[Setting], finder: str, other: str | None) -> str:
     """One row per task and schedule: the finder against the tuned fixed threshold."""
     head = ["task", "schedule", "tuned fixed (grid, tuning seeds)", "finder / tuned: geo. mean [90% CI]",
             "finder diverged", "finder threshold: median (range)", "extra steps (+ probe batches)",
             "search CPU / training CPU", "equal total steps: finder / tuned", "noise control: 1.12 x tuned / tuned"]
-    if issue:
-        head += ["issue's rule / tuned", "issue's rule diverged"]
+    if other:
+        head += [f"{other} / tuned", f"{other}: diverged"]
     head += ["meets the target"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for st in settings:
@@ -815,8 +817,8 @@ def summary_table(settings: Sequence[Setting], finder: str, issue: str | None) -
         cells = [st.task.key, st.schedule, f"{st.tuned:g}", _ratio_cell(f, ref), f"{f.diverged}/{len(f.finals)}",
                  _range(f.thresholds or [math.nan]), f"{np.mean(f.extra_steps or [0]):.0f} (+8)",
                  f"{search:.1f} s / {training:.1f} s", _ratio_cell(eq, ref), _ratio_cell(st.method(CONTROL), ref)]
-        if issue:
-            i = st.method(issue)
+        if other:
+            i = st.method(other)
             cells += [_ratio_cell(i, ref), f"{i.diverged}/{len(i.finals)}"]
         cells.append("yes" if ok else f"**no**: {why}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -948,7 +950,7 @@ def main(argv: list[str] | None = None) -> list[Setting]:
                           workers, baseline_seeds)
     wall = time.perf_counter() - t0
     command = command_line("tuning_free", argv)
-    finder, issue = finders[-1][0], (finders[0][0] if len(finders) > 1 else None)
+    finder, other = finders[-1][0], (finders[0][0] if len(finders) > 1 else None)
     png = os.path.join(out, "tuning_free.png")
     plot(settings, [n for n, _ in finders], png)
     parts = [
@@ -972,7 +974,7 @@ def main(argv: list[str] | None = None) -> list[Setting]:
         "",
         "## Summary",
         "",
-        summary_table(settings, finder, issue),
+        summary_table(settings, finder, other),
         "",
     ]
     for st in settings:
@@ -1031,8 +1033,9 @@ def lightning_check(task: str, quick: bool, seed: int = 0, schedule: str = "cosi
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(1)
-    cfg, finder = (quick_settings()[0][task], {**FINDERS[-1][1], **quick_settings()[1]}) if quick else (
-        dict(TASKS[task].cfg), FINDERS[-1][1])
+    # the compressed schedule: the callback steps the schedulers ahead; the plain loop computes the rates
+    cfg, finder = (quick_settings()[0][task], {**COMPRESSED_RULE, **quick_settings()[1]}) if quick else (
+        dict(TASKS[task].cfg), COMPRESSED_RULE)
     plain = find(cfg, seed, schedule, finder)
     s = build(cfg, seed)
     steps = cfg["steps"]
@@ -1058,7 +1061,7 @@ def lightning_check(task: str, quick: bool, seed: int = 0, schedule: str = "cosi
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     finder_cb = ClipThresholdFinder(num_candidates=finder["num_candidates"], num_batches=finder["num_batches"],
-                                    num_probe_batches=finder["num_probe_batches"], plot=False)
+                                    num_probe_batches=finder["num_probe_batches"], plot=False, compress_schedule=True)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps,  # the fit's length sets the compression
                          callbacks=[finder_cb, GradientClipping()], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)

@@ -59,9 +59,9 @@ class ClipThresholdFinder(Callback):
        not finite (a GradScaler lowering its scale) do not count, up to ``PROBE_EXTRA_STEPS`` more steps;
     2. runs ``num_batches`` optimizer steps per candidate ``c_k = m0 * 10**(-3 + k/2)``,
        ``k = 0..num_candidates-1``, each from the saved state and on the same batches (Lightning's own
-       training loop: AMP, gradient accumulation and data parallelism as configured), under the learning-rate
-       schedule of the whole remaining training compressed into the run (``compress_schedule``), clipping the total
-       norm at ``c_k``, and records each step's training loss (averaged over the ranks);
+       training loop: AMP, gradient accumulation and data parallelism as configured), under the schedulers'
+       first steps (or, with ``compress_schedule``, the whole remaining schedule compressed into the run),
+       clipping the total norm at ``c_k``, and records each step's training loss (averaged over the ranks);
     3. chooses with :func:`lightning_clip.core.search.search`: the largest threshold whose mean loss is within
        ``tolerance`` standard errors of the best, refined at ``c * 10**(+-1/4)`` with ``refine``;
     4. restores everything it saved, so training continues exactly as a fit started with the chosen
@@ -109,13 +109,14 @@ class ClipThresholdFinder(Callback):
         plot: write the loss-vs-threshold PNG next to the logs.
         compress_schedule: step ``t`` of a run takes the learning rate the schedulers give at step
             ``floor(t * T / num_batches)`` of the ``T`` optimizer steps left in the fit
-            (:func:`~lightning_clip.core.search.schedule_steps`), so a run sees the whole schedule's decay
-            (a short run at the initial rate would favour thresholds that only a decaying rate makes safe).
-            The rates are read by stepping the schedulers ahead and putting them back: step-interval
-            schedulers after every ``frequency`` optimizer steps, epoch-interval ones at each epoch's end;
-            ``ReduceLROnPlateau`` (which reads metrics) keeps its rate. Without schedulers, with a fit no
-            longer than a run or of unknown length (``max_steps=-1`` and ``max_epochs=-1``), or with
-            ``False``: the schedulers' own first steps.
+            (:func:`~lightning_clip.core.search.schedule_steps`), so a run sees the whole schedule's decay.
+            Off by default: a run that reaches the small late rates within a few dozen steps rates larger
+            thresholds safe than the fit's long stretch at high rates tolerates. The rates are read by
+            stepping the schedulers ahead and putting them back: step-interval schedulers after every
+            ``frequency`` optimizer steps, epoch-interval ones at each epoch's end; ``ReduceLROnPlateau``
+            (which reads metrics) keeps its rate. Without schedulers, with a fit no longer than a run or of
+            unknown length (``max_steps=-1`` and ``max_epochs=-1``), or with ``False``: the schedulers' own
+            first steps.
 
     Example::
 
@@ -133,7 +134,7 @@ class ClipThresholdFinder(Callback):
         refine: bool = True,
         milestones: Sequence[int] = (),
         plot: bool = True,
-        compress_schedule: bool = True,
+        compress_schedule: bool = False,
     ) -> None:
         self.candidates = None if candidates is None else check_candidates(candidates)
         self.num_candidates = check_positive_int("num_candidates", num_candidates)

@@ -14,20 +14,18 @@ sequences into one threshold:
 - refinement (``refine=True``): two more runs at ``c * 10**(+-refine_exponent)`` around the chosen
   ``c``, then the same selection over every run.
 
-The horizon follows the schedule: a run of ``K`` steps follows the learning-rate schedule of the whole
-training compressed into ``K`` steps (its step ``t`` takes the learning rate of training step
-``floor(t * T / K)``, :func:`schedule_steps`). A search of a few dozen steps at the initial learning rate
-rewards early progress and cannot see that a decaying schedule makes larger thresholds safe later; with
-the compressed schedule every run sees the decay in its proportions. At a constant learning rate
-nothing changes.
+Each run takes the learning rates of the training's first steps; optionally (``ClipThresholdFinder(
+compress_schedule=True)``) a run of ``K`` steps follows the schedule of the whole training compressed into
+it instead (its step ``t`` takes the learning rate of training step ``floor(t * T / K)``,
+:func:`schedule_steps`).
 
 Nothing here imports Lightning: :func:`search` takes a callable ``run(threshold, num_steps)`` that
-trains from the common starting point under that compressed schedule and returns the per-step losses
+trains from the common starting point and returns the per-step losses
 (it may stop early once the loss diverges). ``ClipThresholdFinder`` (the Lightning callback) and
 ``lightning-clip find-threshold`` call it; so can a plain PyTorch or Fabric loop::
 
     import copy, torch
-    from lightning_clip.core.search import candidate_grid, probe_median, schedule_steps, search
+    from lightning_clip.core.search import candidate_grid, probe_median, search
 
     start = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
     rng = torch.get_rng_state()
@@ -37,10 +35,7 @@ trains from the common starting point under that compressed schedule and returns
         optimizer.load_state_dict(copy.deepcopy(start[1]))    # a fresh copy of the optimizer state,
         torch.set_rng_state(rng)                              # the same batches (a shuffling loader)
         losses = []
-        lrs = schedule_steps(total_steps, num_steps)          # the training's schedule, compressed
-        for t, (x, y) in zip(range(num_steps), loader):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_of_step(lrs[t])              # e.g. base_lr * lambda(step) of a LambdaLR
+        for _, (x, y) in zip(range(num_steps), loader):
             loss = loss_fn(model(x), y)
             optimizer.zero_grad()
             loss.backward()
@@ -379,9 +374,8 @@ def search(run: RunFn, candidates: Sequence[float], num_steps: int = 50, rule: S
 
     Args:
         run: ``run(threshold, num_steps)`` trains ``num_steps`` optimizer steps from the common starting
-            point, clipping the total gradient norm at ``threshold``, with the learning rates of the training
-            steps :func:`schedule_steps` names, and returns each step's loss; it may return fewer once the
-            loss diverged.
+            point, clipping the total gradient norm at ``threshold``, and returns each step's loss; it may
+            return fewer once the loss diverged.
         candidates: the thresholds to try (positive; sorted and de-duplicated here).
         num_steps: optimizer steps per run (>= 2).
         rule: scoring and selection (default :class:`SearchRule()`).

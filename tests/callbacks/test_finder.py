@@ -183,11 +183,11 @@ def test_the_tool_compresses_the_schedule_of_the_fit_it_searches_for(tmp_path, f
     model = RateNet(scheduler=True)
     trainer = make_trainer(tmp_path, max_steps=40 if fit_steps is None else -1, max_epochs=1)
     result = find_clip_threshold(trainer, model, train_dataloaders=_loader(), num_candidates=4, num_batches=4,
-                                 num_probe_batches=3, fit_steps=fit_steps)
+                                 num_probe_batches=3, compress_schedule=True, fit_steps=fit_steps)
     rate = [0.02 * 0.7 ** (s // 3) for s in range(40)]
     assert model.rates[3:] == pytest.approx([rate[s] for s in (0, 10, 20, 30)] * len(result.candidates), rel=1e-12)
     with pytest.raises(ValueError, match="fit_steps"):
-        find_clip_threshold(trainer, model, train_dataloaders=_loader(), fit_steps=0)
+        find_clip_threshold(trainer, model, train_dataloaders=_loader(), compress_schedule=True, fit_steps=0)
 
 
 def test_probe_median_grid_and_rule_match_independent_computations(tmp_path):
