@@ -89,17 +89,17 @@ class Task:
 
 _LM = {"d": 64, "layers": 2, "heads": 4, "window": 32, "vocab": 32, "concentration": 0.1, "tokens": 500_000,
        "batch": 16, "opt": "adamw", "steps": 600}
-_LM_QUICK = {"d": 16, "layers": 1, "heads": 2, "window": 8, "tokens": 20_000, "batch": 4, "steps": 20}
+_LM_QUICK = {"d": 16, "layers": 1, "heads": 2, "window": 8, "tokens": 20_000, "batch": 4, "steps": 30}
 TASKS: dict[str, Task] = {t.key: t for t in (
     Task("adding", "adding problem, vanilla tanh RNN (SGD)", "val MSE",
          {"hidden": 64, "seq_len": 30, "init_scale": 1.2, "num_train": 4096, "num_val": 512, "batch": 64,
           "opt": "sgd", "lr": 0.05, "momentum": 0.9, "steps": 1500},
          (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
-         {"hidden": 16, "seq_len": 10, "num_train": 512, "num_val": 128, "steps": 20}),
+         {"hidden": 16, "seq_len": 10, "num_train": 512, "num_val": 128, "steps": 30}),
     Task("digits", "digits MLP, summed cross-entropy (SGD)", "val CE",
          {"hidden": 64, "num_val": 359, "batch": 32, "opt": "sgd", "lr": 0.05 / 32, "momentum": 0.9, "steps": 1000},
          (1.0, 3.0, 10.0, 30.0, 100.0, 300.0),
-         {"hidden": 16, "steps": 20}),
+         {"hidden": 16, "steps": 30}),
     Task("lm", "transformer LM on Markov text (AdamW, lr 3e-3)", "val CE",
          {**_LM, "lr": 3e-3}, (0.01, 0.03, 0.1, 0.3, 1.0, 3.0), _LM_QUICK),
     Task("lm10x", "transformer LM on Markov text (AdamW, lr 3e-2 = 10x)", "val CE",
@@ -108,7 +108,7 @@ TASKS: dict[str, Task] = {t.key: t for t in (
          {"embed": 32, "hidden": 64, "window": 32, "words": 64, "concentration": 0.1, "chars": 400_000, "batch": 16,
           "loss": "sum_over_time", "opt": "sgd", "lr": 1.0, "momentum": 0.0, "steps": 1000},
          (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
-         {"embed": 8, "hidden": 16, "window": 8, "chars": 20_000, "batch": 4, "steps": 20}),
+         {"embed": 8, "hidden": 16, "window": 8, "chars": 20_000, "batch": 4, "steps": 30}),
 )}
 SCHEDULES = ("constant", "cosine")
 
