@@ -36,8 +36,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
+from lightning_clip.core.adagc import adagc_coefficients
 from lightning_clip.core.functional import clip_grads_with_norm_
 from lightning_clip.core.grads import gradient_stats
+from lightning_clip.core.search import SearchRule, candidate_grid, divergence_step, probe_median, schedule_steps, search
+from lightning_clip.core.unitwise import adaptive_clip_grads_
 from lightning_clip.distributed.hook import ARCHookState, arc_hook
 from lightning_clip.robust import pipeline
 from lightning_clip.robust.arc import arc_num_clipped
@@ -45,15 +48,17 @@ from lightning_clip.robust.options import ARCConfig
 from lightning_clip.robust.privacy import epsilon
 from lightning_clip.robust.transforms import SendBuffers, SendTransform
 from lightning_clip.sim.byzantine import ByzantineSpec, ByzantineTransform, simulate_sends
-from lightning_clip.sim.data import load_digits_tensors, markov_text
+from lightning_clip.sim.data import ALPHABET, adding_problem, load_digits_tensors, markov_text, word_text
 from lightning_clip.sim.partition import dirichlet_split, extreme_split
 
 __all__ = [
     # the library's names the scripts use
     "ARCConfig", "ARCHookState", "ByzantineSpec", "ByzantineTransform", "SendBuffers", "SendTransform", "arc_hook",
     "adding_task", "arc_num_clipped", "flower_api", "clip_grads_with_norm_", "epsilon", "gradient_stats",
-    "load_digits_tensors",
-    "markov_text", "simulate_sends",
+    "load_digits_tensors", "markov_text", "simulate_sends",
+    # the tuning-free study's
+    "ALPHABET", "SearchRule", "adaptive_clip_grads_", "adagc_coefficients", "adding_problem", "candidate_grid",
+    "divergence_step", "probe_median", "schedule_steps", "search", "word_text",
     # results, machine, processes, tables
     "NOTES_MARKER", "RESULTS_DIR", "StdoutRecord", "add_output_arguments", "command_line", "free_port", "kept_notes",
     "machine", "md_table", "output_dir", "process_map", "run_ranks", "summary_stats", "write_results",

@@ -60,12 +60,28 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from benchmarks.common import add_output_arguments, command_line, machine, output_dir, write_results
-from lightning_clip.core.adagc import adagc_coefficients
-from lightning_clip.core.functional import clip_grads_with_norm_
-from lightning_clip.core.grads import gradient_stats
-from lightning_clip.core.unitwise import adaptive_clip_grads_
-from lightning_clip.sim.data import ALPHABET, adding_problem, load_digits_tensors, markov_text, word_text
+from benchmarks.common import (
+    ALPHABET,
+    SearchRule,
+    adagc_coefficients,
+    adaptive_clip_grads_,
+    add_output_arguments,
+    adding_problem,
+    candidate_grid,
+    clip_grads_with_norm_,
+    command_line,
+    divergence_step,
+    gradient_stats,
+    load_digits_tensors,
+    machine,
+    markov_text,
+    output_dir,
+    probe_median,
+    schedule_steps,
+    search,
+    word_text,
+    write_results,
+)
 
 #: Bump when a change to this file changes what a cached run computes (every cached run is then redone).
 CACHE_VERSION = 2
@@ -329,13 +345,13 @@ class Clipper:
         elif spec[0] == "fixed":
             self.threshold = torch.tensor(float(spec[1]))
         elif spec[0] == "adagc":
-            from lightning_clip.callbacks.adagc import AdaGCClipping
+            from lightning_clip import AdaGCClipping
 
             d = AdaGCClipping()  # the callback's defaults
             self.adagc = {"warmup_steps": d.warmup_steps, "absolute": d.absolute, "relative": d.relative,
                           "beta": d.beta}
         elif spec[0] == "agc":
-            from lightning_clip.callbacks.agc import AdaptiveGradientClipping
+            from lightning_clip import AdaptiveGradientClipping
 
             d = AdaptiveGradientClipping()
             self.agc = (d.clip_factor, d.eps)
@@ -461,15 +477,6 @@ def find(cfg: dict[str, Any], seed: int, schedule: str, finder: dict[str, Any]) 
     the :class:`~lightning_clip.core.search.SearchRule` fields under ``"rule"``.
     """
     import copy
-
-    from lightning_clip.core.search import (
-        SearchRule,
-        candidate_grid,
-        divergence_step,
-        probe_median,
-        schedule_steps,
-        search,
-    )
 
     torch.set_num_threads(1)
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -812,11 +819,11 @@ def summary_table(settings: Sequence[Setting], finder: str, other: str | None) -
         f, ref = st.method(finder), st.reference
         eq = st.method(EQUAL_STEPS)
         ok, why = meets_target(st, f)
-        search = float(np.mean(f.search_cpu_s or [0.0]))
+        search_s = float(np.mean(f.search_cpu_s or [0.0]))
         training = float(np.mean(f.train_cpu_s or [1.0]))
         cells = [st.task.key, st.schedule, f"{st.tuned:g}", _ratio_cell(f, ref), f"{f.diverged}/{len(f.finals)}",
                  _range(f.thresholds or [math.nan]), f"{np.mean(f.extra_steps or [0]):.0f} (+8)",
-                 f"{search:.1f} s / {training:.1f} s", _ratio_cell(eq, ref), _ratio_cell(st.method(CONTROL), ref)]
+                 f"{search_s:.1f} s / {training:.1f} s", _ratio_cell(eq, ref), _ratio_cell(st.method(CONTROL), ref)]
         if other:
             i = st.method(other)
             cells += [_ratio_cell(i, ref), f"{i.diverged}/{len(i.finals)}"]
