@@ -585,6 +585,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="who computes the line-searched attacks of the sim grid: the library (default), ByzFL's own "
                    f"classes (a reference; needs `pip install --no-deps byzfl=={BYZFL_VERSION}`), or both (then a "
                    "table compares them cell by cell and every ByzFL step is checked against the library)")
+    p.add_argument("--byzfl-hets", default=None,
+                   help="heterogeneity of the ByzFL-code runs of --attack-impl byzfl/both (default: --hets)")
     p.add_argument("--ddp-hets", default=",".join(DDP_HETS), help="heterogeneity of the DDP grid (else as sim)")
     for name, what in (("f", "f"), ("attacks", "attacks"), ("rules", "rules"),
                        ("pres", "pre-aggregation clippings"), ("seeds", "seeds")):
@@ -607,10 +609,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("f", "attacks", "rules", "pres", "seeds"):
         if getattr(args, f"ddp_{name}") is None:
             setattr(args, f"ddp_{name}", getattr(args, name))
-    for name, allowed in (("hets", HETEROGENEITY), ("attacks", ATTACKS), ("rules", RULES), ("pres", PRES),
+    for name, allowed in (("hets", HETEROGENEITY), ("byzfl_hets", HETEROGENEITY), ("attacks", ATTACKS),
+                          ("rules", RULES), ("pres", PRES),
                           ("ddp_hets", HETEROGENEITY), ("ddp_attacks", ATTACKS), ("ddp_rules", RULES),
                           ("ddp_pres", PRES)):
-        bad = [v for v in _csv(getattr(args, name)) if v not in allowed]
+        bad = [v for v in _csv(getattr(args, name) or "") if v not in allowed]
         if bad:
             p.error(f"--{name.replace('_', '-')}: unknown {bad}; allowed: {', '.join(allowed)}")
     if not 0.0 <= args.beta < 1.0:
@@ -672,8 +675,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return out
 
     if args.mode in ("sim", "both"):
+        byzfl_hets = hets if args.byzfl_hets is None else _csv(args.byzfl_hets)
         runs = build_runs(hets, fs, attacks, rules, pres, seeds, setting.honest, split_seeds=split_seeds,
-                          impls=impls)
+                          impls=tuple(i for i in impls if i == "ours"))
+        if "byzfl" in impls:
+            runs += build_runs([h for h in hets if h in byzfl_hets], fs, attacks, rules, pres, seeds, setting.honest,
+                               baseline=False, split_seeds=split_seeds, impls=("byzfl",))
         print(f"sim: {len(runs)} runs", flush=True)
         sim = simulate(runs, setting, "sim")
     if args.mode in ("ddp", "both"):
