@@ -5,7 +5,8 @@ Setting (arXiv 2405.14432; the paper's algorithm, scaled down to the 8x8 digits)
 25 samples and updates its *local momentum* ``m <- beta m + (1 - beta) g`` (``beta = 0.9``, ``m_0 = 0``,
 no bias correction: the convention of the paper's library ByzFL and of the library's ``WorkerMomentum``).
 Honest workers sample from their own heterogeneous shard of the train split (``extreme``: labels sorted and
-cut into 10 contiguous chunks, 1-2 classes each; Dirichlet ``a=0.1`` / ``a=0.5``); the Byzantine workers
+cut into 10 contiguous chunks, 1-2 classes each; Dirichlet ``a=0.1`` / ``a=0.5``, drawn with a split seed of
+its own, separate from the training seed); the Byzantine workers
 (the last ``f`` ranks) sample from the whole train split and keep a momentum of their own gradient. The
 server receives the ``n`` vectors, computes ``rule(NNM(pre(x)))`` and takes a plain SGD step (lr 0.5,
 weight decay 1e-4, no server momentum). 200 steps, test accuracy every 10 steps.
@@ -27,17 +28,26 @@ Attacks (what the Byzantine workers send; the worst case is taken over them; def
 =========== ======================================================================================
 SF          sign flip of the worker's own momentum (``ByzantineSpec(attack="sign_flip")``)
 LF          label flip: the Byzantine worker's gradient on ``y -> 9 - y``, then its own momentum
-FOE-LS      "Fall of empires" ``-eps * mean(honest momenta)``, ``eps`` line-searched every step
-ALIE-LS     "A little is enough" ``mean - z * std`` of the honest momenta, ``z`` line-searched
+FOE-LS      "Fall of empires" ``-eps * mean(honest momenta)``, ``eps`` line-searched every step by the
+            library's search: both signs, no cap (``line_search(..., search="ours")``)
+FOE-LS-bf   the same attack with ByzFL's search (``eps = tau >= 0`` from 0, doubling steps, 20
+            evaluations: ``search="byzfl"``)
+ALIE-LS     "A little is enough" ``mean - z * std`` (population std) of the honest momenta, ``z``
+            line-searched by the library's search
+ALIE-LS-bf  ByzFL's ALIE ``mean + tau * std`` (sample std) with ByzFL's search
 Mimic       a copy of the first honest worker's momentum
 =========== ======================================================================================
 
 Optional (not in the default grid): ``ALIE`` / ``FOE`` with the library's fixed factors, ``NaN`` and
-``scale`` (x1e3). The line search (the library's ``search_factor``) maximises
-``|| server(honest + f copies) - mean(honest) ||`` against the server's actual pipeline of the row.
+``scale`` (x1e3). The line searches maximise ``|| server(honest + f copies) - mean(honest) ||`` against
+the server's actual pipeline of the row; each is a separate attack, so the worst case is taken over both
+searches and names the one that won. ``--attack-impl byzfl`` (or ``both``) also runs FOE-LS-bf / ALIE-LS-bf
+with ByzFL's own ``Optimal_InnerProductManipulation`` / ``Optimal_ALittleIsEnough`` (``pip install --no-deps
+byzfl==0.0.11``), checks at every step that the library sends the same vector, and compares the worst cases
+cell by cell.
 
 Metric, as in the paper: the maximum test accuracy over the evaluations, averaged over seeds, then the
-worst case over the attacks.
+worst case over the attacks; the tables give the min-max over the seeds of the worst attack too.
 
 One pipeline for both execution modes, by construction: every run is one ``ARCConfig`` (:meth:`Run.config`)
 plus the simulated attack (:meth:`Run.transforms`), and every rank's "what it sends" is the library's chain
@@ -55,9 +65,9 @@ aggregates with the config's ``server_aggregation``, the function the hook calls
 * ``--mode both`` (default): the sim grid, then the DDP grid, then a run-by-run comparison of the runs
   both modes executed.
 
-The defaults: the sim grid is every heterogeneity, f = 1..4, every row and attack, seeds 1 and 2; the
-DDP grid is the extreme heterogeneity (the paper's headline setting) with the same f, rows, attacks
-and seeds, plus the f = 0 reference.
+The defaults: the sim grid is every heterogeneity, f = 1..4, every row and attack, seeds 1-3 (split seed =
+training seed unless ``--split-seeds`` says otherwise); the DDP grid is the extreme heterogeneity (the
+paper's headline setting) with the same f, rows, attacks and seeds, plus the f = 0 reference.
 
 ``--cache DIR`` keeps every finished run in ``DIR`` (one file per run and mode, keyed by the run and
 the setting) and reuses it: an interrupted study resumes where it stopped, and sim and DDP can run in
@@ -69,6 +79,7 @@ Usage (from the repository root)::
     python -m benchmarks.robustness --quick                    # smoke run (~80 s on 2 cores), to a temporary dir
     python -m benchmarks.robustness --mode ddp --ddp-comm gather  # the DDP grid on the all-gather path
     python -m benchmarks.robustness --mode sim --init-jitter 1e-7 # how far one float rounding moves each run
+    python -m benchmarks.robustness --mode sim --attack-impl both  # with ByzFL's own attacks as a reference
 
 Writes ``robustness.md`` (tables, command, machine, wall times, reading) and ``robustness.png`` (heatmaps)
 into ``--out``; by default ``benchmarks/results`` for a full run and a new temporary directory with
