@@ -598,6 +598,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "table compares them cell by cell and every ByzFL step is checked against the library)")
     p.add_argument("--byzfl-hets", default=None,
                    help="heterogeneity of the ByzFL-code runs of --attack-impl byzfl/both (default: --hets)")
+    p.add_argument("--byzfl-seeds", default=None,
+                   help="training seeds of the ByzFL-code runs (default: --seeds; their split seeds stay paired)")
     p.add_argument("--ddp-hets", default=",".join(DDP_HETS), help="heterogeneity of the DDP grid (else as sim)")
     for name, what in (("f", "f"), ("attacks", "attacks"), ("rules", "rules"),
                        ("pres", "pre-aggregation clippings"), ("seeds", "seeds")):
@@ -690,8 +692,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs = build_runs(hets, fs, attacks, rules, pres, seeds, setting.honest, split_seeds=split_seeds,
                           impls=tuple(i for i in impls if i == "ours"))
         if "byzfl" in impls:
-            runs += build_runs([h for h in hets if h in byzfl_hets], fs, attacks, rules, pres, seeds, setting.honest,
-                               baseline=False, split_seeds=split_seeds, impls=("byzfl",))
+            keep = set(seeds if args.byzfl_seeds is None else _csv(args.byzfl_seeds, int))
+            runs += [r for r in build_runs([h for h in hets if h in byzfl_hets], fs, attacks, rules, pres, seeds,
+                                           setting.honest, baseline=False, split_seeds=split_seeds, impls=("byzfl",))
+                     if r.seed in keep]
         print(f"sim: {len(runs)} runs", flush=True)
         sim = simulate(runs, setting, "sim")
     if args.mode in ("ddp", "both"):
