@@ -34,6 +34,10 @@ searches (:data:`LS_SEARCHES`):
 * ``"both"`` (the default): the more damaging of the two (ties: ``"ours"``), so the attacker is at
   least as strong as each search on the same vectors.
 
+The deviation is a one-step objective. Over a training run, a search free to change sign from step
+to step (ours, and ``"both"``) can do less damage than one kept to one side (ByzFL's): its pushes
+cancel instead of accumulating. A study should take the worst case over runs with each search.
+
 Deviations are compared with NaN as the least and ``+inf`` (an aggregate that overflows) as the most
 damaging; a factor whose attack vector itself overflows is not a candidate. Everything is
 deterministic: no randomness, fixed evaluation order, ties to the smaller ``|factor|`` (then the
