@@ -40,16 +40,15 @@ from torch import Tensor, nn
 
 from lightning_clip.core.functional import clip_grads_with_norm_
 from lightning_clip.core.grads import gradient_stats
-from lightning_clip.distributed.config import ARCConfig
 from lightning_clip.distributed.hook import ARCHookState, arc_hook
 from lightning_clip.robust.arc import arc_num_clipped
+from lightning_clip.robust.options import ARCConfig
 from lightning_clip.robust.privacy import epsilon
 from lightning_clip.robust.transforms import SendBuffers, SendTransform
 from lightning_clip.sim.adaptive import line_search
-from lightning_clip.sim.byzantine import ByzantineSpec
+from lightning_clip.sim.byzantine import ByzantineSpec, ByzantineTransform, simulate_sends
 from lightning_clip.sim.data import load_digits_tensors, markov_text
 from lightning_clip.sim.partition import dirichlet_split, extreme_split
-from lightning_clip.sim.transforms import ByzantineTransform, simulate_sends
 
 __all__ = [
     # the library's names the scripts use
@@ -292,7 +291,9 @@ def attack_transforms(attack: str | None, ranks: Sequence[int], impl: str = "our
             raise ValueError(f"ByzFL's implementation covers the attacks {list(BYZFL_ATTACKS)}, not {attack!r}")
         return [ByzflAttack(BYZFL_ATTACKS[attack][0], ranks)] if ranks else []
     kwargs = ATTACKS[attack] if attack is not None else None
-    return [] if not ranks or kwargs is None else [ByzantineTransform(ByzantineSpec(ranks=list(ranks), **kwargs))]
+    if not ranks or kwargs is None:
+        return []
+    return [ByzantineTransform.from_spec(ByzantineSpec(ranks=list(ranks), **kwargs))]
 
 
 def byzfl_attacks() -> ModuleType:

@@ -23,11 +23,13 @@ from lightning_clip.core.thresholds import (
     ZScoreThreshold,
 )
 from lightning_clip.exceptions import GradientSpikeError, NonFiniteGradientError
+from lightning_clip.robust.options import ARCConfig
 
 if TYPE_CHECKING:
     from lightning_clip.callbacks import (
         AdaGCClipping,
         AdaptiveGradientClipping,
+        ClipThresholdFinder,
         GradientClipping,
         GradientNormMonitor,
         NonFiniteGradientGuard,
@@ -41,6 +43,7 @@ __version__ = "0.1.0"
 _LIGHTNING_EXPORTS: dict[str, str] = {
     "AdaGCClipping": "lightning_clip.callbacks",
     "AdaptiveGradientClipping": "lightning_clip.callbacks",
+    "ClipThresholdFinder": "lightning_clip.callbacks",
     "GradientClipping": "lightning_clip.callbacks",
     "GradientNormMonitor": "lightning_clip.callbacks",
     "NonFiniteGradientGuard": "lightning_clip.callbacks",
@@ -49,9 +52,11 @@ _LIGHTNING_EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "ARCConfig",
     "ARCDDPStrategy",
     "AdaGCClipping",
     "AdaptiveGradientClipping",
+    "ClipThresholdFinder",
     "FixedThreshold",
     "GradientClipping",
     "GradientNormMonitor",

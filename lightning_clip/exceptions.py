@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from fnmatch import fnmatchcase
 from typing import Any
 
 __all__ = [
@@ -17,9 +19,17 @@ __all__ = [
     "check_non_negative_int",
     "check_optional_positive_int",
     "check_patterns",
+    "check_patterns_match",
     "check_positive_float",
     "check_positive_int",
+    "check_seed",
+    "check_threshold",
 ]
+
+#: The smallest positive normal float32 and the largest finite one: a threshold outside this range is 0 or inf
+#: (or loses its precision) in the float32 arithmetic it is used in.
+FLOAT32_TINY = 1.1754943508222875e-38
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -48,6 +58,23 @@ def check_positive_float(name: str, value: Any, *, allow_zero: bool = False, all
         rng = "a non-negative" if allow_zero else "a positive"
         fin = "" if allow_inf else " finite"
         raise ValueError(f"Expected argument `{name}` to be {rng}{fin} number but got {value!r}")
+    return value
+
+
+def check_threshold(name: str, value: Any, *, allow_inf: bool = False) -> float:
+    """Return ``float(value)`` or raise naming ``name`` when it is not a positive number that float32 holds.
+
+    Thresholds are used in float32 (the gradients' norms): a value below the smallest normal float32
+    (``1.2e-38``) would become 0 or lose its precision, one above the largest (``3.4e38``) would become inf.
+    With ``allow_inf``, ``inf`` itself is accepted (no clipping).
+    """
+    value = check_positive_float(name, value, allow_inf=allow_inf)
+    if math.isinf(value):
+        return value
+    if not FLOAT32_TINY <= value <= FLOAT32_MAX:
+        becomes = "0" if value < FLOAT32_TINY else "inf"
+        raise ValueError(f"Expected argument `{name}` to be in [{FLOAT32_TINY:.4g}, {FLOAT32_MAX:.4g}] (thresholds "
+                         f"are used in float32, where {value!r} is {becomes}) but got {value!r}")
     return value
 
 
@@ -92,6 +119,18 @@ def check_non_negative_int(name: str, value: Any) -> int:
     return value
 
 
+def check_seed(name: str, value: Any) -> int:
+    """Return ``value`` or raise naming ``name`` when it is not an integer in ``[0, 2**32)``.
+
+    Seeds are mixed with a step counter into one 64-bit generator seed: a larger value would wrap
+    around (two seeds giving the same numbers) or overflow.
+    """
+    check_non_negative_int(name, value)
+    if value >= 1 << 32:
+        raise ValueError(f"Expected argument `{name}` to be an integer in [0, 2**32) but got {value}")
+    return int(value)
+
+
 def check_fraction(name: str, value: Any, *, low: float = 0.0, high: float = 1.0, open_low: bool = False,
                    open_high: bool = False) -> float:
     """Return ``float(value)`` or raise naming ``name`` when it is outside ``[low, high]``."""
@@ -122,3 +161,19 @@ def check_patterns(name: str, value: Any) -> tuple[str, ...]:
         raise TypeError(f"Expected argument `{name}` to be a parameter-name pattern or a list of non-empty "
                         f"patterns (strings, fnmatch style) but got {value!r}")
     return tuple(items)
+
+
+def check_patterns_match(name: str, patterns: Sequence[str], names: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming ``name`` when a pattern matches none of the parameter ``names`` (a typo).
+
+    The message shows the closest parameter names, or the first few.
+    """
+    for pattern in patterns:
+        if any(fnmatchcase(n, pattern) for n in names):
+            continue
+        close = difflib.get_close_matches(pattern, list(names), n=3, cutoff=0.5)
+        shown = close or list(names[:5])
+        more = "" if close or len(names) <= 5 else ", ..."
+        label = "the closest parameter names" if close else "the module's parameters"
+        raise ValueError(f"Expected every pattern of argument `{name}` to match a parameter name but {pattern!r} "
+                         f"matches none ({label}: {', '.join(repr(x) for x in shown)}{more})")

@@ -19,6 +19,9 @@ tag                          meaning (per optimizer step)
 ``dp/clip_bound``            client-level DP: the clip bound in force (adaptive bound)
 ============================ ==========================================================
 
+``grad_clip/finder_threshold`` is logged once per search (``ClipThresholdFinder``), when its threshold
+takes effect; it has no optimizer suffix.
+
 Per-group thresholds (``GradientClipping(groups=...)``) add, for each group: ``grad_clip/norm/<group>``
 (the group's L2 norm before clipping), ``grad_clip/threshold/<group>`` (its threshold in force) and
 ``grad_clip/clip_rate/<group>`` (fraction of steps it was clipped so far).
@@ -50,6 +53,7 @@ __all__ = [
     "DP_CLIP_BOUND",
     "DP_EPSILON",
     "DP_PREFIX",
+    "FINDER_THRESHOLD",
     "GROUP_NORM",
     "GROUP_TAGS",
     "CLIP_THRESHOLD",
@@ -96,6 +100,8 @@ ARC_NORM_RANK = ARC_PREFIX + "norm_rank{rank}"
 DP_PREFIX = "dp/"
 DP_EPSILON = DP_PREFIX + "epsilon"
 DP_CLIP_BOUND = DP_PREFIX + "clip_bound"
+#: The threshold ``ClipThresholdFinder`` chose, logged when it takes effect (once per search).
+FINDER_THRESHOLD = "grad_clip/finder_threshold"
 #: Per-group thresholds (``GradientClipping(groups=...)``): ``<base>/<group>`` for each of these bases.
 GROUP_NORM = "grad_clip/norm"
 GROUP_TAGS: tuple[str, ...] = (GROUP_NORM, CLIP_THRESHOLD, CLIP_RATE)
@@ -245,7 +251,7 @@ def parse(tag: str, suffixed: bool | None = None) -> Tag | None:
     rank = arc_norm_rank(tag)
     if rank is not None:
         return Tag(ARC_NORM_RANK, rank=rank)
-    if tag in (ARC_THRESHOLD, ARC_CLIPPED_RANKS, DP_EPSILON, DP_CLIP_BOUND):
+    if tag in (ARC_THRESHOLD, ARC_CLIPPED_RANKS, DP_EPSILON, DP_CLIP_BOUND, FINDER_THRESHOLD):
         return Tag(tag)
     if tag in STEP_TAGS:  # a total never carries a suffix-looking name
         return Tag(tag)

@@ -20,7 +20,7 @@ from tests.helpers.models import RecordingLogger, TinyRegressor, make_loader, ma
 CONTRACT = [
     "GradientNormMonitor", "GradientClipping", "NonFiniteGradientGuard", "FixedThreshold", "PercentileThreshold",
     "WarmupThreshold", "ZScoreThreshold", "QuantileThreshold", "AdaptiveGradientClipping", "SpikeGuard",
-    "GradientSpikeError",
+    "GradientSpikeError", "ClipThresholdFinder",
 ]
 
 
@@ -48,14 +48,19 @@ FACTORIES = [
     lambda: lightning_clip.AdaptiveGradientClipping(0.05, exclude=("net.2.*",)),
     lambda: lightning_clip.AdaGCClipping(warmup_steps=2),
     lambda: lightning_clip.SpikeGuard(("grad_norm", "loss"), window=3, warmup_steps=2),
+    lambda: lightning_clip.ClipThresholdFinder(num_candidates=3, num_batches=2, num_probe_batches=2, plot=False),
 ]
+
+#: Callbacks a factory's callback needs next to it (the finder sets a GradientClipping's threshold).
+COMPANIONS = {"ClipThresholdFinder": lambda: [GradientClipping()]}
 
 
 @pytest.mark.parametrize("factory", FACTORIES)
 def test_construct_fit_save_load(tmp_path, factory):
     seed_everything(0, verbose=False)
     cb = factory()
-    trainer = make_trainer(tmp_path, callbacks=[cb], max_steps=5, logger=RecordingLogger())
+    companions = COMPANIONS.get(type(cb).__name__, list)()
+    trainer = make_trainer(tmp_path, callbacks=[cb, *companions], max_steps=5, logger=RecordingLogger())
     trainer.fit(TinyRegressor(), make_loader())
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)

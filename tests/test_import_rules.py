@@ -5,11 +5,14 @@ modules                             may not import (directly or through any modu
 =================================== ===================================================================
 ``core``, ``robust``, ``sim``,      Lightning, our Lightning glue (``callbacks``, ``distributed.strategy``)
 ``exceptions``, ``tags``            and ``tools``; nor ``torch.distributed`` directly, except
-                                    ``core.sharded`` (the one batched norm reduction of sharded gradients)
+                                    ``core.dtensor_norms`` (the one batched norm reduction of sharded gradients)
 ``robust``, ``core``                also ``sim`` and ``distributed``
 ``sim``                             also ``distributed``
-``distributed.hook`` (production)   ``sim``, Lightning, our glue and ``tools``
+``distributed`` (all of it)         ``sim`` and ``callbacks`` (a simulated attack reaches the strategy as a
+                                    send transform)
+``distributed.hook``, ``.exchange`` also Lightning, our glue and ``tools``
 everything outside ``tools``        ``tools``
+every module                        another module's private (``_name``) names
 =================================== ===================================================================
 
 Two independent checks:
@@ -47,13 +50,14 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
       "lightning_clip.tags"), LIGHTNING + GLUE),
     (("lightning_clip.core", "lightning_clip.robust"), ("lightning_clip.sim", "lightning_clip.distributed")),
     (("lightning_clip.sim",), ("lightning_clip.distributed",)),
-    (("lightning_clip.distributed.hook", "lightning_clip.distributed.config"),
+    (("lightning_clip.distributed",), ("lightning_clip.sim", "lightning_clip.callbacks")),
+    (("lightning_clip.distributed.hook", "lightning_clip.distributed.exchange"),
      ("lightning_clip.sim",) + LIGHTNING + GLUE),
 ]
 
 #: Modules that may issue collectives themselves: everything in DIRECT_RULES' scope but these must not
 #: import ``torch.distributed`` directly (the one batched norm reduction for sharded gradients is in core).
-COLLECTIVES_ALLOWED = ("lightning_clip.core.sharded",)
+COLLECTIVES_ALLOWED = ("lightning_clip.core.dtensor_norms",)
 DIRECT_RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("lightning_clip.core", "lightning_clip.robust", "lightning_clip.sim", "lightning_clip.exceptions",
       "lightning_clip.tags"), TORCH_DISTRIBUTED),
@@ -81,23 +85,26 @@ def _exists(module: str) -> bool:
     return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
 
 
+def _from_module(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    """The absolute name of the module ``from ... import`` reads in ``module`` (relative imports resolved)."""
+    if not node.level:
+        return node.module or ""
+    parts = (module if is_package else module.rsplit(".", 1)[0]).split(".")
+    return ".".join(parts[: len(parts) - (node.level - 1)] + ([node.module] if node.module else []))
+
+
 def imported_names(source: str, module: str, is_package: bool = False) -> list[tuple[int, str]]:
     """Every module name ``source`` (the module ``module``) imports, as ``(line, dotted name)``."""
     tree = ast.parse(source)
     for node in ast.walk(tree):  # `if TYPE_CHECKING:` imports never run
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             node.body = []
-    package = module if is_package else module.rsplit(".", 1)[0]
     out: list[tuple[int, str]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out.extend((node.lineno, a.name) for a in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - (node.level - 1)] + ([node.module] if node.module else []))
-            else:
-                base = node.module or ""
+            base = _from_module(node, module, is_package)
             out.append((node.lineno, base))
             # `from pkg import sub` imports the submodule `pkg.sub` when there is one
             out.extend((node.lineno, f"{base}.{a.name}") for a in node.names if a.name != "*")
@@ -202,7 +209,7 @@ def test_every_layer_has_modules_and_the_rules_cover_them():
     for prefixes, _ in RULES:
         for prefix in prefixes:
             assert _modules((prefix,)), prefix
-    assert "lightning_clip.distributed.hook" in graph() and "lightning_clip.sim.transforms" in graph()
+    assert "lightning_clip.distributed.hook" in graph() and "lightning_clip.sim.byzantine" in graph()
 
 
 def test_source_check_is_not_vacuous():
@@ -226,17 +233,67 @@ def test_source_check_is_not_vacuous():
 
 
 def test_transitive_check_follows_our_modules():
-    # The strategy reaches Lightning directly and the simulation through its own imports: both are seen.
+    # The strategy reaches Lightning directly and the robust rules through the hook: both are seen.
     reached = reach("lightning_clip.distributed.strategy")
     assert any(_matches(n, LIGHTNING) for n in reached)
-    assert any(_matches(n, ("lightning_clip.sim",)) for n in reached)
-    # The hook reaches torch.distributed (allowed) and the robust maths through the config.
+    assert any(_matches(n, ("lightning_clip.robust.rules",)) for n in reached)
+    # The hook reaches torch.distributed (allowed) and the robust rules through the pipeline.
     hook = reach("lightning_clip.distributed.hook")
-    assert "torch.distributed" in hook and any(_matches(n, ("lightning_clip.robust.aggregators",)) for n in hook)
+    assert "torch.distributed" in hook and any(_matches(n, ("lightning_clip.robust.rules",)) for n in hook)
+
+
+def private_imports(source: str, module: str, is_package: bool = False) -> list[str]:
+    """Where ``source`` (the module ``module``) reaches a private (``_name``) name of another module of ours:
+    ``from lightning_clip.x import _name``, or ``m._name`` through a name bound to one of our modules."""
+    tree = ast.parse(source)
+    bad: list[str] = []
+    aliases: set[str] = set()  # local names bound to one of our modules
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = _from_module(node, module, is_package)
+            if not _matches(base, (PKG,)):
+                continue
+            for a in node.names:
+                if a.name.startswith("_") and not a.name.startswith("__"):
+                    bad.append(f"line {node.lineno}: from {base} import {a.name}")
+                elif _exists(f"{base}.{a.name}"):
+                    aliases.add(a.asname or a.name)
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if _matches(a.name, (PKG,)):
+                    aliases.add(a.asname or a.name.split(".")[0])
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                and ast.unparse(node.value).split(".")[0] in aliases):
+            bad.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return bad
+
+
+@pytest.mark.parametrize("path", sorted(PKG_DIR.rglob("*.py")), ids=lambda p: _module_name(p))
+def test_no_module_reaches_another_modules_private_names(path):
+    bad = private_imports(path.read_text(), _module_name(path), path.name == "__init__.py")
+    assert not bad, f"{_module_name(path)} uses another module's private names: {bad}"
+
+
+def test_private_import_check_is_not_vacuous():
+    sample = textwrap.dedent("""
+        from lightning_clip.robust.rules import _selected_rows, mean
+        from .pipeline import _Prepare
+        import lightning_clip.robust.rules as rules
+        from lightning_clip.robust import pipeline
+        from torch import _foreach_mul_
+        rules._identity(1)
+        pipeline._columns(2)
+        pipeline.run(3)
+    """)
+    bad = private_imports(sample, "lightning_clip.robust.sample")
+    assert [b.split(": ", 1)[1] for b in bad] == [
+        "from lightning_clip.robust.rules import _selected_rows", "from lightning_clip.robust.pipeline import _Prepare",
+        "rules._identity", "pipeline._columns"]
 
 
 _PURE = ("lightning_clip.core", "lightning_clip.robust", "lightning_clip.sim", "lightning_clip.exceptions",
-         "lightning_clip.tags", "lightning_clip.distributed.hook", "lightning_clip.distributed.config")
+         "lightning_clip.tags", "lightning_clip.distributed.hook", "lightning_clip.distributed.exchange")
 
 _RUNTIME_SCRIPT = r"""
 import importlib, importlib.abc, json, sys, traceback

@@ -99,3 +99,13 @@ def test_bad_indices_are_rejected():
         tags.arc_norm_tag(-1)
     with pytest.raises(ValueError, match="`optimizer_idx`"):
         tags.with_optimizer("grad_norm/total", True, 2)
+
+
+def test_finder_threshold_tag_round_trips_without_a_suffix():
+    assert tags.FINDER_THRESHOLD == "grad_clip/finder_threshold"  # DESIGN.md §4
+    assert tags.parse(tags.FINDER_THRESHOLD) == tags.parse(tags.FINDER_THRESHOLD, suffixed=True) == tags.Tag(
+        tags.FINDER_THRESHOLD)
+    assert tags.split_group(tags.FINDER_THRESHOLD) is None  # not the threshold of a group called "finder..."
+    assert tags.parse(tags.FINDER_THRESHOLD + "_opt1") is None  # one per search, never per optimizer
+    assert tags.parse(tags.group_tag(tags.CLIP_THRESHOLD, "finder_threshold")) == tags.Tag(
+        tags.CLIP_THRESHOLD + "/", group="finder_threshold")

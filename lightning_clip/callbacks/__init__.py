@@ -3,11 +3,12 @@
 from lightning_clip.callbacks.adagc import AdaGCClipping
 from lightning_clip.callbacks.agc import AdaptiveGradientClipping
 from lightning_clip.callbacks.clipping import GradientClipping
+from lightning_clip.callbacks.finder import ClipThresholdFinder
 from lightning_clip.callbacks.guard import NonFiniteGradientGuard
 from lightning_clip.callbacks.monitor import GradientNormMonitor
 from lightning_clip.callbacks.spike import SpikeGuard
 
 __all__ = [
-    "AdaGCClipping", "AdaptiveGradientClipping", "GradientClipping", "GradientNormMonitor", "NonFiniteGradientGuard",
-    "SpikeGuard",
+    "AdaGCClipping", "AdaptiveGradientClipping", "ClipThresholdFinder", "GradientClipping", "GradientNormMonitor",
+    "NonFiniteGradientGuard", "SpikeGuard",
 ]

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
-from torch.optim import Optimizer
 
 from lightning_clip import tags
-from lightning_clip.callbacks.step import check_strategy, log_values, should_log, step_state
+from lightning_clip.callbacks.step import Stage, StepCallback, StepState, check_strategy, should_log
 from lightning_clip.core.adagc import adagc_coefficients
 from lightning_clip.core.grads import GradientStats
 from lightning_clip.exceptions import (
@@ -20,12 +19,13 @@ from lightning_clip.exceptions import (
     check_optional_positive_int,
     check_positive_float,
     check_positive_int,
+    check_threshold,
 )
 
 __all__ = ["AdaGCClipping"]
 
 
-class AdaGCClipping(Callback):
+class AdaGCClipping(StepCallback):
     """Per-tensor adaptive gradient clipping (AdaGC, arXiv 2502.11034) in ``on_before_optimizer_step``.
 
     Each gradient tensor is clipped relative to an EMA of its own past clipped norms: for the first
@@ -36,8 +36,12 @@ class AdaGCClipping(Callback):
     synchronises the host with the device except on logging steps. A step with a NaN/Inf norm leaves
     ``gamma`` unchanged. ``gamma`` is saved in the checkpoint, per optimizer.
 
-    Logged per optimizer step (suffix ``_opt<i>`` with several optimizers): ``grad_norm/total`` (before,
-    unless a monitor logged it) and ``grad_norm/clipped_total`` (after).
+    Wherever it is in ``Trainer(callbacks=...)``, it clips after every guard decided (never on a skipped
+    step), after :class:`AdaptiveGradientClipping` and before :class:`GradientClipping` (see
+    :mod:`lightning_clip.callbacks.step`).
+
+    Logged per optimizer step (suffix ``_opt<i>`` with several optimizers): ``grad_norm/total`` (before any
+    clipping) and ``grad_norm/clipped_total`` (after all clipping).
 
     Args:
         warmup_steps: steps of global clipping that initialise ``gamma`` (>= 1).
@@ -48,12 +52,20 @@ class AdaGCClipping(Callback):
         log_every_n_steps: override the trainer's ``log_every_n_steps`` for these tags.
     """
 
+    step_stage = Stage.CLIP_TENSORS
+
     def __init__(self, warmup_steps: int = 100, absolute: float = 1.0, relative: float = 1.05, beta: float = 0.98,
                  log: bool = True, log_every_n_steps: int | None = None) -> None:
         self.warmup_steps = check_positive_int("warmup_steps", warmup_steps)
-        self.absolute = check_positive_float("absolute", absolute)
+        self.absolute = check_threshold("absolute", absolute)
         self.relative = check_positive_float("relative", relative)
         self.beta = check_fraction("beta", beta, open_low=True, open_high=True)
+        if self.relative < 1.0:
+            warnings.warn(
+                f"AdaGCClipping(relative={self.relative:g}): below 1, every clipped tensor is pulled under its EMA "
+                f"gamma, which then shrinks by a factor beta + (1 - beta) relative = "
+                f"{self.beta + (1 - self.beta) * self.relative:.4g} per clipped step, so the gradients fade away; "
+                "AdaGC uses relative=1.05", UserWarning, stacklevel=2)
         check_bool("log", log)
         check_optional_positive_int("log_every_n_steps", log_every_n_steps)
         self.log = log
@@ -68,19 +80,16 @@ class AdaGCClipping(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, "AdaGCClipping")
+        super().setup(trainer, pl_module, stage)
 
     def gamma(self, optimizer_idx: int = 0) -> Tensor | None:
         """The per-tensor EMA of clipped norms of optimizer ``optimizer_idx`` (``None`` before its first step)."""
         st = self._optimizers.get(optimizer_idx)
         return None if st is None else st["gamma"]
 
-    @torch.no_grad()
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: Optimizer) -> None:
-        state = step_state(trainer, pl_module, optimizer)
-        if not state.grads or state.skipped:
-            return
-        norms, total = state.stats.norms, state.stats.total_norm
+    def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: StepState) -> None:
+        current = state.current()  # what AdaptiveGradientClipping left, if it ran
+        norms, total = current.norms, current.total_norm
         st = self._optimizers.get(state.optimizer_idx)
         if st is None:
             st = self._optimizers[state.optimizer_idx] = {
@@ -97,10 +106,10 @@ class AdaGCClipping(Callback):
         st["steps"] += 1
         torch._foreach_mul_(state.grads, [c.to(g.dtype) for c, g in zip(coef.unbind(), state.grads)])
         clipped = norms * coef
-        state.stats = GradientStats(norms=clipped, total_norm=torch.linalg.vector_norm(clipped),
-                                    num_tensors=state.stats.num_tensors)  # later callbacks see the clipped grads
+        state.clipped(GradientStats(norms=clipped, total_norm=torch.linalg.vector_norm(clipped),
+                                    num_tensors=current.num_tensors))  # GradientClipping clips what is left
         if self.log and should_log(trainer, self.log_every_n_steps):
-            log_values(trainer, state, {tags.GRAD_NORM_TOTAL: total, tags.GRAD_NORM_CLIPPED: state.stats.total_norm})
+            state.log({tags.GRAD_NORM_TOTAL: state.stats.total_norm}, clipped_total=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizers": {i: {"steps": st["steps"], "names": list(st["names"]),

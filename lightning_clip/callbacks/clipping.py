@@ -9,17 +9,20 @@ from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.optim import Optimizer
 
 from lightning_clip import tags
-from lightning_clip.callbacks.step import check_strategy, log_values, should_log, step_state, unwrap_optimizer
+from lightning_clip.callbacks.step import Stage, StepCallback, StepState, check_strategy, should_log, unwrap_optimizer
 from lightning_clip.core.functional import clip_grads_by_value_, clip_grads_with_norm_
-from lightning_clip.core.grads import gradient_stats
 from lightning_clip.core.thresholds import FixedThreshold, ThresholdPolicy, as_policy
-from lightning_clip.exceptions import check_choice, check_non_negative_int, check_optional_positive_int, check_patterns
+from lightning_clip.exceptions import (
+    check_choice,
+    check_non_negative_int,
+    check_optional_positive_int,
+    check_patterns,
+    check_patterns_match,
+)
 
 __all__ = ["CLIP_RATE_BANDS", "GradientClipping", "GroupKey", "OptimizerClipState", "clip_rate_advice", "group_name"]
 
@@ -37,11 +40,6 @@ CLIP_RATE_BANDS: tuple[tuple[float, str], ...] = (
     (1.01, "excessive: clipped on most steps; if the loss is not falling, the threshold is too low or the "
            "learning rate too high (recurrent nets often train best clipped on most steps)"),
 )
-
-
-def _some(names: list[str], n: int = 5) -> str:
-    shown = ", ".join(repr(x) for x in names[:n])
-    return f"the module's parameters ({shown}{', ...' if len(names) > n else ''})"
 
 
 def clip_rate_advice(rate: float) -> str:
@@ -172,7 +170,7 @@ class _GroupLayout:
         return self.index[device]
 
 
-class GradientClipping(Callback):
+class GradientClipping(StepCallback):
     """Clip the gradients of every optimizer in ``on_before_optimizer_step``.
 
     With a fixed threshold the result equals Lightning's ``Trainer(gradient_clip_val=...,
@@ -182,12 +180,17 @@ class GradientClipping(Callback):
     norm pass and one scale pass. Nothing synchronises the host with the device except on logging
     steps.
 
+    Wherever it is in ``Trainer(callbacks=...)``, it clips after every guard decided (a step a guard skips
+    never reaches the policy or the counters) and after the unit-wise and per-tensor clippers
+    (:class:`AdaptiveGradientClipping`, :class:`AdaGCClipping`): its policy sees the norm they left. See
+    :mod:`lightning_clip.callbacks.step`.
+
     Logged per optimizer step (suffix ``_opt<i>`` with several optimizers):
 
     ============================ ===================================================
-    ``grad_norm/total``          norm before clipping (unless a monitor logs it)
+    ``grad_norm/total``          norm before any clipping
     ``grad_clip/threshold``      threshold in force
-    ``grad_norm/clipped_total``  norm after clipping
+    ``grad_norm/clipped_total``  norm after all clipping
     ``grad_clip/clip_rate``      fraction of this optimizer's steps clipped so far
     ============================ ===================================================
 
@@ -210,6 +213,8 @@ class GradientClipping(Callback):
         summary: print a one-line gradient-health summary per optimizer at the end of ``fit``.
         groups: per-group thresholds (``mode="norm"`` only): ``{pattern or param-group index: threshold}``.
     """
+
+    step_stage = Stage.CLIP_TOTAL
 
     def __init__(
         self,
@@ -258,13 +263,11 @@ class GradientClipping(Callback):
                 f"GradientClipping is in `Trainer(callbacks=...)` and the Trainer also has "
                 f"`gradient_clip_val={clip_val}`: gradients would be clipped twice. Remove one of them."
             )
+        super().setup(trainer, pl_module, stage)
         if not self.groups:
             return
         names = [n for n, _ in pl_module.named_parameters()]
-        for key in self.groups:
-            if isinstance(key, str) and not any(fnmatchcase(n, key) for n in names):
-                raise ValueError(f"Expected every pattern of argument `groups` to match a parameter name but "
-                                 f"{key!r} matches none of {_some(names)}")
+        check_patterns_match("groups", [k for k in self.groups if isinstance(k, str)], names)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.groups:
@@ -297,11 +300,11 @@ class GradientClipping(Callback):
             slots.append(slot)
         return slots
 
-    def _layout(self, state: Any, optimizer: Optimizer) -> _GroupLayout:
+    def _layout(self, state: StepState) -> _GroupLayout:
         layout = self._layouts.get(state.optimizer_idx)
         if layout is not None and layout.names == tuple(state.names):
             return layout
-        group_of = {id(p): gi for gi, g in enumerate(unwrap_optimizer(optimizer).param_groups) for p in g["params"]}
+        group_of = {id(p): gi for gi, g in enumerate(state.optimizer.param_groups) for p in g["params"]}
         slots = self._assign(list(state.names), [group_of.get(id(p), -1) for p in state.params])
         members: list[list[int]] = [[] for _ in range(len(self.groups) + 1)]
         for i, slot in enumerate(slots):
@@ -340,6 +343,22 @@ class GradientClipping(Callback):
             state = self._optimizers[optimizer_idx] = OptimizerClipState(policy)
         return state
 
+    def set_threshold(self, value: float) -> None:
+        """Give the threshold policy (and every optimizer's copy of it) the threshold ``value``.
+
+        What ``value`` becomes, per policy (:func:`lightning_clip.core.search.apply_threshold`):
+        ``FixedThreshold``: ``max_norm``; ``PercentileThreshold`` and ``WarmupThreshold``: ``warmup_threshold``;
+        ``ZScoreThreshold``: ``max_norm`` (the warmup threshold and the cap); ``QuantileThreshold``: ``initial``
+        and the threshold in force. What the policies observed is kept; per-group thresholds are left as they
+        are. The state key names the threshold, so it changes with it.
+        """
+        from lightning_clip.core.search import apply_threshold
+
+        apply_threshold(self.policy, value)
+        for state in self._optimizers.values():
+            if state.policy is not self.policy:
+                apply_threshold(state.policy, value)
+
     def policy_for(self, optimizer_idx: int) -> ThresholdPolicy:
         """The threshold policy of optimizer ``optimizer_idx`` (created on first use)."""
         return self.optimizer_state(optimizer_idx).policy
@@ -354,51 +373,33 @@ class GradientClipping(Callback):
         """Optimizer steps seen so far, per optimizer index (optimizers that stepped only)."""
         return {i: s.steps for i, s in sorted(self._optimizers.items()) if s.steps}
 
-    @torch.no_grad()
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
-    ) -> None:
-        state = step_state(trainer, pl_module, optimizer)
-        if not state.grads or state.skipped:  # a guard placed before this callback dropped the step
-            return
+    def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: StepState) -> None:
         opt = self.optimizer_state(state.optimizer_idx)
-        total = state.stats.total_norm
+        current = state.current()  # the norms the unit-wise / per-tensor clippers left (the step's, without them)
         if self.groups:
-            self._clip_groups(trainer, state, optimizer, opt)
+            self._clip_groups(trainer, state, current.norms, current.total_norm, opt)
             return
+        total = current.total_norm
         threshold = opt.policy(total)
         finite = torch.isfinite(total)
         if self.mode == "norm":
             coef = clip_grads_with_norm_(state.grads, threshold, total)
-            clipped_total: Tensor | None = total * coef
+            state.clipped(total=total * coef)
             was_clipped = finite & (coef < 1.0)
         else:
             max_abs = torch.stack(torch._foreach_norm(state.grads, float("inf"))).max().float()
             clip_grads_by_value_(state.grads, cast(FixedThreshold, opt.policy).max_norm)  # checked in __init__
             was_clipped = finite & (max_abs > threshold)
-            clipped_total = None
-        state.threshold = threshold
+            state.clipped()  # the post-clip norm: one more pass, on logging steps only
         opt.update(total, finite, was_clipped)
-        if not (self.log and should_log(trainer, self.log_every_n_steps)):
-            return
-        if clipped_total is None:  # value mode: one extra norm pass, on logging steps only
-            clipped_total = gradient_stats(state.grads).total_norm
-        state.clipped_total = clipped_total
-        log_values(
-            trainer,
-            state,
-            {
-                tags.GRAD_NORM_TOTAL: total,
-                tags.CLIP_THRESHOLD: threshold,
-                tags.GRAD_NORM_CLIPPED: clipped_total,
-                tags.CLIP_RATE: opt.clipped.double() / opt.steps,
-            },
-        )
+        if self.log and should_log(trainer, self.log_every_n_steps):
+            state.log({tags.GRAD_NORM_TOTAL: state.stats.total_norm, tags.CLIP_THRESHOLD: threshold,
+                       tags.CLIP_RATE: opt.clipped.double() / opt.steps}, clipped_total=True)
 
-    def _clip_groups(self, trainer: pl.Trainer, state: Any, optimizer: Optimizer, opt: OptimizerClipState) -> None:
+    def _clip_groups(self, trainer: pl.Trainer, state: StepState, norms: Tensor, total: Tensor,
+                     opt: OptimizerClipState) -> None:
         """Clip each group (and the ungrouped parameters) by its own norm and policy."""
-        layout = self._layout(state, optimizer)
-        norms, total = state.stats.norms, state.stats.total_norm
+        layout = self._layout(state)
         index = layout.indices(norms.device)
         keys = list(self.groups)
         group_states = self._group_list(state.optimizer_idx)
@@ -425,17 +426,16 @@ class GradientClipping(Callback):
                 values[tags.group_tag(tags.GROUP_NORM, name)] = group_total
                 values[tags.group_tag(tags.CLIP_THRESHOLD, name)] = group_threshold
                 values[tags.group_tag(tags.CLIP_RATE, name)] = gstate.clipped.double() / gstate.steps
-        state.threshold = threshold
         opt.update(total, torch.isfinite(total), any_clipped)
         if not (self.log and should_log(trainer, self.log_every_n_steps)):
+            state.clipped()
             return
-        state.clipped_total = torch.stack(clipped_sq).sum().sqrt()
-        head: dict[str, Tensor | float] = {tags.GRAD_NORM_TOTAL: total}
+        state.clipped(total=torch.stack(clipped_sq).sum().sqrt())
+        head: dict[str, Tensor | float] = {tags.GRAD_NORM_TOTAL: state.stats.total_norm}
         if threshold is not None:
             head[tags.CLIP_THRESHOLD] = threshold
-        head[tags.GRAD_NORM_CLIPPED] = state.clipped_total
         head[tags.CLIP_RATE] = opt.clipped.double() / opt.steps
-        log_values(trainer, state, {**head, **values})
+        state.log({**head, **values}, clipped_total=True)
 
     def health(self) -> dict[int, dict[str, float]]:
         """Per optimizer that stepped: steps, clip rate, mean and max finite norm, non-finite steps."""

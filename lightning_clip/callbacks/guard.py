@@ -3,35 +3,31 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.optim import Optimizer
+from torch import Tensor
 
 from lightning_clip import tags
 from lightning_clip.callbacks.step import (
-    FINITE,
+    Stage,
+    StepCallback,
     StepState,
     check_strategy,
-    host_decisions,
-    log_values,
     should_log,
-    step_state,
+    uses_grad_scaler,
 )
 from lightning_clip.exceptions import NonFiniteGradientError, check_choice, check_positive_int
 
 __all__ = ["NonFiniteGradientGuard"]
 
-
-def _uses_grad_scaler(trainer: pl.Trainer) -> bool:
-    plugin = getattr(trainer, "precision_plugin", None)
-    return getattr(plugin, "scaler", None) is not None
+FINITE = "finite"
+"""The flag every non-finite guard reads: ``1.0`` when every gradient entry of the step is finite."""
 
 
-class NonFiniteGradientGuard(Callback):
+class NonFiniteGradientGuard(StepCallback):
     """Check the gradients of every optimizer for NaN/Inf before it steps.
 
     Actions:
@@ -49,11 +45,16 @@ class NonFiniteGradientGuard(Callback):
     are not handled twice. The check reads one boolean from the device per step, in the same read as
     :class:`~lightning_clip.SpikeGuard`'s decision when both are used.
 
+    It decides before any callback clips, wherever it is in ``Trainer(callbacks=...)``: a step it skips never
+    reaches a clipping policy (see :mod:`lightning_clip.callbacks.step`).
+
     Args:
         action: ``"warn"``, ``"skip"`` or ``"raise"``.
         max_consecutive_skips: raise after this many consecutive skipped steps (``None``: never).
         max_names: how many parameter names a message lists.
     """
+
+    step_stage = Stage.GUARD
 
     def __init__(self, action: str = "warn", max_consecutive_skips: int | None = None, max_names: int = 5) -> None:
         self.action = check_choice("action", action, ("warn", "skip", "raise"))
@@ -72,7 +73,8 @@ class NonFiniteGradientGuard(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, "NonFiniteGradientGuard")
-        self._defer_to_scaler = _uses_grad_scaler(trainer)
+        super().setup(trainer, pl_module, stage)
+        self._defer_to_scaler = uses_grad_scaler(trainer)
         if self._defer_to_scaler:
             rank_zero_info(
                 "NonFiniteGradientGuard: a GradScaler (fp16 mixed precision) handles non-finite gradients "
@@ -86,17 +88,18 @@ class NonFiniteGradientGuard(Callback):
         opt = f" of optimizer {state.optimizer_idx}" if state.num_optimizers > 1 else ""
         return f"{len(bad)} parameter(s){opt} have NaN/Inf gradients: {shown}{more}"
 
-    @torch.no_grad()
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
-    ) -> None:
+    def step_flags(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: StepState) -> dict[str, Tensor]:
+        """Whether every gradient entry is finite (nothing under a GradScaler, which handles those steps)."""
+        return {} if self._defer_to_scaler else {FINITE: state.stats.finite}
+
+    def skips(self, host: Mapping[str, float]) -> bool:
+        """Whether this step has NaN/Inf gradients and ``action="skip"``."""
+        return self.action == "skip" and not self._defer_to_scaler and host[FINITE] <= 0.0
+
+    def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: StepState) -> None:
         if self._defer_to_scaler:
             return
-        state = step_state(trainer, pl_module, optimizer)
-        if not state.grads:
-            return
-        finite = host_decisions(trainer, pl_module, state)[FINITE] > 0.0  # one read, shared with SpikeGuard
-        if finite:
+        if state.host[FINITE] > 0.0:  # the one read of the step, shared with SpikeGuard
             self.consecutive_skips = 0
         else:
             self.nonfinite_steps += 1
@@ -108,8 +111,7 @@ class NonFiniteGradientGuard(Callback):
                 )
             if self.action == "warn":
                 rank_zero_warn(f"Step {step}: {self._describe(state)}. The optimizer steps anyway.")
-            else:
-                state.skip()
+            else:  # the runner dropped the step already (skips())
                 self.skipped_steps += 1
                 self.consecutive_skips += 1
                 if self.max_consecutive_skips is not None and self.consecutive_skips > self.max_consecutive_skips:
@@ -119,7 +121,7 @@ class NonFiniteGradientGuard(Callback):
                     )
                 rank_zero_warn(f"Step {step}: {self._describe(state)}. Optimizer step skipped.")
         if self.action == "skip" and should_log(trainer):
-            log_values(trainer, state, {tags.NONFINITE_SKIPPED: float(self.skipped_steps)})
+            state.log({tags.NONFINITE_SKIPPED: float(self.skipped_steps)})
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -5,20 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.optim import Optimizer
 
 from lightning_clip import tags
-from lightning_clip.callbacks.step import is_deepspeed, log_values, should_log, step_state
+from lightning_clip.callbacks.step import Stage, StepCallback, StepState, is_deepspeed, should_log
 from lightning_clip.exceptions import check_bool, check_optional_positive_int
 
 __all__ = ["GradientNormMonitor"]
 
 
-class GradientNormMonitor(Callback):
+class GradientNormMonitor(StepCallback):
     """Log the gradient norms of every optimizer before it steps (before any clipping).
 
     ================================ ==========================================================
@@ -29,7 +26,9 @@ class GradientNormMonitor(Callback):
 
     With several optimizers ``_opt<i>`` is appended. Values are logged on the trainer's logging
     steps (``log_every_n_steps``) with one device-to-host copy; other steps cost nothing beyond the
-    norm pass that the clipping callbacks share.
+    norm pass that the clipping callbacks share. Wherever it is in ``Trainer(callbacks=...)``, it logs the
+    norms and gradients of the step before any clipping, skipped steps included (see
+    :mod:`lightning_clip.callbacks.step`).
 
     Under ``DeepSpeedStrategy`` the gradients may be partitioned (ZeRO), so the monitor makes no pass
     of its own: it logs the engine's global norm (``engine.get_global_grad_norm()``, the norm the
@@ -41,6 +40,8 @@ class GradientNormMonitor(Callback):
         prog_bar: show the pre-clip total norm in the progress bar.
         log_every_n_steps: override the trainer's ``log_every_n_steps`` for these tags.
     """
+
+    step_stage = Stage.OBSERVE
 
     def __init__(
         self,
@@ -73,6 +74,7 @@ class GradientNormMonitor(Callback):
             rank_zero_warn("GradientNormMonitor: the Trainer has no logger, nothing will be logged.")
         if self.histograms and not any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers):
             rank_zero_warn("GradientNormMonitor(histograms=True) needs a TensorBoardLogger; histograms are skipped.")
+        super().setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_clip.callbacks.tb_layout import write_layout
@@ -93,26 +95,20 @@ class GradientNormMonitor(Callback):
         for logger in trainer.loggers:
             logger.log_metrics({tags.GRAD_NORM_TOTAL: value}, step=step)
 
-    @torch.no_grad()
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
-    ) -> None:
+    def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: StepState) -> None:
         if self._deepspeed or not should_log(trainer, self.log_every_n_steps):
-            return
-        state = step_state(trainer, pl_module, optimizer)
-        if not state.grads:
             return
         values: dict[str, Any] = {tags.GRAD_NORM_TOTAL: state.stats.total_norm}
         if self.per_parameter:
             for name, norm in zip(state.names, state.stats.norms.unbind(0)):
                 values[tags.param_tag(name)] = norm
-        log_values(trainer, state, values)
+        state.log(values)
         if self.prog_bar:
             pl_module.log(
                 tags.with_optimizer(tags.PROGRESS_BAR_NORM, state.optimizer_idx, state.num_optimizers),
                 state.stats.total_norm, on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1,
             )
-        if self.histograms:
+        if self.histograms:  # the monitor acts before any clipper: these are the step's own gradients
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clip import tags
-from lightning_clip.callbacks.guard import _uses_grad_scaler
 from lightning_clip.callbacks.step import (
+    Stage,
+    StepCallback,
     StepState,
     check_strategy,
-    host_decisions,
-    log_values,
     should_log,
-    step_state,
+    uses_grad_scaler,
 )
 from lightning_clip.core.window import RollingWindow, check_window_size
 from lightning_clip.exceptions import (
@@ -47,7 +46,7 @@ def _check_monitor(monitor: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
-class SpikeGuard(Callback):
+class SpikeGuard(StepCallback):
     """Catch loss and gradient-norm spikes before the optimizer steps, identically on every rank.
 
     A value is a spike when ``(value - mean) / std > z_thresh`` over the last ``window`` *accepted* values
@@ -78,8 +77,10 @@ class SpikeGuard(Callback):
 
     Cost: the decision is made on the host from one device-to-host read per step, shared with
     :class:`~lightning_clip.NonFiniteGradientGuard`'s when both are used; ``"loss"`` on several ranks adds
-    one all-reduce of one float. The windows and counters are saved in the checkpoint. Place the guards
-    before the clipping callbacks: a step they skip then never reaches a clipping policy's history.
+    one all-reduce of one float. The windows and counters are saved in the checkpoint. The guard decides on the
+    pre-clip values before any callback clips, wherever it is in ``Trainer(callbacks=...)``: a step it skips
+    never reaches a clipping policy's history, and a step another guard skips enters none of its windows (see
+    :mod:`lightning_clip.callbacks.step`).
 
     ========================= ============================================================
     ``grad_spike/skipped``    number of spikes so far (steps skipped, with ``"skip"``)
@@ -98,6 +99,8 @@ class SpikeGuard(Callback):
             ``1e-30`` count as ``1e-30``), for heavy-tailed values such as the small-batch loss of a nearly
             converged classifier, where a rare hard batch is many linear standard deviations out.
     """
+
+    step_stage = Stage.GUARD
 
     def __init__(
         self,
@@ -144,7 +147,8 @@ class SpikeGuard(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, "SpikeGuard")
-        self._defer_nonfinite = _uses_grad_scaler(trainer)
+        self._defer_nonfinite = uses_grad_scaler(trainer)
+        super().setup(trainer, pl_module, stage)
 
     def _window(self, monitor: str, optimizer_idx: int) -> RollingWindow:
         key = f"{monitor}/{optimizer_idx}"
@@ -196,34 +200,36 @@ class SpikeGuard(Callback):
         zmax = torch.where(torch.isfinite(zmax) | (zmax > 0), zmax, torch.zeros_like(zmax))
         return {self._key("spike"): spike, self._key("zscore"): zmax}
 
+    def skips(self, host: Mapping[str, float]) -> bool:
+        """Whether this step is a spike and ``action="skip"``."""
+        return self.action == "skip" and host[self._key("spike")] > 0.0
+
+    def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: StepState) -> None:
+        if "loss" in self.monitor and self._loss is None and not self._warned_no_loss:
+            self._warned_no_loss = True
+            rank_zero_warn("SpikeGuard(monitor='loss') saw no loss this step (no backward call reached it).")
+        spike = state.host[self._key("spike")] > 0.0  # the one read of the step, shared with the other guards
+        zscore = state.host[self._key("zscore")]
+        if spike:
+            self.spikes += 1
+            self.consecutive += 1
+            self._act(trainer, zscore)
+        else:
+            self.consecutive = 0
+            if not state.skipped:  # accepted, unless another guard skipped the step: the values enter their windows
+                for name, value in self._values(state).items():
+                    self._window(name, state.optimizer_idx).push(value)
+        if should_log(trainer):
+            state.log({tags.SPIKE_SKIPPED: float(self.spikes), tags.SPIKE_ZSCORE: zscore})
+
     @torch.no_grad()
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        state = step_state(trainer, pl_module, optimizer)
-        if not state.grads or state.skipped:  # nothing, or another guard dropped the step already
-            self._loss = None
-            return
-        if "loss" in self.monitor and self._loss is None and not self._warned_no_loss:
-            self._warned_no_loss = True
-            rank_zero_warn("SpikeGuard(monitor='loss') saw no loss this step (no backward call reached it).")
-        host = host_decisions(trainer, pl_module, state)  # the one read, shared with the other guards
-        spike = host[self._key("spike")] > 0.0
-        zscore = host[self._key("zscore")]
-        values = self._values(state)
-        self._loss = None
-        if spike:
-            self.spikes += 1
-            self.consecutive += 1
-            self._act(trainer, state, zscore, values)
-        else:
-            self.consecutive = 0
-            for name, value in values.items():  # accepted: the values enter their windows
-                self._window(name, state.optimizer_idx).push(value)
-        if should_log(trainer):
-            log_values(trainer, state, {tags.SPIKE_SKIPPED: float(self.spikes), tags.SPIKE_ZSCORE: zscore})
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self._loss = None  # this step's loss is used (or the step had no gradients): the next step sums anew
 
-    def _act(self, trainer: pl.Trainer, state: StepState, zscore: float, values: dict[str, Tensor]) -> None:
+    def _act(self, trainer: pl.Trainer, zscore: float) -> None:
         step = trainer.global_step
         what = " and ".join(self.monitor)
         message = f"Step {step}: {what} spike (z-score {zscore:.3g} > {self.z_thresh:g} over the last " \
@@ -235,8 +241,7 @@ class SpikeGuard(Callback):
                 f"{message}: {self.consecutive} spikes in a row (max_consecutive={self.max_consecutive}). "
                 "The monitored value may have shifted for good; lower the learning rate or raise `z_thresh`."
             )
-        if self.action == "skip":
-            state.skip()
+        if self.action == "skip":  # the runner dropped the step already (skips())
             rank_zero_warn(f"{message}. Optimizer step skipped.")
         else:
             rank_zero_warn(f"{message}. The optimizer steps anyway.")

@@ -5,7 +5,7 @@ Pure torch. The total norm is computed the way :func:`torch.nn.utils.get_total_n
 so for fp32 gradients the result is bit-identical to torch's and Lightning's clipping; for bf16/fp16
 gradients every norm is accumulated in fp32 (no fp16 overflow, no bf16 rounding of the sum). Sharded
 gradients (``DTensor``) are measured whole, with one all-reduce per mesh dimension
-(:mod:`lightning_clip.core.sharded`), so every rank gets the same norms.
+(:mod:`lightning_clip.core.dtensor_norms`), so every rank gets the same norms.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from lightning_clip.core.sharded import is_dtensor, reduce_shard_norms, sharded_norms
+from lightning_clip.core.dtensor_norms import is_dtensor, reduce_shard_norms, sharded_norms
 
 __all__ = ["GradientStats", "collect_grads", "gradient_stats"]
 

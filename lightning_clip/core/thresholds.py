@@ -28,6 +28,7 @@ module keeps the policies next to the base class whose loading protocol they imp
 from __future__ import annotations
 
 import copy
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
@@ -39,16 +40,22 @@ from torch import Tensor
 from lightning_clip.core.functional import geometric_quantile_update
 from lightning_clip.core.histories import BACKENDS, NormHistory, make_history
 from lightning_clip.exceptions import (
+    FLOAT32_MAX,
+    FLOAT32_TINY,
     check_bool,
     check_choice,
     check_fraction,
     check_non_negative_int,
     check_positive_float,
     check_positive_int,
+    check_threshold,
 )
 
-__all__ = ["FixedThreshold", "PercentileThreshold", "QuantileThreshold", "ThresholdPolicy", "WarmupThreshold",
-           "ZScoreThreshold", "as_policy"]
+#: The largest ``QuantileThreshold`` learning rate: ``exp(88)`` is about the largest factor float32 holds.
+MAX_LEARNING_RATE = 88.0
+
+__all__ = ["MAX_LEARNING_RATE", "FixedThreshold", "PercentileThreshold", "QuantileThreshold", "ThresholdPolicy",
+           "WarmupThreshold", "ZScoreThreshold", "as_policy"]
 
 
 class ThresholdPolicy(ABC):
@@ -139,7 +146,7 @@ class FixedThreshold(ThresholdPolicy):
     _ARGS = ("max_norm",)
 
     def __init__(self, max_norm: float = 1.0) -> None:
-        self.max_norm = check_positive_float("max_norm", max_norm)
+        self.max_norm = check_threshold("max_norm", max_norm)
         self._cache: Tensor | None = None
         super().__init__()
 
@@ -160,7 +167,7 @@ class FixedThreshold(ThresholdPolicy):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the state, ``max_norm`` included."""
         super().load_state_dict(state)
-        self.max_norm = check_positive_float("max_norm", state.get("max_norm", self.max_norm))
+        self.max_norm = check_threshold("max_norm", state.get("max_norm", self.max_norm))
 
 
 def _check_percentile(value: Any) -> float:
@@ -196,7 +203,8 @@ class PercentileThreshold(ThresholdPolicy):
         percentile: in the open interval ``(0, 100)``.
         warmup_steps: number of optimizer steps that use ``warmup_threshold``.
         warmup_threshold: positive threshold used during warmup (and while no finite norm was seen).
-        window: ``None`` for all history, or a positive number of most recent finite norms.
+        window: ``None`` for all history, or a number of most recent finite norms (``>= 2`` with
+            ``history="raw"``, where a window of one would make every threshold the current norm).
         backend: where the history lives: ``"host"`` (numpy, per-step cost flat in the number of
             steps; reads the norm on the host), ``"device"`` (on the norms' device, no host-device
             synchronisation) or ``"auto"`` (host for CPU norms, device otherwise, decided at the
@@ -212,8 +220,17 @@ class PercentileThreshold(ThresholdPolicy):
         self.history = check_choice("history", history, ("raw", "clipped"))
         self.percentile = _check_percentile(percentile)
         self.warmup_steps = check_non_negative_int("warmup_steps", warmup_steps)
-        self.warmup_threshold = check_positive_float("warmup_threshold", warmup_threshold, allow_inf=True)
+        self.warmup_threshold = check_threshold("warmup_threshold", warmup_threshold, allow_inf=True)
         self.window = None if window is None else check_positive_int("window", window)
+        if self.window == 1 and self.history == "raw":
+            raise ValueError("Expected argument `window` to be None or an integer >= 2 with history='raw' but got 1: "
+                             "the only norm in the window is the current one, so the threshold is that norm and no "
+                             "step is ever clipped")
+        if self.percentile < 1.0:
+            warnings.warn(f"PercentileThreshold(percentile={self.percentile:g}) is the {self.percentile:g}th "
+                          "percentile, near the smallest norm seen: `percentile` is on the 0-100 scale (for the "
+                          f"{100 * self.percentile:g}th percentile pass percentile={100 * self.percentile:g})",
+                          UserWarning, stacklevel=2)
         self.backend = check_choice("backend", backend, BACKENDS)
         self._history: NormHistory | None = None
         self._fallback: Tensor | None = None
@@ -297,7 +314,7 @@ class WarmupThreshold(ThresholdPolicy):
     def __init__(self, warmup_steps: int = 100, warmup_threshold: float = 1.0,
                  then: ThresholdPolicy | float | None = None) -> None:
         self.warmup_steps = check_non_negative_int("warmup_steps", warmup_steps)
-        self.warmup_threshold = check_positive_float("warmup_threshold", warmup_threshold, allow_inf=True)
+        self.warmup_threshold = check_threshold("warmup_threshold", warmup_threshold, allow_inf=True)
         self.then = as_policy(PercentileThreshold(warmup_steps=0) if then is None else then, name="then")
         self._fallback: Tensor | None = None
         super().__init__()
@@ -365,7 +382,7 @@ class ZScoreThreshold(ThresholdPolicy):
         self.alpha = check_fraction("alpha", alpha, open_low=True, open_high=True)
         self.z_thresh = check_positive_float("z_thresh", z_thresh)
         self.warmup_steps = check_positive_int("warmup_steps", warmup_steps)
-        self.max_norm = None if max_norm is None else check_positive_float("max_norm", max_norm)
+        self.max_norm = None if max_norm is None else check_threshold("max_norm", max_norm)
         self.clip_option = check_choice("clip_option", clip_option, ("adaptive_scaling", "mean"))
         self.clip_factor = check_positive_float("clip_factor", clip_factor)
         check_bool("skip_update_on_spike", skip_update_on_spike)
@@ -472,15 +489,17 @@ class QuantileThreshold(ThresholdPolicy):
     Args:
         quantile: target fraction of norms at or under the threshold, in ``(0, 1)``.
         initial: positive starting threshold ``C_0``.
-        learning_rate: positive step size of the geometric update.
+        learning_rate: step size of the geometric update, in ``(0, 88]`` (``exp(learning_rate)`` must be a
+            float32). The tracked threshold stays within float32's positive normal range.
     """
 
     _ARGS = ("quantile", "initial", "learning_rate")
 
     def __init__(self, quantile: float = 0.5, initial: float = 1.0, learning_rate: float = 0.2) -> None:
         self.quantile = check_fraction("quantile", quantile, open_low=True, open_high=True)
-        self.initial = check_positive_float("initial", initial)
-        self.learning_rate = check_positive_float("learning_rate", learning_rate)
+        self.initial = check_threshold("initial", initial)
+        self.learning_rate = check_fraction("learning_rate", learning_rate, low=0.0, high=MAX_LEARNING_RATE,
+                                            open_low=True)
         self._c: Tensor | None = None
         super().__init__()
 
@@ -498,8 +517,8 @@ class QuantileThreshold(ThresholdPolicy):
         assert c is not None  # set by _materialize
         g = norm.detach().reshape(())
         below = (g <= c).to(torch.float32)
-        self._c = torch.where(torch.isfinite(g), geometric_quantile_update(c, below, self.quantile,
-                                                                           self.learning_rate), c)
+        new = geometric_quantile_update(c, below, self.quantile, self.learning_rate).clamp(FLOAT32_TINY, FLOAT32_MAX)
+        self._c = torch.where(torch.isfinite(g), new, c)
         return c
 
     def _state(self) -> dict[str, Any]:
@@ -521,7 +540,7 @@ def as_policy(threshold: ThresholdPolicy | float | int, name: str = "threshold")
     if isinstance(threshold, ThresholdPolicy):
         return threshold
     if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
-        check_positive_float(name, threshold)
+        check_threshold(name, threshold)
         return FixedThreshold(float(threshold))
     raise TypeError(
         f"Expected argument `{name}` to be a positive number or a ThresholdPolicy (FixedThreshold, "

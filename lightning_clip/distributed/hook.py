@@ -12,14 +12,13 @@ futures until the last bucket (``bucket.is_last()``), and then:
 1. runs the chain of send transforms on this rank's buckets (worker momentum, a simulated attack:
    :mod:`lightning_clip.robust.transforms`);
 2. with ``"mean"`` (no NNM): all-gathers the ``n`` local norms (``n`` floats), computes the
-   pre-aggregation scales (:func:`~lightning_clip.robust.aggregators.preaggregation_stats`, identical
+   pre-aggregation scales (:func:`~lightning_clip.robust.pipeline.preaggregation_stats`, identical
    on every rank), scales its buckets by ``scale[rank] / n`` and all-reduces them: plain DDP's traffic;
-3. with a robust rule or NNM: by default by coordinate shards
-   (:class:`~lightning_clip.distributed.sharded.ShardedExchange`: one all-to-all, all-reduces of at most
-   ``n^2`` floats, one all-gather; about ``2 (n - 1) d / n`` elements sent per rank, as an all-reduce);
-   with ``robust_comm="gather"`` it all-gathers the flat local vectors ``[n, d]`` and applies
-   :func:`~lightning_clip.robust.aggregators.aggregate_with_stats` identically on every rank (about
-   ``(n - 1) d`` elements received per rank; ``n`` times a gradient's memory);
+3. with a robust rule or NNM: the robust pipeline (:func:`lightning_clip.robust.pipeline.run`), by default
+   on coordinate shards (:class:`~lightning_clip.distributed.exchange.ShardedExchange`: one all-to-all,
+   all-reduces of at most ``n^2`` floats, one all-gather; about ``2 (n - 1) d / n`` elements sent per rank,
+   as an all-reduce); with ``robust_comm="gather"`` on the all-gathered flat vectors ``[n, d]``, identically
+   on every rank (about ``(n - 1) d`` elements received per rank; ``n`` times a gradient's memory);
 4. writes the result back and completes every held future (or fails them all).
 
 On the sharded path the exchange does not wait for the last bucket (:attr:`ARCHookState.overlaps`): the
@@ -38,23 +37,48 @@ died), the hook raises :class:`~lightning_clip.exceptions.PeerFailureError` nami
 # No `from __future__ import annotations`: DDP checks the hook's annotations at registration
 # (`bucket: dist.GradBucket`, return `torch.futures.Future[torch.Tensor]`) against the real objects.
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_clip.distributed.config import ARCConfig
-from lightning_clip.distributed.dp import DPState
-from lightning_clip.distributed.sharded import CenterState, ShardedExchange, sharded_reduce_
-from lightning_clip.exceptions import PeerFailureError
-from lightning_clip.robust.aggregators import aggregate_with_stats, preaggregation_stats
+from lightning_clip.distributed.exchange import ShardedExchange, Transport, sharded_reduce_
+from lightning_clip.robust import pipeline
 from lightning_clip.robust.arc import ARCStats
 from lightning_clip.robust.checks import compute_dtype
-from lightning_clip.robust.transforms import SendBuffers, SendContext, SendTransform, WorkerMomentum
+from lightning_clip.robust.options import ARCConfig
+from lightning_clip.robust.privacy import DPState
+from lightning_clip.robust.transforms import (
+    CenterState,
+    SendBuffers,
+    SendContext,
+    SendTransform,
+    Stateful,
+    WorkerMomentum,
+)
 
-__all__ = ["ARCHookState", "arc_hook"]
+__all__ = ["ARCHookState", "arc_hook", "check_transforms", "check_world_size", "reduce_robust"]
+
+
+def check_transforms(transforms: Sequence[SendTransform]) -> None:
+    """Raise ``TypeError`` unless ``transforms`` is a sequence of callables ``(sent, ctx) -> None``."""
+    if isinstance(transforms, (str, bytes)) or not isinstance(transforms, Sequence):
+        raise TypeError(f"Expected argument `transforms` to be a sequence of callables but got {transforms!r}")
+    for t in transforms:
+        if not callable(t):
+            raise TypeError(f"Expected argument `transforms` to hold callables (sent, ctx) -> None but got {t!r}")
+
+
+def check_world_size(config: ARCConfig, transforms: Sequence[SendTransform], world_size: int) -> None:
+    """Raise unless ``config`` and every transform that can check it (``check_world_size(world_size,
+    num_byzantine)``) accept ``world_size`` ranks."""
+    config.check_world_size(world_size)
+    for t in transforms:
+        check = getattr(t, "check_world_size", None)
+        if check is not None:
+            check(world_size, config.num_byzantine)
 
 
 class ARCHookState:
@@ -64,10 +88,9 @@ class ARCHookState:
     picklable without its process group.
 
     Args:
-        config: ARC's settings (default ``ARCConfig()``: ``num_byzantine=1``, the mean).
+        config: The settings (default ``ARCConfig()``: ``num_byzantine=1``, the mean).
         process_group: The group the gradients are aggregated over; ``None`` for the default group.
-        transforms: Extra send transforms after the configuration's own (worker momentum), e.g. the
-            simulated attack the strategy injects for experiments.
+        transforms: Send transforms after the configuration's own (worker momentum), e.g. a simulated attack.
 
     Attributes:
         transforms: The whole chain, :meth:`ARCConfig.send_chain` of ``transforms``.
@@ -80,12 +103,13 @@ class ARCHookState:
         last_comm_bytes: Payload bytes of the collectives this rank issued at that step,
             ``{"all_reduce": ..., "all_gather": ...}`` (all-gather: the gathered outputs), plus
             ``"all_to_all"`` (its input) on the sharded robust path.
-        center: Centered clipping's state (the previous aggregate, per parameter), ``None`` for other rules.
+        center: The centre of a rule that starts from one (centered clipping: the previous aggregate, per
+            parameter), ``None`` for other rules.
+        dp: The differential-privacy state (:class:`~lightning_clip.robust.privacy.DPState`: the adaptive
+            clip bound, the noise's layout), ``None`` without ``dp_*`` settings.
         exchange: The sharded step in progress (all-to-alls started bucket by bucket), ``None`` between steps.
         workspace: On the sharded path, this rank's flat copy of what it sent last step (one gradient of
             memory, kept like DDP's own buckets so that no step allocates it afresh), ``None`` before.
-        dp: The differential-privacy state (:class:`~lightning_clip.distributed.dp.DPState`: the adaptive
-            clip bound, the noise's layout), ``None`` without ``dp_*`` settings.
     """
 
     __slots__ = [
@@ -114,18 +138,14 @@ class ARCHookState:
             config = ARCConfig()
         if not isinstance(config, ARCConfig):
             raise TypeError(f"Expected argument `config` to be an ARCConfig but got {type(config).__name__}")
-        for t in transforms:
-            if not callable(t):
-                raise TypeError(f"Expected argument `transforms` to hold callables (sent, ctx) -> None but got {t!r}")
+        check_transforms(transforms)
         self.process_group = process_group
         self.config = config
         self.transforms = config.send_chain(transforms)
-        self.dp: DPState | None = None
-        self.center: CenterState | None = CenterState() if config.aggregator == "cclip" else None
-        if dist.is_available() and dist.is_initialized():
-            config.check_world_size(dist.get_world_size(self.group()))  # fail here, not in the first backward
-            if config.uses_dp:
-                self.dp = DPState(config, dist.get_world_size(self.group()))
+        self.center: CenterState | None = CenterState() if config.rule.uses_center else None
+        self.dp: DPState | None = DPState(config) if config.uses_dp else None
+        if dist.is_available() and dist.is_initialized():  # fail here, not in the first backward
+            check_world_size(config, self.transforms, dist.get_world_size(self.group()))
         self.iter = 0
         self.held: list[tuple[Tensor, torch.futures.Future, list[Tensor]]] = []
         self.last_stats: ARCStats | None = None
@@ -151,6 +171,34 @@ class ARCHookState:
         """The worker-momentum transform of the chain (its buffers are this rank's state), or ``None``."""
         return next((t for t in self.transforms if isinstance(t, WorkerMomentum)), None)
 
+    @property
+    def stateful(self) -> dict[str, Stateful]:
+        """Everything whose state changes the outcome, by checkpoint name: the stateful send transforms
+        (``worker_momentum``, per rank), ``center`` and ``dp``."""
+        out: dict[str, Stateful] = {}
+        for i, t in enumerate(self.transforms):
+            if hasattr(t, "state_dict") and hasattr(t, "load_state_dict"):
+                out["worker_momentum" if isinstance(t, WorkerMomentum) else f"transforms.{i}"] = t  # type: ignore
+        if self.center is not None:
+            out["center"] = self.center
+        if self.dp is not None:
+            out["dp"] = self.dp
+        return out
+
+    def state_dict(self, params: Sequence[Tensor]) -> dict[str, dict[str, Any]]:
+        """``{"shared": {name: state}, "per_rank": {name: state}}`` of :attr:`stateful` for the parameter
+        order ``params``: ``shared`` is the same on every rank, ``per_rank`` this rank's own."""
+        out: dict[str, dict[str, Any]] = {"shared": {}, "per_rank": {}}
+        for name, part in self.stateful.items():
+            out["per_rank" if part.per_rank else "shared"][name] = part.state_dict(params)
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Any]], params: Sequence[Tensor]) -> None:
+        """Restore each part of :attr:`stateful` found in ``state`` (``{name: state}``) for the order ``params``."""
+        for name, part in self.stateful.items():
+            if name in state:
+                part.load_state_dict(state[name], params)
+
     def group(self) -> dist.ProcessGroup:
         """The process group in use (the default group when ``process_group`` is ``None``)."""
         group = self.process_group if self.process_group is not None else dist.group.WORLD
@@ -159,7 +207,8 @@ class ARCHookState:
         return group
 
     def __getstate__(self) -> dict[str, Any]:
-        """Everything but the process group and the held buckets (momentum buffers reset, see WorkerMomentum)."""
+        """Everything but the process group and the held buckets (per-parameter buffers reset: keyed by live
+        parameters, they travel by :meth:`state_dict`)."""
         return {slot: getattr(self, slot) for slot in self.__slots__
                 if slot not in ("process_group", "held", "exchange", "workspace")}
 
@@ -171,70 +220,6 @@ class ARCHookState:
         self.workspace = None
         for slot, value in state.items():
             setattr(self, slot, value)
-
-
-class _Transport:
-    """This step's collectives over one group, their payload bytes counted and their failures explained."""
-
-    def __init__(self, group: dist.ProcessGroup, step: int) -> None:
-        self.group = group
-        self.step = step
-        self.n = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        self.bytes = {"all_reduce": 0, "all_gather": 0}
-
-    def _run(self, what: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except RuntimeError as exc:  # DistBackendError included
-            cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise PeerFailureError(
-                f"ddp_arc: the {what} of step {self.step} failed on rank {self.rank} of {self.n}: a peer rank "
-                f"has probably died (look for its own traceback above) or the connection broke. Cause: {cause}"
-            ) from exc
-
-    def gather_rows(self, x: Tensor) -> Tensor:
-        """Every rank's ``x`` (same shape everywhere) stacked into ``[n, *x.shape]``."""
-        out = x.new_empty((self.n, *x.shape))
-        self._run("all-gather", lambda: dist.all_gather(list(out.unbind(0)), x.contiguous(), group=self.group))
-        self.bytes["all_gather"] += out.numel() * out.element_size()
-        return out
-
-    def _started(self, what: str, work: Any) -> Callable[[], None]:
-        return lambda: self._run(what, work.wait)
-
-    def all_to_all_start(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int]
-                         ) -> Callable[[], None]:
-        """Start sending chunk ``j`` of the 1-D ``inp`` to rank ``j``, chunk ``i`` of ``out`` from rank ``i``."""
-        work = self._run("all-to-all", lambda: dist.all_to_all_single(out, inp, out_splits, in_splits,
-                                                                       group=self.group, async_op=True))
-        self.bytes["all_to_all"] = self.bytes.get("all_to_all", 0) + inp.numel() * inp.element_size()
-        return self._started("all-to-all", work)
-
-    def all_gather_start(self, out: Tensor, inp: Tensor) -> Callable[[], None]:
-        """Start gathering every rank's 1-D ``inp`` back to back into ``out``; returns the wait."""
-        work = self._run("all-gather", lambda: dist.all_gather_single(out, inp, group=self.group,
-                                                                     async_op=True))
-        self.bytes["all_gather"] += out.numel() * out.element_size()
-        return self._started("all-gather", work)
-
-    def all_reduce_sum(self, t: Tensor) -> Tensor:
-        """A copy of the small tensor ``t`` summed over the ranks."""
-        out = t.clone()
-        self._run("all-reduce", lambda: dist.all_reduce(out, group=self.group))
-        self.bytes["all_reduce"] += out.numel() * out.element_size()
-        return out
-
-    def all_reduce_(self, buffers: list[Tensor]) -> None:
-        """Sum ``buffers`` over the ranks in place (asynchronously, then wait for all)."""
-
-        def run() -> None:
-            works = [dist.all_reduce(b, group=self.group, async_op=True) for b in buffers]
-            for w in works:
-                w.wait()
-
-        self._run("all-reduce", run)
-        self.bytes["all_reduce"] += sum(b.numel() * b.element_size() for b in buffers)
 
 
 def _local_norm(buffers: list[Tensor]) -> Tensor:
@@ -262,7 +247,7 @@ def _scale_(buffers: list[Tensor], coeff: Tensor, finite: Tensor, zero_non_finit
             b.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _reduce_mean(config: ARCConfig, sent: SendBuffers, comm: _Transport, dp: DPState | None = None) -> ARCStats:
+def _reduce_mean(config: ARCConfig, sent: SendBuffers, comm: Transport, dp: DPState | None = None) -> ARCStats:
     """Scale this rank's buffers by its pre-aggregation factor ``/ n``, then all-reduce them as DDP does.
 
     With ``dp``: the clip bound may be adaptive, and rank 0 adds the step's noise ``/ n`` to its buffers
@@ -270,43 +255,47 @@ def _reduce_mean(config: ARCConfig, sent: SendBuffers, comm: _Transport, dp: DPS
     """
     norms = comm.gather_rows(_local_norm(sent.buffers).reshape(1)).reshape(comm.n)
     adaptive = dp is not None and dp.bound is not None
-    stats = preaggregation_stats(norms, config.num_byzantine, arc=config.arc,
-                                 static_clip=None if adaptive else config.static_clip)
+    stats = pipeline.preaggregation_stats(norms, config.num_byzantine, arc=config.arc,
+                                          static_clip=None if adaptive else config.static_clip)
     if dp is not None:
         stats = dp.stats(stats, norms.device)
     coeff = stats.scales[comm.rank] * (1.0 / comm.n)  # a Python 1/n: plain DDP's `grad * (1/n)` when the scale is 1
     _scale_(sent.buffers, coeff, torch.isfinite(norms[comm.rank]), zero_non_finite=config.arc)
     if dp is not None and comm.rank == 0:
-        dp.add_noise_(sent, comm.step, 1.0 / comm.n)
+        dp.add_noise_(sent, comm.step, comm.n)
     comm.all_reduce_(sent.buffers)
     if dp is not None:
         dp.update_bound(stats.norms, comm.step)
     return stats
 
 
-def _reduce_robust(config: ARCConfig, sent: SendBuffers, comm: _Transport, center: CenterState | None = None
-                   ) -> ARCStats:
-    """A robust rule or NNM: by coordinate shards (:mod:`~lightning_clip.distributed.sharded`), or all-gathered.
+def reduce_robust(state: ARCHookState, sent: SendBuffers, comm: Transport,
+                  exchange: ShardedExchange | None = None) -> ARCStats:
+    """A robust rule or NNM on every rank's ``sent``, the aggregate written into ``sent`` (a collective).
 
-    ``robust_comm="gather"`` all-gathers the flat vectors ``[n, d]`` and aggregates them identically on
-    every rank. ``center`` is centered clipping's state, updated with the new aggregate.
+    By coordinate shards (:mod:`~lightning_clip.distributed.exchange`): ``exchange`` when its buckets were
+    already sent during backward, else all at once; with ``robust_comm="gather"`` on the all-gathered flat
+    vectors ``[n, d]``, identically on every rank. The centre of a rule that starts from one becomes the new
+    aggregate.
     """
-    if config.robust_comm == "sharded":
-        return sharded_reduce_(sent, config.rule_options, comm, step=comm.step, center=center)
-    x = comm.gather_rows(sent.flatten())
-    start = None if center is None else center.flat(sent)
-    agg, stats = aggregate_with_stats(x, config.aggregator, config.num_byzantine, nnm=config.nnm, arc=config.arc,
-                                      static_clip=config.static_clip, center=start, cclip_tau=config.cclip_tau,
-                                      cclip_iters=config.cclip_iters, bucket_size=config.bucket_size,
-                                      bucket_seed=config.bucket_seed, step=comm.step)
-    del x, start
-    sent.write_(agg)
+    config, center = state.config, state.center
+    if exchange is not None:
+        stats = exchange.finish(sent, config, step=comm.step, center=center)
+        state.workspace = exchange.workspace  # reused next step, as DDP reuses its buckets
+    elif config.robust_comm == "sharded":
+        stats = sharded_reduce_(sent, config, comm, step=comm.step, center=center)
+    else:
+        x = comm.gather_rows(sent.flatten())
+        agg, stats = pipeline.aggregate_with(x, config, center=None if center is None else center.flat(sent),
+                                             step=comm.step)
+        del x
+        sent.write_(agg)
     if center is not None:
         center.store(sent)
     return stats
 
 
-def _context(config: ARCConfig, comm: _Transport) -> SendContext:
+def _context(config: ARCConfig, comm: Transport) -> SendContext:
     return SendContext(rank=comm.rank, world_size=comm.n, step=comm.step, gather=comm.gather_rows,
                        aggregation=config.server_aggregation)
 
@@ -315,7 +304,7 @@ class _Overlap:
     """A step of the sharded path begun at the first bucket: each bucket transformed and its all-to-all started."""
 
     def __init__(self, state: ARCHookState) -> None:
-        self.comm = _Transport(state.group(), state.iter)
+        self.comm = Transport(state.group(), state.iter)
         self.ctx = _context(state.config, self.comm)
         self.transforms = state.transforms
         self.exchange = ShardedExchange(self.comm, state.workspace)
@@ -330,24 +319,18 @@ class _Overlap:
 def _reduce(state: ARCHookState, sent: SendBuffers, overlap: _Overlap | None = None) -> None:
     config = state.config
     if overlap is None:
-        comm = _Transport(state.group(), state.iter)
+        comm = Transport(state.group(), state.iter)
         ctx = _context(config, comm)
         for transform in state.transforms:
             transform(sent, ctx)
     else:  # transformed and sent bucket by bucket already
         comm = overlap.comm
-    if config.uses_dp and state.dp is None:
-        state.dp = DPState(config, comm.n)
     if config.uses_all_reduce:
         state.last_stats = _reduce_mean(config, sent, comm, state.dp)
     else:
-        if overlap is not None:
-            state.last_stats = overlap.exchange.finish(sent, config.rule_options, step=comm.step, center=state.center)
-            state.workspace = overlap.exchange.workspace  # reused next step, as DDP reuses its buckets
-        else:
-            state.last_stats = _reduce_robust(config, sent, comm, state.center)
+        state.last_stats = reduce_robust(state, sent, comm, None if overlap is None else overlap.exchange)
         if state.dp is not None:  # every rank adds the same noise of the step to the same aggregate
-            state.dp.add_noise_(sent, comm.step, 1.0 / comm.n)
+            state.dp.add_noise_(sent, comm.step, comm.n)
     state.last_step = state.iter
     state.last_num_buckets = len(sent.buffers)
     state.last_comm_bytes = comm.bytes

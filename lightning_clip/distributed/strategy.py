@@ -2,7 +2,7 @@
 
 Each rank's local gradient is clipped by Adaptive Robust Clipping (arXiv 2405.14432) across the ranks
 *before* it is aggregated, so up to ``num_byzantine`` misbehaving ranks (NaN/Inf, huge or reversed
-gradients) cannot dominate the update. The settings are one :class:`~lightning_clip.distributed.config.ARCConfig`
+gradients) cannot dominate the update. The settings are one :class:`~lightning_clip.robust.options.ARCConfig`
 (what each does is documented there); the work happens in the communication hook
 (:mod:`lightning_clip.distributed.hook`, which Lightning's ``DDPStrategy`` would register on CUDA only:
 this strategy registers it on every device type).
@@ -20,17 +20,16 @@ robust rules,     all-gather of ``n x d``                  ``~2 n x d`` (gathere
 Logged per optimizer step at Lightning's ``log_every_n_steps`` cadence (``log_arc=True``): ``arc/threshold``,
 ``arc/clipped_ranks`` and ``arc/norm_rank<i>`` (see :mod:`lightning_clip.tags`).
 
-Checkpoints: with worker momentum, every rank's buffer is gathered to rank 0 when a full checkpoint is
-saved (a collective, in the LightningModule's ``named_parameters()`` order) under the key
-:data:`WORKER_MOMENTUM_KEY` (``{"worker_momentum", "world_size", "names", "numels", "buffers": [n, D]}``),
-and each rank takes its own row back on resume, before the first resumed step. A checkpoint from another
-world size restarts the buffers from zero with a warning; one from a model with other parameter names
-raises ``ValueError``. With ``aggregator="cclip"`` the centre (the last aggregate, the same on every rank)
-is saved under :data:`CENTER_KEY` (``{"names", "vector"}``) and restored on resume. The hook's step counter
-(which seeds the ``gaussian`` attack simulation and the bucketing permutation) is re-derived from
-``trainer.global_step`` when training starts; so is the privacy noise's, a function of
-``(dp_seed, step)``. With an adaptive clip bound (``dp_clip_quantile``), the bound (identical on every
-rank) is saved under :data:`DP_STATE_KEY` and restored before the first resumed step.
+Checkpoints: every full checkpoint holds the hook's state under the one key :data:`ARC_STATE_KEY`
+(``{"names", "world_size", "shared": {name: state}, "per_rank": [{name: state}, ...]}``, in the
+LightningModule's ``named_parameters()`` order): the state that is the same on every rank (the centre of
+centered clipping, the adaptive DP clip bound) once, and every rank's own (worker momentum) gathered to
+rank 0 (a collective). On resume each rank takes the shared state and its own row back before the first
+resumed step. A checkpoint from another world size restarts the per-rank state from zero with a warning;
+one from a model with other parameter names raises ``ValueError``. The checkpoint keys of earlier versions
+(``arc_worker_momentum``, ``arc_center``, ``arc_dp``) are read too. The hook's step counter (which seeds the
+bucketing permutation, the privacy noise and simulated attacks) is re-derived from ``trainer.global_step``
+when training starts.
 
 Client-level DP (``dp_noise_multiplier > 0``): ``dp/epsilon`` (and ``dp/clip_bound``) are logged with the
 ARC tags, :meth:`ARCDDPStrategy.dp_epsilon` gives epsilon for any number of steps, and the end of ``fit``
@@ -41,6 +40,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import typing
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -51,27 +52,29 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from lightning_clip.callbacks.step import should_log
-from lightning_clip.distributed.config import ARCConfig
-from lightning_clip.distributed.hook import ARCHookState, arc_hook
-from lightning_clip.exceptions import check_bool, check_non_negative_int
+from lightning_clip.distributed.hook import ARCHookState, arc_hook, check_transforms, check_world_size
+from lightning_clip.exceptions import check_bool
 from lightning_clip.robust import privacy
 from lightning_clip.robust.arc import ARCStats
-from lightning_clip.robust.transforms import WorkerMomentum
-from lightning_clip.sim.byzantine import ByzantineSpec
-from lightning_clip.sim.transforms import ByzantineTransform
+from lightning_clip.robust.options import ARCConfig
+from lightning_clip.robust.transforms import SendTransform
 from lightning_clip.tags import ARC_CLIPPED_RANKS, ARC_THRESHOLD, DP_CLIP_BOUND, DP_EPSILON, arc_norm_tag
 
-__all__ = ["CENTER_KEY", "DP_STATE_KEY", "WORKER_MOMENTUM_KEY", "ARCDDPStrategy"]
+__all__ = ["ARC_STATE_KEY", "ARCDDPStrategy"]
 
-#: Checkpoint key of the gathered per-rank worker-momentum buffers.
-WORKER_MOMENTUM_KEY = "arc_worker_momentum"
-#: Checkpoint key of the differential-privacy state (the adaptive clip bound, identical on every rank).
-DP_STATE_KEY = "arc_dp"
-#: Checkpoint key of centered clipping's centre (the last aggregate, the same on every rank).
-CENTER_KEY = "arc_center"
+#: Checkpoint key of the hook's state (worker momentum per rank, the centered-clipping centre, the DP bound).
+ARC_STATE_KEY = "arc_state"
+#: The keys of earlier versions, read on resume: per-rank momentum, the centre, the DP state.
+_LEGACY_KEYS = ("arc_worker_momentum", "arc_center", "arc_dp")
 
 _OWN_HOOK_ARGS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
+#: Former simulation arguments: what to write instead.
+_MOVED = {
+    "byzantine": "simulated attacks are send transforms: write `send_transforms=[ByzantineTransform(ranks=[1], "
+                 "attack='sign_flip')]` (from lightning_clip.sim import ByzantineTransform)",
+    "seed": "the simulated attack's seed is an argument of the transform: "
+            "`send_transforms=[ByzantineTransform(..., seed=0)]` (from lightning_clip.sim import ByzantineTransform)",
+}
 
 
 def _parameter_names(fn: Any) -> set[str]:
@@ -84,6 +87,8 @@ def _check_ddp_kwargs(ddp_kwargs: dict[str, Any]) -> None:
     own = _parameter_names(ARCDDPStrategy.__init__)
     known = _parameter_names(DDPStrategy.__init__) | (_parameter_names(DistributedDataParallel.__init__) - {"module"})
     for name in ddp_kwargs:
+        if name in _MOVED:
+            raise TypeError(f"ARCDDPStrategy does not take `{name}=`: {_MOVED[name]}")
         if name not in known:
             close = difflib.get_close_matches(name, sorted(own | known), n=1)
             hint = f"; did you mean `{close[0]}`?" if close else ""
@@ -96,14 +101,16 @@ def _check_ddp_kwargs(ddp_kwargs: dict[str, Any]) -> None:
         )
 
 
-def _as_spec(byzantine: Any) -> ByzantineSpec | None:
-    if byzantine is None or isinstance(byzantine, ByzantineSpec):
-        return byzantine
-    if isinstance(byzantine, dict):
-        return ByzantineSpec.from_config(byzantine)
-    raise TypeError(
-        f"Expected argument `byzantine` to be a ByzantineSpec, a dict or None but got {type(byzantine).__name__}"
-    )
+def _legacy_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The :data:`ARC_STATE_KEY` entry that a checkpoint with the earlier keys stands for (``None`` without them)."""
+    momentum, center, dp_state = (checkpoint.get(key) for key in _LEGACY_KEYS)
+    if momentum is None and center is None and dp_state is None:
+        return None
+    shared: dict[str, Any] = {} if dp_state is None else {"dp": dp_state}
+    if center is not None:
+        shared["center"] = {"vector": center["vector"]}
+    rows = [] if momentum is None else [{"worker_momentum": {"vector": row}} for row in momentum["buffers"]]
+    return {"names": (momentum or center or {}).get("names"), "shared": shared, "per_rank": rows}
 
 
 class ARCDDPStrategy(DDPStrategy):
@@ -117,16 +124,15 @@ class ARCDDPStrategy(DDPStrategy):
                                                                           nnm=True, worker_momentum=0.9)))
 
     Args:
-        num_byzantine, aggregator, nnm, worker_momentum, arc, static_clip, dp_noise_multiplier, dp_seed,
+        num_byzantine, aggregator, nnm, arc, static_clip, worker_momentum, dp_noise_multiplier, dp_seed,
             dp_delta, dp_sampling_rate, dp_clip_quantile, dp_clip_learning_rate, dp_clipped_count_stddev,
-            robust_comm, bucket_size, bucket_seed, cclip_tau, cclip_iters: Build the
-            :class:`~lightning_clip.distributed.config.ARCConfig` (documented there); give these or
-            ``arc_config``, not both.
+            robust_comm, bucket_size, bucket_seed, cclip_tau, cclip_iters: The fields of
+            :class:`~lightning_clip.robust.options.ARCConfig` (documented there; this signature is generated
+            from them); give these or ``arc_config``, not both.
         arc_config: The whole configuration as one object.
-        byzantine: Simulated Byzantine ranks, for experiments and tests only: a
-            :class:`~lightning_clip.sim.byzantine.ByzantineSpec` or its config dict, e.g.
-            ``{"ranks": [1], "attack": "sign_flip"}``; ``None`` (the default) in real runs.
-        seed: Seed of the simulated ``gaussian`` attack.
+        send_transforms: Callables ``(sent, ctx) -> None`` run, in order, on what each rank sends, after worker
+            momentum (:class:`~lightning_clip.robust.transforms.SendTransform`), e.g. the simulated attacks of
+            :class:`lightning_clip.sim.ByzantineTransform` for experiments.
         log_arc: Log ``arc/threshold``, ``arc/clipped_ranks`` and ``arc/norm_rank<i>`` (with client-level
             DP also ``dp/epsilon`` and ``dp/clip_bound``).
         **ddp_kwargs: What :class:`~lightning.pytorch.strategies.DDPStrategy` and
@@ -136,73 +142,34 @@ class ARCDDPStrategy(DDPStrategy):
 
     def __init__(
         self,
-        num_byzantine: int = 1,
-        aggregator: str = "mean",
-        nnm: bool = False,
-        worker_momentum: float = 0.0,
-        arc: bool = True,
-        static_clip: float | None = None,
-        dp_noise_multiplier: float = 0.0,
-        dp_seed: int = 0,
-        dp_delta: float = 1e-5,
-        dp_sampling_rate: float = 1.0,
-        dp_clip_quantile: float | None = None,
-        dp_clip_learning_rate: float = 0.2,
-        dp_clipped_count_stddev: float | None = None,
-        robust_comm: str = "sharded",
-        bucket_size: int = 1,
-        bucket_seed: int = 0,
-        cclip_tau: float = 1.0,
-        cclip_iters: int = 1,
+        *,
         arc_config: ARCConfig | None = None,
-        byzantine: ByzantineSpec | dict[str, Any] | None = None,
-        seed: int = 0,
+        send_transforms: Sequence[SendTransform] = (),
         log_arc: bool = True,
-        **ddp_kwargs: Any,
+        **kwargs: Any,
     ) -> None:
-        built = ARCConfig(num_byzantine=num_byzantine, aggregator=aggregator, nnm=nnm,
-                          worker_momentum=worker_momentum, arc=arc, static_clip=static_clip,
-                          dp_noise_multiplier=dp_noise_multiplier, dp_seed=dp_seed, dp_delta=dp_delta,
-                          dp_sampling_rate=dp_sampling_rate, dp_clip_quantile=dp_clip_quantile,
-                          dp_clip_learning_rate=dp_clip_learning_rate,
-                          dp_clipped_count_stddev=dp_clipped_count_stddev, robust_comm=robust_comm,
-                          bucket_size=bucket_size, bucket_seed=bucket_seed, cclip_tau=cclip_tau,
-                          cclip_iters=cclip_iters)
-        if arc_config is not None:
-            if not isinstance(arc_config, ARCConfig):
-                raise TypeError(f"Expected argument `arc_config` to be an ARCConfig but got {arc_config!r}")
-            if built != ARCConfig():
-                raise ValueError("Give ARCDDPStrategy either `arc_config` or the keyword arguments that build one "
-                                 f"(num_byzantine, aggregator, ...), not both; got arc_config={arc_config} and {built}")
-            built = arc_config
-        if built.dp_noise_multiplier > 0.0:
+        settings = {name: kwargs.pop(name) for name in ARCConfig.field_names() if name in kwargs}
+        if arc_config is not None and not isinstance(arc_config, ARCConfig):
+            raise TypeError(f"Expected argument `arc_config` to be an ARCConfig but got {arc_config!r}")
+        if arc_config is not None and settings:
+            raise ValueError("Give ARCDDPStrategy either `arc_config` or the keyword arguments that build one "
+                             f"({', '.join(sorted(settings))}), not both")
+        config = ARCConfig(**settings) if arc_config is None else arc_config
+        if config.dp_noise_multiplier > 0.0 and (config.dp_sampling_rate < 1.0 or config.dp_accountant == "rdp"):
             privacy.require_accountant()  # epsilon is reported: fail now, naming the extra, when it cannot be
         check_bool("log_arc", log_arc)
-        _check_ddp_kwargs(ddp_kwargs)
-        self._byzantine = _as_spec(byzantine)
-        self._seed = check_non_negative_int("seed", seed)
-        super().__init__(**ddp_kwargs)
-        self.arc_config = built
+        check_transforms(send_transforms)
+        _check_ddp_kwargs(kwargs)
+        super().__init__(**kwargs)
+        self.arc_config = config
+        self.send_transforms = list(send_transforms)
         self._log_arc = log_arc
         self._arc_state: ARCHookState | None = None
-        self._pending_momentum: Tensor | None = None  # this rank's momentum from a checkpoint, awaiting the hook
-        self._pending_center: Tensor | None = None  # centered clipping's centre from a checkpoint
-        self._pending_dp: dict[str, Any] | None = None  # the DP state from a checkpoint, awaiting the hook
         self._arc_logged_step = -1
-        if self._byzantine is not None and self._byzantine.num_byzantine > built.num_byzantine:
-            rank_zero_warn(  # allowed (it shows ARC's breakdown point), but say so
-                f"The Byzantine spec makes {self._byzantine.num_byzantine} ranks misbehave but "
-                f"`num_byzantine={built.num_byzantine}`: ARC is only guaranteed to tolerate `num_byzantine` of them."
-            )
-
-    @property
-    def byzantine(self) -> ByzantineSpec | None:
-        """The simulated Byzantine ranks, or ``None``."""
-        return self._byzantine
 
     @property
     def arc_state(self) -> ARCHookState | None:
-        """The communication hook's state (``None`` before the model is wrapped in DDP)."""
+        """The communication hook's state (``None`` before the process group is set up or a checkpoint is read)."""
         return self._arc_state
 
     @property
@@ -210,194 +177,109 @@ class ARCDDPStrategy(DDPStrategy):
         """ARC's statistics of the last synchronized step: norms ``[n]``, threshold, scales, clipped mask."""
         return None if self._arc_state is None else self._arc_state.last_stats
 
-    def _check_world_size(self, world_size: int) -> None:
-        self.arc_config.check_world_size(world_size)
-        if self._byzantine is not None:
-            self._byzantine.check_world_size(world_size)
+    def _hook_state(self) -> ARCHookState:
+        if self._arc_state is None:
+            self._arc_state = ARCHookState(self.arc_config, transforms=self.send_transforms)
+        return self._arc_state
 
     def _configure_launcher(self) -> None:
         # The expected world size is known before any process starts: fail in the launching process.
         if self.parallel_devices is not None:
-            self._check_world_size(self.num_nodes * self.num_processes)
+            check_world_size(self.arc_config, self.send_transforms, self.num_nodes * self.num_processes)
         super()._configure_launcher()
 
     def setup_distributed(self) -> None:
         super().setup_distributed()
-        self._check_world_size(dist.get_world_size())  # against the group actually formed (multi-node too)
+        # A fresh hook state per run, checked against the group actually formed (multi-node too); a checkpoint
+        # read next restores into it, before the model is wrapped.
+        self._arc_state = None
+        self._hook_state()
 
     def _register_ddp_hooks(self) -> None:
         # Lightning's DDPStrategy registers hooks on CUDA only; ARC must run on every device type.
         if not isinstance(self.model, DistributedDataParallel):
             raise RuntimeError("ARCDDPStrategy: the model is not wrapped in DistributedDataParallel")
-        simulated = [] if self._byzantine is None else [ByzantineTransform(self._byzantine, seed=self._seed)]
-        self._arc_state = ARCHookState(self.arc_config, transforms=simulated)
-        self._apply_pending_momentum()
-        self._apply_pending_dp()
-        self._apply_pending_center()
-        self.model.register_comm_hook(self._arc_state, arc_hook)
+        self.model.register_comm_hook(self._hook_state(), arc_hook)
 
     def on_train_start(self) -> None:
         super().on_train_start()
         if self._arc_state is not None and self.lightning_module is not None:
             self._arc_state.iter = self.lightning_module.trainer.global_step
 
-    # -- worker-momentum checkpoints ------------------------------------------------------------------
+    # -- checkpoints ---------------------------------------------------------------------------------
 
-    def _momentum_params(self) -> tuple[list[str], list[Tensor]]:
-        """The canonical parameter order of the momentum vectors: the module's trainable parameters."""
+    def _named_params(self) -> tuple[list[str], list[Tensor]]:
+        """The order of the checkpointed vectors: the module's trainable parameters."""
         module = self.lightning_module
         if module is None:
             return [], []
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         return [name for name, _ in named], [p for _, p in named]
 
-    def _apply_pending_momentum(self) -> None:
-        if self._pending_momentum is None or self._arc_state is None:
-            return
-        _, params = self._momentum_params()
-        momentum = self._arc_state.worker_momentum
-        if momentum is not None:
-            momentum.load_vector(self._pending_momentum, params)
-        self._pending_momentum = None
-
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """Gather every rank's worker momentum into ``checkpoint`` (collective), then save it from rank 0.
+        """Put the hook's state into ``checkpoint`` under :data:`ARC_STATE_KEY`, then save it from rank 0.
 
-        ``Trainer.save_checkpoint`` calls this on every rank; with ``worker_momentum > 0`` all ranks
-        take part in a gather of their flat momenta to rank 0, which writes them under
-        :data:`WORKER_MOMENTUM_KEY`. Weights-only checkpoints (no ``"optimizer_states"``) skip it.
+        ``Trainer.save_checkpoint`` calls this on every rank; with per-rank state (worker momentum) all ranks
+        take part in gathering it to rank 0. Weights-only checkpoints (no ``"optimizer_states"``) skip it.
         """
-        if self.arc_config.worker_momentum > 0.0 and "optimizer_states" in checkpoint:
-            entry = self._gather_momentum()
-            if entry is not None:
-                checkpoint[WORKER_MOMENTUM_KEY] = entry
-        if self.arc_config.uses_dp and "optimizer_states" in checkpoint:
-            dp = None if self._arc_state is None else self._arc_state.dp
-            checkpoint[DP_STATE_KEY] = dp.state_dict() if dp is not None else dict(self._pending_dp or {})
-        if self.arc_config.aggregator == "cclip" and "optimizer_states" in checkpoint:
-            entry = self._center_entry()
-            if entry is not None:
-                checkpoint[CENTER_KEY] = entry
+        state = self._hook_state()
+        if "optimizer_states" in checkpoint and state.stateful:
+            names, params = self._named_params()
+            local = state.state_dict(params)
+            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            rows: list[Any] = [local["per_rank"]] if local["per_rank"] else []
+            if rows and world_size > 1:
+                gathered: list[Any] | None = [None] * world_size if dist.get_rank() == 0 else None
+                dist.gather_object(local["per_rank"], gathered, dst=0)
+                rows = gathered or []  # complete on rank 0, which writes the file
+            checkpoint[ARC_STATE_KEY] = {"names": names, "world_size": world_size, "shared": local["shared"],
+                                         "per_rank": rows}
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
-    # -- centered clipping's centre --------------------------------------------------------------------
-
-    def _center_entry(self) -> dict[str, Any] | None:
-        names, params = self._momentum_params()
-        center = None if self._arc_state is None else self._arc_state.center
-        vec = center.vector(params) if center is not None else None
-        if vec is None:
-            vec = self._pending_center  # saved before the first step: keep what was loaded
-        return None if vec is None else {"names": names, "vector": vec.detach().cpu()}
-
-    def _restore_center(self, checkpoint: dict[str, Any]) -> None:
-        entry = checkpoint.get(CENTER_KEY)
-        if entry is None or self.arc_config.aggregator != "cclip":
-            return
-        names, _ = self._momentum_params()
-        if list(entry.get("names", [])) != names:
-            raise ValueError(
-                f"The checkpoint's centered-clipping centre was saved for the parameters {list(entry['names'])[:4]}... "
-                f"but the model has {names[:4]}...; the model changed since the checkpoint was written"
-            )
-        self._pending_center = entry["vector"]
-        self._apply_pending_center()
-
-    def _apply_pending_center(self) -> None:
-        state = self._arc_state
-        if self._pending_center is None or state is None or state.center is None:
-            return
-        _, params = self._momentum_params()
-        state.center.load_vector(self._pending_center, params)
-        self._pending_center = None
-
-    def _gather_momentum(self) -> dict[str, Any] | None:
-        names, params = self._momentum_params()
-        momentum = None if self._arc_state is None else self._arc_state.worker_momentum
-        if momentum is not None:
-            vec = momentum.vector(params)
-        elif self._pending_momentum is not None:
-            vec = self._pending_momentum.to(self.root_device)  # saved before the hook exists: keep what was loaded
-        else:
-            vec = WorkerMomentum(self.arc_config.worker_momentum).vector(params)  # zeros: m_0
-        vec = vec.to(self.root_device)
-        rows: list[Tensor] = [vec]
-        world_size, rank = 1, 0
-        if dist.is_available() and dist.is_initialized():
-            world_size, rank = dist.get_world_size(), dist.get_rank()
-            rows = [torch.empty_like(vec) for _ in range(world_size)] if rank == 0 else []
-            dist.gather(vec, gather_list=rows if rank == 0 else None, dst=0)
-        if rank != 0:
-            return None
-        return {
-            "worker_momentum": self.arc_config.worker_momentum,
-            "world_size": world_size,
-            "names": names,
-            "numels": [p.numel() for p in params],
-            "buffers": torch.stack(rows).cpu(),
-        }
-
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Load the checkpoint on this rank and keep this rank's worker momentum for the hook.
-
-        The momentum goes into the hook's state as soon as it exists (the model is wrapped in DDP after
-        the checkpoint is read), so before the first resumed step.
-        """
+        """Load the checkpoint on this rank and restore the hook's state from it (this rank's row of the
+        per-rank state), before the model is wrapped in DDP, so before the first resumed step."""
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
-        self._restore_momentum(checkpoint)
-        self._restore_center(checkpoint)
-        if self.arc_config.uses_dp:
-            self._pending_dp = checkpoint.get(DP_STATE_KEY)
-            self._apply_pending_dp()
+        entry = checkpoint.get(ARC_STATE_KEY)
+        self._restore(_legacy_state(checkpoint) if entry is None else entry, full="optimizer_states" in checkpoint)
         return checkpoint
 
-    def _apply_pending_dp(self) -> None:
-        if self._pending_dp is None or self._arc_state is None:
-            return
-        if self._arc_state.dp is not None:
-            self._arc_state.dp.load_state_dict(self._pending_dp)
-        self._pending_dp = None
-
-    def _restore_momentum(self, checkpoint: dict[str, Any]) -> None:
-        entry = checkpoint.get(WORKER_MOMENTUM_KEY)
-        if self.arc_config.worker_momentum == 0.0:
-            if entry is not None:
-                rank_zero_warn(
-                    "The checkpoint holds worker-momentum buffers but `worker_momentum=0.0`: they are ignored."
-                )
-            return
+    def _restore(self, entry: dict[str, Any] | None, full: bool) -> None:
+        state = self._hook_state()
+        parts = state.stateful
         if entry is None:
-            if "optimizer_states" in checkpoint:  # a full checkpoint, written without worker momentum
-                rank_zero_warn(
-                    f"The checkpoint has no worker-momentum buffers (key {WORKER_MOMENTUM_KEY!r}); with "
-                    f"`worker_momentum={self.arc_config.worker_momentum}` every rank's buffer restarts from zero."
-                )
+            if full and parts:
+                rank_zero_warn(f"The checkpoint has no ddp_arc state (key {ARC_STATE_KEY!r}): "
+                               f"{', '.join(parts)} restart from their initial values.")
             return
-        names, _ = self._momentum_params()
-        saved_names = list(entry.get("names", []))
-        if saved_names != names:
+        names, params = self._named_params()
+        saved_names = entry.get("names")
+        if saved_names is not None and list(saved_names) != names:
             raise ValueError(
-                f"The checkpoint's worker-momentum buffers were saved for the parameters {saved_names[:4]}... "
+                f"The checkpoint's ddp_arc state was saved for the parameters {list(saved_names)[:4]}... "
                 f"({len(saved_names)} in all) but the model has {names[:4]}... ({len(names)}); the model "
-                "changed since the checkpoint was written, so the per-rank momentum cannot be restored"
+                "changed since the checkpoint was written, so the state cannot be restored"
             )
-        buffers = entry["buffers"]
+        saved = dict(entry.get("shared") or {})
+        rows = entry.get("per_rank") or []
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        saved_world = int(entry.get("world_size", buffers.shape[0]))
-        if saved_world != world_size or buffers.shape[0] != world_size:
+        if rows and len(rows) != world_size:
             rank_zero_warn(
-                f"The checkpoint's worker-momentum buffers come from {saved_world} ranks but this run has "
-                f"{world_size}: there is no rank-to-rank mapping, so every rank's buffer restarts from zero."
+                f"The checkpoint's per-rank ddp_arc state ({', '.join(rows[0])}) comes from {len(rows)} ranks but "
+                f"this run has {world_size}: there is no rank-to-rank mapping, so it restarts from zero."
             )
-            return
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        self._pending_momentum = buffers[rank].clone()
-        self._apply_pending_momentum()
-
-    def teardown(self) -> None:
-        self._pending_momentum = None
-        self._pending_dp = None
-        super().teardown()
+            saved.update(dict.fromkeys(rows[0]))  # known, deliberately not restored
+        elif rows:
+            saved.update(rows[dist.get_rank() if world_size > 1 else 0])
+        unused = sorted(set(saved) - set(parts))
+        if unused:
+            rank_zero_warn(f"The checkpoint holds ddp_arc state that this configuration does not use "
+                           f"({', '.join(unused)}): it is ignored.")
+        missing = [name for name in parts if name not in saved]
+        if full and missing:
+            rank_zero_warn(f"The checkpoint has no ddp_arc state for {', '.join(missing)}: it restarts from its "
+                           "initial value.")
+        state.load_state_dict({k: v for k, v in saved.items() if v is not None}, params)
 
     # -- logging -------------------------------------------------------------------------------------
 
@@ -415,7 +297,8 @@ class ARCDDPStrategy(DDPStrategy):
         if state.last_step == self._arc_logged_step:
             return  # several optimizers stepping on one backward pass: log once
         self._arc_logged_step = state.last_step
-        if not should_log(pl_module.trainer):
+        trainer = pl_module.trainer
+        if not (trainer.loggers and trainer._logger_connector.should_update_logs):
             return
         stats = state.last_stats
         values = torch.cat(
@@ -439,15 +322,15 @@ class ARCDDPStrategy(DDPStrategy):
     def dp_epsilon(self, steps: int | None = None) -> float | None:
         """Epsilon at ``dp_delta`` after ``steps`` noisy steps (default: the steps so far); ``None`` without noise.
 
-        The accountant's (:func:`lightning_clip.robust.privacy.epsilon`) for ``dp_noise_multiplier``,
-        ``dp_sampling_rate`` and the steps. A guarantee only where the configuration's warning did not say otherwise.
+        :func:`lightning_clip.robust.privacy.epsilon` for ``dp_noise_multiplier``, ``dp_sampling_rate``, the steps
+        and ``dp_accountant``. A guarantee only where the configuration's warning did not say otherwise.
         """
         cfg = self.arc_config
         if cfg.dp_noise_multiplier == 0.0:
             return None
         if steps is None:
             steps = 0 if self._arc_state is None else self._arc_state.iter
-        return privacy.epsilon(cfg.dp_noise_multiplier, cfg.dp_sampling_rate, steps, cfg.dp_delta)
+        return privacy.epsilon(cfg.dp_noise_multiplier, cfg.dp_sampling_rate, steps, cfg.dp_delta, cfg.dp_accountant)
 
     def dp_summary(self) -> str | None:
         """The end-of-fit line on the privacy spent (``None`` without noise)."""
@@ -486,4 +369,15 @@ class ARCDDPStrategy(DDPStrategy):
         )
 
 
+def _signature() -> inspect.Signature:
+    """``__init__``'s signature with :class:`ARCConfig`'s fields as keyword arguments, for LightningCLI and help()."""
+    sig = inspect.signature(ARCDDPStrategy.__init__)
+    self_param, *rest = sig.parameters.values()
+    hints = typing.get_type_hints(ARCConfig)
+    fields = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=getattr(ARCConfig, name),
+                                annotation=hints[name]) for name in ARCConfig.field_names()]
+    return sig.replace(parameters=[self_param, *fields, *rest])
+
+
+ARCDDPStrategy.__init__.__signature__ = _signature()  # type: ignore[attr-defined]
 ARCDDPStrategy.register_strategies(StrategyRegistry)

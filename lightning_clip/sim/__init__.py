@@ -1,4 +1,9 @@
 """Simulation only: attacks, Byzantine specs, data partitions and demo data for experiments and tests.
 
-The production DDP hook never imports this package; the strategy injects its send transforms.
+Production code never imports this package: a simulated attack reaches the ``ddp_arc`` strategy as a send
+transform, :class:`ByzantineTransform` (``ARCDDPStrategy(send_transforms=[ByzantineTransform(...)])``).
 """
+
+from lightning_clip.sim.byzantine import ATTACK_NAMES, ByzantineSpec, ByzantineTransform, simulate_sends
+
+__all__ = ["ATTACK_NAMES", "ByzantineSpec", "ByzantineTransform", "simulate_sends"]

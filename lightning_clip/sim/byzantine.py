@@ -1,7 +1,14 @@
-"""Which simulated ranks are Byzantine and what they send: :class:`ByzantineSpec` (validated, YAML-friendly)."""
+"""Simulated Byzantine ranks: which ranks misbehave and what they send.
+
+:class:`ByzantineSpec` (validated, YAML-friendly) names the ranks and the attack; :class:`ByzantineTransform`
+is the send transform that makes those ranks send the attack (pass it to the ``ddp_arc`` strategy's
+``send_transforms``); :func:`simulate_sends` runs the same chains of transforms for ``n`` simulated ranks in
+one process, the gathers answered from the rows it holds, so a simulation and a real DDP run send the same bits.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +18,7 @@ from torch import Tensor
 
 from lightning_clip.exceptions import check_choice, check_finite_float, check_non_negative_int, check_positive_float
 from lightning_clip.robust.checks import check_floating
+from lightning_clip.robust.transforms import SendBuffers, SendContext, SendTransform
 from lightning_clip.sim.adaptive import (
     ADAPTIVE_ATTACKS,
     Aggregation,
@@ -24,7 +32,7 @@ from lightning_clip.sim.adaptive import (
 )
 from lightning_clip.sim.attacks import ATTACKS, alie, alie_z, check_correction, fixed_clip_defence, gaussian
 
-__all__ = ["ATTACK_NAMES", "ByzantineSpec"]
+__all__ = ["ATTACK_NAMES", "ByzantineSpec", "ByzantineTransform", "simulate_sends"]
 
 #: Every attack name :class:`ByzantineSpec` accepts: :data:`ATTACKS` then :data:`ADAPTIVE_ATTACKS`.
 ATTACK_NAMES: tuple[str, ...] = (*ATTACKS, *ADAPTIVE_ATTACKS)
@@ -251,3 +259,112 @@ class ByzantineSpec:
         if self.fixed_clip is not None:
             out = fixed_clip_defence(out, self.fixed_clip)
         return out
+
+
+class ByzantineTransform:
+    """A send transform: the Byzantine ranks send their attack, the honest ranks what they hold.
+
+    Give it to the strategy, ``ARCDDPStrategy(send_transforms=[ByzantineTransform(ranks=[2], attack="sign_flip")])``,
+    or in YAML as ``{class_path: lightning_clip.sim.ByzantineTransform, init_args: {ranks: [2], attack: sign_flip}}``.
+    An omniscient attack (``spec.needs_honest``) gathers every rank's vector first; every rank takes
+    part in that gather, so the ranks call the same collectives. Each Byzantine rank computes the
+    attack from the same gathered rows, so they all send the same vector. The ``gaussian`` attack
+    draws from a generator seeded by ``(seed, rank, step)``: a resumed run replays the same noise.
+
+    Args:
+        ranks: The Byzantine ranks (see :class:`ByzantineSpec`).
+        attack: One of :data:`ATTACK_NAMES`.
+        params: The attack's parameters, e.g. ``{"factor": -100.0}`` for ``"scale"``.
+        fixed_clip: Clip the Byzantine vector to this norm after the attack (a baseline), or ``None``.
+        seed: Seed of the ``gaussian`` attack.
+
+    Attributes:
+        spec: The validated :class:`ByzantineSpec`.
+    """
+
+    __slots__ = ("seed", "spec")
+
+    def __init__(self, ranks: Sequence[int] | int, attack: str, params: Mapping[str, Any] | None = None,
+                 fixed_clip: float | None = None, seed: int = 0) -> None:
+        if params is not None and not isinstance(params, Mapping):
+            raise TypeError(f"Expected argument `params` to be a mapping of attack parameters but got {params!r}")
+        self.spec = ByzantineSpec.from_config({"ranks": ranks, "attack": attack, "fixed_clip": fixed_clip,
+                                               "params": params or {}})
+        self.seed = check_non_negative_int("seed", seed)
+
+    @classmethod
+    def from_spec(cls, spec: ByzantineSpec, seed: int = 0) -> ByzantineTransform:
+        """The transform of an existing ``spec``."""
+        if not isinstance(spec, ByzantineSpec):
+            raise TypeError(f"Expected argument `spec` to be a ByzantineSpec but got {type(spec).__name__}")
+        return cls(list(spec.ranks), spec.attack, dict(spec.params), spec.fixed_clip, seed)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], seed: int = 0) -> ByzantineTransform:
+        """The transform of :meth:`ByzantineSpec.from_config` ``(config)``, e.g. ``{"ranks": [1], "attack": "nan"}``."""
+        return cls.from_spec(ByzantineSpec.from_config(config), seed)
+
+    def check_world_size(self, world_size: int, num_byzantine: int) -> None:
+        """Raise unless the attack can run with ``world_size`` ranks; warn when it makes more ranks misbehave
+        than the ``num_byzantine`` the aggregation is set to tolerate (allowed: it shows the breakdown point)."""
+        self.spec.check_world_size(world_size)
+        if self.spec.num_byzantine > num_byzantine:
+            warnings.warn(f"The simulated attack makes {self.spec.num_byzantine} ranks misbehave but "
+                          f"`num_byzantine={num_byzantine}`: ARC is only guaranteed to tolerate `num_byzantine` "
+                          "of them.", UserWarning, stacklevel=2)
+
+    def generator(self, rank: int, step: int) -> torch.Generator:
+        """The generator of rank ``rank``'s ``gaussian`` draw at ``step`` (a fresh seed per pair)."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + rank * 1_009 + step * 7_919 + 1)
+
+    def __call__(self, sent: SendBuffers, ctx: SendContext) -> None:
+        spec = self.spec
+        byzantine = spec.is_byzantine(ctx.rank)
+        if not (byzantine or spec.needs_honest):
+            return
+        flat = sent.flatten()
+        honest: Tensor | None = None
+        if spec.needs_honest:  # every rank takes part in the gather
+            honest = ctx.gather(flat)[spec.honest_ranks(ctx.world_size)]
+        if not byzantine:
+            return
+        aggregation = ctx.aggregation if spec.needs_aggregation else None
+        sent.write_(spec.apply(flat, honest, generator=self.generator(ctx.rank, ctx.step), aggregation=aggregation))
+
+    def __repr__(self) -> str:
+        return f"ByzantineTransform.from_spec({self.spec!r}, seed={self.seed})"
+
+
+def simulate_sends(
+    chains: Sequence[Sequence[SendTransform]],
+    sends: Sequence[SendBuffers],
+    step: int,
+    aggregation: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """Run rank ``r``'s chain ``chains[r]`` on ``sends[r]`` for every rank, as the hook does; return ``[n, d]``.
+
+    Transform ``i`` runs on every rank before transform ``i + 1`` on any; a gather inside transform
+    ``i`` returns the rows every rank held before it, as the all-gather in DDP does.
+
+    Args:
+        chains: One chain per rank, all of the same length (rank ``r``'s state, e.g. its momentum, lives
+            in its own transforms).
+        sends: What each rank sends (changed in place).
+        step: The step counter the transforms see.
+        aggregation: The server's pipeline ``[n, d] -> [d]`` (for attacks that search against it).
+    """
+    n = len(sends)
+    if len(chains) != n:
+        raise ValueError(f"Expected one chain per rank ({n}) but got {len(chains)}")
+    depths = {len(chain) for chain in chains}
+    if len(depths) > 1:
+        raise ValueError(f"Expected chains of one length but got lengths {sorted(depths)}")
+    for i in range(depths.pop() if depths else 0):
+        held = torch.stack([s.flatten() for s in sends])
+
+        def gather(flat: Tensor, held: Tensor = held) -> Tensor:
+            return held
+
+        for rank in range(n):
+            chains[rank][i](sends[rank], SendContext(rank, n, step, gather, aggregation))
+    return torch.stack([s.flatten() for s in sends])

@@ -9,6 +9,7 @@
     lightning-clip demo [--max-steps N] [--out DIR]               # ~1 min CPU: without vs with clipping
     lightning-clip report LOG_DIR [--plot out.png | --no-plot]    # gradient-health summary + PNG of a run
     lightning-clip find-threshold --config configs/fixed.yaml [--num-batches N] [--candidates 0.1,0.3,1]
+    lightning-clip fit --config configs/auto.yaml                 # ClipThresholdFinder picks it inside fit
 
 ``fit`` (and ``validate``/``test``/``predict``) is a :class:`~lightning.pytorch.cli.LightningCLI` over
 any LightningModule/LightningDataModule (``model: {class_path: lightning_clip.tools.demo.AddingRNN}``);
@@ -51,7 +52,8 @@ examples:
   lightning-clip fit --config configs/percentile.yaml \\
       --trainer.callbacks.init_args.threshold.init_args.percentile=95
   lightning-clip report lightning_logs/percentile    # also writes gradient_norms.png next to the logs
-  lightning-clip find-threshold --config configs/fixed.yaml    # range test, like lr_find
+  lightning-clip fit --config configs/auto.yaml        # the threshold found at fit start (ClipThresholdFinder)
+  lightning-clip find-threshold --config configs/fixed.yaml    # the same search alone, like lr_find
 
 fit/validate/test/predict are LightningCLI subcommands over any LightningModule/LightningDataModule;
 callbacks, threshold policies and the strategy are class_path/init_args entries in the YAML, and every
@@ -200,6 +202,21 @@ def _number(text: str, allowed: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number in {allowed} but got {text!r}") from None
 
 
+def _at_least_two(text: str) -> int:
+    """``find-threshold --num-batches``: an integer >= 2 (the rule needs the spread of a run's losses)."""
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2 but got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _number(text, "[0, inf)")
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number in [0, inf) but got {text!r}")
+    return value
+
+
 def _candidates(text: str) -> list[float]:
     """``find-threshold --candidates``: comma-separated positive numbers."""
     values = []
@@ -244,16 +261,17 @@ def _build_parser() -> argparse.ArgumentParser:
         "demo", help="about a minute on CPU: an exploding RNN trained without and with clipping, side by side",
         description="Train a vanilla tanh RNN on the adding problem (Pascanu et al. 2013; recurrent gain 1.2, SGD "
         "lr 0.05 with momentum 0.9) twice from the same initial weights on CPU: without clipping (its loss diverges "
-        "and the run stops there), then with GradientClipping; print the two validation MSEs side by side against "
+        "and the run stops there), then with GradientClipping at the threshold ClipThresholdFinder finds at fit "
+        "start; print the two validation MSEs side by side against "
         "the 1/6 of always predicting 1.0, write TensorBoard logs and print their gradient-health reports. About a "
         "minute for the default 800 steps.")
     demo.add_argument("--max-steps", type=_positive_int, default=800, help="optimizer steps per run (default: 800)")
     demo.add_argument("--out", default="lightning_logs", help="TensorBoard save_dir (default: lightning_logs)")
-    demo.add_argument("--threshold", type=float, default=0.3,
-                      help="fixed clipping threshold (max norm; default: 0.3)")
+    demo.add_argument("--threshold", type=float, default=None,
+                      help="a fixed clipping threshold (max norm) instead of ClipThresholdFinder's search")
     demo.add_argument("--percentile", type=_adaptive_percentile, default=None,
                       help="clip adaptively at this percentile, in (0, 100), of the last 200 clipped norms "
-                      "(PercentileThreshold, history='clipped') instead of the fixed threshold")
+                      "(PercentileThreshold, history='clipped'; warmup threshold: the search's choice or --threshold)")
     demo.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
     demo.add_argument("--seq-len", type=_positive_int, default=15, help="adding-problem sequence length (15)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -271,22 +289,30 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("--no-plot", dest="no_plot", action="store_true", help="write no PNG")
 
     finder = sub.add_parser(
-        "find-threshold", help="range test: suggest the clipping threshold that trains best",
-        description="Instantiate the model/data/trainer of a LightningCLI config and run a range test, like "
-        "lr_find: num-batches optimizer steps per candidate threshold, each run from the same initial weights and "
-        "clipping the total gradient norm at that candidate; rank the candidates by loss decrease (first-step loss "
-        "minus the mean loss of the run; a run whose loss diverges ranks last), restore the weights, and print the "
-        "best threshold and the `fit` command that uses it in place of the config's GradientClipping. Other "
-        "LightningCLI options (e.g. --model.init_args.lr=0.01) are passed through.")
+        "find-threshold", help="the clipping-threshold search alone: print the threshold and the fit command",
+        description="Instantiate the model/data/trainer of a LightningCLI config and run the search of "
+        "ClipThresholdFinder (the same search and rule as in `fit`): probe the median gradient norm m0 of the "
+        "starting weights, train num-batches optimizer steps per candidate threshold (m0 * 10**(-3 + k/2) unless "
+        "--candidates), each run from the same weights and batches, clipping the total norm there; choose the "
+        "largest threshold whose mean loss is within --tolerance standard errors of the best (refined at "
+        "c * 10**(+-1/4)); restore the weights and print the table and the `fit` command that uses the threshold "
+        "in place of the config's GradientClipping. Other LightningCLI options (e.g. --model.init_args.lr=0.01) "
+        "are passed through.")
     finder.add_argument("--config", "-c", required=True, action="append", help="LightningCLI YAML config")
-    finder.add_argument("--num-batches", type=_positive_int, default=50,
-                        help="optimizer steps per candidate (default: 50)")
+    finder.add_argument("--num-batches", type=_at_least_two, default=50,
+                        help="optimizer steps per candidate, >= 2 (default: 50)")
     finder.add_argument("--candidates", type=_candidates, default=None,
-                        help="comma-separated thresholds to try, e.g. 0.03,0.1,0.3,1 (default: 9 geometric steps "
-                        "from 1/1000 to 10 times the median gradient norm of the initial weights)")
+                        help="comma-separated thresholds to try, e.g. 0.03,0.1,0.3,1 (default: half-decade steps "
+                        "from m0/1000, m0 the median gradient norm of the starting weights)")
     finder.add_argument("--num-candidates", type=_positive_int, default=9,
-                        help="size of the default grid (default: 9)")
-    finder.add_argument("--plot", default=None, help="write a PNG of every candidate's loss curve")
+                        help="size of the default grid (default: 9, up to 10 m0)")
+    finder.add_argument("--num-probe-batches", type=_positive_int, default=8,
+                        help="steps (updates dropped) that measure m0 (default: 8)")
+    finder.add_argument("--tolerance", type=_non_negative, default=2.0,
+                        help="near-tie width in standard errors of the best run's mean loss (default: 2)")
+    finder.add_argument("--no-refine", dest="refine", action="store_false",
+                        help="no refinement runs at c * 10**(+-1/4)")
+    finder.add_argument("--plot", default=None, help="write a PNG of loss against threshold and the loss curves")
     return parser
 
 
@@ -345,15 +371,15 @@ def _as_plain(value: Any) -> Any:
     return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
-def _is_clipping(entry: Any) -> bool:
-    return isinstance(entry, dict) and str(entry.get("class_path", "")).rsplit(".", 1)[-1] == "GradientClipping"
+def _is_class(entry: Any, name: str) -> bool:
+    return isinstance(entry, dict) and str(entry.get("class_path", "")).rsplit(".", 1)[-1] == name
 
 
 def callbacks_with_threshold(callbacks: Any, threshold: float) -> list[Any]:
     """The config's ``trainer.callbacks`` with its ``GradientClipping`` at ``threshold`` (added if it had none).
 
-    Every other callback is kept as configured; several ``GradientClipping`` entries become one, at the
-    first one's place, with the first one's other options.
+    Every other callback is kept as configured, except a ``ClipThresholdFinder``, which would search again;
+    several ``GradientClipping`` entries become one, at the first one's place, with the first one's other options.
     """
     entries = [_as_plain(c) for c in (callbacks or [])]
     if isinstance(callbacks, dict) or hasattr(callbacks, "as_dict"):
@@ -361,7 +387,9 @@ def callbacks_with_threshold(callbacks: Any, threshold: float) -> list[Any]:
     out: list[Any] = []
     placed = False
     for entry in entries:
-        if _is_clipping(entry):
+        if _is_class(entry, "ClipThresholdFinder"):
+            continue
+        if _is_class(entry, "GradientClipping"):
             if not placed:
                 init_args = dict(entry.get("init_args") or {})
                 init_args["threshold"] = threshold
@@ -385,14 +413,25 @@ def _find_threshold(ns: argparse.Namespace, passthrough: list[str]) -> int:
         args += ["--config", cfg]
     args += passthrough
     cli = _lightning_cli(args, run=False)
-    result = find_clip_threshold(cli.trainer, cli.model, datamodule=cli.datamodule, num_batches=ns.num_batches,
-                                 candidates=ns.candidates, num_candidates=ns.num_candidates)
+    try:
+        result = find_clip_threshold(cli.trainer, cli.model, datamodule=cli.datamodule, num_batches=ns.num_batches,
+                                     candidates=ns.candidates, num_candidates=ns.num_candidates,
+                                     num_probe_batches=ns.num_probe_batches, tolerance=ns.tolerance,
+                                     refine=ns.refine)
+    except RuntimeError as err:  # every candidate diverged: the message holds the table
+        if "every candidate threshold diverged" not in str(err):
+            raise
+        print(err)
+        return 1
     print(result)
     if ns.plot:
-        print(f"Loss curves: {result.plot(ns.plot)}")
-    if result.suggestion != result.suggestion:  # NaN: every candidate diverged
-        return 0
-    threshold = float(f"{result.suggestion:.4g}")
+        from lightning_clip.callbacks.finder import plot_search
+
+        try:
+            print(f"Plot: {plot_search(result, ns.plot)}")
+        except ImportError:
+            print("Plot: not written: matplotlib is not installed (pip install 'lightning-clip[plot]')")
+    threshold = float(f"{result.threshold:.4g}")
     callbacks = callbacks_with_threshold(cli.config.get("trainer", {}).get("callbacks"), threshold)
     command = ["lightning-clip", "fit", *args, "--trainer.callbacks=" + json.dumps(callbacks, separators=(",", ":"))]
     print(f"\nTrain with it (the config's GradientClipping at threshold {threshold:g}, every other callback as "

@@ -8,7 +8,8 @@
   listed in ``byzantine_ranks`` into data/loss-level attackers for DDP experiments.
 
 :func:`run_demo` is the ``lightning-clip demo`` command: the RNN trained from the same weights without and
-with clipping, the two validation MSEs side by side, then the health reports and a plot.
+with clipping (the threshold found by :class:`~lightning_clip.ClipThresholdFinder` at fit start), the two
+validation MSEs side by side, then the health reports and a plot.
 
 Validation metrics are torchmetrics objects logged with ``self.log``: each epoch's value is computed
 over every validation sample of every rank (not a mean of per-batch or per-rank means).
@@ -34,7 +35,7 @@ from lightning_clip.exceptions import check_choice, check_fraction, check_positi
 from lightning_clip.sim.data import ShardSampler, adding_problem, load_digits_tensors
 
 if TYPE_CHECKING:
-    from lightning_clip.callbacks import GradientClipping
+    from lightning_clip.callbacks import ClipThresholdFinder, GradientClipping
 
 __all__ = [
     "AddingProblemDataModule",
@@ -303,7 +304,7 @@ class DemoRun:
 
 
 def _demo_fit(name: str, version: str, clipping: GradientClipping | None, seq_len: int, lr: float, max_steps: int,
-              out: str, seed: int) -> DemoRun:
+              out: str, seed: int, finder: ClipThresholdFinder | None = None) -> DemoRun:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_clip.callbacks import GradientNormMonitor, NonFiniteGradientGuard
@@ -317,6 +318,8 @@ def _demo_fit(name: str, version: str, clipping: GradientClipping | None, seq_le
     callbacks: list[pl.Callback] = [GradientNormMonitor(per_parameter=True), TensorBoardLayout(), stop]
     if clipping is not None:  # the three callbacks; the run without clipping shows what the data does alone
         callbacks[1:1] = [clipping, NonFiniteGradientGuard("skip")]
+    if finder is not None:
+        callbacks.append(finder)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -331,7 +334,8 @@ def _demo_fit(name: str, version: str, clipping: GradientClipping | None, seq_le
         enable_progress_bar=sys.stderr.isatty(),
         callbacks=callbacks,
     )
-    print(f"Training {name}: up to {max_steps} steps ...", flush=True)
+    search = "" if finder is None else " after the threshold search"
+    print(f"Training {name}: up to {max_steps} steps{search} ...", flush=True)
     trainer.fit(model, datamodule=data)
     logger.experiment.flush()
     x, y = data.val_set.tensors
@@ -341,20 +345,23 @@ def _demo_fit(name: str, version: str, clipping: GradientClipping | None, seq_le
                    steps=trainer.global_step)
 
 
-def run_demo(max_steps: int = 800, out: str = "lightning_logs", threshold: float = 0.3,
+def run_demo(max_steps: int = 800, out: str = "lightning_logs", threshold: float | None = None,
              percentile: float | None = None, lr: float = 0.05, seq_len: int = 15, seed: int = 0,
              plot: str | None = None) -> int:
     """Train the exploding-gradient RNN without and with clipping; print both validation MSEs and the report.
 
     A vanilla tanh RNN (recurrent gain 1.2, SGD with momentum 0.9) on the adding problem: without
     clipping its loss diverges within a few dozen steps (the run stops there); clipped, it learns
-    the task, below the 1/6 of always predicting 1.0.
+    the task, below the 1/6 of always predicting 1.0. The clipped run uses the recommended set-up:
+    :class:`~lightning_clip.ClipThresholdFinder` searches the threshold when fit starts (its steps come
+    before the ``max_steps`` of training) and sets it on the ``GradientClipping``.
 
     Args:
         max_steps: Optimizer steps per run.
         out: TensorBoard ``save_dir`` (runs ``demo/no_clipping`` and ``demo/clipping``).
-        threshold: Fixed clipping threshold (and the warmup threshold of the adaptive one).
-        percentile: Clip at this percentile of the last 200 clipped norms instead of the fixed threshold.
+        threshold: A fixed clipping threshold instead of the search (and the warmup threshold of the adaptive one).
+        percentile: Clip at this percentile of the last 200 clipped norms; its warmup threshold is the search's
+            choice (or ``threshold``).
         lr: SGD learning rate (momentum 0.9).
         seq_len: Adding-problem sequence length.
         seed: Random seed (the same initial weights and batches for both runs).
@@ -363,28 +370,36 @@ def run_demo(max_steps: int = 800, out: str = "lightning_logs", threshold: float
     Returns:
         The exit status, 0.
     """
-    from lightning_clip.callbacks import GradientClipping
+    from lightning_clip.callbacks import ClipThresholdFinder, GradientClipping
     from lightning_clip.core.thresholds import PercentileThreshold
     from lightning_clip.tools.report import format_report, load_reports, plot_report
 
-    policy: Any = threshold
+    start = 1.0 if threshold is None else threshold
+    policy: Any = start
     if percentile is not None:
-        policy = PercentileThreshold(percentile=percentile, warmup_steps=25, warmup_threshold=threshold, window=200,
+        policy = PercentileThreshold(percentile=percentile, warmup_steps=25, warmup_threshold=start, window=200,
                                      history="clipped")
     clipping = GradientClipping(policy, summary=False)  # validates the threshold
+    finder = ClipThresholdFinder(plot=False) if threshold is None else None
     AddingRNN(lr=lr)  # validates lr before anything runs
     check_positive_int("seq_len", seq_len)
+    how = (f"{clipping.policy!r}" if finder is None else
+           f"{type(clipping.policy).__name__} at the threshold ClipThresholdFinder finds at fit start")
     print(f"A vanilla tanh RNN on the adding problem (seq_len={seq_len}, SGD lr={lr}, momentum 0.9), the same initial "
-          f"weights and batches twice on CPU: without clipping, then with {clipping.policy!r}.", flush=True)
+          f"weights and batches twice on CPU: without clipping, then with {how}.", flush=True)
     # A 64-unit RNN gains nothing from intra-op threads, and oversubscribed threads slow it down
     # by an order of magnitude on a busy machine.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        runs = [_demo_fit("without clipping", "no_clipping", None, seq_len, lr, max_steps, out, seed),
-                _demo_fit(f"with {clipping.policy!r}", "clipping", clipping, seq_len, lr, max_steps, out, seed)]
+        plain_run = _demo_fit("without clipping", "no_clipping", None, seq_len, lr, max_steps, out, seed)
+        clipped_run = _demo_fit(f"with {how}", "clipping", clipping, seq_len, lr, max_steps, out, seed, finder)
     finally:
         torch.set_num_threads(threads)
+    if finder is not None and finder.threshold is not None:
+        adaptive = "" if percentile is None else f", then p{percentile:g} of the clipped norms"
+        clipped_run.name = f"with clipping at {finder.threshold:.3g} (found){adaptive}"
+    runs = [plain_run, clipped_run]
     plain, clipped = runs
     print(f"\nValidation MSE after {max_steps} steps (always predicting 1.0 gives {TRIVIAL_MSE:.3f}):")
     width = max(len(r.name) for r in runs)

@@ -231,11 +231,44 @@ def _unknown_option(leaf: _Node, option: str) -> str:
         cls = _import(class_path)
         if isinstance(cls, type):
             options = _options(cls)
+            owners = _callbacks_with_option(bad) if _nested_arg(leaf) else []
+            if owners and cls.__name__ not in owners:
+                return (f"{msg}: on the command line `--trainer.callbacks.{bad}=...` sets an option of the LAST "
+                        f"callback in the list ({cls.__name__}); `{bad}` is an option of {' / '.join(owners)}: "
+                        "change it in the YAML file")
             suggestion = _suggest(bad, options)
             if suggestion.startswith("valid"):
                 suggestion = _suggest(bad, _own_options(cls) or options)
             msg += f"; {suggestion}"
     return msg
+
+
+def _nested_arg(leaf: _Node) -> bool:
+    """Whether the failing value came from one command-line ``--a.b.option=value`` (jsonargparse's NestedArg)."""
+    root = leaf.ancestors()[0] if leaf.ancestors() else leaf
+    return any("NestedArg(" in (n.child_value("Given value:") or "") for n in [root, *_descendants(root)])
+
+
+def _descendants(node: _Node) -> list[_Node]:
+    out: list[_Node] = []
+    todo = list(node.children)
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        todo.extend(n.children)
+    return out
+
+
+def _callbacks_with_option(option: str) -> list[str]:
+    """This package's callbacks that take ``option``."""
+    import importlib
+
+    try:
+        module = importlib.import_module("lightning_clip.callbacks")
+    except ImportError:  # pragma: no cover - the CLI imports Lightning anyway
+        return []
+    return [name for name in getattr(module, "__all__", [])
+            if isinstance(cls := getattr(module, name, None), type) and option in _own_options(cls)]
 
 
 def _registered_strategy(name: str) -> type | None:
@@ -262,8 +295,30 @@ def _given_init_args(union: _Node) -> list[str]:
     return list(init_args) if isinstance(init_args, dict) else []
 
 
+def _typed_param(leaf: _Node, union: _Node | None) -> str | None:
+    """A plain typed parameter of a class inside the union given a value of the wrong kind (``num_byzantine: one``)."""
+    inner = leaf.parent
+    if inner is None or inner.key is None or (union is not None and union not in inner.ancestors()):
+        return None
+    kind_m = _TYPE_RE.search(leaf.text)
+    if kind_m is None or not leaf.text.startswith("Expected a <class "):
+        return None
+    kind_name = kind_m.group(1).rsplit(".", 1)[-1]
+    kind = _KINDS.get(kind_name, f"a {kind_name}")
+    got = leaf.text.split("Got value:", 1)[1].strip() if "Got value:" in leaf.text else ""
+    owner_path = next((n.class_path for n in reversed(inner.ancestors()) if n.class_path is not None), None)
+    owner = _import(owner_path) if owner_path is not None else None
+    doc = _param_help(owner, inner.key) if isinstance(owner, type) else None
+    where = _where(inner.ancestors())
+    prefix = f"{where}: " if where else ""
+    return f"{prefix}invalid value {got!r} for `{inner.key}`: it takes {kind}" + (f" ({doc})" if doc else "")
+
+
 def _mismatch(leaf: _Node) -> str | None:
     union = next((n for n in reversed(leaf.ancestors()) if n.child_value("Subtypes:") is not None), None)
+    typed = _typed_param(leaf, union)
+    if typed is not None:
+        return typed
     param = union.key if union is not None else None
     if union is None or param is None:
         return None
@@ -354,9 +409,41 @@ def _parser_key(chain: list[BaseException]) -> str | None:
     return None
 
 
+def _union_constructor_error(chain: list[BaseException]) -> str | None:
+    """A class's own message among a union's member errors (jsonargparse tries ``str`` too and reports both).
+
+    ``trainer.strategy`` is ``str | Strategy``: when ``ARCDDPStrategy(...)`` raises a cross-field error at
+    instantiation, the union's list holds "Expected a <class 'str'>" and the constructor's message; the
+    latter is the one to show, with the class and the option it came from.
+    """
+    for e in chain:
+        text = str(e)
+        if "Does not validate against any of the Union subtypes" not in text or "Errors:" not in text:
+            continue
+        nodes = _tree(text)
+        errors = next((n for n in nodes if n.text == "Errors:"), None)
+        if errors is None:
+            continue
+        said = [c for c in errors.children if not c.children and not _MISMATCH_RE.match(c.text)
+                and not c.text.startswith(("Problem with given class_path", "Not a valid subclass"))]
+        if not said:
+            continue
+        key = next((n.key for n in nodes if n.key is not None), None) or _parser_key(chain)
+        given = re.search(r"class_path='([\w.]+)'", text) or re.search(r"'class_path': '([\w.]+)'", text)
+        owner = given.group(1).rsplit(".", 1)[-1] if given else None
+        where = key or ""
+        if owner:
+            where = f"{where} ({owner})" if where else owner
+        return f"{where}: {said[0].text}" if where else said[0].text
+    return None
+
+
 def describe_error(exc: BaseException) -> str:
     """The user-facing one-line message of a configuration error, naming the option."""
     chain = _chain(exc)
+    union_said = _union_constructor_error(chain)
+    if union_said is not None:
+        return _one_paragraph(union_said)
     # A constructor's own check ("Expected argument `mode` to be one of ...") is the most precise.
     said = next((e for e in reversed(chain) if "Expected argument" in str(e)), None)
     if said is None:

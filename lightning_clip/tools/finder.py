@@ -1,22 +1,17 @@
-"""Clip-threshold finder: a range test over candidate thresholds, like Lightning's ``lr_find``.
+"""The clip-threshold search outside ``fit``: ``lightning-clip find-threshold`` and :func:`find_clip_threshold`.
 
-:func:`find_clip_threshold` trains the model for ``num_batches`` optimizer steps once per candidate
-threshold, every run from the same initial weights (and RNG state, so the same batches), clipping the
-total gradient norm at that candidate, and records the training loss of every step. Each candidate is
-scored by its loss decrease: the first step's loss (shared by every run) minus the mean loss over the
-run, so that both a fast start and a low end count. A run whose loss is not finite or exceeds 1000x
-its first value diverged and ranks last. The suggestion is the candidate with the largest loss
-decrease. Afterwards the model's weights and the RNG states are put back exactly::
+:func:`find_clip_threshold` runs :class:`~lightning_clip.ClipThresholdFinder`, the same search and the same
+rule as the callback (:mod:`lightning_clip.core.search`), on a temporary Trainer, and returns its
+:class:`~lightning_clip.core.search.SearchResult`; the model's weights and the RNG states are put back::
 
     result = find_clip_threshold(trainer, model, datamodule=dm)
-    print(result)                      # the candidates, their loss decrease, and the suggestion
-    result.plot("range_test.png")      # loss curves per candidate
-    trainer = Trainer(callbacks=[GradientClipping(result.suggestion)])
+    print(result)                                   # the candidates, their scores and the choice
+    plot_search(result, "search.png")              # lightning_clip.callbacks.finder.plot_search
+    trainer = Trainer(callbacks=[GradientClipping(result.threshold)])
 
-Without ``candidates``, the grid is ``num_candidates`` geometric steps from 1/1000 to 10 times the
-median gradient norm of the initial weights (:func:`measure_gradient_norms` with ``step=False``).
-:func:`measure_gradient_norms` alone records the pre-clip norms of unclipped steps (percentiles and a
-histogram): a description of the norms, not a threshold.
+Inside ``fit``, ``ClipThresholdFinder()`` next to a ``GradientClipping`` does the same and sets the threshold.
+:func:`measure_gradient_norms` records the pre-clip norms of unclipped steps (percentiles and a histogram):
+a description of the norms, not a threshold.
 
 The temporary Trainers copy the given trainer's accelerator, precision and ``accumulate_grad_batches``
 and run on one device, with no logger, no checkpointing, no validation and none of the given
@@ -30,7 +25,7 @@ import copy
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,15 +38,13 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 
 from lightning_clip.callbacks.clipping import GradientClipping
+from lightning_clip.callbacks.finder import ClipThresholdFinder, quiet_max_steps
 from lightning_clip.callbacks.step import optimizer_index, unwrap_optimizer
 from lightning_clip.core.grads import gradient_stats
-from lightning_clip.exceptions import check_bool, check_fraction, check_positive_float, check_positive_int
+from lightning_clip.core.search import SearchResult
+from lightning_clip.exceptions import check_bool, check_fraction, check_positive_int
 
-__all__ = ["DIVERGENCE_FACTOR", "ClipRangeResult", "GradientNormStats", "default_candidates", "find_clip_threshold",
-           "measure_gradient_norms"]
-
-#: A candidate's run diverged when its loss is not finite or above this multiple of its first loss.
-DIVERGENCE_FACTOR = 1e3
+__all__ = ["GradientNormStats", "find_clip_threshold", "measure_gradient_norms"]
 
 
 @dataclass
@@ -142,8 +135,8 @@ class GradientNormStats:
             lines.append("  no finite gradient norm was recorded")
         elif self.diverged:
             lines.append("  warning: the norms grew by more than 1000x over the run: unclipped training diverges, "
-                         "so late norms inflate every percentile; for a threshold, run the range test "
-                         "(find_clip_threshold)")
+                         "so late norms inflate every percentile; for a threshold, run the search "
+                         "(ClipThresholdFinder, or find_clip_threshold)")
         return "\n".join(lines)
 
     def plot(self, path: str | os.PathLike[str]) -> Path:
@@ -179,118 +172,6 @@ class GradientNormStats:
         return out
 
 
-@dataclass
-class ClipRangeResult:
-    """What :func:`find_clip_threshold` measured: one short run per candidate threshold.
-
-    Attributes:
-        candidates: the thresholds tried, ascending.
-        losses: per candidate, the training loss of every step it ran (a diverged run stops early).
-        start_loss: the first step's loss (the same weights and batch for every candidate).
-        mean_loss: per candidate, the mean loss over its run; ``inf`` when it diverged.
-        diverged_step: per candidate, the step its loss diverged at, ``-1`` when it did not.
-        best: index of the candidate with the largest loss decrease (the lowest mean loss).
-        suggestion: ``candidates[best]`` (``nan`` when every candidate diverged).
-        num_batches: optimizer steps per candidate.
-    """
-
-    candidates: np.ndarray
-    losses: list[np.ndarray]
-    start_loss: float
-    mean_loss: np.ndarray
-    diverged_step: np.ndarray
-    best: int
-    suggestion: float
-    num_batches: int
-
-    @property
-    def decrease(self) -> np.ndarray:
-        """Per candidate, ``start_loss - mean_loss`` (``-inf`` for a diverged run): larger is better."""
-        return np.asarray(self.start_loss - self.mean_loss)
-
-    @classmethod
-    def from_losses(cls, candidates: Sequence[float] | np.ndarray, losses: Sequence[Any],
-                    num_batches: int | None = None) -> ClipRangeResult:
-        """Score the recorded ``losses`` of each of ``candidates`` (ascending) and pick the suggestion."""
-        cand = np.asarray(candidates, dtype=np.float64)
-        runs = [np.asarray(v, dtype=np.float64).reshape(-1) for v in losses]
-        if cand.ndim != 1 or not cand.size or len(runs) != cand.size:
-            raise ValueError(f"Expected one loss sequence per candidate but got {len(runs)} for {cand.size}")
-        start = next((float(r[0]) for r in runs if r.size), float("nan"))
-        mean = np.full(cand.size, np.inf)
-        diverged = np.full(cand.size, -1, dtype=np.int64)
-        for i, r in enumerate(runs):
-            step = _divergence_step(r)
-            if step is not None:
-                diverged[i] = step
-            elif r.size:
-                mean[i] = float(r.mean())
-        steps = num_batches or max(r.size for r in runs)
-        if not np.isfinite(mean).any():
-            return cls(cand, runs, start, mean, diverged, 0, float("nan"), steps)
-        best = int(np.argmin(mean))
-        return cls(cand, runs, start, mean, diverged, best, float(cand[best]), steps)
-
-    def __str__(self) -> str:
-        lines = [f"Range test: {self.candidates.size} clipping thresholds, {self.num_batches} optimizer steps each, "
-                 f"all from the same initial weights (first-step loss {self.start_loss:.4g})",
-                 "  threshold   mean loss   loss decrease"]
-        for i, c in enumerate(self.candidates):
-            if self.diverged_step[i] >= 0:
-                row = f"  {c:<11.4g} diverged at step {self.diverged_step[i]}"
-            else:
-                row = f"  {c:<11.4g} {self.mean_loss[i]:<11.4g} {self.decrease[i]:.4g}"
-            if math.isfinite(self.suggestion) and i == self.best:
-                row += "   <- largest decrease: suggested"
-            lines.append(row)
-        if not math.isfinite(self.suggestion):
-            lines.append("  every candidate diverged: no suggestion; lower the learning rate or try smaller thresholds")
-            return "\n".join(lines)
-        lines.append(f"  suggested threshold: {self.suggestion:.4g} (mean loss {self.mean_loss[self.best]:.4g} over "
-                     f"{self.num_batches} steps, the largest decrease)")
-        if self.candidates.size > 1 and self.best == self.candidates.size - 1:
-            lines.append("  the largest candidate trains best: clipping may not be needed; try larger ones")
-        elif self.candidates.size > 1 and self.best == 0:
-            lines.append("  the smallest candidate trains best: try smaller ones too")
-        return "\n".join(lines)
-
-    def plot(self, path: str | os.PathLike[str]) -> Path:
-        """Write a PNG of the loss curves (log y), one per candidate, the suggestion's in bold."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(8, 4.5))
-        FigureCanvasAgg(fig)
-        ax = fig.subplots()
-        for c, run in zip(self.candidates, self.losses):
-            ok = np.isfinite(run) & (run > 0)
-            bold = math.isfinite(self.suggestion) and c == self.suggestion
-            ax.plot(np.flatnonzero(ok), run[ok], linewidth=2.2 if bold else 0.9,
-                    label=f"threshold {c:.3g}" + (" (suggested)" if bold else ""))
-        if ax.has_data():
-            ax.set_yscale("log")
-            ax.legend(fontsize=7)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("training loss")
-        ax.set_title(f"Clipping range test: {self.candidates.size} thresholds from the same initial weights")
-        fig.tight_layout()
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=100)
-        return out
-
-
-def _divergence_step(losses: np.ndarray) -> int | None:
-    """The first index whose loss is not finite or above ``DIVERGENCE_FACTOR`` times the first (``None``)."""
-    if not losses.size:
-        return None
-    bad = ~np.isfinite(losses)
-    if math.isfinite(losses[0]) and losses[0] > 0:
-        bad |= losses > DIVERGENCE_FACTOR * losses[0]
-    hits = np.flatnonzero(bad)
-    return int(hits[0]) if hits.size else None
-
-
 class _NormRecorder(Callback):
     """Records each optimizer's pre-clip total norm in ``on_before_optimizer_step`` (grads unscaled).
 
@@ -314,22 +195,6 @@ class _NormRecorder(Callback):
             for group in opt.param_groups:
                 for p in group["params"]:
                     p.grad = None
-
-
-class _LossRecorder(Callback):
-    """Records the loss ``training_step`` returned, every batch; stops the run once it diverges."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if not isinstance(loss, torch.Tensor):
-            return
-        self.losses.append(float(loss.detach()))
-        if _divergence_step(np.asarray(self.losses)) is not None:
-            trainer.should_stop = True
 
 
 def _devices_of(trainer: pl.Trainer) -> Any:
@@ -427,13 +292,6 @@ def measure_gradient_norms(
     return GradientNormStats.from_norms(first, percentile, optimizer_norms=norms or {0: first})
 
 
-def default_candidates(initial_norm: float, num_candidates: int = 9) -> np.ndarray:
-    """``num_candidates`` thresholds in geometric steps from ``initial_norm / 1000`` to ``10 * initial_norm``."""
-    initial_norm = check_positive_float("initial_norm", initial_norm)
-    num_candidates = check_positive_int("num_candidates", num_candidates)
-    return np.asarray(initial_norm * np.logspace(-3.0, 1.0, num_candidates), dtype=np.float64)
-
-
 def find_clip_threshold(
     trainer: pl.Trainer,
     model: pl.LightningModule,
@@ -442,42 +300,33 @@ def find_clip_threshold(
     num_batches: int = 50,
     candidates: Sequence[float] | None = None,
     num_candidates: int = 9,
-) -> ClipRangeResult:
-    """Range test: ``num_batches`` steps per candidate threshold from the same weights; suggest the best.
+    num_probe_batches: int = 8,
+    tolerance: float = 2.0,
+    refine: bool = True,
+) -> SearchResult:
+    """The search of :class:`~lightning_clip.ClipThresholdFinder` on a temporary Trainer; the result, not a fit.
 
     Args:
         trainer: the user's trainer; only its accelerator, precision and ``accumulate_grad_batches``
             are read. It is not modified, and none of its callbacks runs.
-        model: the LightningModule; its weights (``state_dict``) and the RNG states are restored
-            before every candidate and at the end.
+        model: the LightningModule; its weights (``state_dict``) and the RNG states are put back afterwards.
         datamodule: where the training batches come from (or ``train_dataloaders``).
         train_dataloaders: a dataloader (or what ``Trainer.fit`` accepts) instead of ``datamodule``.
-        num_batches: optimizer steps per candidate (a positive integer).
-        candidates: the thresholds to try (positive numbers); default :func:`default_candidates` of
-            the median gradient norm of the initial weights on the first batches.
-        num_candidates: size of the default grid (ignored with ``candidates``).
+        num_batches, candidates, num_candidates, num_probe_batches, tolerance, refine: as for
+            :class:`~lightning_clip.ClipThresholdFinder`.
 
     Returns:
-        A :class:`ClipRangeResult` with every candidate's losses, their scores and the suggestion.
+        The :class:`~lightning_clip.core.search.SearchResult` (``threshold`` is the choice).
+
+    Raises:
+        RuntimeError: every candidate diverged (the message holds the table).
     """
     _check_fit_arguments(trainer, model, datamodule, train_dataloaders)
-    num_batches = check_positive_int("num_batches", num_batches)
-    num_candidates = check_positive_int("num_candidates", num_candidates)
-    if candidates is None:
-        stats = measure_gradient_norms(trainer, model, datamodule, train_dataloaders, min(num_batches, 8), step=False)
-        if not math.isfinite(stats.median) or stats.median <= 0:
-            raise ValueError(f"The gradient norms of the initial weights are {stats.norms.tolist()}: no finite "
-                             "positive norm to scale the candidate thresholds by; pass `candidates`")
-        grid = default_candidates(stats.median, num_candidates)
-    else:
-        if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence) or not candidates:
-            raise TypeError(f"Expected argument `candidates` to be a non-empty sequence of positive numbers but got "
-                            f"{candidates!r}")
-        grid = np.asarray(sorted({check_positive_float("candidates", c) for c in candidates}), dtype=np.float64)
-    losses = []
-    for c in grid:
-        recorder = _LossRecorder()
-        clip = GradientClipping(float(c), log=False, summary=False)
-        _short_fit(trainer, model, datamodule, train_dataloaders, num_batches, [clip, recorder])
-        losses.append(recorder.losses)
-    return ClipRangeResult.from_losses(grid, losses, num_batches)
+    finder = ClipThresholdFinder(candidates=candidates, num_candidates=num_candidates, num_batches=num_batches,
+                                 num_probe_batches=num_probe_batches, tolerance=tolerance, refine=refine, plot=False)
+    finder.verbose = False
+    clipping = GradientClipping(log=False, summary=False)
+    with quiet_max_steps():  # 0 steps: the search only
+        _short_fit(trainer, model, datamodule, train_dataloaders, 0, [finder, clipping])
+    assert finder.results is not None  # the search ran in on_fit_start (or raised)
+    return finder.results

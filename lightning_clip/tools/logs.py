@@ -79,6 +79,11 @@ def _read_tensorboard(path: Path) -> dict[str, Series]:
     for file in files:  # several files in one directory: a resumed run; later files win per step
         acc = EventAccumulator(str(file), size_guidance={"scalars": 0, "tensors": 0})
         acc.Reload()
+        try:  # every event file TensorBoard writes starts with a timestamped version event
+            acc.FirstEventTimestamp()
+        except ValueError:
+            raise ValueError(f"{str(file)!r} holds no readable TensorBoard event: it is not an event file, or it is "
+                             "corrupt (TensorBoard itself would show nothing for it)") from None
         for tag in acc.Tags().get("scalars", []):
             target = series.setdefault(tag, {})
             for ev in acc.Scalars(tag):
@@ -86,22 +91,27 @@ def _read_tensorboard(path: Path) -> dict[str, Series]:
     return {tag: _to_series(points.items()) for tag, points in series.items()}
 
 
+def _csv_number(file: Path, line: int, column: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{str(file)!r}, line {line}, column {column!r}: expected a number but got {text!r} (the "
+                         "file is not a CSVLogger metrics.csv, or it was edited)") from None
+
+
 def _read_csv(path: Path) -> dict[str, Series]:
     file = path if path.is_file() else path / "metrics.csv"
     series: dict[str, dict[int, float]] = {}
     with open(file, newline="") as f:
-        for row in csv.DictReader(f):
+        for line, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
             step_text = row.get("step", "")
             if not step_text:
                 continue
-            step = int(float(step_text))
+            step = int(_csv_number(file, line, "step", step_text))
             for key, text in row.items():
                 if key in ("step", "epoch") or key is None or text in ("", None):
                     continue
-                try:
-                    series.setdefault(key, {})[step] = float(text)
-                except ValueError:
-                    continue
+                series.setdefault(key, {})[step] = _csv_number(file, line, key, text)
     return {tag: _to_series(points.items()) for tag, points in series.items()}
 
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from lightning_clip import tags
 from lightning_clip.callbacks.clipping import CLIP_RATE_BANDS, clip_rate_advice
+from lightning_clip.core.search import DIVERGENCE_FACTOR
 from lightning_clip.tools.logs import Series, find_runs, log_source, read_scalars
 
 __all__ = [
@@ -58,9 +59,6 @@ __all__ = [
     "read_scalars",
     "summarize",
 ]
-
-#: A logged loss above this multiple of its first value (or not finite) means the run diverged.
-DIVERGENCE_FACTOR = 1e3
 
 #: The label of each band of ``CLIP_RATE_BANDS``.
 _BAND_LABELS: tuple[str, ...] = ("< 1%", "1-5%", "5-25%", "25-50%", "> 50%")
@@ -468,6 +466,8 @@ def format_report(report: RunReport) -> str:
 def plot_report(report: RunReport, path: str | os.PathLike[str]) -> Path:
     """Write a PNG of pre-clip norm, post-clip norm and threshold over steps (log y), one panel per optimizer.
 
+    Returns the path written: ``path``, with ``.png`` appended unless it already ends in ``.png``.
+
     ARC's per-rank norms and threshold get an extra panel. Uses matplotlib's Agg canvas directly
     (no pyplot, no global backend change, no display needed).
     """
@@ -515,6 +515,8 @@ def plot_report(report: RunReport, path: str | os.PathLike[str]) -> Path:
     fig.suptitle(str(report.path), fontsize=8)
     fig.tight_layout()
     out = Path(path)
+    if out.suffix.lower() != ".png":
+        out = out.with_name(out.name + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, format="png")
     return out

@@ -254,10 +254,11 @@ def _sends(run, steps: int, shared: bool, setting=None) -> list[torch.Tensor]:
     wrap = [common.SharedAttack(t) if shared and common.SharedAttack.applies(t) else None for t in made]
     chains = [config.send_chain([w or t for w, t in zip(wrap, run.transforms())]) for _ in range(run.n)]
     gen = torch.Generator().manual_seed(0)
+    params = [torch.zeros(40) for _ in range(run.n)]  # one parameter per rank for every step: momentum follows it
     out = []
     for step in range(steps):
         g = torch.randn(run.n, 40, generator=gen) * torch.linspace(0.5, 2.0, run.n).unsqueeze(1)
-        bufs = [common.SendBuffers([g[r].clone()], [[torch.zeros(40)]]) for r in range(run.n)]
+        bufs = [common.SendBuffers([g[r].clone()], [[params[r]]]) for r in range(run.n)]
         out.append(common.simulate_sends(chains, bufs, step, config.server_aggregation))
     return out
 

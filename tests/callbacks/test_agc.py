@@ -95,3 +95,31 @@ def test_exclude_patterns_and_state_key():
     agc = AdaptiveGradientClipping(exclude="head.*")
     assert agc.exclude == ("head.*",) and agc.excluded("head.weight") and not agc.excluded("body.head.weight")
     assert AdaptiveGradientClipping(0.01).state_key != AdaptiveGradientClipping(0.02).state_key
+
+
+def test_float64_training_is_clipped_like_timm(tmp_path):
+    """Under ``precision="64-true"`` the gradients are float64: AGC clips them with float64 norms, as timm does."""
+    from tests.core.test_unitwise import _timm_reference
+
+    seed_everything(0, verbose=False)
+    before, weights, after = Grabber(), Weights(), Grabber()
+    agc = AdaptiveGradientClipping(clip_factor=0.02)
+    trainer = make_trainer(tmp_path, callbacks=[before, weights, agc, after], max_steps=4, precision="64-true")
+    model = TinyRegressor(lr=0.1)
+    trainer.fit(model, make_loader())
+    assert len(after.steps) == 4
+    for g0, w, g1 in zip(before.steps, weights.steps, after.steps):
+        names = list(g0)
+        expected = [g0[n].clone() for n in names]
+        _timm_reference([w[n] for n in names], expected, 0.02, 1e-3)
+        for n, e in zip(names, expected):
+            assert g1[n].dtype == torch.float64 and torch.equal(g1[n], e), n
+        assert any(not torch.equal(g0[n], g1[n]) for n in names)  # it did clip
+
+
+def test_an_exclude_pattern_that_matches_nothing_is_an_error_at_setup(tmp_path):
+    agc = AdaptiveGradientClipping(exclude=["net.2.*", "net.O.weight"])  # a typo: O for 0
+    trainer = make_trainer(tmp_path, callbacks=[agc], max_steps=1)
+    with pytest.raises(ValueError, match=r"`exclude` to match a parameter name but 'net.O.weight' matches none "
+                                         r"\(the closest parameter names: .*'net.0.weight'"):
+        trainer.fit(TinyRegressor(), make_loader())

@@ -175,7 +175,7 @@ def test_a_policy_object_serves_one_group_only():
 @pytest.mark.parametrize(
     "groups,match",
     [
-        ({"encoder.*": 0.5}, r"'encoder.\*' matches none of the module's parameters \('net.0.weight'"),
+        ({"encoder.*": 0.5}, r"'encoder.\*' matches none \(the module's parameters: 'net.0.weight'"),
         ({"net.*": 0.5, "net.2.*": 0.1},
          r"'net.2.\*' matches no optimizer's parameter that an earlier group did not take"),
         ({3: 0.5}, "param group 3 is in no optimizer"),

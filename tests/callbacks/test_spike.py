@@ -14,20 +14,15 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_clip import GradientSpikeError, NonFiniteGradientGuard, SpikeGuard
 from lightning_clip.core.window import RollingWindow
-from tests.helpers.models import RecordingLogger, Snapshot, TinyRegressor, make_loader, make_trainer, states_equal
-
-
-class SpikyRegressor(TinyRegressor):
-    """TinyRegressor whose loss is multiplied by ``factor`` at the optimizer steps in ``spike_at``."""
-
-    def __init__(self, spike_at: set[int], factor: float = 50.0, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.spike_at = spike_at
-        self.factor = factor
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        return loss * self.factor if self.global_step in self.spike_at else loss
+from tests.helpers.models import (
+    RecordingLogger,
+    Snapshot,
+    SpikyRegressor,
+    TinyRegressor,
+    make_loader,
+    make_trainer,
+    states_equal,
+)
 
 
 class Seen(Callback):
@@ -231,14 +226,16 @@ def test_bad_arguments(kwargs, exc, match):
         SpikeGuard(**kwargs)
 
 
-def test_a_skipped_spike_never_reaches_a_clipping_policy_placed_after_the_guard(tmp_path):
+@pytest.mark.parametrize("guard_first", [True, False], ids=["guard-first", "guard-last"])
+def test_a_skipped_spike_never_reaches_a_clipping_policy_wherever_the_guard_is(tmp_path, guard_first):
     from lightning_clip import GradientClipping, PercentileThreshold
 
     seed_everything(0, verbose=False)
     guard, skipped = SpikeGuard(z_thresh=4.0, window=8, warmup_steps=6), Skipped()
     policy = PercentileThreshold(90.0, warmup_steps=0)
     clip = GradientClipping(policy)
-    trainer = make_trainer(tmp_path, callbacks=[guard, skipped, clip], max_steps=32)
+    ours = [guard, clip] if guard_first else [clip, guard]
+    trainer = make_trainer(tmp_path, callbacks=[*ours, skipped], max_steps=32)
     with pytest.warns(UserWarning, match="spike"):
         trainer.fit(SpikyRegressor({14, 15, 27}, lr=0.01), make_loader())
     kept = 32 - sum(skipped.skipped)

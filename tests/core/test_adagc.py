@@ -129,3 +129,10 @@ def test_callback_clips_each_tensor_as_the_algorithm_and_resumes_bit_for_bit(tmp
 def test_bad_arguments_name_the_argument(kwargs, exc, name):
     with pytest.raises(exc, match=f"`{name}`"):
         AdaGCClipping(**kwargs)
+
+
+def test_a_relative_below_one_warns_that_gamma_shrinks():
+    with pytest.warns(UserWarning, match=r"relative=0.5\): below 1.*beta \+ \(1 - beta\) relative = 0.99 per"):
+        AdaGCClipping(relative=0.5)
+    with pytest.raises(ValueError, match=r"`absolute` to be in \[1.175e-38"):
+        AdaGCClipping(absolute=1e-300)

@@ -80,8 +80,9 @@ def _round_trip(state: dict) -> dict:
 
 @pytest.mark.parametrize("backend", ["host", "device"])
 @pytest.mark.parametrize("percentile", [1e-6, 50.0, 90.0, 99.9999, 33.3])
-@pytest.mark.parametrize("window", [None, 1, 7])
+@pytest.mark.parametrize("window", [None, 2, 7])
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.filterwarnings("ignore:PercentileThreshold\\(percentile=1e-06\\)")
 def test_percentile_matches_numpy(backend, percentile, window, ties):
     norms = _norms(250, seed=int(percentile * 10) + (window or 0), ties=ties)
     policy = _policy(backend, percentile=percentile, warmup_steps=5, warmup_threshold=2.5, window=window)
@@ -711,3 +712,40 @@ def test_quantile_round_trip_gives_the_same_thresholds(split):
 def test_quantile_refuses_a_bad_checkpoint_threshold():
     with pytest.raises(ValueError, match="`threshold` to be a positive finite number but got nan"):
         QuantileThreshold().load_state_dict({"steps": 3, "threshold": torch.tensor(NAN)})
+
+
+def test_float32_cannot_hold_the_threshold_error_at_construction():
+    from lightning_clip.core.thresholds import as_policy
+
+    for make, name, word in [
+        (lambda: FixedThreshold(1e-300), "max_norm", "0"),
+        (lambda: as_policy(1e-300), "threshold", "0"),
+        (lambda: QuantileThreshold(initial=1e-300), "initial", "0"),
+        (lambda: QuantileThreshold(initial=1e300), "initial", "inf"),
+        (lambda: PercentileThreshold(warmup_threshold=1e39), "warmup_threshold", "inf"),
+        (lambda: WarmupThreshold(warmup_threshold=1e-45), "warmup_threshold", "0"),
+        (lambda: ZScoreThreshold(max_norm=1e40), "max_norm", "inf"),
+    ]:
+        with pytest.raises(ValueError, match=rf"`{name}` to be in \[1.175e-38, 3.403e\+38\].* is {word}\)"):
+            make()
+    assert float(torch.tensor(FixedThreshold(1.2e-38).max_norm, dtype=torch.float32)) > 0  # the edge holds
+    assert PercentileThreshold(warmup_threshold=float("inf")).warmup_threshold == float("inf")  # "no clip" stays
+
+
+def test_quantile_learning_rate_is_bounded_and_the_threshold_stays_finite():
+    with pytest.raises(ValueError, match=r"`learning_rate` to be in \(0, 88\] but got 1000000.0"):
+        QuantileThreshold(learning_rate=1e6)
+    policy = QuantileThreshold(quantile=0.9, initial=1.0, learning_rate=88.0)
+    seen = [policy(torch.tensor(v)) for v in [3e38, 3e38] + [0.0] * 25]  # x exp(79.2) up, x exp(-8.8) down
+    assert all(torch.isfinite(c) and c > 0 for c in seen)
+    assert seen[2] == torch.tensor(3.4028234663852886e38, dtype=torch.float32)  # capped at float32's largest
+    assert seen[-1] == torch.tensor(1.1754943508222875e-38, dtype=torch.float32)  # and its smallest normal
+
+
+def test_percentile_window_one_is_refused_with_raw_history_and_a_fraction_warns():
+    with pytest.raises(ValueError, match=r"`window` to be None or an integer >= 2 with history='raw' but got 1"):
+        PercentileThreshold(window=1)
+    policy = PercentileThreshold(50.0, warmup_steps=0, window=1, history="clipped")  # the last record: meaningful
+    assert [float(policy(torch.tensor(v))) for v in (1.0, 3.0, 0.5, 2.0)] == [1.0, 1.0, 1.0, 0.5]
+    with pytest.warns(UserWarning, match=r"percentile=0.9\).*0-100 scale .*percentile=90\)"):
+        PercentileThreshold(0.9)

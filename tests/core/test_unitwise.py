@@ -77,3 +77,77 @@ def test_unitwise_norm_shapes():
     assert unitwise_norm(torch.ones(4, 3, 2, dtype=torch.bfloat16)).dtype == torch.float32
     with pytest.raises(ValueError, match="as many parameters as gradients"):
         adaptive_clip_grads_([torch.ones(2)], [], 0.01, 1e-3)
+
+
+def _timm_reference(params: list[torch.Tensor], grads: list[torch.Tensor], clip_factor: float, eps: float) -> None:
+    """timm's ``adaptive_clip_grad`` (timm/utils/agc.py) as it reads: norms in the tensors' own dtype, a unit
+    below its bound kept, every other unit scaled by ``bound / max(||g||, 1e-6)``."""
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return x.norm(2.0) if x.ndim <= 1 else x.norm(2.0, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+    for w, g in zip(params, grads):
+        max_norm = norm(w.detach()).clamp_(min=eps).mul_(clip_factor)
+        grad_norm = norm(g.detach())
+        clipped = g.detach() * (max_norm / grad_norm.clamp(min=1e-6))
+        g.copy_(torch.where(grad_norm < max_norm, g.detach(), clipped))
+
+
+def _random_model(seed: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Weights and gradients of random shapes, with zero and tiny units, units far within and far over their bound."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(8, 5), (6, 3, 2, 2), (9,), (), (4, 7), (3, 1), (1,)]
+    params, grads = [], []
+    for shape in shapes:
+        w = torch.randn(shape, generator=gen, dtype=torch.float64) * 10 ** float(torch.empty(()).uniform_(-3, 1,
+                                                                                                        generator=gen))
+        g = torch.randn(shape, generator=gen, dtype=torch.float64) * 10 ** float(torch.empty(()).uniform_(-9, 1,
+                                                                                                        generator=gen))
+        if len(shape) >= 1 and shape[0] > 1:
+            w[0] = 0.0  # a zero-weight unit: bound = clip_factor * eps
+            g[-1] = 2e-8  # a tiny gradient unit: ||g|| under the 1e-6 floor
+        params.append(w.to(dtype))
+        grads.append(g.to(dtype))
+    return params, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("clip_factor,eps", [(0.01, 1e-3), (0.02, 1e-3), (0.04, 1e-3), (0.08, 1e-3), (0.16, 1e-3),
+                                             (1e-4, 1e-4), (0.5, 1e-9), (1e-3, 1e-6)])
+def test_bitwise_equal_to_timm_on_random_models(dtype, clip_factor, eps):
+    for seed in range(25):
+        params, grads = _random_model(seed, dtype)
+        expected = [g.clone() for g in grads]
+        _timm_reference(params, expected, clip_factor, eps)
+        adaptive_clip_grads_(params, grads, clip_factor, eps)
+        for got, want in zip(grads, expected):
+            assert got.dtype == dtype and torch.equal(got, want), (seed, got, want)
+
+
+def test_a_unit_within_its_bound_is_left_alone_even_below_the_gradient_floor():
+    # bound = 0.1 * 1e-6 = 1e-7 (zero weights), ||g|| = 2e-8 < bound; the 1e-6 floor alone would scale it by 0.1
+    w, g = torch.zeros(1, 3), torch.tensor([[2e-8, 0.0, 0.0]])
+    clipped = adaptive_clip_grads_([w], [g], 0.1, 1e-6)
+    assert torch.equal(g, torch.tensor([[2e-8, 0.0, 0.0]])) and int(clipped) == 0
+    over = torch.tensor([[3e-7, 0.0, 0.0]])  # over the bound: scaled by bound / max(||g||, 1e-6), as in the paper
+    assert int(adaptive_clip_grads_([w], [over], 0.1, 1e-6)) == 1
+    assert over[0, 0].item() == pytest.approx(3e-7 * 1e-7 / 1e-6, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gradients_are_clipped_with_float32_norms(dtype):
+    params, grads = _random_model(3, dtype)
+    expected = []
+    for w, g in zip(params, grads):  # the float32 computation, cast back to the tensor's dtype
+        w32, g32 = w.float(), g.float()
+        bound = unitwise_norm(w32).clamp(min=1e-3) * 0.05
+        gn = unitwise_norm(g32)
+        factor = torch.where(gn < bound, torch.ones_like(gn), bound / gn.clamp(min=1e-6))
+        expected.append(g * factor.to(dtype))
+    adaptive_clip_grads_(params, grads, 0.05, 1e-3)
+    for got, want in zip(grads, expected):
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_float64_norms_are_float64():
+    assert unitwise_norm(torch.ones(3, 2, dtype=torch.float64)).dtype == torch.float64
+    assert unitwise_norm(torch.ones(3, dtype=torch.float64)).dtype == torch.float64

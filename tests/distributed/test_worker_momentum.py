@@ -31,13 +31,13 @@ import torch.multiprocessing as mp
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lightning_clip import ARCDDPStrategy  # noqa: E402
-from lightning_clip.distributed.config import ARCConfig  # noqa: E402
-from lightning_clip.distributed.hook import ARCHookState, arc_hook  # noqa: E402
-from lightning_clip.distributed.strategy import WORKER_MOMENTUM_KEY  # noqa: E402
-from lightning_clip.robust.aggregators import aggregate  # noqa: E402
-from lightning_clip.robust.transforms import WorkerMomentum  # noqa: E402
-from lightning_clip.sim.byzantine import ByzantineSpec  # noqa: E402
+from lightning_clip import ARCDDPStrategy
+from lightning_clip.distributed.hook import ARCHookState, arc_hook
+from lightning_clip.distributed.strategy import ARC_STATE_KEY
+from lightning_clip.robust.options import ARCConfig
+from lightning_clip.robust.pipeline import aggregate
+from lightning_clip.robust.transforms import WorkerMomentum
+from lightning_clip.sim.byzantine import ByzantineSpec
 from tests.helpers import ddp as h
 
 N = 3  # ranks
@@ -342,12 +342,13 @@ def test_trainer_checkpoints_every_rank_and_resume_continues_the_run(out):
 
     # The step-2 checkpoint, written by rank 0, holds every rank's buffer after step 2.
     ckpt = torch.load(ckpt_dir / "step=2.ckpt", weights_only=True)
-    entry = ckpt[WORKER_MOMENTUM_KEY]
-    assert entry["world_size"] == N and entry["worker_momentum"] == BETA
+    entry = ckpt[ARC_STATE_KEY]
+    assert entry["world_size"] == N and {row["worker_momentum"]["beta"] for row in entry["per_rank"]} == {BETA}
     assert entry["names"] == full[0]["names"] == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
-    assert entry["buffers"].shape == (N, ref[0]["momentum"].shape[1])
-    torch.testing.assert_close(entry["buffers"], ref[1]["momentum"], rtol=1e-5, atol=1e-7)
-    assert not torch.allclose(entry["buffers"][0], entry["buffers"][1])  # really per rank
+    buffers = torch.stack([row["worker_momentum"]["vector"] for row in entry["per_rank"]])
+    assert buffers.shape == (N, ref[0]["momentum"].shape[1])
+    torch.testing.assert_close(buffers, ref[1]["momentum"], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(buffers[0], buffers[1])  # really per rank
 
     # Resume from step 2: the next steps equal the uninterrupted run's (buffers restored before step 3).
     resumed = _records(out, "resumed")
@@ -441,25 +442,32 @@ def _save(tmp_path: Path, checkpoint: dict) -> Path:
 def test_load_checkpoint_edge_cases(tmp_path):
     module = MomentumModule(str(tmp_path), "x")
     names = [n for n, _ in module.named_parameters()]
-    d = sum(p.numel() for p in module.parameters())
-    good = {"worker_momentum": BETA, "world_size": 1, "names": names, "numels": [], "buffers": torch.ones(1, d)}
+    params = list(module.parameters())
+    d = sum(p.numel() for p in params)
+    row = {"worker_momentum": {"beta": BETA, "vector": torch.ones(d)}}
+    good = {"names": names, "world_size": 1, "shared": {}, "per_rank": [row]}
 
     strategy = _strategy_with(module, BETA)
-    strategy.load_checkpoint(_save(tmp_path, {"optimizer_states": [], WORKER_MOMENTUM_KEY: good}))
-    assert torch.equal(strategy._pending_momentum, torch.ones(d))  # this rank's row, waiting for the hook
+    strategy.load_checkpoint(_save(tmp_path, {"optimizer_states": [], ARC_STATE_KEY: good}))
+    assert torch.equal(strategy.arc_state.worker_momentum.vector(params), torch.ones(d))  # this rank's row
 
     with pytest.warns(UserWarning, match=r"from 3 ranks but this run has 1.*restarts from zero"):
         strategy = _strategy_with(module, BETA)
-        strategy.load_checkpoint(_save(tmp_path, {WORKER_MOMENTUM_KEY: {**good, "world_size": 3,
-                                                                        "buffers": torch.ones(3, d)}}))
-    assert strategy._pending_momentum is None
+        strategy.load_checkpoint(_save(tmp_path, {ARC_STATE_KEY: {**good, "world_size": 3, "per_rank": [row] * 3}}))
+    assert not strategy.arc_state.worker_momentum.vector(params).any()
 
-    with pytest.warns(UserWarning, match=r"no worker-momentum buffers"):
+    with pytest.warns(UserWarning, match=r"no ddp_arc state .*worker_momentum restart"):
         _strategy_with(module, BETA).load_checkpoint(_save(tmp_path, {"optimizer_states": []}))
 
-    with pytest.warns(UserWarning, match=r"`worker_momentum=0.0`: they are ignored"):
-        _strategy_with(module, 0.0).load_checkpoint(_save(tmp_path, {WORKER_MOMENTUM_KEY: good}))
+    with pytest.warns(UserWarning, match=r"does not use \(worker_momentum\): it is ignored"):
+        _strategy_with(module, 0.0).load_checkpoint(_save(tmp_path, {ARC_STATE_KEY: good}))
 
     with pytest.raises(ValueError, match=r"model changed since the checkpoint"):
-        _strategy_with(module, BETA).load_checkpoint(_save(tmp_path, {WORKER_MOMENTUM_KEY: {**good,
-                                                                                            "names": ["w"]}}))
+        _strategy_with(module, BETA).load_checkpoint(_save(tmp_path, {ARC_STATE_KEY: {**good, "names": ["w"]}}))
+
+    # A checkpoint written under the earlier key (one [n, D] tensor of every rank's buffer) is read too.
+    earlier = {"worker_momentum": BETA, "world_size": 1, "names": names, "numels": [],
+               "buffers": torch.full((1, d), 2.0)}
+    strategy = _strategy_with(module, BETA)
+    strategy.load_checkpoint(_save(tmp_path, {"optimizer_states": [], "arc_worker_momentum": earlier}))
+    assert torch.equal(strategy.arc_state.worker_momentum.vector(params), torch.full((d,), 2.0))

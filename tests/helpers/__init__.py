@@ -1,1 +1,2 @@
-"""Importable test helpers: ``models`` (tiny modules, trainers, recorders); ``ddp``, ``sharded*`` (multi-process)."""
+"""Importable test helpers: ``models`` (tiny modules, trainers, recorders); ``ddp``, ``exchange*``,
+``dtensor_workers`` (multi-process)."""

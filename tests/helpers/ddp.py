@@ -12,8 +12,10 @@ The parent recomputes everything from :func:`rank_batch` and :func:`make_net` in
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +28,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_clip import ARCDDPStrategy
-from lightning_clip.distributed.config import ARCConfig
 from lightning_clip.distributed.hook import ARCHookState, arc_hook
-from lightning_clip.sim.byzantine import ByzantineSpec
-from lightning_clip.sim.transforms import ByzantineTransform
+from lightning_clip.robust.options import ARCConfig
+from lightning_clip.sim.byzantine import ByzantineTransform
 
 #: Per-rank loss multipliers: rank 2's gradient is the largest, so ARC (f=1, n=3, k=1) clips it.
 LOSS_SCALE = (1.0, 3.0, 10.0)
@@ -104,7 +105,7 @@ def param_vector(net: nn.Module) -> Tensor:
 
 def hook_state(byzantine: dict[str, Any] | None = None, seed: int = 0, **config: Any) -> ARCHookState:
     """``ARCHookState`` for ``ARCConfig(**config)``, with a simulated attack appended as the strategy does."""
-    extra = [] if byzantine is None else [ByzantineTransform(ByzantineSpec.from_config(byzantine), seed=seed)]
+    extra = [] if byzantine is None else [ByzantineTransform.from_config(byzantine, seed=seed)]
     return ARCHookState(ARCConfig(**config), transforms=extra)
 
 
@@ -248,16 +249,20 @@ def raw_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def peer_failure_worker(rank: int, world_size: int, port: int, out_dir: str, dead_rank: int, dead_step: int) -> None:
-    """Train with ARC; rank ``dead_rank`` exits abruptly at ``dead_step``; the others save what they raised."""
+def peer_failure_worker(rank: int, world_size: int, port: int, out_dir: str, dead_rank: int, dead_step: int,
+                        hang_seconds: float = 0.0) -> None:
+    """Train with ARC; rank ``dead_rank`` exits abruptly at ``dead_step`` (or, with ``hang_seconds``, sleeps that
+    long there, past the process group's 3 s timeout, then exits); the others save what they raised."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    timeout = {"timeout": datetime.timedelta(seconds=3)} if hang_seconds else {}
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, **timeout)
     model = _ddp(make_net(), hook_state(num_byzantine=1))
     try:
         for step in range(dead_step + 2):
             if rank == dead_rank and step == dead_step:
+                time.sleep(hang_seconds)  # hung: alive, holding its connections, not taking part
                 os._exit(3)  # a crash: no clean shutdown of the process group
             model.zero_grad()
             rank_loss(model, rank, step).backward()

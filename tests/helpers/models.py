@@ -69,6 +69,19 @@ class TinyRegressor(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
+class SpikyRegressor(TinyRegressor):
+    """TinyRegressor whose loss is multiplied by ``factor`` at the optimizer steps in ``spike_at``."""
+
+    def __init__(self, spike_at: set[int], factor: float = 50.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.spike_at = spike_at
+        self.factor = factor
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * self.factor if self.global_step in self.spike_at else loss
+
+
 def make_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 8, generator=g)

@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lightning_clip.robust.aggregators import aggregate
+from lightning_clip.robust.pipeline import aggregate
 from lightning_clip.sim.adaptive import (
     ADAPTIVE_ATTACKS,
     ALIE_LS_GRID,

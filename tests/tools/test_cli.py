@@ -15,7 +15,7 @@ from lightning_clip.tools.cli import main
 from lightning_clip.tools.report import read_scalars
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-SINGLE_DEVICE = ["monitor", "fixed", "percentile", "warmup", "zscore", "value", "guard_skip", "spike_guard"]
+SINGLE_DEVICE = ["monitor", "fixed", "percentile", "warmup", "zscore", "value", "guard_skip", "spike_guard", "auto"]
 DDP = ["arc_ddp", "byzantine", "robust_dshb"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -26,6 +26,9 @@ FAST_ADDING = [*FAST, "--data.init_args.num_train=256", "--data.init_args.num_va
 #: Each adding-problem config runs a little longer, at its own settings, to see its loss stay bounded.
 ADDING_STEPS = 40
 CONFIG_RUN = [*FAST_ADDING, f"--trainer.max_steps={ADDING_STEPS}", "--data.init_args.num_train=640"]
+#: auto.yaml's search (50 steps per run) on a grid up to m0 instead of 10 m0; the finder is the last callback.
+FAST_SEARCH = ["--trainer.callbacks.init_args.num_candidates=7",
+               "--trainer.callbacks.init_args.num_probe_batches=4"]
 #: A training loss above this (12x the 1/6 of always predicting 1.0 on the adding problem; 4.3x the
 #: ln 10 of a uniform guess on the digits) means the config's run is diverging.
 LOSS_BOUND = {"adding": 2.0, "digits": 10.0}
@@ -86,7 +89,8 @@ def test_every_config_is_covered():
 
 @pytest.mark.parametrize("name", SINGLE_DEVICE)
 def test_single_device_config_fits(name, tmp_path):
-    assert main(["fit", "--config", _config(name), *CONFIG_RUN, f"--trainer.default_root_dir={tmp_path}"]) == 0
+    extra = FAST_SEARCH if name == "auto" else []
+    assert main(["fit", "--config", _config(name), *CONFIG_RUN, *extra, f"--trainer.default_root_dir={tmp_path}"]) == 0
     run = _run_dir(tmp_path, name)
     assert (run / "config.yaml").exists()
     scalars = read_scalars(run)
@@ -105,6 +109,10 @@ def test_single_device_config_fits(name, tmp_path):
         assert "grad_nonfinite/skipped" in scalars
     if name == "spike_guard":  # 40 steps: the 128-step window is not full, so nothing is a spike yet
         np.testing.assert_array_equal(scalars["grad_spike/skipped"].values, np.zeros(steps))
+    if name == "auto":  # the finder's threshold is logged once and is the threshold of every step
+        (found,) = scalars["grad_clip/finder_threshold"].values
+        np.testing.assert_allclose(scalars["grad_clip/threshold"].values, found, rtol=1e-6)
+        assert (run / "clip_threshold_finder.png").read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.mark.distributed
@@ -351,11 +359,11 @@ def test_find_threshold_prints_a_command_with_exactly_one_clipping_at_the_sugges
     small = ["--data.init_args.seq_len=10", "--data.init_args.num_train=128", "--model.init_args.hidden_size=8"]
     name = "guard_skip"
     assert main(["find-threshold", "--config", _config(name), "--num-batches", "3", "--candidates", "0.5,0.05",
-                 "--plot", str(png), *small]) == 0
+                 "--no-refine", "--plot", str(png), *small]) == 0
     out = capsys.readouterr().out
-    assert "Range test: 2 clipping thresholds, 3 optimizer steps each" in out
-    (line,) = [ln for ln in out.splitlines() if "suggested threshold:" in ln]
-    suggestion = float(line.split("suggested threshold:")[1].split()[0])
+    assert "Clip-threshold search: 2 thresholds, 3 optimizer steps each" in out
+    (line,) = [ln for ln in out.splitlines() if ln.strip().startswith("chosen:")]
+    suggestion = float(line.split("chosen:")[1].split(",")[0])
     assert suggestion in (0.5, 0.05)
     assert png.read_bytes()[:8] == PNG_MAGIC
 
@@ -385,12 +393,18 @@ def test_the_replacement_callbacks_hold_one_clipping():
     # a policy becomes the number, the other options stay; a second GradientClipping is dropped
     fixed = {"class_path": "lightning_clip.GradientClipping", "init_args": {"mode": "norm", "threshold": 0.3}}
     assert callbacks_with_threshold([monitor, policy, guard, dict(policy)], 0.3) == [monitor, fixed, guard]
+    # a ClipThresholdFinder would search again: the command that uses the found threshold drops it
+    finder = {"class_path": "lightning_clip.ClipThresholdFinder", "init_args": {"num_batches": 20}}
+    assert callbacks_with_threshold([monitor, policy, finder], 0.3) == [monitor, fixed]
 
 
 @pytest.mark.parametrize(("bad", "named"), [(["--candidates", "0.1,-1"], "--candidates"),
                                            (["--candidates", "x"], "--candidates"),
                                            (["--num-candidates", "0"], "--num-candidates"),
                                            (["--num-batches", "0"], "--num-batches"),
+                                           (["--num-batches", "1"], "--num-batches"),
+                                           (["--tolerance", "-1"], "--tolerance"),
+                                           (["--num-probe-batches", "0"], "--num-probe-batches"),
                                            (["--num-batches", "x"], "--num-batches")])
 def test_find_threshold_bad_arguments(bad, named, capsys):
     assert main(["find-threshold", "--config", _config("monitor"), *bad]) == 2

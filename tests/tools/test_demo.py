@@ -182,8 +182,9 @@ def test_train_loss_is_the_first_batch_loss_at_the_first_step(which, tmp_path):
 # The `lightning-clip demo` command: without clipping the RNN diverges, with it the RNN learns.
 
 
-def test_demo_shows_clipping_make_the_rnn_learn(tmp_path, capsys):
-    """A shortened demo (seq_len 10, 400 steps): both validation MSEs printed side by side."""
+def test_demo_shows_clipping_make_the_rnn_learn(tmp_path, capsys, caplog):
+    """A shortened demo (seq_len 10, 400 steps): the threshold found at fit start, both validation MSEs printed
+    side by side."""
     import re
 
     from lightning_clip.tools.cli import main
@@ -193,7 +194,7 @@ def test_demo_shows_clipping_make_the_rnn_learn(tmp_path, capsys):
     out = capsys.readouterr().out
     table = out[out.index("Validation MSE after 400 steps"):]
     plain = re.search(r"without clipping\s+(diverged at step (\d+)|[\d.]+)", table)
-    clipped = re.search(r"with FixedThreshold\(max_norm=0\.3\)\s+([\d.]+)", table)
+    clipped = re.search(r"with clipping at ([\d.]+) \(found\)\s+([\d.]+)", table)
     assert plain and clipped, table
     # Without clipping the loss diverged (the run stopped there) and the report says so too.
     assert plain.group(2) is not None, table
@@ -202,6 +203,20 @@ def test_demo_shows_clipping_make_the_rnn_learn(tmp_path, capsys):
     assert int(loss.steps[np.argmax(bad)]) == int(plain.group(2)) and bad.any()
     assert f"DIVERGED: diverged at step {plain.group(2)}" in out
     # With clipping the RNN learns: clearly below the 1/6 of always predicting 1.0.
-    mse = float(clipped.group(1))
+    mse = float(clipped.group(2))
     assert mse < 0.6 * (1 / 6), table
     assert (tmp_path / "demo" / "clipping" / "gradient_norms.png").exists()
+    # the found threshold is the one the clipped run logged at every step (and the search's table was printed)
+    assert "Clip-threshold search: 11 thresholds, 50 optimizer steps each" in caplog.text
+    scalars = read_scalars(tmp_path / "demo" / "clipping")
+    (found,) = scalars["grad_clip/finder_threshold"].values
+    assert float(clipped.group(1)) == pytest.approx(found, rel=5e-3)
+    np.testing.assert_allclose(scalars["grad_clip/threshold"].values, found, rtol=1e-6)
+
+
+def test_demo_with_a_fixed_threshold_skips_the_search(tmp_path, capsys):
+    from lightning_clip.tools.cli import main
+
+    assert main(["demo", "--max-steps", "30", "--seq-len", "10", "--threshold", "0.3", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "with FixedThreshold(max_norm=0.3)" in out and "Clip-threshold search" not in out

@@ -497,3 +497,37 @@ def test_report_without_matplotlib_says_how_to_get_the_png(tmp_path, capsys, mon
     out = capsys.readouterr().out
     assert "Run: " in out and "pip install matplotlib" in out
     assert not (tmp_path / "run" / "gradient_norms.png").exists()
+
+
+def test_report_on_an_event_file_of_random_bytes_is_an_error_naming_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    bad = run / "events.out.tfevents.1.host"
+    bad.write_bytes(np.random.default_rng(0).bytes(4000))
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(bad) in err and "no readable TensorBoard event" in err
+    assert not (run / "gradient_norms.png").exists()  # no empty PNG
+
+
+def test_a_bad_metrics_csv_value_names_the_file_line_and_column(tmp_path, capsys):
+    _write_csv(tmp_path / "run")
+    csv_file = tmp_path / "run" / "metrics.csv"
+    lines = csv_file.read_text().splitlines()
+    header = lines[0].split(",")
+    row = lines[2].split(",")
+    col = next(i for i, h in enumerate(header) if h not in ("step", "epoch") and row[i] != "")
+    row[col] = "abc"
+    lines[2] = ",".join(row)
+    csv_file.write_text("\n".join(lines) + "\n")
+    assert main(["report", str(tmp_path / "run"), "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert f"{str(csv_file)!r}, line 3, column {header[col]!r}: expected a number but got 'abc'" in err
+
+
+def test_plot_path_without_png_suffix_is_written_and_printed_as_written(tmp_path, capsys):
+    _write_tensorboard(tmp_path / "run")
+    assert main(["report", str(tmp_path / "run"), "--plot", str(tmp_path / "out" / "noext")]) == 0
+    written = tmp_path / "out" / "noext.png"
+    assert written.read_bytes()[:8] == PNG_MAGIC and not (tmp_path / "out" / "noext").exists()
+    assert f"Plot: {written}\n" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Lightning runs of the sharded-pipeline tests (imported inside the spawned workers only: it loads Lightning).
+"""Lightning runs of the sharded-exchange tests (imported inside the spawned workers only: it loads Lightning).
 
 ``ddp_arc`` with centered clipping and bucketing on 5 ranks: an uninterrupted run that checkpoints every
 2 steps, then a run resumed from step 2.

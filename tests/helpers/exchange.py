@@ -1,7 +1,7 @@
-"""Spawn target of the sharded-pipeline tests: many scenarios in one gloo process group, results saved per rank.
+"""Spawn target of the sharded-exchange tests: many scenarios in one gloo process group, results saved per rank.
 
 The parent rebuilds every rank's vector from :func:`vectors` and computes the reference with
-:func:`~lightning_clip.robust.aggregators.aggregate` in one process.
+:func:`~lightning_clip.robust.pipeline.aggregate` in one process.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-import lightning_clip.distributed.sharded as sharded
-from lightning_clip.distributed.config import ARCConfig
-from lightning_clip.distributed.hook import _reduce_robust, _Transport
+from lightning_clip.distributed.exchange import Transport
+from lightning_clip.distributed.hook import ARCHookState, reduce_robust
+from lightning_clip.robust import pipeline
+from lightning_clip.robust.options import ARCConfig
 from lightning_clip.robust.transforms import SendBuffers
 
 #: Uneven bucket sizes: the flat vector is split like DDP's buckets (d = 2 + 5 + ... not divisible by n).
@@ -100,7 +101,7 @@ def overlap_run(rank: int, rule: str) -> dict[str, Any]:
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from lightning_clip.distributed.hook import ARCHookState, arc_hook
+    from lightning_clip.distributed.hook import arc_hook
     from tests.helpers import ddp as h  # loads Lightning: only here
 
     net = h.make_net()
@@ -138,7 +139,7 @@ def worker(rank: int, world_sizes: tuple[int, ...], port: int, out_dir: str, tra
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=max(world_sizes))
-    sharded.CHUNK = 4  # several column chunks per block even at this size
+    pipeline.CHUNK = 4  # several column chunks per block even at this size
     try:
         res: dict[str, Any] = {}
         for n in world_sizes:
@@ -150,14 +151,13 @@ def worker(rank: int, world_sizes: tuple[int, ...], port: int, out_dir: str, tra
                 sizes = [length(n, case)] if case.get("one_bucket") else BUCKETS
                 params = [[torch.zeros(size)] for size in sizes]  # stand-ins: the centre is kept per parameter
                 for comm_kind in ("sharded", "gather"):
-                    cfg = config(case, comm_kind)
-                    center = sharded.CenterState() if case["rule"] == "cclip" else None
+                    state = ARCHookState(config(case, comm_kind), process_group=group)  # keeps the cclip centre
                     steps = []
                     for step in range(case.get("steps", 1)):
                         x = vectors(n, i, step, dtype, case.get("nan", False), length(n, case))
                         sent = _sent(x[rank], params)
-                        comm = _Transport(group, step)
-                        stats = _reduce_robust(cfg, sent, comm, center)
+                        comm = Transport(group, step)
+                        stats = reduce_robust(state, sent, comm)
                         steps.append({"agg": torch.cat(sent.buffers), "norms": stats.norms.clone(),
                                       "scales": stats.scales.clone(), "comm": dict(comm.bytes)})
                     res[f"{n}/{comm_kind}{i}"] = steps
@@ -166,7 +166,7 @@ def worker(rank: int, world_sizes: tuple[int, ...], port: int, out_dir: str, tra
         if trainer:  # Lightning on every rank: checkpoint every 2 steps, then resume from step 2
             os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(max(world_sizes)),
                                "NODE_RANK": "0"})  # an external launcher's environment: Lightning starts nothing
-            from tests.helpers import sharded_trainer as st  # loads Lightning
+            from tests.helpers import exchange_trainer as st  # loads Lightning
 
             root = Path(out_dir)
             st.fit(root, "full", max(world_sizes), ckpt_dir=root / "ckpt")

@@ -285,11 +285,10 @@ def agreement_callbacks() -> list[Any]:
         ZScoreThreshold,
     )
 
-    return [
-        GradientClipping(PercentileThreshold(80.0, warmup_steps=2, window=4)),
-        GradientClipping(WarmupThreshold(2, 0.5, then=ZScoreThreshold(warmup_steps=2, z_thresh=1.0, max_norm=None)),
-                         log=False),
-        GradientClipping(QuantileThreshold(quantile=0.5, initial=0.2), log=False),
+    return [  # three policies in one GradientClipping (two clippers of one kind are refused): one per layer
+        GradientClipping(PercentileThreshold(80.0, warmup_steps=2, window=4), groups={
+            "net.0.*": WarmupThreshold(2, 0.5, then=ZScoreThreshold(warmup_steps=2, z_thresh=1.0, max_norm=None)),
+            "net.2.*": QuantileThreshold(quantile=0.5, initial=0.2)}),
         NonFiniteGradientGuard("skip"),
         SpikeGuard(("grad_norm", "loss"), z_thresh=0.5, window=4, warmup_steps=2),  # low: spikes happen
     ]

@@ -13,9 +13,9 @@ import torch
 import torch.multiprocessing as mp
 
 from lightning_clip import tags  # noqa: E402
+from lightning_clip.core.dtensor_norms import is_dtensor  # noqa: E402
 from lightning_clip.core.grads import gradient_stats  # noqa: E402
-from lightning_clip.core.sharded import is_dtensor  # noqa: E402
-from tests.helpers import sharded_workers as w
+from tests.helpers import dtensor_workers as w
 from tests.helpers.ddp import free_port
 from tests.helpers.models import states_equal
 

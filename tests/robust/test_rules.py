@@ -1,4 +1,4 @@
-"""Aggregation rules against hand computations and numpy."""
+"""The aggregation rules against hand computations and numpy (one process)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_clip.robust.aggregators import (
-    AGGREGATORS,
-    aggregate,
-    bucket_permutation,
-    bucketing,
+from lightning_clip.robust.pipeline import aggregate
+from lightning_clip.robust.rules import (
+    RULES,
     centered_clipping,
     geometric_median,
     krum,
@@ -20,26 +18,16 @@ from lightning_clip.robust.aggregators import (
     mean,
     median,
     multi_krum,
-    nearest_neighbor_mixing,
-    preaggregation_stats,
     selection_network,
     sorting_network,
-    static_clip,
     trimmed_mean,
 )
-from lightning_clip.robust.arc import arc_clip
-
-nnm = nearest_neighbor_mixing
 
 NAN = float("nan")
 
 
 def rand(rng: np.random.Generator, n: int, d: int) -> torch.Tensor:
     return torch.from_numpy(rng.standard_normal((n, d)))
-
-
-# ----------------------------------------------------------------------------- mean / cwtm / median
-
 
 def test_mean_matches_numpy():
     rng = np.random.default_rng(0)
@@ -86,9 +74,6 @@ def test_median_matches_numpy(n):
     x = rand(rng, n, 9)
     np.testing.assert_allclose(median(x).numpy(), np.median(x.numpy(), axis=0), rtol=1e-12)
     np.testing.assert_allclose(median(x.float()).numpy(), np.median(x.numpy(), axis=0), rtol=1e-6, atol=1e-7)
-
-
-# ----------------------------------------------------------------------------- geometric median
 
 
 def objective(z: np.ndarray, x: np.ndarray) -> float:
@@ -151,9 +136,6 @@ def test_geometric_median_validation():
         geometric_median(x, num_byzantine=2)
 
 
-# ----------------------------------------------------------------------------- Krum
-
-
 KRUM_X = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [10.0, 10.0]])
 # n=4, f=1: each score sums the 2 smallest squared distances to the others:
 # p0: 1 + 1 = 2, p1: 1 + 2 = 3, p2: 1 + 2 = 3, p3: 181 + 181 = 362.
@@ -200,143 +182,8 @@ def test_multi_krum_validation():
         krum(KRUM_X, 2)
 
 
-# ----------------------------------------------------------------------------- NNM
-
-
-def test_nnm_hand_case():
-    x = torch.tensor([[0.0], [1.0], [3.0], [10.0]])
-    # n=4, f=1: each row averages its 3 nearest rows, itself included.
-    expected = torch.tensor([[4 / 3], [4 / 3], [4 / 3], [14 / 3]])
-    torch.testing.assert_close(nnm(x, 1), expected)
-
-
-def test_nnm_ties_broken_by_index_and_self_first():
-    x = torch.tensor([[0.0], [1.0], [-1.0]])
-    # n=3, f=1: itself plus one neighbour; row 0 is at distance 1 from both 1 and -1 -> row 1.
-    torch.testing.assert_close(nnm(x, 1), torch.tensor([[0.5], [0.5], [-0.5]]))
-    dup = torch.tensor([[1.0], [1.0], [5.0]])
-    torch.testing.assert_close(nnm(dup, 1), torch.tensor([[1.0], [1.0], [3.0]]))
-
-
-def test_nnm_f_zero_is_the_mean_everywhere_and_matches_numpy():
-    rng = np.random.default_rng(6)
-    x = rand(rng, 6, 3)
-    torch.testing.assert_close(nnm(x, 0), x.mean(dim=0).expand(6, 3))
-    xn = x.numpy()
-    for f in range(3):
-        out = nnm(x, f).numpy()
-        for i in range(6):
-            idx = np.argsort(np.linalg.norm(xn - xn[i], axis=1), kind="stable")[: 6 - f]
-            np.testing.assert_allclose(out[i], xn[idx].mean(axis=0), rtol=1e-12, atol=1e-15)
-
-
-# ----------------------------------------------------------------------------- registry / aggregate
-
-
 def test_registry_names():
-    assert list(AGGREGATORS) == ["mean", "cwtm", "median", "geomed", "krum", "multikrum", "meamed", "cclip"]
-
-
-def test_aggregate_unknown_name_lists_allowed():
-    with pytest.raises(ValueError, match=r"`rule` to be one of 'mean', 'cwtm', .* but got 'avg'"):
-        aggregate(torch.zeros(3, 2), "avg", 1)
-
-
-def test_aggregate_composes_arc_and_nnm():
-    rng = np.random.default_rng(7)
-    x = rand(rng, 9, 5)
-    x[0] *= 1000
-    x[1, 2] = NAN
-    for name, rule in AGGREGATORS.items():
-        clean = arc_clip(x, 2)
-        torch.testing.assert_close(aggregate(x, name, 2, nnm=True, arc=True), rule(nnm(clean, 2), 2))
-        torch.testing.assert_close(aggregate(clean, name, 2), rule(clean, 2))
-        assert torch.isfinite(aggregate(x, name, 2, nnm=True, arc=True)).all()
-
-
-# ----------------------------------------------------------------------------- static clipping
-
-
-def test_static_clip_matches_torch_clip_grad_norm_row_by_row():
-    rng = np.random.default_rng(11)
-    x = rand(rng, 6, 5).float() * torch.tensor([[0.1], [1.0], [3.0], [10.0], [0.0], [2.0]])
-    out = static_clip(x, 2.0)
-    for i in range(x.shape[0]):
-        p = torch.nn.Parameter(torch.zeros(5))
-        p.grad = x[i].clone()
-        torch.nn.utils.clip_grad_norm_([p], max_norm=2.0)
-        torch.testing.assert_close(out[i], p.grad, rtol=1e-6, atol=0)
-    norms = out.norm(dim=1)
-    assert (norms <= 2.0 + 1e-5).all()
-    assert torch.equal(out[[0, 4]], x[[0, 4]])  # below the bound (and zero): untouched
-    torch.testing.assert_close(static_clip(out, 2.0), out)  # clipping twice changes nothing (to rounding)
-
-
-def test_static_clip_keeps_non_finite_rows_non_finite_and_validates():
-    x = torch.tensor([[NAN, 1.0], [float("inf"), 0.0], [3.0, 4.0]])
-    out = static_clip(x, 1.0)
-    assert not torch.isfinite(out[0]).any() and not torch.isfinite(out[1]).all()
-    torch.testing.assert_close(out[2], torch.tensor([0.6, 0.8]))
-    assert torch.isnan(preaggregation_stats(torch.tensor([NAN]), 0, arc=False, static_clip=1.0).scales).all()
-    for bad in (0.0, -1.0, NAN, float("inf")):
-        with pytest.raises(ValueError, match=r"`max_norm`"):
-            static_clip(x, bad)
-        with pytest.raises(ValueError, match=r"`static_clip`"):
-            aggregate(x[2:], "mean", 0, static_clip=bad)
-    with pytest.raises(TypeError, match=r"`static_clip` to be a number"):
-        aggregate(x[2:], "mean", 0, static_clip="2")  # type: ignore[arg-type]
-
-
-def test_aggregate_order_is_arc_then_static_clip_then_nnm_then_rule():
-    rng = np.random.default_rng(12)
-    x = rand(rng, 9, 6).float()
-    x[0] *= 50
-    x[3] *= 5
-    for name, rule in AGGREGATORS.items():
-        expected = rule(nnm(static_clip(arc_clip(x, 2), 1.5), 2), 2)
-        torch.testing.assert_close(aggregate(x, name, 2, nnm=True, arc=True, static_clip=1.5), expected)
-        torch.testing.assert_close(aggregate(x, name, 2, static_clip=1.5), rule(static_clip(x, 1.5), 2))
-    # The clip acts before NNM: clipping the mixed rows instead gives another result.
-    swapped = trimmed_mean(static_clip(nnm(arc_clip(x, 2), 2), 1.5), 2)
-    assert not torch.allclose(aggregate(x, "cwtm", 2, nnm=True, arc=True, static_clip=1.5), swapped)
-
-
-def test_aggregate_validates_num_byzantine_for_every_rule():
-    for name in AGGREGATORS:
-        with pytest.raises(ValueError, match=r"n/2 = 2.0 but got 2"):
-            aggregate(torch.zeros(4, 2), name, 2)
-
-
-@pytest.mark.parametrize("name", list(AGGREGATORS))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
-def test_dtype_shape_and_determinism(name, dtype):
-    rng = np.random.default_rng(8)
-    x = rand(rng, 7, 4).to(dtype)
-    out = aggregate(x, name, 2, nnm=True)
-    assert out.shape == (4,) and out.dtype == dtype
-    assert torch.equal(out, aggregate(x, name, 2, nnm=True))
-    assert nnm(x, 2).dtype == dtype
-
-
-def test_input_validation():
-    with pytest.raises(ValueError, match=r"`x` to be a 2-D tensor"):
-        mean(torch.zeros(3))
-    with pytest.raises(ValueError, match=r"n >= 1"):
-        median(torch.zeros(0, 3))
-    with pytest.raises(TypeError, match=r"floating dtype"):
-        trimmed_mean(torch.zeros(3, 2, dtype=torch.int32), 1)
-    with pytest.raises(TypeError, match=r"`nnm` to be a bool"):
-        aggregate(torch.zeros(3, 2), "mean", 1, nnm=1)  # type: ignore[arg-type]
-
-
-def test_no_host_sync_runs_on_meta_device():
-    x = torch.empty(7, 3, device="meta")
-    for name in ["mean", "cwtm", "median", "krum", "multikrum"]:
-        assert aggregate(x, name, 2, nnm=True, arc=True).shape == (3,)
-    assert geometric_median(x, 2, tol=0.0, max_iter=3).shape == (3,)
-
-
-# ----------------------------------------------------------------------------- meamed
+    assert list(RULES) == ["mean", "cwtm", "median", "geomed", "krum", "multikrum", "meamed", "cclip"]
 
 
 def test_meamed_hand_cases():
@@ -359,9 +206,6 @@ def test_meamed_matches_numpy():
         idx = np.argsort(np.abs(x - med), axis=0, kind="stable")[: n - f]
         expected = np.take_along_axis(x, idx, axis=0).mean(axis=0)
         np.testing.assert_allclose(meamed(torch.from_numpy(x), f).numpy(), expected, rtol=1e-12)
-
-
-# ----------------------------------------------------------------------------- centered clipping
 
 
 def numpy_cclip(x: np.ndarray, v: np.ndarray, tau: float, iters: int) -> np.ndarray:
@@ -410,66 +254,12 @@ def test_centered_clipping_validation():
         aggregate(x, "cclip", 1, cclip_tau=-1.0)
 
 
-# ----------------------------------------------------------------------------- bucketing
-
-
-def test_bucketing_hand_case():
-    x = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0], [8.0, 9.0]])
-    out = bucketing(x, 2, torch.tensor([2, 0, 4, 1, 3]))
-    # buckets {2, 0}, {4, 1}, {3}
-    torch.testing.assert_close(out, torch.tensor([[2.0, 3.0], [5.0, 6.0], [6.0, 7.0]]))
-    torch.testing.assert_close(bucketing(x, 1, torch.tensor([4, 3, 2, 1, 0])), x.flip(0))
-
-
-def test_bucket_permutation_is_seeded_by_seed_and_step_only():
-    p = bucket_permutation(8, 3, 5)
-    assert sorted(p.tolist()) == list(range(8))
-    torch.manual_seed(123)  # the global generator plays no part
-    assert torch.equal(bucket_permutation(8, 3, 5), p)
-    others = [bucket_permutation(8, 3, s) for s in range(6, 12)] + [bucket_permutation(8, 4, 5)]
-    assert any(not torch.equal(q, p) for q in others)
-
-
-def test_aggregate_with_bucketing_is_rule_of_the_buckets_of_the_clipped_rows():
-    rng = np.random.default_rng(23)
-    x = rand(rng, 9, 4).float()
-    x[0] *= 100
-    perm = bucket_permutation(9, 7, 2)
-    expected = trimmed_mean(nnm(bucketing(arc_clip(x, 1), 2, perm), 1), 1)
-    out = aggregate(x, "cwtm", 1, nnm=True, arc=True, bucket_size=2, bucket_seed=7, step=2)
-    torch.testing.assert_close(out, expected)
-    # another step draws another permutation and (here) another aggregate
-    assert not torch.equal(aggregate(x, "cwtm", 1, nnm=True, arc=True, bucket_size=2, bucket_seed=7, step=3), out)
-
-
-def test_bucketing_validation():
-    x = torch.zeros(5, 2)
-    with pytest.raises(ValueError, match=r"`bucket_size` to leave more than 2 num_byzantine = 2 buckets"):
-        aggregate(x, "cwtm", 1, bucket_size=3)  # 2 buckets cannot hold an honest majority
-    with pytest.raises(ValueError, match=r"`permutation` to be a permutation of range\(5\)"):
-        bucketing(x, 2, torch.tensor([0, 0, 1, 2, 3]))
-    with pytest.raises(ValueError, match=r"`bucket_size`"):
-        bucketing(x, 0, torch.arange(5))
-
-
 def test_trimmed_mean_for_several_f_matches_numpy():
     rng = np.random.default_rng(24)
     x = rng.standard_normal((13, 9))
     for f in (1, 4, 5, 6):
         expected = np.sort(x, axis=0)[f : 13 - f].mean(axis=0)
         np.testing.assert_allclose(trimmed_mean(torch.from_numpy(x), f).numpy(), expected, rtol=1e-12)
-
-
-def test_chunked_passes_equal_one_pass(monkeypatch):
-    import lightning_clip.robust.aggregators as agg
-
-    rng = np.random.default_rng(25)
-    x = rand(rng, 6, 50)
-    c = rand(rng, 1, 50)[0]
-    whole = {name: aggregate(x, name, 1, nnm=True, arc=True, center=c) for name in AGGREGATORS}
-    monkeypatch.setattr(agg, "COLUMNS", 7)  # 8 chunks
-    for name, value in whole.items():
-        torch.testing.assert_close(aggregate(x, name, 1, nnm=True, arc=True, center=c), value, rtol=1e-12, atol=1e-12)
 
 
 def test_selection_network_gives_the_sorted_values_bit_for_bit():
