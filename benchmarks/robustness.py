@@ -114,6 +114,7 @@ from benchmarks.common import (
     arc_num_clipped,
     attack_transforms,
     byzfl_attacks,
+    cache_path,
     command_line,
     load_data,
     machine,
@@ -229,6 +230,30 @@ def build_runs(hets: Sequence[str], fs: Sequence[int], attacks: Sequence[str], r
                      for pre in pres for attack in attacks for impl in impls
                      if impl == "ours" or attack in BYZFL_ATTACKS]
     return runs
+
+
+def complete_cells(runs: Sequence[Run], setting: Setting, cache: str, mode: str = "sim") -> tuple[list[Run], list[str]]:
+    """The runs of the (row, column) cells whose every run is in ``cache``, and the cells left out.
+
+    A cell is its attacks x seeds (and ByzFL-code runs); one missing run leaves the whole cell out, so no worst case
+    is taken over part of the attacks or seeds. A run without attack (f = 0, the reference) is kept when cached.
+    """
+    cells: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    kept: list[Run] = []
+    for run in runs:
+        if run.f == 0:
+            path = cache_path(cache, mode, run, setting)
+            if path is not None and os.path.exists(path):
+                kept.append(run)
+        else:
+            cells[(run.row, run.col)].append(run)
+    missing: list[str] = []
+    for (row, col), members in cells.items():
+        if all(os.path.exists(str(cache_path(cache, mode, r, setting))) for r in members):
+            kept += members
+        else:
+            missing.append(f"{col} / {row}")
+    return kept, missing
 
 
 def cost(run: Run) -> float:
@@ -583,6 +608,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sim: the sim grid; ddp: the DDP grid and the same runs in sim; both (default): both grids")
     add_output_arguments(p, "tiny grid, 30 steps, a 3-rank DDP smoke run (about 80 s on 2 cores)")
     p.add_argument("--cache", default=None, help="directory keeping every finished run, reused on the next call")
+    p.add_argument("--cached-only", action="store_true",
+                   help="run nothing: report the sim cells (row x column) whose every run is in --cache")
     p.add_argument("--hets", default=",".join(DEFAULT_HETS), help=f"heterogeneity ({', '.join(HETEROGENEITY)})")
     p.add_argument("--f", default="1,2,3,4", help="numbers of Byzantine workers (n = honest + f)")
     p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS), help=f"attacks ({', '.join(ATTACKS)})")
@@ -633,6 +660,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--beta: expected 0 <= beta < 1 but got {args.beta}")
     if args.split_seeds is not None and len(_csv(args.split_seeds, int)) not in (1, len(_csv(args.seeds, int))):
         p.error(f"--split-seeds: expected one seed or one per training seed ({args.seeds}) but got {args.split_seeds}")
+    if args.cached_only and (args.cache is None or args.mode != "sim"):
+        p.error("--cached-only: needs --cache and --mode sim")
     if args.attack_impl != "ours":
         try:
             byzfl_attacks()
@@ -680,6 +709,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sim_cmp: list[Result] = []
     walls: dict[str, float] = {}
     ddp_walls: dict[int, float] = {}
+    left_out: list[str] = []
 
     def simulate(runs: list[Run], st: Setting, label: str) -> list[Result]:
         t0 = time.perf_counter()
@@ -696,6 +726,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs += [r for r in build_runs([h for h in hets if h in byzfl_hets], fs, attacks, rules, pres, seeds,
                                            setting.honest, baseline=False, split_seeds=split_seeds, impls=("byzfl",))
                      if r.seed in keep]
+        if args.cached_only:
+            runs, left_out = complete_cells(runs, setting, cache)
+            print(f"--cached-only: {len(left_out)} cell(s) not complete in the cache, left out: {left_out}", flush=True)
         print(f"sim: {len(runs)} runs", flush=True)
         sim = simulate(runs, setting, "sim")
     if args.mode in ("ddp", "both"):
@@ -824,10 +857,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           if res)
     n_test = int(1797 * 0.2)
     md = "\n".join([
-        "# Does ARC hold under attack? Robust D-SHB (worker momentum) on digits, in real DDP",
+        "# Does ARC hold under attack? Robust D-SHB (worker momentum) on digits, "
+        + ("in real DDP" if ddp else "simulated"),
         "",
         f"Command: `{command}`",
         "",
+        *([f"Cells of the command's grid not reported (some of their runs not in the cache): {'; '.join(left_out)}.",
+           ""] if left_out else []),
         f"Machine: {machine()}.",
         "",
         f"Wall time of this invocation: {total:.0f} s ({wall_line or 'everything from the cache'}"

@@ -181,6 +181,25 @@ def test_cache_round_trip_and_resume(tmp_path):
     assert common.split_cached([run], setting, str(tmp_path), "ddp")[0] == []
 
 
+def test_cached_only_reports_the_complete_cells(tmp_path):
+    # A cell (row x column) is reported only when all of its attacks and seeds are cached: one missing run leaves
+    # the whole cell out, so no worst case is taken over part of it.
+    setting = common.Setting()
+    runs = m.build_runs(["extreme"], [3, 4], ["SF", "LF"], ["cwtm"], ["none", "arc"], [1, 2], 10)
+    gap = m.Run("extreme", 3, "LF", "cwtm", "none", 2)
+    ref2 = m.Run("extreme", 0, None, "mean", "none", 2)
+    for run in runs:
+        if run not in (gap, ref2):
+            common.save_result(common.cache_path(str(tmp_path), "sim", run, setting), common.Result(run, [0.5], 1.0, 1))
+    kept, left_out = m.complete_cells(runs, setting, str(tmp_path))
+    assert left_out == ["extreme f=3 / NNM > cwtm"]
+    assert sorted(kept, key=repr) == sorted([r for r in runs if r != ref2 and (r.f, r.pre) != (3, "none")], key=repr)
+    assert len(kept) == 1 + 8 + 4  # the cached reference, f=4's two cells, f=3's ARC cell
+    assert m.complete_cells(runs, setting, str(tmp_path / "empty")) == ([], [
+        "extreme f=3 / NNM > cwtm", "extreme f=3 / ARC > NNM > cwtm", "extreme f=4 / NNM > cwtm",
+        "extreme f=4 / ARC > NNM > cwtm"])
+
+
 def test_cache_keys_stay_those_of_the_runs_already_cached():
     """A cached study is reused: the keys are those the study's runs were cached under (fields at the defaults
     added since, ``robust_comm``, ``init_jitter``, ``split_seed`` and ``impl``, stay out of the key)."""
@@ -360,3 +379,6 @@ def test_bad_arguments_are_rejected():
         m.parse_args(["--beta", "1.0"])
     with pytest.raises(SystemExit):
         m.parse_args(["--seeds", "1,2,3", "--split-seeds", "4,5"])
+    for argv in (["--cached-only", "--mode", "sim"], ["--cached-only", "--cache", "/tmp/x"]):  # no cache; DDP mode
+        with pytest.raises(SystemExit):
+            m.parse_args(argv)
