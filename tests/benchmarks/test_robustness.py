@@ -200,6 +200,19 @@ def test_cached_only_reports_the_complete_cells(tmp_path):
         "extreme f=4 / ARC > NNM > cwtm"])
 
 
+def test_byzfl_comparison_takes_both_sides_over_the_same_seeds():
+    # ByzFL's code ran seed 1 only: our side is taken over seed 1 too, not over the mean of seeds 1-3 (here 0.5,
+    # which a 3-seed mean against a 1-seed value would call "within noise" or "weaker").
+    def res(attack, seed, acc, impl="ours"):
+        return common.Result(m.Run("extreme", 4, attack, "cwtm", "arc", seed, impl=impl), [acc], 1.0, 1)
+
+    results = [res("ALIE-LS-bf", 1, 0.2), res("ALIE-LS-bf", 2, 0.6), res("ALIE-LS-bf", 3, 0.7),
+               res("SF", 1, 0.3), res("SF", 2, 0.3), res("SF", 3, 0.3), res("ALIE-LS-bf", 1, 0.25, impl="byzfl")]
+    table, _, summary = m.byzfl_comparison(results, [m.row_label("cwtm", "arc")], [m.col_label("extreme", 4)])
+    assert summary["cells"] == 1 and summary["stronger"] == 1 and summary["mean_delta"] == pytest.approx(-0.05)
+    assert "0.200 (0.20-0.20) | ALIE-LS-bf | 0.250 (0.25-0.25)" in table
+
+
 def test_cache_keys_stay_those_of_the_runs_already_cached():
     """A cached study is reused: the keys are those the study's runs were cached under (fields at the defaults
     added since, ``robust_comm``, ``init_jitter``, ``split_seed`` and ``impl``, stay out of the key)."""
