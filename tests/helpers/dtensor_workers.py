@@ -195,6 +195,7 @@ def lightning_worker(rank: int, world_size: int, port: int, out_dir: str) -> Non
         callbacks=[GradientNormMonitor(), GradientClipping(CLIP), NonFiniteGradientGuard("skip")],
     )
     trainer.fit(make_fsdp_module(out_dir))
+    close_group()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -351,3 +352,4 @@ def agreement_worker(rank: int, world_size: int, port: int, out_dir: str, strate
         states.append(st)
     torch.save({"states": states, "skipped": skipped, "weights": [p.detach().clone() for p in params]},
                Path(out_dir) / f"agree_{strategy}{rank}.pt")
+    close_group()
