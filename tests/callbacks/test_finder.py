@@ -468,7 +468,7 @@ def _fsdp2_worker(rank: int, world: int, port: int, out_dir: str, threshold: flo
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from tests.helpers.dtensor_workers import make_fsdp_module
-    from tests.helpers.gloo import close_group
+    from tests.helpers.gloo import end_sharded_worker
 
     module = make_fsdp_module(out_dir)
     module.on_train_end = lambda: None
@@ -483,7 +483,7 @@ def _fsdp2_worker(rank: int, world: int, port: int, out_dir: str, threshold: flo
     results = None if finder.results is None else finder.results.state_dict()
     torch.save({"threshold": finder.threshold, "results": results, "weights": weights},
                f"{out_dir}/{'search' if threshold is None else 'reference'}{rank}.pt")
-    close_group()  # before the interpreter's exit: see close_group
+    end_sharded_worker()
 
 
 @pytest.mark.distributed

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tests.helpers.gloo import close_group
+from tests.helpers.gloo import end_sharded_worker
 
 SIZES = (5, 8, 7, 1)  # widths: tensor-parallel dims even, FSDP shards uneven (7 rows), a 1-element bias
 
@@ -125,7 +125,7 @@ def worker(rank: int, world_size: int, port: int, out_dir: str, layout: str) -> 
         dist.destroy_process_group()
         raise
     else:
-        close_group()
+        end_sharded_worker()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def lightning_worker(rank: int, world_size: int, port: int, out_dir: str) -> Non
         callbacks=[GradientNormMonitor(), GradientClipping(CLIP), NonFiniteGradientGuard("skip")],
     )
     trainer.fit(make_fsdp_module(out_dir))
-    close_group()
+    end_sharded_worker()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def fsdp1_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
         raise
     else:
-        close_group()
+        end_sharded_worker()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -352,4 +352,4 @@ def agreement_worker(rank: int, world_size: int, port: int, out_dir: str, strate
         states.append(st)
     torch.save({"states": states, "skipped": skipped, "weights": [p.detach().clone() for p in params]},
                Path(out_dir) / f"agree_{strategy}{rank}.pt")
-    close_group()
+    end_sharded_worker()
