@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 import posixpath
 import re
 from pathlib import Path
@@ -142,11 +143,17 @@ def included_results(markdown: str) -> list[str]:
 
 
 def canonical_path(module: str, name: str) -> str:
-    """Where ``module.name`` is documented: the module that defines it (a re-exported class or function)."""
-    obj = getattr(importlib.import_module(module), name)
+    """Where ``module.name`` is documented: in the module that defines it, when ``module`` re-exports it (a class or
+    function names its module; other objects are found in the ``__all__`` of ``module``'s submodules)."""
+    mod = importlib.import_module(module)
+    obj = getattr(mod, name)
     home = getattr(obj, "__module__", None)
     if (inspect.isclass(obj) or inspect.isfunction(obj)) and home and home.startswith("lightning_clip"):
         return f"{home}.{name}"
+    for sub in pkgutil.iter_modules(getattr(mod, "__path__", []), module + "."):
+        inner = importlib.import_module(sub.name)
+        if name in getattr(inner, "__all__", ()) and getattr(inner, name) is obj:
+            return f"{sub.name}.{name}"
     return f"{module}.{name}"
 
 
