@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import re
+import warnings
 
 import pytest
 
@@ -29,11 +31,29 @@ def _anchors(site) -> set[str]:
     return ids
 
 
+def _import(module: str):
+    """``module``, or ``None`` outside CI when it needs an optional extra that is not installed (a warning says
+    which); in CI every extra is installed, so the module must import."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, ModuleNotFoundError):
+            cause = cause.__cause__
+        absent = getattr(cause, "name", None) or ""
+        if os.environ.get("CI") or not absent or absent.startswith("lightning_clip"):
+            raise
+        warnings.warn(f"{module} not checked: it needs {absent}, which is not installed ({err})", stacklevel=2)
+        return None
+
+
 def test_every_public_name_has_an_entry_in_the_api_reference(site):
     anchors = _anchors(site)
     missing = []
     for module in _modules():
-        mod = importlib.import_module(module)  # lightning_clip.flower too, once it is there
+        mod = _import(module)
+        if mod is None:
+            continue
         for name in getattr(mod, "__all__", ()):
             entry = hooks.canonical_path(module, name)
             if entry not in anchors:

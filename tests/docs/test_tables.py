@@ -68,8 +68,8 @@ def test_the_default_check_tells_types_apart():
 PLACEHOLDERS = {"<parameter name>": "encoder.layer0.weight", "<group>": "encoder.*", "<i>": "3"}
 
 
-def test_the_tags_table_names_every_tag_the_package_writes():
-    (table,) = [t for t in TABLES if t.kind == "tags"]
+@pytest.mark.parametrize("table", [t for t in TABLES if t.kind == "tags"], ids=lambda t: t.where)
+def test_a_tags_table_names_every_tag_the_package_writes(table):
     written = [span for row in table.rows for span in docs.code_spans(row[0])]
     kinds = set()
     for tag in written:
