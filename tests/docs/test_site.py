@@ -37,11 +37,8 @@ def _import(module: str):
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, ModuleNotFoundError):
-            cause = cause.__cause__
-        absent = getattr(cause, "name", None) or ""
-        if os.environ.get("CI") or not absent or absent.startswith("lightning_clip"):
+        absent = docs.missing_extra(err)
+        if os.environ.get("CI") or not absent:
             raise
         warnings.warn(f"{module} not checked: it needs {absent}, which is not installed ({err})", stacklevel=2)
         return None

@@ -228,3 +228,15 @@ def import_path(path: str) -> Any:
     """The object a ``class_path`` names."""
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+def missing_extra(err: BaseException) -> str | None:
+    """The module an optional extra would bring, when ``err`` (or what caused it) is that module's absence; ``None``
+    for any other error, the package's own modules included."""
+    cause: BaseException | None = err
+    while cause is not None:
+        name = cause.name if isinstance(cause, ModuleNotFoundError) else None
+        if name and name != "lightning_clip" and not name.startswith("lightning_clip."):
+            return name
+        cause = cause.__cause__
+    return None
