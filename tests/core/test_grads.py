@@ -267,7 +267,11 @@ def worker(rank, world_size, port):
         total = torch.linalg.vector_norm(torch.cat([f.double().flatten() for f in full]))
         torch.testing.assert_close(stats.total_norm.double(), total, rtol=1e-6, atol=0)
         assert bool(stats.finite)
-    finally:
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    else:
+        dist.barrier()  # every rank done before any tears down its gloo pairs
         dist.destroy_process_group()
 
 

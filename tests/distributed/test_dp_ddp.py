@@ -35,6 +35,7 @@ from lightning_clip.distributed.strategy import ARC_STATE_KEY
 from lightning_clip.robust.privacy import COUNT_STREAM, gaussian_noise
 from lightning_clip.tags import DP_CLIP_BOUND, DP_EPSILON
 from tests.helpers import ddp as h
+from tests.helpers.gloo import close_group
 from tests.helpers.reference import exact_gaussian_epsilon
 
 N = 3
@@ -97,8 +98,11 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         root = Path(out_dir)
         _fit(root, "full", ckpt_dir=root / "ckpt")
         _fit(root, "resumed", ckpt_path=root / "ckpt" / "step=2.ckpt")
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    else:
+        close_group()
 
 
 class DPModule(h.RecordingModule):

@@ -39,6 +39,7 @@ from lightning_clip.robust.pipeline import aggregate
 from lightning_clip.robust.transforms import WorkerMomentum
 from lightning_clip.sim.byzantine import ByzantineSpec
 from tests.helpers import ddp as h
+from tests.helpers.gloo import close_group
 
 N = 3  # ranks
 F = 1  # num_byzantine: k = 1, ARC clips rank 2 (the largest loss scale)
@@ -120,8 +121,11 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         _fit(root, "resumed", TOTAL, ckpt_path=root / "ckpt" / "step=2.ckpt")
         # The strategy's ablation switches reach the hook.
         _fit(root, "ablation", 3, aggregator="cwtm", nnm=True, arc=False, static_clip=ABLATION_CLIP)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    else:
+        close_group()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from lightning_clip import ARCDDPStrategy
 from lightning_clip.distributed.hook import ARCHookState, arc_hook
 from lightning_clip.robust.options import ARCConfig
 from lightning_clip.sim.byzantine import ByzantineTransform
+from tests.helpers.gloo import close_group
 
 #: Per-rank loss multipliers: rank 2's gradient is the largest, so ARC (f=1, n=3, k=1) clips it.
 LOSS_SCALE = (1.0, 3.0, 10.0)
@@ -245,8 +246,11 @@ def raw_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             **hook_stats(st),
         }
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    else:
+        close_group()
 
 
 def peer_failure_worker(rank: int, world_size: int, port: int, out_dir: str, dead_rank: int, dead_step: int,

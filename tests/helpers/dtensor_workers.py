@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tests.helpers.gloo import close_group
+
 SIZES = (5, 8, 7, 1)  # widths: tensor-parallel dims even, FSDP shards uneven (7 rows), a 1-element bias
 
 
@@ -119,8 +121,11 @@ def worker(rank: int, world_size: int, port: int, out_dir: str, layout: str) -> 
                     "placements": placements, "data_world": data_world, "mesh_ndim": mesh.ndim,
                     "num_meshes": len(meshes), "with_partial": with_partial},
                    Path(out_dir) / f"{layout}{rank}.pt")
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    else:
+        close_group()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -263,8 +268,11 @@ def fsdp1_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             shards[0][0] = float("nan")
         out["nan_finite"] = bool(gradient_stats(shards, shard_group=dist.group.WORLD).finite)
         torch.save(out, Path(out_dir) / f"fsdp1_{rank}.pt")
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    else:
+        close_group()
 
 
 # ---------------------------------------------------------------------------------------------------

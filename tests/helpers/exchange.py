@@ -19,6 +19,7 @@ from lightning_clip.distributed.hook import ARCHookState, reduce_robust
 from lightning_clip.robust import pipeline
 from lightning_clip.robust.options import ARCConfig
 from lightning_clip.robust.transforms import SendBuffers
+from tests.helpers.gloo import close_group
 
 #: Uneven bucket sizes: the flat vector is split like DDP's buckets (d = 2 + 5 + ... not divisible by n).
 BUCKETS = (29, 3, 45)
@@ -171,5 +172,8 @@ def worker(rank: int, world_sizes: tuple[int, ...], port: int, out_dir: str, tra
             root = Path(out_dir)
             st.fit(root, "full", max(world_sizes), ckpt_dir=root / "ckpt")
             st.fit(root, "resumed", max(world_sizes), ckpt_path=root / "ckpt" / "step=2.ckpt")
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    else:
+        close_group()
