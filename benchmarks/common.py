@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import io
 import os
 import platform
@@ -49,13 +50,14 @@ from lightning_clip.sim.partition import dirichlet_split, extreme_split
 __all__ = [
     # the library's names the scripts use
     "ARCConfig", "ARCHookState", "ByzantineSpec", "ByzantineTransform", "SendBuffers", "SendTransform", "arc_hook",
-    "adding_task", "arc_num_clipped", "clip_grads_with_norm_", "epsilon", "gradient_stats", "load_digits_tensors",
+    "adding_task", "arc_num_clipped", "flower_api", "clip_grads_with_norm_", "epsilon", "gradient_stats",
+    "load_digits_tensors",
     "markov_text", "simulate_sends",
     # results, machine, processes, tables
     "NOTES_MARKER", "RESULTS_DIR", "StdoutRecord", "add_output_arguments", "command_line", "free_port", "kept_notes",
     "machine", "md_table", "output_dir", "process_map", "run_ranks", "summary_stats", "write_results",
     # the digits task of the robust-training studies
-    "ATTACKS", "HETEROGENEITY", "LABEL_FLIP", "Data", "Result", "Setting", "TrainingRun", "accuracy",
+    "ATTACKS", "HETEROGENEITY", "LABEL_FLIP", "NUM_CLASSES", "Data", "Result", "Setting", "TrainingRun", "accuracy",
     "attack_transforms", "cache_path", "honest_shards", "load_data", "load_result", "make_model", "rank_generator",
     "run_ddp_all", "run_key", "run_sim_all", "sample_batch", "save_result", "split_cached", "train_sim",
 ]
@@ -66,6 +68,11 @@ def adding_task() -> tuple[Any, Any]:
     from lightning_clip.tools.demo import AddingProblemDataModule, AddingRNN
 
     return AddingProblemDataModule, AddingRNN
+
+
+def flower_api() -> Any:
+    """``lightning_clip.flower``, imported on call (it needs the extra ``lightning-clip[flower]``)."""
+    return importlib.import_module("lightning_clip.flower")
 
 
 # --------------------------------------------------------------------------------------------- results files

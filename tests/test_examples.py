@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers.models import ROOT
 
 EXAMPLES = ROOT / "examples"
@@ -39,3 +41,13 @@ def test_lightning_trainer_finds_the_threshold_and_does_not_diverge(tmp_path):
     mse = float(re.search(r"validation MSE after 300 steps: ([\d.e+-]+)", out).group(1))
     assert mse < 3 * TRIVIAL_MSE, out[-2000:]
     assert list((tmp_path / "lightning_logs").glob("version_*/clip_threshold_finder.png"))
+
+
+def test_flower_digits_runs_in_process_and_the_global_model_learns(tmp_path):
+    pytest.importorskip("flwr.serverapp")
+    pytest.importorskip("sklearn")
+    out = _run(tmp_path, "flower_digits.py", "--in-process", "--rounds", "3")
+    accuracy = [float(a) for a in re.findall(r"round \d+: test accuracy ([\d.]+)", out)]
+    assert len(accuracy) == 4, out[-3000:]  # the initial model and one per round
+    # ten classes: an untrained model is near 0.1; three rounds of FedARC with one sign-flipping site of ten learn
+    assert accuracy[-1] > max(0.25, accuracy[0] + 0.15), accuracy

@@ -11,6 +11,9 @@ modules                             may not import (directly or through any modu
 ``distributed`` (all of it)         ``sim`` and ``callbacks`` (a simulated attack reaches the strategy as a
                                     send transform)
 ``distributed.hook``, ``.exchange`` also Lightning, our glue and ``tools``
+``flower`` (all of it)              ``sim`` and ``callbacks`` (simulated sites reach it as transforms passed in);
+                                    nothing but ``flower`` imports ``flwr`` (``import lightning_clip`` works
+                                    without Flower, and ``lightning_clip.flower`` names the extra when it is missing)
 everything outside ``tools``        ``tools``
 every module                        another module's private (``_name``) names
 =================================== ===================================================================
@@ -53,6 +56,7 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("lightning_clip.distributed",), ("lightning_clip.sim", "lightning_clip.callbacks")),
     (("lightning_clip.distributed.hook", "lightning_clip.distributed.exchange"),
      ("lightning_clip.sim",) + LIGHTNING + GLUE),
+    (("lightning_clip.flower",), ("lightning_clip.sim", "lightning_clip.callbacks")),
 ]
 
 #: Modules that may issue collectives themselves: everything in DIRECT_RULES' scope but these must not
@@ -387,3 +391,45 @@ def test_unknown_attribute_still_raises():
 
     with pytest.raises(AttributeError, match="no_such_name"):
         lightning_clip.no_such_name  # noqa: B018
+
+
+FLOWER = ("flwr",)
+
+
+def test_only_the_flower_package_imports_flower():
+    for module in graph():
+        if _matches(module, ("lightning_clip.flower",)):
+            continue
+        bad = [chain for name, chain in reach(module).items() if _matches(name, FLOWER)]
+        assert not bad, f"{module} reaches Flower: " + " | ".join(" -> ".join(c) for c in bad)
+    assert any(_matches(name, FLOWER) for name in reach("lightning_clip.flower.strategy"))  # the rule is not vacuous
+
+
+_NO_FLOWER_SCRIPT = r"""
+import importlib, importlib.abc, json, sys
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "flwr" or name.startswith("flwr."):
+            raise ImportError(f"No module named {name!r} (blocked in this test)")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+import lightning_clip
+out = {"top": lightning_clip.ARCConfig.__name__, "strategy": lightning_clip.ARCDDPStrategy.__name__}
+try:
+    import lightning_clip.flower
+    out["flower"] = "imported"
+except ImportError as err:
+    out["flower"] = str(err)
+print(json.dumps(out))
+"""
+
+
+def test_the_package_imports_without_flower_and_the_flower_package_names_the_extra():
+    proc = subprocess.run([sys.executable, "-c", _NO_FLOWER_SCRIPT], capture_output=True, text=True, timeout=120,
+                          cwd=str(PKG_DIR.parent))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["top"] == "ARCConfig" and out["strategy"] == "ARCDDPStrategy"
+    assert "pip install 'lightning-clip[flower]'" in out["flower"], out["flower"]

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -148,13 +147,7 @@ class ARCDDPStrategy(DDPStrategy):
         log_arc: bool = True,
         **kwargs: Any,
     ) -> None:
-        settings = {name: kwargs.pop(name) for name in ARCConfig.field_names() if name in kwargs}
-        if arc_config is not None and not isinstance(arc_config, ARCConfig):
-            raise TypeError(f"Expected argument `arc_config` to be an ARCConfig but got {arc_config!r}")
-        if arc_config is not None and settings:
-            raise ValueError("Give ARCDDPStrategy either `arc_config` or the keyword arguments that build one "
-                             f"({', '.join(sorted(settings))}), not both")
-        config = ARCConfig(**settings) if arc_config is None else arc_config
+        config = ARCConfig.from_keywords("ARCDDPStrategy", arc_config, kwargs)
         if config.dp_noise_multiplier > 0.0 and (config.dp_sampling_rate < 1.0 or config.dp_accountant == "rdp"):
             privacy.require_accountant()  # epsilon is reported: fail now, naming the extra, when it cannot be
         check_bool("log_arc", log_arc)
@@ -369,15 +362,5 @@ class ARCDDPStrategy(DDPStrategy):
         )
 
 
-def _signature() -> inspect.Signature:
-    """``__init__``'s signature with :class:`ARCConfig`'s fields as keyword arguments, for LightningCLI and help()."""
-    sig = inspect.signature(ARCDDPStrategy.__init__)
-    self_param, *rest = sig.parameters.values()
-    hints = typing.get_type_hints(ARCConfig)
-    fields = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=getattr(ARCConfig, name),
-                                annotation=hints[name]) for name in ARCConfig.field_names()]
-    return sig.replace(parameters=[self_param, *fields, *rest])
-
-
-ARCDDPStrategy.__init__.__signature__ = _signature()  # type: ignore[attr-defined]
+ARCDDPStrategy.__init__.__signature__ = ARCConfig.signature_with_fields(ARCDDPStrategy.__init__)  # type: ignore[attr-defined]
 ARCDDPStrategy.register_strategies(StrategyRegistry)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import typing
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -202,6 +204,40 @@ class ARCConfig:
     def field_names(cls) -> tuple[str, ...]:
         """Every setting's name, in declaration order."""
         return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_keywords(cls, owner: str, arc_config: ARCConfig | None, keywords: dict[str, Any]) -> ARCConfig:
+        """The config of an object that takes either ``arc_config`` or this class's fields as keyword arguments.
+
+        The fields are *removed* from ``keywords`` (what remains belongs to ``owner``'s other arguments).
+
+        Raises:
+            TypeError: If ``arc_config`` is not an ``ARCConfig``.
+            ValueError: If both ``arc_config`` and fields are given, or a field is out of range.
+        """
+        settings = {name: keywords.pop(name) for name in cls.field_names() if name in keywords}
+        if arc_config is None:
+            return cls(**settings)
+        if not isinstance(arc_config, ARCConfig):
+            raise TypeError(f"Expected argument `arc_config` to be an ARCConfig but got {arc_config!r}")
+        if settings:
+            raise ValueError(f"Give {owner} either `arc_config` or the keyword arguments that build one "
+                             f"({', '.join(sorted(settings))}), not both")
+        return arc_config
+
+    @classmethod
+    def signature_with_fields(cls, fn: Callable[..., Any]) -> inspect.Signature:
+        """``fn``'s signature with this class's fields inserted as keyword-only arguments after ``self``.
+
+        For an ``__init__`` that takes the fields through ``**kwargs`` (:meth:`from_keywords`): help(), IDEs and
+        LightningCLI then show every setting with its type and default.
+        """
+        sig = inspect.signature(fn)
+        self_param, *rest = sig.parameters.values()
+        hints = typing.get_type_hints(cls)
+        fields = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=getattr(cls, name),
+                                    annotation=hints[name]) for name in cls.field_names()]
+        return sig.replace(parameters=[self_param, *fields, *rest])
 
     @classmethod
     def of_pipeline(cls, **settings: Any) -> ARCConfig:

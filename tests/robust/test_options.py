@@ -103,6 +103,30 @@ def test_arc_ddp_yaml_spells_out_every_field_at_its_default():
     assert set(init_args) - set(settings) <= {"send_transforms", "log_arc", "process_group_backend"}
 
 
+def test_from_keywords_takes_the_fields_out_of_the_keywords_or_the_object_whole():
+    keywords = {"num_byzantine": 2, "aggregator": "cwtm", "fraction_train": 0.5}
+    config = ARCConfig.from_keywords("Owner", None, keywords)
+    assert config == ARCConfig(num_byzantine=2, aggregator="cwtm") and keywords == {"fraction_train": 0.5}
+    whole = ARCConfig(nnm=True)
+    assert ARCConfig.from_keywords("Owner", whole, {"other": 1}) is whole
+    with pytest.raises(ValueError, match="Give Owner either `arc_config` or .*nnm.*not both"):
+        ARCConfig.from_keywords("Owner", whole, {"nnm": False})
+    with pytest.raises(TypeError, match="arc_config"):
+        ARCConfig.from_keywords("Owner", {"nnm": True}, {})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="aggregator"):
+        ARCConfig.from_keywords("Owner", None, {"aggregator": "krumm"})
+
+
+def test_signature_with_fields_lists_every_field_with_its_default_and_type():
+    def init(self, *, own: int = 3, **kwargs) -> None: ...
+
+    params = ARCConfig.signature_with_fields(init).parameters
+    assert list(params)[: len(ARCConfig.field_names()) + 1] == ["self", *ARCConfig.field_names()]
+    for field in dataclasses.fields(ARCConfig):
+        assert params[field.name].default == field.default and params[field.name].kind.name == "KEYWORD_ONLY"
+    assert list(params)[-2:] == ["own", "kwargs"]
+
+
 @pytest.mark.parametrize("name", ["bucket_seed", "dp_seed"])
 def test_seeds_outside_32_bits_are_refused_at_construction(name):
     with pytest.raises(ValueError, match=rf"`{name}` to be an integer in \[0, 2\*\*32\) but got {2**70}"):
