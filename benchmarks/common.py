@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from lightning_clip.core.functional import clip_grads_with_norm_
 from lightning_clip.core.grads import gradient_stats
 from lightning_clip.distributed.hook import ARCHookState, arc_hook
+from lightning_clip.robust import pipeline
 from lightning_clip.robust.arc import arc_num_clipped
 from lightning_clip.robust.options import ARCConfig
 from lightning_clip.robust.privacy import epsilon
@@ -443,7 +444,7 @@ def train_sim(run: TrainingRun, setting: Setting, data: Data, shards: list[Tenso
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=setting.lr, weight_decay=setting.weight_decay)
     config = run.config(setting)
-    server = config.server_aggregation
+    server = pipeline.server_aggregation(config)
     chains = [config.send_chain(run.transforms()) for _ in range(run.n)]  # every rank's own momentum and attack
     gens = [rank_generator(run.seed, r) for r in range(run.n)]
     accs: list[float] = []

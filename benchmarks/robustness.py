@@ -43,7 +43,7 @@ One pipeline for both execution modes, by construction: every run is one ``ARCCo
 plus the simulated attack (:meth:`Run.transforms`), and every rank's "what it sends" is the library's chain
 of send transforms (``ARCConfig.send_chain``: worker momentum, then the ``ByzantineTransform``). DDP runs
 that chain inside the hook; the simulation runs the same chain with the library's ``simulate_sends`` and
-aggregates with the config's ``server_aggregation``, the function the hook calls.
+aggregates with ``pipeline.server_aggregation(config)``, the function the hook calls.
 
 * ``--mode sim``: all ``n`` workers in one process; per-worker gradients by autograd, flattened in the
   layout of DDP's single gradient bucket (parameter order at the first step, reversed from the second

@@ -433,3 +433,41 @@ def test_the_package_imports_without_flower_and_the_flower_package_names_the_ext
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["top"] == "ARCConfig" and out["strategy"] == "ARCDDPStrategy"
     assert "pip install 'lightning-clip[flower]'" in out["flower"], out["flower"]
+
+
+def import_cycles(edges: dict[str, list[str]]) -> list[list[str]]:
+    """The groups of modules that import each other, directly or through others (strongly connected, > 1)."""
+    order: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        order[v] = low[v] = len(order)
+        stack.append(v)
+        for w in edges.get(v, []):
+            if w not in order:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], order[w])
+        if low[v] == order[v]:
+            group = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for v in sorted(edges):
+        if v not in order:
+            visit(v)
+    return cycles
+
+
+def test_no_two_modules_import_each_other():
+    """Not even through a function-level import: a module's dependencies can be read one way (packages'
+    ``__init__`` re-exports aside; ``if TYPE_CHECKING:`` imports do not run and do not count)."""
+    modules = {m for m in graph() if not _is_package(m)}
+    edges = {m: sorted({n for _, n in graph()[m] if n in modules and n != m}) for m in modules}
+    assert not import_cycles(edges)
+    assert import_cycles({"a": ["b"], "b": ["c"], "c": ["a", "d"], "d": []}) == [["a", "b", "c"]]
+    assert import_cycles({"a": ["b"], "b": ["c"], "c": []}) == []

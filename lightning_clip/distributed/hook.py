@@ -297,7 +297,7 @@ def reduce_robust(state: ARCHookState, sent: SendBuffers, comm: Transport,
 
 def _context(config: ARCConfig, comm: Transport) -> SendContext:
     return SendContext(rank=comm.rank, world_size=comm.n, step=comm.step, gather=comm.gather_rows,
-                       aggregation=config.server_aggregation)
+                       aggregation=pipeline.server_aggregation(config))
 
 
 class _Overlap:

@@ -16,8 +16,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor
-
 from lightning_clip.exceptions import (
     check_bool,
     check_choice,
@@ -280,16 +278,6 @@ class ARCConfig:
         if self.dp_noise_multiplier == 0.0 or self.dp_clip_quantile is None:
             return self.dp_noise_multiplier
         return privacy.adaptive_noise_multiplier(self.dp_noise_multiplier, self.dp_count_stddev(world_size))
-
-    @property
-    def server_aggregation(self) -> Callable[[Tensor], Tensor]:
-        """The whole pipeline ``[n, d] -> [d]`` with these settings (for attacks that search against it).
-
-        Stateless: bucketing draws step 0's permutation and centered clipping starts from zero.
-        """
-        from lightning_clip.robust import pipeline  # the pipeline reads this module: imported when first asked
-
-        return lambda x: pipeline.aggregate_with(x, self)[0]
 
     def send_chain(self, extra: Sequence[SendTransform] = ()) -> list[SendTransform]:
         """The transforms a rank applies to what it sends, in order: worker momentum (if any), then ``extra``."""

@@ -49,6 +49,7 @@ __all__ = [
     "preaggregate",
     "preaggregation_stats",
     "run",
+    "server_aggregation",
     "static_clip",
 ]
 
@@ -424,3 +425,11 @@ def static_clip(x: Tensor, max_norm: float) -> Tensor:
     """
     check_positive_float("max_norm", max_norm)
     return preaggregate(x, 0, arc=False, static_clip=max_norm)[0]
+
+
+def server_aggregation(options: ARCConfig) -> Callable[[Tensor], Tensor]:
+    """The whole pipeline ``[n, d] -> [d]`` with ``options``'s settings (for attacks that search against it).
+
+    Stateless: bucketing draws step 0's permutation and centered clipping starts from zero.
+    """
+    return lambda x: aggregate_with(x, options)[0]

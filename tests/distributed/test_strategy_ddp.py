@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lightning_clip import ARCDDPStrategy
 from lightning_clip.distributed.hook import ARCHookState
+from lightning_clip.robust import pipeline
 from lightning_clip.robust.options import ARCConfig
 from lightning_clip.robust.pipeline import aggregate
 from lightning_clip.sim.byzantine import ByzantineSpec, ByzantineTransform
@@ -132,41 +133,37 @@ def test_robust_aggregator_matches_pure_function(raw, case):
     assert rec["comm"]["all_gather"] == 4 * N * (d // N) + 4 * N * (d % N) + 4 * N
 
 
-@pytest.mark.distributed
-def test_a_dead_peer_is_reported_with_the_step_by_the_survivors(tmp_path):
+def _peer_failure_messages(tmp_path, *hang_s: float) -> list[str]:
+    """Rank 2 of N stops at step 2 (after DDP's bucket rebuild at step 1, whose broadcast is not ours): it exits,
+    or with ``hang_s`` stays alive that long without taking part. The survivors' first error lines."""
     ctx = mp.get_context("spawn")
     port = h.free_port()
-    # Rank 2 dies at step 2 (after DDP's bucket rebuild at step 1, whose broadcast is not ours).
-    procs = [ctx.Process(target=h.peer_failure_worker, args=(r, N, port, str(tmp_path), 2, 2)) for r in range(N)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0, 3]
-    for rank in (0, 1):
-        outcome = torch.load(tmp_path / f"peer{rank}.pt", weights_only=False)
-        assert outcome["type"] == "PeerFailureError", outcome
-        first_line = outcome["message"].splitlines()[0]
-        assert first_line.startswith(f"ddp_arc: the all-gather of step 2 failed on rank {rank} of {N}: a peer rank")
-        assert "Cause: [" in first_line and "gloo" in first_line  # gloo's own message, on the same line
-
-
-@pytest.mark.distributed
-def test_a_hung_peer_is_reported_as_a_timeout_by_the_survivors(tmp_path):
-    ctx = mp.get_context("spawn")
-    port = h.free_port()
-    # Rank 2 stops taking part at step 2 and stays alive past the 3 s timeout of the process group.
-    procs = [ctx.Process(target=h.peer_failure_worker, args=(r, N, port, str(tmp_path), 2, 2, 12.0))
+    procs = [ctx.Process(target=h.peer_failure_worker, args=(r, N, port, str(tmp_path), 2, 2, *hang_s))
              for r in range(N)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0, 3]
+    lines = []
     for rank in (0, 1):
         outcome = torch.load(tmp_path / f"peer{rank}.pt", weights_only=False)
         assert outcome["type"] == "PeerFailureError", outcome
-        first_line = outcome["message"].splitlines()[0]
+        lines.append(outcome["message"].splitlines()[0])
+    return lines
+
+
+@pytest.mark.distributed
+def test_a_dead_peer_is_reported_with_the_step_by_the_survivors(tmp_path):
+    for rank, first_line in enumerate(_peer_failure_messages(tmp_path)):
+        assert first_line.startswith(f"ddp_arc: the all-gather of step 2 failed on rank {rank} of {N}: a peer rank")
+        assert "Cause: [" in first_line and "gloo" in first_line  # gloo's own message, on the same line
+
+
+@pytest.mark.distributed
+def test_a_hung_peer_is_reported_as_a_timeout_by_the_survivors(tmp_path):
+    # Rank 2 stays alive past the 3 s timeout of the process group.
+    for rank, first_line in enumerate(_peer_failure_messages(tmp_path, 12.0)):
         assert first_line.startswith(f"ddp_arc: the all-gather of step 2 timed out after 3 s on rank {rank} of {N}: "
                                      "a peer rank did not take part in time, so it is hung"), first_line
         assert "probably died" not in first_line and "DDPStrategy(timeout=...)" in first_line
@@ -322,7 +319,7 @@ def test_server_aggregation_is_the_pure_pipeline():
     config = ARCConfig(num_byzantine=1, aggregator="cwtm", nnm=True, arc=False, static_clip=2.0)
     x = torch.randn(5, 4) * torch.tensor([[1.0], [2.0], [3.0], [40.0], [0.5]])
     # The aggregation the line search attacks is the hook's own pipeline, switches included.
-    assert torch.equal(config.server_aggregation(x), aggregate(x, "cwtm", 1, nnm=True, static_clip=2.0))
+    assert torch.equal(pipeline.server_aggregation(config)(x), aggregate(x, "cwtm", 1, nnm=True, static_clip=2.0))
 
 
 def test_hook_state_validation_and_pickle():

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from lightning_clip.robust import pipeline
 from lightning_clip.robust.options import PIPELINE_FIELDS, ARCConfig
 from lightning_clip.robust.pipeline import aggregate
 from lightning_clip.robust.rules import RULES, CenteredClipping
@@ -29,7 +30,8 @@ def test_config_validates_once_and_builds_the_chain_and_pipeline():
     config = ARCConfig(num_byzantine=1, aggregator="median", nnm=True, static_clip=3)
     assert config.static_clip == 3.0 and not config.uses_all_reduce and ARCConfig().uses_all_reduce
     x = torch.randn(5, 3)
-    assert torch.equal(config.server_aggregation(x), aggregate(x, "median", 1, nnm=True, arc=True, static_clip=3.0))
+    expected = aggregate(x, "median", 1, nnm=True, arc=True, static_clip=3.0)
+    assert torch.equal(pipeline.server_aggregation(config)(x), expected)
     with pytest.raises(ValueError, match=r"world size 2"):
         ARCConfig(num_byzantine=1).check_world_size(2)
 
@@ -64,7 +66,7 @@ def test_aggregate_takes_the_pipeline_fields_and_nothing_else():
     kwargs = {"bucket_size": 2, "bucket_seed": 3, "cclip_tau": 0.5, "cclip_iters": 2}
     assert set(kwargs) | {"aggregator", "num_byzantine", "nnm", "arc", "static_clip"} == set(PIPELINE_FIELDS)
     config = ARCConfig(aggregator="cclip", num_byzantine=1, arc=False, **kwargs)
-    assert torch.equal(aggregate(x, "cclip", 1, **kwargs), config.server_aggregation(x))
+    assert torch.equal(aggregate(x, "cclip", 1, **kwargs), pipeline.server_aggregation(config)(x))
     with pytest.raises(TypeError, match=r"`dp_seed`: the pipeline's settings are aggregator, num_byzantine"):
         aggregate(x, "mean", 1, dp_seed=3)
     with pytest.raises(ValueError, match=r"`bucket_seed`"):
