@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import importlib.util
 import io
 import os
 import platform
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol, TextIO
 
 import torch
@@ -36,31 +38,40 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
+from lightning_clip.core.adagc import adagc_coefficients
 from lightning_clip.core.functional import clip_grads_with_norm_
 from lightning_clip.core.grads import gradient_stats
+from lightning_clip.core.search import SearchRule, candidate_grid, divergence_step, probe_median, schedule_steps, search
+from lightning_clip.core.unitwise import adaptive_clip_grads_
 from lightning_clip.distributed.hook import ARCHookState, arc_hook
 from lightning_clip.robust import pipeline
 from lightning_clip.robust.arc import arc_num_clipped
 from lightning_clip.robust.options import ARCConfig
 from lightning_clip.robust.privacy import epsilon
 from lightning_clip.robust.transforms import SendBuffers, SendTransform
+from lightning_clip.sim.adaptive import line_search
 from lightning_clip.sim.byzantine import ByzantineSpec, ByzantineTransform, simulate_sends
-from lightning_clip.sim.data import load_digits_tensors, markov_text
+from lightning_clip.sim.data import ALPHABET, adding_problem, load_digits_tensors, markov_text, word_text
 from lightning_clip.sim.partition import dirichlet_split, extreme_split
 
 __all__ = [
     # the library's names the scripts use
     "ARCConfig", "ARCHookState", "ByzantineSpec", "ByzantineTransform", "SendBuffers", "SendTransform", "arc_hook",
     "adding_task", "arc_num_clipped", "flower_api", "clip_grads_with_norm_", "epsilon", "gradient_stats",
-    "load_digits_tensors",
-    "markov_text", "simulate_sends",
+    "load_digits_tensors", "markov_text", "simulate_sends",
+    # the tuning-free study's
+    "ALPHABET", "SearchRule", "adaptive_clip_grads_", "adagc_coefficients", "adding_problem", "candidate_grid",
+    "divergence_step", "probe_median", "schedule_steps", "search", "word_text",
     # results, machine, processes, tables
     "NOTES_MARKER", "RESULTS_DIR", "StdoutRecord", "add_output_arguments", "command_line", "free_port", "kept_notes",
     "machine", "md_table", "output_dir", "process_map", "run_ranks", "summary_stats", "write_results",
     # the digits task of the robust-training studies
-    "ATTACKS", "HETEROGENEITY", "LABEL_FLIP", "NUM_CLASSES", "Data", "Result", "Setting", "TrainingRun", "accuracy",
-    "attack_transforms", "cache_path", "honest_shards", "load_data", "load_result", "make_model", "rank_generator",
-    "run_ddp_all", "run_key", "run_sim_all", "sample_batch", "save_result", "split_cached", "train_sim",
+    "ATTACKS", "ATTACK_REVISION", "BYZFL_ATTACKS", "BYZFL_VERSION", "HETEROGENEITY", "LABEL_FLIP", "NUM_CLASSES",
+    "ByzflAttack",
+    "Data", "Result", "Setting", "SharedAttack", "TrainingRun", "accuracy", "attack_transforms", "byzfl_attacks",
+    "cache_path", "honest_shards", "line_search", "load_data", "load_result", "make_model", "rank_generator",
+    "run_ddp_all", "run_key", "run_sim_all", "sample_batch", "save_result", "shard_sizes", "split_cached",
+    "split_seed_of", "train_sim",
 ]
 
 
@@ -260,24 +271,164 @@ LABEL_FLIP = "LF"
 ATTACKS: dict[str, dict[str, Any] | None] = {
     "SF": {"attack": "sign_flip"},
     LABEL_FLIP: None,
-    "FOE-LS": {"attack": "foe_ls"},
-    "ALIE-LS": {"attack": "alie_ls"},
+    "FOE-LS": {"attack": "foe_ls", "search": "ours"},
+    "FOE-LS-bf": {"attack": "foe_ls", "search": "byzfl"},
+    "ALIE-LS": {"attack": "alie_ls", "search": "ours"},
+    "ALIE-LS-bf": {"attack": "alie_ls", "search": "byzfl"},
     "Mimic": {"attack": "mimic"},
     "ALIE": {"attack": "alie"},
     "FOE": {"attack": "foe"},
     "NaN": {"attack": "nan"},
     "scale": {"attack": "scale", "factor": 1e3},
 }
+#: Attacks whose definition changed after runs were cached under their label: the revision joins the cache key.
+#: Revision 2 of "FOE-LS" / "ALIE-LS": the library's search over both signs without a cap (was: one sign, capped).
+ATTACK_REVISION: dict[str, int] = {"FOE-LS": 2, "ALIE-LS": 2}
 #: Heterogeneity label -> Dirichlet alpha (``None``: the extreme sorted split).
 HETEROGENEITY: dict[str, float | None] = {"extreme": None, "a=0.1": 0.1, "a=0.5": 0.5, "a=1": 1.0}
+#: The ByzFL release the reference attacks were checked against (``pip install --no-deps byzfl==...``).
+BYZFL_VERSION = "0.0.11"
+#: Attack label -> (the library's attack family, ByzFL's class of the same attack): the attacks whose line search
+#: is ByzFL's, which ByzFL's own code can compute instead of the library (``impl="byzfl"``).
+BYZFL_ATTACKS: dict[str, tuple[str, str]] = {"FOE-LS-bf": ("foe", "Optimal_InnerProductManipulation"),
+                                             "ALIE-LS-bf": ("alie", "Optimal_ALittleIsEnough")}
 
 
-def attack_transforms(attack: str | None, ranks: Sequence[int]) -> list[SendTransform]:
-    """The vector-level attack ``attack`` of ``ranks`` as send transforms (none for no attack or the label flip)."""
+def attack_transforms(attack: str | None, ranks: Sequence[int], impl: str = "ours") -> list[SendTransform]:
+    """The vector-level attack ``attack`` of ``ranks`` as send transforms (none for no attack or the label flip).
+
+    ``impl="byzfl"``: an attack of :data:`BYZFL_ATTACKS` computed by ByzFL's own class (:class:`ByzflAttack`).
+    """
+    if impl == "byzfl":
+        if attack not in BYZFL_ATTACKS:
+            raise ValueError(f"ByzFL's implementation covers the attacks {list(BYZFL_ATTACKS)}, not {attack!r}")
+        return [ByzflAttack(BYZFL_ATTACKS[attack][0], ranks)] if ranks else []
     kwargs = ATTACKS[attack] if attack is not None else None
     if not ranks or kwargs is None:
         return []
     return [ByzantineTransform.from_spec(ByzantineSpec(ranks=list(ranks), **kwargs))]
+
+
+def byzfl_attacks() -> ModuleType:
+    """ByzFL's attack module ``byzfl.attacks.attacks``, imported without the package's ``__init__``.
+
+    ``import byzfl`` imports its federated framework and benchmark too, hence torchvision (which PyPI builds for
+    CUDA torch: it does not load beside the CPU torch wheel) and seaborn; the attack module itself needs numpy,
+    scipy and torch only. So the package object is created from its spec without executing its ``__init__``, and
+    only ``byzfl.attacks`` (with ``byzfl.utils`` and ``byzfl.aggregators``, which it imports) is loaded.
+    Install it with ``pip install --no-deps byzfl==0.0.11`` (plain ``pip install byzfl`` replaces torch).
+
+    Raises:
+        ModuleNotFoundError: If ByzFL is not installed (the message says how to install it).
+    """
+    if "byzfl" not in sys.modules:
+        spec = importlib.util.find_spec("byzfl")
+        if spec is None or spec.submodule_search_locations is None:
+            raise ModuleNotFoundError(
+                f"ByzFL is not installed; install it without its dependencies (they would replace torch): "
+                f"pip install --no-deps byzfl=={BYZFL_VERSION} (its attacks need numpy and scipy: the [bench] extra)",
+                name="byzfl")
+        sys.modules["byzfl"] = importlib.util.module_from_spec(spec)  # its __init__ is not run
+    return importlib.import_module("byzfl.attacks.attacks")
+
+
+class _AggregationCache:
+    """The server's aggregation with every evaluated stack remembered (by its bytes) and the misses counted."""
+
+    def __init__(self, aggregation: Callable[[Tensor], Tensor]) -> None:
+        self.aggregation = aggregation
+        self.seen: dict[tuple, Tensor] = {}
+        self.misses = 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        key = (tuple(x.shape), x.dtype, x.detach().cpu().contiguous().numpy().tobytes())
+        if key not in self.seen:
+            self.misses += 1
+            self.seen[key] = self.aggregation(x)
+        return self.seen[key]
+
+
+class ByzflAttack:
+    """ByzFL's line-searched FOE (``Optimal_InnerProductManipulation``) or ALIE (``Optimal_ALittleIsEnough``) as a
+    send transform: a reference for the library's ``foe_ls`` / ``alie_ls``.
+
+    ByzFL's class (its defaults: start 0, step 10, ratio 0.8, 20 evaluations) searches against the row's pipeline,
+    passed as its aggregator with no pre-aggregator, and computes the vector sent. Every step it also runs the
+    differential check: the library's ByzFL-style search (``line_search(..., search="byzfl")``) on the same honest
+    vectors and pipeline must send the same vector, and the library's ``foe`` / ``alie`` at the factor it found must
+    equal ByzFL's ``InnerProductManipulation`` / ``ALittleIsEnough`` at that factor. :attr:`stats` holds the largest
+    absolute differences, the steps checked and the aggregations the library's search needed beyond ByzFL's own
+    (0 when it evaluated exactly ByzFL's vectors).
+    """
+
+    def __init__(self, attack: str, ranks: Sequence[int], check: bool = True) -> None:
+        if attack not in ("foe", "alie"):
+            raise ValueError(f"Expected argument `attack` to be 'foe' or 'alie' but got {attack!r}")
+        self.attack, self.ranks, self.check = attack, tuple(ranks), check
+        self.stats: dict[str, float] = {"steps": 0, "search_max_abs_diff": 0.0, "fixed_max_abs_diff": 0.0,
+                                        "extra_evals": 0, "byzfl_evals": 0, "max_abs": 0.0}
+
+    def __call__(self, sent: SendBuffers, ctx: Any) -> None:
+        flat = sent.flatten()
+        rows = ctx.gather(flat)[[r for r in range(ctx.world_size) if r not in self.ranks]]  # a collective: all ranks
+        if ctx.rank not in self.ranks:
+            return
+        byzfl = byzfl_attacks()
+        agg = _AggregationCache(ctx.aggregation)
+        cls = getattr(byzfl, _BYZFL_CLASS[self.attack])
+        vec = cls(agg=agg, pre_agg_list=[], f=len(self.ranks))(rows)
+        sent.write_(vec.to(flat.dtype))
+        if not self.check:
+            return
+        byzfl_evals = agg.misses
+        res = line_search(self.attack, rows, len(self.ranks), agg, search="byzfl")
+        ours = res.vector(self.attack, rows)
+        tau = -res.factor if self.attack == "alie" else res.factor
+        fixed = (byzfl.ALittleIsEnough(tau=float(tau)) if self.attack == "alie"
+                 else byzfl.InnerProductManipulation(tau=float(tau)))(rows)
+        st = self.stats
+        st["steps"] += 1
+        st["byzfl_evals"] += byzfl_evals
+        st["extra_evals"] += agg.misses - byzfl_evals
+        st["search_max_abs_diff"] = max(st["search_max_abs_diff"], float((ours - vec).abs().max()))
+        st["fixed_max_abs_diff"] = max(st["fixed_max_abs_diff"], float((ours - fixed).abs().max()))
+        st["max_abs"] = max(st["max_abs"], float(vec.abs().max()))
+
+
+_BYZFL_CLASS = {family: cls for family, cls in BYZFL_ATTACKS.values()}
+
+
+class SharedAttack:
+    """Simulation only: an omniscient attack's Byzantine ranks all send one vector per step, computed once.
+
+    Wraps a :class:`ByzantineTransform` whose attack needs the honest vectors, or a :class:`ByzflAttack`: every
+    Byzantine rank computes the same vector from the same gathered rows (the hook's contract), so the first
+    Byzantine rank of a step computes it and the others copy it -- the same bits as ``f`` separate computations.
+    Every rank's chain holds the same instance.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self._step: int | None = None
+        self._vector: Tensor | None = None
+
+    @staticmethod
+    def applies(transform: Any) -> bool:
+        return isinstance(transform, ByzflAttack) or (isinstance(transform, ByzantineTransform)
+                                                      and transform.spec.needs_honest)
+
+    def _byzantine(self, rank: int) -> bool:
+        inner = self.inner
+        return rank in inner.ranks if isinstance(inner, ByzflAttack) else inner.spec.is_byzantine(rank)
+
+    def __call__(self, sent: SendBuffers, ctx: Any) -> None:
+        if not self._byzantine(ctx.rank) or self._step != ctx.step:
+            self.inner(sent, ctx)
+            if self._byzantine(ctx.rank):
+                self._step, self._vector = ctx.step, sent.flatten().clone()
+            return
+        assert self._vector is not None
+        sent.write_(self._vector)
 
 
 @dataclass(frozen=True)
@@ -300,7 +451,8 @@ class Setting:
 class TrainingRun(Protocol):
     """One training run of a study: ``honest`` workers on shards of heterogeneity ``het``, then the Byzantine ones.
 
-    A frozen dataclass: its fields and the :class:`Setting` make its cache key.
+    A frozen dataclass: its fields and the :class:`Setting` make its cache key. It may also have a field
+    ``split_seed`` (the seed of the Dirichlet split; ``None``: ``seed``), read by :func:`split_seed_of`.
     """
 
     @property
@@ -330,6 +482,7 @@ class Result:
     wall: float  # seconds
     steps_done: int  # fewer than the setting's steps when the weights became non-finite
     final: Tensor | None = None  # final flat parameters in ``model.parameters()`` order
+    checks: dict[str, float] | None = None  # the differential check of a ByzFL reference run (ByzflAttack.stats)
 
     @property
     def max_acc(self) -> float:
@@ -353,8 +506,19 @@ def load_data(test_fraction: float = 0.2, split_seed: int = 0) -> Data:
     return Data(x[train].contiguous(), y[train].contiguous(), x[test].contiguous(), y[test].contiguous())
 
 
+def split_seed_of(run: TrainingRun) -> int:
+    """The seed of ``run``'s Dirichlet split: its ``split_seed`` field when set, else its training ``seed``."""
+    split_seed = getattr(run, "split_seed", None)
+    return run.seed if split_seed is None else int(split_seed)
+
+
+def shard_sizes(data: Data, het: str, honest: int, split_seed: int) -> list[int]:
+    """How many train samples each honest worker holds under this split."""
+    return [len(s) for s in honest_shards(data, het, honest, split_seed)]
+
+
 def honest_shards(data: Data, het: str, honest: int, seed: int) -> list[Tensor]:
-    """Train-split indices of each honest worker."""
+    """Train-split indices of each honest worker (``seed``: the split's seed; the extreme split has none)."""
     alpha = HETEROGENEITY[het]
     if alpha is None:
         return extreme_split(data.train_y, honest)
@@ -364,9 +528,9 @@ def honest_shards(data: Data, het: str, honest: int, seed: int) -> list[Tensor]:
 
 def _run_shards(run: TrainingRun, data: Data, known: dict[tuple, list[Tensor]]) -> list[Tensor]:
     """``run``'s honest shards, computed once per split in ``known``."""
-    key = (run.het, run.honest, run.seed)
+    key = (run.het, run.honest, split_seed_of(run))
     if key not in known:
-        known[key] = honest_shards(data, run.het, run.honest, run.seed)
+        known[key] = honest_shards(data, run.het, run.honest, split_seed_of(run))
     return known[key]
 
 
@@ -445,7 +609,10 @@ def train_sim(run: TrainingRun, setting: Setting, data: Data, shards: list[Tenso
     opt = torch.optim.SGD(params, lr=setting.lr, weight_decay=setting.weight_decay)
     config = run.config(setting)
     server = pipeline.server_aggregation(config)
-    chains = [config.send_chain(run.transforms()) for _ in range(run.n)]  # every rank's own momentum and attack
+    # every rank's own momentum and attack; an omniscient attack computed once per step for all its ranks
+    shared = [SharedAttack(t) if SharedAttack.applies(t) else None for t in run.transforms()]
+    chains = [config.send_chain([s if s is not None else t for s, t in zip(shared, run.transforms())])
+              for _ in range(run.n)]
     gens = [rank_generator(run.seed, r) for r in range(run.n)]
     accs: list[float] = []
     step = 0
@@ -468,7 +635,10 @@ def train_sim(run: TrainingRun, setting: Setting, data: Data, shards: list[Tenso
             accs.append(accuracy(model, data.test_x, data.test_y))
         if not _all_finite(model):
             break
-    return _result(run, setting, model, data, accs, t0, step)
+    res = _result(run, setting, model, data, accs, t0, step)
+    checks = [s.inner.stats for s in shared if s is not None and isinstance(s.inner, ByzflAttack)]
+    res.checks = checks[0] if checks else None
+    return res
 
 
 def _train_ddp(rank: int, run: TrainingRun, setting: Setting, data: Data, shards: list[Tensor]) -> Result | None:
@@ -497,14 +667,21 @@ def _train_ddp(rank: int, run: TrainingRun, setting: Setting, data: Data, shards
 
 # --------------------------------------------------------------------------------------------- result cache
 
-#: Fields added after runs were cached: at these values they stay out of the key, so the old runs are reused.
-_KEYLESS_DEFAULTS = {"robust_comm": "sharded", "init_jitter": 0.0}
+#: Fields (of the setting or of a run) added after runs were cached: at these values they stay out of the key,
+#: so the old runs are reused.
+_KEYLESS_DEFAULTS = {"robust_comm": "sharded", "init_jitter": 0.0, "split_seed": None, "impl": "ours"}
+
+
+def _keyed(fields: dict[str, Any]) -> list[tuple[str, Any]]:
+    return sorted((k, v) for k, v in fields.items() if _KEYLESS_DEFAULTS.get(k, ...) != v)
 
 
 def run_key(run: TrainingRun, setting: Setting) -> str:
-    """The cache key of ``run`` under ``setting``."""
-    fields = {k: v for k, v in asdict(setting).items() if _KEYLESS_DEFAULTS.get(k, ...) != v}
-    text = repr(sorted(asdict(run).items())) + repr(sorted(fields.items()))
+    """The cache key of ``run`` under ``setting`` (with the attack's :data:`ATTACK_REVISION`, if any)."""
+    text = repr(_keyed(asdict(run))) + repr(_keyed(asdict(setting)))  # type: ignore[call-overload]
+    revision = ATTACK_REVISION.get(run.attack) if run.attack is not None else None
+    if revision is not None:
+        text += f"attack revision {revision}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -518,7 +695,7 @@ def save_result(path: str | None, result: Result) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     torch.save({"run": asdict(result.run), "accs": result.accs, "wall": result.wall,
-                "steps_done": result.steps_done, "final": result.final}, tmp)
+                "steps_done": result.steps_done, "final": result.final, "checks": result.checks}, tmp)
     os.replace(tmp, path)
 
 
@@ -526,7 +703,8 @@ def load_result(path: str | None, run_type: type) -> Result | None:
     if path is None or not os.path.exists(path):
         return None
     rec = torch.load(path, weights_only=False)
-    return Result(run_type(**rec["run"]), rec["accs"], rec["wall"], rec["steps_done"], rec["final"])
+    return Result(run_type(**rec["run"]), rec["accs"], rec["wall"], rec["steps_done"], rec["final"],
+                  rec.get("checks"))
 
 
 def split_cached(runs: Sequence[TrainingRun], setting: Setting, cache: str | None,

@@ -5,7 +5,8 @@ Setting (arXiv 2405.14432; the paper's algorithm, scaled down to the 8x8 digits)
 25 samples and updates its *local momentum* ``m <- beta m + (1 - beta) g`` (``beta = 0.9``, ``m_0 = 0``,
 no bias correction: the convention of the paper's library ByzFL and of the library's ``WorkerMomentum``).
 Honest workers sample from their own heterogeneous shard of the train split (``extreme``: labels sorted and
-cut into 10 contiguous chunks, 1-2 classes each; Dirichlet ``a=0.1`` / ``a=0.5``); the Byzantine workers
+cut into 10 contiguous chunks, 1-2 classes each; Dirichlet ``a=0.1`` / ``a=0.5``, drawn with a split seed of
+its own, separate from the training seed); the Byzantine workers
 (the last ``f`` ranks) sample from the whole train split and keep a momentum of their own gradient. The
 server receives the ``n`` vectors, computes ``rule(NNM(pre(x)))`` and takes a plain SGD step (lr 0.5,
 weight decay 1e-4, no server momentum). 200 steps, test accuracy every 10 steps.
@@ -27,17 +28,26 @@ Attacks (what the Byzantine workers send; the worst case is taken over them; def
 =========== ======================================================================================
 SF          sign flip of the worker's own momentum (``ByzantineSpec(attack="sign_flip")``)
 LF          label flip: the Byzantine worker's gradient on ``y -> 9 - y``, then its own momentum
-FOE-LS      "Fall of empires" ``-eps * mean(honest momenta)``, ``eps`` line-searched every step
-ALIE-LS     "A little is enough" ``mean - z * std`` of the honest momenta, ``z`` line-searched
+FOE-LS      "Fall of empires" ``-eps * mean(honest momenta)``, ``eps`` line-searched every step by the
+            library's search: both signs, no cap (``line_search(..., search="ours")``)
+FOE-LS-bf   the same attack with ByzFL's search (``eps = tau >= 0`` from 0, doubling steps, 20
+            evaluations: ``search="byzfl"``)
+ALIE-LS     "A little is enough" ``mean - z * std`` (population std) of the honest momenta, ``z``
+            line-searched by the library's search
+ALIE-LS-bf  ByzFL's ALIE ``mean + tau * std`` (sample std) with ByzFL's search
 Mimic       a copy of the first honest worker's momentum
 =========== ======================================================================================
 
 Optional (not in the default grid): ``ALIE`` / ``FOE`` with the library's fixed factors, ``NaN`` and
-``scale`` (x1e3). The line search (the library's ``search_factor``) maximises
-``|| server(honest + f copies) - mean(honest) ||`` against the server's actual pipeline of the row.
+``scale`` (x1e3). The line searches maximise ``|| server(honest + f copies) - mean(honest) ||`` against
+the server's actual pipeline of the row; each is a separate attack, so the worst case is taken over both
+searches and names the one that won. ``--attack-impl byzfl`` (or ``both``) also runs FOE-LS-bf / ALIE-LS-bf
+with ByzFL's own ``Optimal_InnerProductManipulation`` / ``Optimal_ALittleIsEnough`` (``pip install --no-deps
+byzfl==0.0.11``), checks at every step that the library sends the same vector, and compares the worst cases
+cell by cell.
 
 Metric, as in the paper: the maximum test accuracy over the evaluations, averaged over seeds, then the
-worst case over the attacks.
+worst case over the attacks; the tables give the min-max over the seeds of the worst attack too.
 
 One pipeline for both execution modes, by construction: every run is one ``ARCConfig`` (:meth:`Run.config`)
 plus the simulated attack (:meth:`Run.transforms`), and every rank's "what it sends" is the library's chain
@@ -55,9 +65,9 @@ aggregates with ``pipeline.server_aggregation(config)``, the function the hook c
 * ``--mode both`` (default): the sim grid, then the DDP grid, then a run-by-run comparison of the runs
   both modes executed.
 
-The defaults: the sim grid is every heterogeneity, f = 1..4, every row and attack, seeds 1 and 2; the
-DDP grid is the extreme heterogeneity (the paper's headline setting) with the same f, rows, attacks
-and seeds, plus the f = 0 reference.
+The defaults: the sim grid is every heterogeneity, f = 1..4, every row and attack, seeds 1-3 (split seed =
+training seed unless ``--split-seeds`` says otherwise); the DDP grid is the extreme heterogeneity (the
+paper's headline setting) with the same f, rows, attacks and seeds, plus the f = 0 reference.
 
 ``--cache DIR`` keeps every finished run in ``DIR`` (one file per run and mode, keyed by the run and
 the setting) and reuses it: an interrupted study resumes where it stopped, and sim and DDP can run in
@@ -69,6 +79,7 @@ Usage (from the repository root)::
     python -m benchmarks.robustness --quick                    # smoke run (~80 s on 2 cores), to a temporary dir
     python -m benchmarks.robustness --mode ddp --ddp-comm gather  # the DDP grid on the all-gather path
     python -m benchmarks.robustness --mode sim --init-jitter 1e-7 # how far one float rounding moves each run
+    python -m benchmarks.robustness --mode sim --attack-impl both  # with ByzFL's own attacks as a reference
 
 Writes ``robustness.md`` (tables, command, machine, wall times, reading) and ``robustness.png`` (heatmaps)
 into ``--out``; by default ``benchmarks/results`` for a full run and a new temporary directory with
@@ -92,6 +103,8 @@ from torch import Tensor
 
 from benchmarks.common import (
     ATTACKS,
+    BYZFL_ATTACKS,
+    BYZFL_VERSION,
     HETEROGENEITY,
     ARCConfig,
     Result,
@@ -100,19 +113,24 @@ from benchmarks.common import (
     add_output_arguments,
     arc_num_clipped,
     attack_transforms,
+    byzfl_attacks,
+    cache_path,
     command_line,
+    load_data,
     machine,
     md_table,
     output_dir,
     run_ddp_all,
     run_sim_all,
+    shard_sizes,
+    split_seed_of,
     write_results,
 )
 
 NAME = "robustness"
 #: The paper's attacks: the default grid.
-DEFAULT_ATTACKS = ("SF", "LF", "FOE-LS", "ALIE-LS", "Mimic")
-LINE_SEARCHED = ("FOE-LS", "ALIE-LS")
+DEFAULT_ATTACKS = ("SF", "LF", "FOE-LS", "FOE-LS-bf", "ALIE-LS", "ALIE-LS-bf", "Mimic")
+LINE_SEARCHED = ("FOE-LS", "FOE-LS-bf", "ALIE-LS", "ALIE-LS-bf")
 RULES = ("cwtm", "geomed", "multikrum")
 #: Pre-aggregation clipping -> (ARC on, static clip on).
 PRES: dict[str, tuple[bool, bool]] = {"none": (False, False), "clip": (False, True), "arc": (True, False),
@@ -138,12 +156,19 @@ class Run:
     attack: str | None
     rule: str  # a key of RULES, or "mean" for the f = 0 reference
     pre: str  # a key of PRES
-    seed: int
+    seed: int  # model init, batches
     honest: int = 10
+    split_seed: int | None = None  # the Dirichlet split's seed; None: ``seed`` (and for the extreme split)
+    impl: str = "ours"  # "byzfl": an attack of BYZFL_ATTACKS computed by ByzFL's own class (a reference)
 
     @property
     def n(self) -> int:
         return self.honest + self.f
+
+    @property
+    def attack_label(self) -> str:
+        """The attack, marked ``(ByzFL code)`` when ByzFL's implementation computes it."""
+        return f"{self.attack} (ByzFL code)" if self.impl == "byzfl" else str(self.attack)
 
     @property
     def row(self) -> str:
@@ -155,7 +180,8 @@ class Run:
 
     @property
     def label(self) -> str:
-        return f"{self.row:<26} {self.col:<13} {self.attack or '-':<7} seed {self.seed}"
+        split = "" if self.split_seed is None else f" split {self.split_seed}"
+        return f"{self.row:<26} {self.col:<13} {self.attack_label if self.attack else '-':<15} seed {self.seed}{split}"
 
     def config(self, setting: Setting) -> ARCConfig:
         """The server pipeline and worker momentum of this run: the one definition both modes use."""
@@ -168,7 +194,7 @@ class Run:
 
     def transforms(self) -> list[SendTransform]:
         """The simulated attack of the last ``f`` ranks (none for the label flip, which acts on the data)."""
-        return attack_transforms(self.attack, range(self.honest, self.n))
+        return attack_transforms(self.attack, range(self.honest, self.n), self.impl)
 
 
 def row_label(rule: str, pre: str, clip: float = 2.0) -> str:
@@ -183,32 +209,86 @@ def col_label(het: str, f: int) -> str:
 
 
 def build_runs(hets: Sequence[str], fs: Sequence[int], attacks: Sequence[str], rules: Sequence[str],
-               pres: Sequence[str], seeds: Sequence[int], honest: int, baseline: bool = True) -> list[Run]:
+               pres: Sequence[str], seeds: Sequence[int], honest: int, baseline: bool = True,
+               split_seeds: Sequence[int] | None = None, impls: Sequence[str] = ("ours",)) -> list[Run]:
+    """The grid. ``split_seeds[i]`` is the Dirichlet split of training seed ``seeds[i]`` (default: the seed itself;
+    one value: the same split for every seed). ``impls``: ``"ours"`` and/or ``"byzfl"`` (the latter for the attacks
+    ByzFL implements only)."""
+    if split_seeds is None:
+        split_seeds = list(seeds)
+    elif len(split_seeds) == 1:
+        split_seeds = list(split_seeds) * len(seeds)
+    if len(split_seeds) != len(seeds):
+        raise ValueError(f"Expected one split seed, or one per seed ({len(seeds)}), but got {list(split_seeds)}")
     runs = []
     for het in hets:
-        for seed in seeds:
+        for seed, split in zip(seeds, split_seeds):
+            sp = None if split == seed or HETEROGENEITY[het] is None else split  # None: the key of the runs before
             if baseline:
-                runs.append(Run(het, 0, None, "mean", "none", seed, honest))
-            runs += [Run(het, f, attack, rule, pre, seed, honest) for f in fs for rule in rules for pre in pres
-                     for attack in attacks]
+                runs.append(Run(het, 0, None, "mean", "none", seed, honest, sp))
+            runs += [Run(het, f, attack, rule, pre, seed, honest, sp, impl) for f in fs for rule in rules
+                     for pre in pres for attack in attacks for impl in impls
+                     if impl == "ours" or attack in BYZFL_ATTACKS]
     return runs
+
+
+def complete_cells(runs: Sequence[Run], setting: Setting, cache: str, mode: str = "sim") -> tuple[list[Run], list[str]]:
+    """The runs of the (row, column) cells whose every run is in ``cache``, and the cells left out.
+
+    A cell is its attacks x seeds (and ByzFL-code runs); one missing run leaves the whole cell out, so no worst case
+    is taken over part of the attacks or seeds. A run without attack (f = 0, the reference) is kept when cached.
+    """
+    cells: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    kept: list[Run] = []
+    for run in runs:
+        if run.f == 0:
+            path = cache_path(cache, mode, run, setting)
+            if path is not None and os.path.exists(path):
+                kept.append(run)
+        else:
+            cells[(run.row, run.col)].append(run)
+    missing: list[str] = []
+    for (row, col), members in cells.items():
+        if all(os.path.exists(str(cache_path(cache, mode, r, setting))) for r in members):
+            kept += members
+        else:
+            missing.append(f"{col} / {row}")
+    return kept, missing
 
 
 def cost(run: Run) -> float:
     """Rough relative cost of a run, to schedule the long ones first."""
-    c = 1.0 + (8.0 if run.attack in LINE_SEARCHED else 0.0)
-    return c * (2.0 if run.rule == "geomed" else 1.0) * run.n
+    c = 1.0 + (5.0 if run.attack in LINE_SEARCHED else 0.0)
+    return c * (6.0 if run.rule == "geomed" else 1.0) * run.n
 
 
 # --------------------------------------------------------------------------------------------- tables
 
 
-def _seed_mean(results: Iterable[Result]) -> dict[tuple, float]:
-    """(row, col, attack) -> max accuracy averaged over seeds."""
+def _seed_values(results: Iterable[Result]) -> dict[tuple, list[float]]:
+    """(row, col, attack label) -> the max accuracy of every seed."""
     acc: dict[tuple, list[float]] = defaultdict(list)
     for r in results:
-        acc[(r.run.row, r.run.col, r.run.attack)].append(r.max_acc)
-    return {k: statistics.fmean(v) for k, v in acc.items()}
+        acc[(r.run.row, r.run.col, r.run.attack_label)].append(r.max_acc)
+    return acc
+
+
+def _seed_mean(results: Iterable[Result]) -> dict[tuple, float]:
+    """(row, col, attack label) -> max accuracy averaged over seeds."""
+    return {k: statistics.fmean(v) for k, v in _seed_values(results).items()}
+
+
+def ours(results: Iterable[Result]) -> list[Result]:
+    """The runs of the study's own attackers (no ByzFL reference run)."""
+    return [r for r in results if r.run.impl == "ours"]
+
+
+def byzfl_view(results: Iterable[Result]) -> list[Result]:
+    """ByzFL's attacker: its line-searched attacks where the study ran them, and the study's other attacks."""
+    results = list(results)
+    have = {(r.run.row, r.run.col, r.run.attack) for r in results if r.run.impl == "byzfl"}
+    return [r for r in results if r.run.impl == "byzfl" or (r.run.attack not in BYZFL_ATTACKS and any(
+        (r.run.row, r.run.col, a) in have for a in BYZFL_ATTACKS))]
 
 
 def worst_case(results: list[Result], attacks: Sequence[str] | None = None) -> dict[tuple[str, str], tuple[float, str]]:
@@ -217,9 +297,13 @@ def worst_case(results: list[Result], attacks: Sequence[str] | None = None) -> d
     Attacks that tie for the worst are all named, joined by "/" in ``ATTACKS`` order (independent of run order).
     """
     rank = {name: i for i, name in enumerate(ATTACKS)}
+
+    def order(label: str) -> tuple[int, str]:
+        return rank.get(label.split(" ")[0], 99), label
+
     out: dict[tuple[str, str], tuple[float, str]] = {}
     means = _seed_mean(r for r in results if r.run.f > 0)
-    for (row, col, attack), v in sorted(means.items(), key=lambda kv: (kv[0][0], kv[0][1], rank.get(kv[0][2], 99))):
+    for (row, col, attack), v in sorted(means.items(), key=lambda kv: (kv[0][0], kv[0][1], order(kv[0][2]))):
         if attacks is not None and attack not in attacks:
             continue
         if (row, col) not in out or v < out[(row, col)][0]:
@@ -242,8 +326,21 @@ def col_order(hets: Sequence[str], fs: Sequence[int]) -> list[str]:
     return [col_label(h, f) for h in hets for f in fs]
 
 
+def spread(results: list[Result], row: str, col: str, attack: str) -> tuple[float, float, int]:
+    """(min, max, count) over the seeds of one cell and attack (the first of tied attacks ``"A/B"``)."""
+    vals = _seed_values(results)[(row, col, attack.split("/")[0])]
+    return min(vals), max(vals), len(vals)
+
+
+def cell_text(results: list[Result], row: str, col: str, value: float, attack: str) -> str:
+    """``mean (min-max)`` over the seeds; the mean alone for one seed."""
+    lo, hi, count = spread(results, row, col, attack)
+    return f"{value:.3f}" if count < 2 else f"{value:.3f} ({lo:.2f}-{hi:.2f})"
+
+
 def worst_tables(results: list[Result], rows: list[str], cols: list[str], bold_best: bool = True) -> tuple[str, str]:
-    """The worst-case accuracy table (best row of each rule block in bold) and the worst attack per cell."""
+    """The worst-case accuracy table -- ``mean (min-max over the seeds)`` of the worst attack, the best row of each
+    rule block in bold -- and the worst attack per cell."""
     wc = worst_case(results)
     cols = [c for c in cols if any((r, c) in wc for r in rows)]
     rows = [r for r in rows if any((r, c) in wc for c in cols)]
@@ -255,10 +352,11 @@ def worst_tables(results: list[Result], rows: list[str], cols: list[str], bold_b
             if (r, c) not in wc:
                 cells.append("—")
                 continue
-            v = wc[(r, c)][0]
+            v, attack = wc[(r, c)]
             best = max(wc[(o, c)][0] for o in rows if block[o] == block[r] and (o, c) in wc)
             others = [o for o in rows if block[o] == block[r] and (o, c) in wc]
-            cells.append(f"**{v:.3f}**" if bold_best and len(others) > 1 and v == best else f"{v:.3f}")
+            text = cell_text(results, r, c, v, attack)
+            cells.append(f"**{text}**" if bold_best and len(others) > 1 and v == best else text)
         acc_rows.append(cells)
     att_rows = [[r] + [wc[(r, c)][1] if (r, c) in wc else "—" for c in cols] for r in rows]
     return md_table(["aggregation"] + cols, acc_rows), md_table(["aggregation"] + cols, att_rows)
@@ -297,6 +395,69 @@ def attack_table(results: list[Result], rows: list[str], cols: list[str], attack
             if present:
                 out.append([c, r] + [("—" if v is None else f"{v:.3f}") for v in vals] + [f"{min(present):.3f}"])
     return md_table(["setting", "aggregation"] + list(attacks) + ["worst"], out)
+
+
+def byzfl_comparison(results: list[Result], rows: list[str], cols: list[str]) -> tuple[str, str, dict[str, Any]]:
+    """Our worst case against ByzFL's own code, cell by cell, and the per-step differential check.
+
+    Returns the cell table, a paragraph on the differential checks, and a summary. A cell's verdict: ``stronger``
+    when our worst case (over every attack of the study) is at most ByzFL's (over its line-searched attacks run by
+    its own code), ``within noise`` when it is higher but the two seed ranges overlap, ``weaker`` when our whole seed
+    range lies above ByzFL's. Both sides are taken over the seeds ByzFL's code ran in that cell.
+    """
+    by_run = {r.run: r for r in results}
+    byzfl_seeds = {(r.run.row, r.run.col, r.run.seed) for r in results if r.run.impl == "byzfl"}
+    results = [r for r in results if (r.run.row, r.run.col, r.run.seed) in byzfl_seeds]  # the same seeds both sides
+    mine, byz = worst_case(ours(results)), worst_case([r for r in results if r.run.impl == "byzfl"])
+    out: list[list[str]] = []
+    verdicts: dict[str, int] = defaultdict(int)
+    deltas: list[float] = []
+    for c in cols:
+        for r in rows:
+            if (r, c) not in mine or (r, c) not in byz:
+                continue
+            (vo, ao), (vb, ab) = mine[(r, c)], byz[(r, c)]
+            lo_o, hi_o, _ = spread(results, r, c, ao)
+            lo_b, hi_b, _ = spread(results, r, c, ab)
+            verdict = "stronger" if vo <= vb else ("within noise" if lo_o <= hi_b else "weaker")
+            verdicts[verdict] += 1
+            deltas.append(vo - vb)
+            out.append([c, r, f"{vo:.3f} ({lo_o:.2f}-{hi_o:.2f})", ao, f"{vb:.3f} ({lo_b:.2f}-{hi_b:.2f})",
+                        ab.replace(" (ByzFL code)", ""), f"{vo - vb:+.3f}", verdict])
+    header = ["setting", "aggregation", "ours: worst case", "worst attack", "ByzFL code: worst case",
+              "worst attack", "ours - ByzFL", "ours is"]
+    pairs = [(r, by_run.get(replace(r.run, impl="ours"))) for r in results if r.run.impl == "byzfl"]
+    same_acc = sum(o is not None and o.accs == r.accs for r, o in pairs)
+    same_bits = sum(o is not None and o.final is not None and r.final is not None and _bitwise_equal(o.final, r.final)
+                    for r, o in pairs)
+    checks = [r.checks for r, _ in pairs if r.checks]
+    steps = sum(int(c["steps"]) for c in checks)
+
+    def largest(key: str) -> float:
+        return max((c[key] for c in checks), default=0.0)
+
+    text = (
+        f"Differential check, at every step of the {len(checks)} runs by ByzFL's code ({steps} Byzantine vectors): "
+        f"the library's ByzFL-style search (`search=\"byzfl\"`) sent ByzFL's vector to within "
+        f"{largest('search_max_abs_diff'):.1e} (largest absolute difference; largest coordinate "
+        f"{largest('max_abs'):.1e}), and the library's `alie(z=-tau, correction=1)` / `foe(eps=tau)` at the factor "
+        f"it found equal ByzFL's `ALittleIsEnough(tau)` / `InnerProductManipulation(tau)` to within "
+        f"{largest('fixed_max_abs_diff'):.1e}; it needed {sum(int(c['extra_evals']) for c in checks)} aggregations "
+        f"beyond ByzFL's {sum(int(c['byzfl_evals']) for c in checks)} (0: it evaluated exactly ByzFL's vectors). Run "
+        f"by run, {same_acc} of the {len(pairs)} ByzFL-code runs have the accuracy curve of the library's run of the "
+        "same attack, seed and row"
+        + (f" ({same_bits} with bitwise equal final weights)." if pairs else ".")) if pairs else ""
+    summary = {"cells": len(out), **verdicts, "mean_delta": statistics.fmean(deltas) if deltas else float("nan"),
+               "max_delta": max(deltas, default=float("nan")), "check_steps": steps, "runs": len(pairs),
+               "same_acc": same_acc, "same_bits": same_bits}
+    return md_table(header, out), text, summary
+
+
+def split_table(data_sizes: dict[tuple[str, int], list[int]]) -> str:
+    """The Dirichlet splits used: each honest worker's number of train samples."""
+    rows = [[het, str(seed), ", ".join(map(str, sizes)), str(min(sizes))]
+            for (het, seed), sizes in sorted(data_sizes.items())]
+    return md_table(["heterogeneity", "split seed", "train samples per honest worker", "smallest"], rows)
 
 
 def _bitwise_equal(a: Tensor, b: Tensor) -> bool:
@@ -449,12 +610,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sim: the sim grid; ddp: the DDP grid and the same runs in sim; both (default): both grids")
     add_output_arguments(p, "tiny grid, 30 steps, a 3-rank DDP smoke run (about 80 s on 2 cores)")
     p.add_argument("--cache", default=None, help="directory keeping every finished run, reused on the next call")
+    p.add_argument("--cached-only", action="store_true",
+                   help="run nothing: report the sim cells (row x column) whose every run is in --cache")
     p.add_argument("--hets", default=",".join(DEFAULT_HETS), help=f"heterogeneity ({', '.join(HETEROGENEITY)})")
     p.add_argument("--f", default="1,2,3,4", help="numbers of Byzantine workers (n = honest + f)")
     p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS), help=f"attacks ({', '.join(ATTACKS)})")
     p.add_argument("--rules", default=",".join(RULES), help=f"rules after NNM ({', '.join(RULES)})")
     p.add_argument("--pres", default=",".join(DEFAULT_PRES), help=f"pre-aggregation clippings ({', '.join(PRES)})")
-    p.add_argument("--seeds", default="1,2", help="seeds (model init, Dirichlet split, batches)")
+    p.add_argument("--seeds", default="1,2,3", help="training seeds (model init, batches)")
+    p.add_argument("--split-seeds", default=None,
+                   help="seeds of the Dirichlet splits: one per training seed (paired), or one for all (default: the "
+                   "training seeds)")
+    p.add_argument("--attack-impl", choices=("ours", "byzfl", "both"), default="ours",
+                   help="who computes the line-searched attacks of the sim grid: the library (default), ByzFL's own "
+                   f"classes (a reference; needs `pip install --no-deps byzfl=={BYZFL_VERSION}`), or both (then a "
+                   "table compares them cell by cell and every ByzFL step is checked against the library)")
+    p.add_argument("--byzfl-hets", default=None,
+                   help="heterogeneity of the ByzFL-code runs of --attack-impl byzfl/both (default: --hets)")
+    p.add_argument("--byzfl-seeds", default=None,
+                   help="training seeds of the ByzFL-code runs (default: --seeds; their split seeds stay paired)")
     p.add_argument("--ddp-hets", default=",".join(DDP_HETS), help="heterogeneity of the DDP grid (else as sim)")
     for name, what in (("f", "f"), ("attacks", "attacks"), ("rules", "rules"),
                        ("pres", "pre-aggregation clippings"), ("seeds", "seeds")):
@@ -477,14 +651,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("f", "attacks", "rules", "pres", "seeds"):
         if getattr(args, f"ddp_{name}") is None:
             setattr(args, f"ddp_{name}", getattr(args, name))
-    for name, allowed in (("hets", HETEROGENEITY), ("attacks", ATTACKS), ("rules", RULES), ("pres", PRES),
+    for name, allowed in (("hets", HETEROGENEITY), ("byzfl_hets", HETEROGENEITY), ("attacks", ATTACKS),
+                          ("rules", RULES), ("pres", PRES),
                           ("ddp_hets", HETEROGENEITY), ("ddp_attacks", ATTACKS), ("ddp_rules", RULES),
                           ("ddp_pres", PRES)):
-        bad = [v for v in _csv(getattr(args, name)) if v not in allowed]
+        bad = [v for v in _csv(getattr(args, name) or "") if v not in allowed]
         if bad:
             p.error(f"--{name.replace('_', '-')}: unknown {bad}; allowed: {', '.join(allowed)}")
     if not 0.0 <= args.beta < 1.0:
         p.error(f"--beta: expected 0 <= beta < 1 but got {args.beta}")
+    if args.split_seeds is not None and len(_csv(args.split_seeds, int)) not in (1, len(_csv(args.seeds, int))):
+        p.error(f"--split-seeds: expected one seed or one per training seed ({args.seeds}) but got {args.split_seeds}")
+    if args.cached_only and (args.cache is None or args.mode != "sim"):
+        p.error("--cached-only: needs --cache and --mode sim")
+    if args.attack_impl != "ours":
+        try:
+            byzfl_attacks()
+        except ModuleNotFoundError as err:
+            p.error(f"--attack-impl {args.attack_impl}: {err}")
     return args
 
 
@@ -494,10 +678,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     q = args.quick
     hets = ["extreme"] if q else _csv(args.hets)
     fs = [1] if q else _csv(args.f, int)
-    attacks = ["SF", "LF", "FOE-LS", "ALIE-LS", "Mimic"] if q else _csv(args.attacks)
+    attacks = list(DEFAULT_ATTACKS) if q else _csv(args.attacks)
     rules = ["cwtm"] if q else _csv(args.rules)
     pres = ["none", "clip", "arc"] if q else _csv(args.pres)
     seeds = [1] if q else _csv(args.seeds, int)
+    split_seeds = None if q or args.split_seeds is None else _csv(args.split_seeds, int)
+    impls = {"ours": ("ours",), "byzfl": ("byzfl",), "both": ("ours", "byzfl")}[args.attack_impl]
     setting = Setting(honest=args.honest, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
                       beta=args.beta, steps=30 if q else args.steps, eval_every=10 if q else args.eval_every,
                       clip=args.clip, robust_comm=args.ddp_comm, init_jitter=args.init_jitter)
@@ -514,14 +700,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               baseline=False)
     else:
         ddp_setting = setting
+        ddp_seeds = _csv(args.ddp_seeds, int)
         ddp_runs = build_runs(_csv(args.ddp_hets), _csv(args.ddp_f, int), _csv(args.ddp_attacks),
-                              _csv(args.ddp_rules), _csv(args.ddp_pres), _csv(args.ddp_seeds, int), setting.honest)
+                              _csv(args.ddp_rules), _csv(args.ddp_pres), ddp_seeds, setting.honest,
+                              split_seeds=split_seeds if split_seeds is None or len(split_seeds) == 1
+                              or len(ddp_seeds) == len(seeds) else None)
     ddp_runs.sort(key=lambda r: (r.n, r.seed, r.rule, r.pre, r.attack or ""))
     sim: list[Result] = []
     ddp: list[Result] = []
     sim_cmp: list[Result] = []
     walls: dict[str, float] = {}
     ddp_walls: dict[int, float] = {}
+    left_out: list[str] = []
 
     def simulate(runs: list[Run], st: Setting, label: str) -> list[Result]:
         t0 = time.perf_counter()
@@ -530,7 +720,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return out
 
     if args.mode in ("sim", "both"):
-        runs = build_runs(hets, fs, attacks, rules, pres, seeds, setting.honest)
+        byzfl_hets = hets if args.byzfl_hets is None else _csv(args.byzfl_hets)
+        runs = build_runs(hets, fs, attacks, rules, pres, seeds, setting.honest, split_seeds=split_seeds,
+                          impls=tuple(i for i in impls if i == "ours"))
+        if "byzfl" in impls:
+            keep = set(seeds if args.byzfl_seeds is None else _csv(args.byzfl_seeds, int))
+            runs += [r for r in build_runs([h for h in hets if h in byzfl_hets], fs, attacks, rules, pres, seeds,
+                                           setting.honest, baseline=False, split_seeds=split_seeds, impls=("byzfl",))
+                     if r.seed in keep]
+        if args.cached_only:
+            runs, left_out = complete_cells(runs, setting, cache)
+            print(f"--cached-only: {len(left_out)} cell(s) not complete in the cache, left out: {left_out}", flush=True)
         print(f"sim: {len(runs)} runs", flush=True)
         sim = simulate(runs, setting, "sim")
     if args.mode in ("ddp", "both"):
@@ -558,23 +758,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "gradient averaging is the library's `arc_hook` with `ARCHookState(ARCConfig(worker_momentum="
             f"{ddp_setting.beta:g}, aggregator=rule, nnm=True, arc=..., static_clip=...), transforms=[attack])`. Max "
             f"test accuracy over the evaluations (every {ddp_setting.eval_every} steps), mean over seeds "
-            f"{sorted({r.run.seed for r in ddp})}, then the worst case over {', '.join(d_att)}; the best row of "
-            "each rule in bold. Columns: heterogeneity / f Byzantine workers among n = "
-            f"{ddp_setting.honest} + f.")
+            f"{sorted({r.run.seed for r in ddp})}, then the worst case over {', '.join(d_att)}, with the min-max "
+            "over the seeds of that attack in brackets; the best row of each rule in bold. Columns: heterogeneity / "
+            f"f Byzantine workers among n = {ddp_setting.honest} + f.")
         grid_section(sections, stdout, "ddp", ddp, d_rows, d_cols, d_hets,
                      f"## Real DDP: worst-case maximal test accuracy ({len(ddp)} runs in gloo processes)", intro,
                      "Reference without any Byzantine worker (same D-SHB, plain mean, DDP):")
-    if sim:
-        grid_section(sections, stdout, "sim", sim, row_order(rules, pres, setting.clip), col_order(hets, fs), hets,
-                     f"## Simulation: worst-case maximal test accuracy ({len(sim)} runs; {', '.join(hets)})",
+    sim_ours = ours(sim)
+    if sim_ours:
+        grid_section(sections, stdout, "sim", sim_ours, row_order(rules, pres, setting.clip), col_order(hets, fs),
+                     hets, f"## Simulation: worst-case maximal test accuracy ({len(sim_ours)} runs; {', '.join(hets)})",
                      "The same study with all workers in one process (the same pure functions and hook-state "
-                     "pipeline; see the comparison below for how closely it follows real DDP).",
+                     "pipeline; see the comparison below for how closely it follows real DDP). Mean over the seeds "
+                     f"{sorted({r.run.seed for r in sim_ours})} of the worst attack, min-max over the seeds in "
+                     "brackets.",
                      "Reference without any Byzantine worker (simulation):")
+    if any(r.run.impl == "byzfl" for r in sim):
+        byz_t, check_line, byz_summ = byzfl_comparison(sim, row_order(rules, pres, setting.clip), col_order(hets, fs))
+        sections += [
+            f"## Our attacker against ByzFL's (byzfl {BYZFL_VERSION}), simulation",
+            "",
+            "ByzFL's own `Optimal_InnerProductManipulation` / `Optimal_ALittleIsEnough` (its defaults) against each "
+            "row's pipeline, in the same runs otherwise (seeds, splits, batches): the attacks FOE-LS-bf / ALIE-LS-bf "
+            "computed by ByzFL's code instead of the library. Per cell, on the seeds ByzFL's code ran "
+            f"({sorted({r.run.seed for r in sim if r.run.impl == 'byzfl'})}): our worst case over all the study's "
+            "attacks, ByzFL's over its two line-searched attacks (mean, min-max over those seeds); "
+            f"{byz_summ.get('stronger', 0)} of {byz_summ['cells']} cells ours at least as damaging, "
+            f"{byz_summ.get('within noise', 0)} less damaging within the seed range, {byz_summ.get('weaker', 0)} "
+            f"less damaging beyond it (ours - ByzFL: mean {byz_summ['mean_delta']:+.3f}, largest "
+            f"{byz_summ['max_delta']:+.3f}).",
+            "",
+            check_line,
+            "",
+            byz_t,
+            "",
+        ]
+        stdout += [f"ours vs byzfl: {byz_summ}", check_line]
+    splits = {(r.run.het, split_seed_of(r.run)) for r in sim + ddp if HETEROGENEITY[r.run.het] is not None}
+    if splits:
+        data = load_data()
+        sizes = {(h, sd): shard_sizes(data, h, setting.honest, sd) for h, sd in splits}
+        sections += ["Dirichlet splits used (the split seed is separate from the training seed):", "",
+                     split_table(sizes), ""]
     if ddp and sim_cmp:
         cmp_t, summ = comparison(sim_cmp, ddp, sim + sim_cmp)
-        spread = summ["seed_spread_mean"]
+        seed_spread = summ["seed_spread_mean"]
         spread_txt = (f"for scale, the seed-to-seed spread (max - min over seeds) of the same configurations is "
-                      f"{spread:.3f} on average" if not math.isnan(spread) else
+                      f"{seed_spread:.3f} on average" if not math.isnan(seed_spread) else
                       "(no second seed of these configurations to measure the seed-to-seed spread)")
         sections += [
             "## Sim vs DDP, run by run",
@@ -593,17 +823,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "",
         ]
         stdout += [f"sim vs ddp: {summ}"]
-    main_results = ddp if ddp else sim
+    main_results = ddp if ddp else sim_ours
     main_setting = ddp_setting if ddp else setting
     rows_all = ordered({r.run.row for r in main_results}, row_order(RULES, list(PRES), main_setting.clip))
     cols_all = col_order(ordered({r.run.het for r in main_results}, list(HETEROGENEITY)),
                          sorted({r.run.f for r in main_results if r.run.f > 0}))
     if main_results and not q:
-        used = ordered({r.run.attack for r in main_results if r.run.attack}, list(ATTACKS))
-        sections += [f"<details><summary>Every attack ({'DDP' if ddp else 'sim'}; max accuracy, mean over seeds)"
-                     "</summary>", "", attack_table(main_results, rows_all, cols_all, used), "", "</details>", ""]
+        if ddp:
+            used = ordered({r.run.attack for r in ddp if r.run.attack}, list(ATTACKS))
+            sections += ["<details><summary>Every attack (DDP; max accuracy, mean over seeds)</summary>", "",
+                         attack_table(ddp, rows_all, cols_all, used), "", "</details>", ""]
+        if sim:
+            s_rows = ordered({r.run.row for r in sim}, row_order(RULES, list(PRES), setting.clip))
+            s_cols = col_order(ordered({r.run.het for r in sim}, list(HETEROGENEITY)),
+                               sorted({r.run.f for r in sim if r.run.f > 0}))
+            labels = ordered({r.run.attack_label for r in sim if r.run.attack},
+                             [*ATTACKS, *(f"{a} (ByzFL code)" for a in BYZFL_ATTACKS)])
+            sections += ["<details><summary>Every attack (sim; max accuracy, mean over seeds)</summary>", "",
+                         attack_table(sim, s_rows, s_cols, labels), "", "</details>", ""]
     read_parts = []
-    for label, res, st in (("Real DDP", ddp, ddp_setting), ("Simulation", sim, setting)):
+    for label, res, st in (("Real DDP", ddp, ddp_setting), ("Simulation", sim_ours, setting)):
         if res:
             r_hets = ordered({r.run.het for r in res}, list(HETEROGENEITY))
             r_fs = sorted({r.run.f for r in res if r.run.f > 0})
@@ -621,10 +860,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           if res)
     n_test = int(1797 * 0.2)
     md = "\n".join([
-        "# Does ARC hold under attack? Robust D-SHB (worker momentum) on digits, in real DDP",
+        "# Does ARC hold under attack? Robust D-SHB (worker momentum) on digits, "
+        + ("in real DDP" if ddp else "simulated"),
         "",
         f"Command: `{command}`",
         "",
+        *([f"Cells of the command's grid not reported (some of their runs not in the cache): {'; '.join(left_out)}.",
+           ""] if left_out else []),
         f"Machine: {machine()}.",
         "",
         f"Wall time of this invocation: {total:.0f} s ({wall_line or 'everything from the cache'}"

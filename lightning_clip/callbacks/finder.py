@@ -7,6 +7,7 @@ import copy
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from lightning_clip.core.search import (
     check_candidates,
     divergence_step,
     probe_median,
+    schedule_steps,
     search,
 )
 from lightning_clip.exceptions import check_bool, check_positive_float, check_positive_int
@@ -57,8 +59,9 @@ class ClipThresholdFinder(Callback):
        not finite (a GradScaler lowering its scale) do not count, up to ``PROBE_EXTRA_STEPS`` more steps;
     2. runs ``num_batches`` optimizer steps per candidate ``c_k = m0 * 10**(-3 + k/2)``,
        ``k = 0..num_candidates-1``, each from the saved state and on the same batches (Lightning's own
-       training loop: AMP, gradient accumulation and data parallelism as configured), clipping the total
-       norm at ``c_k``, and records each step's training loss (averaged over the ranks);
+       training loop: AMP, gradient accumulation and data parallelism as configured), under the schedulers'
+       first steps (or, with ``compress_schedule``, the whole remaining schedule compressed into the run),
+       clipping the total norm at ``c_k``, and records each step's training loss (averaged over the ranks);
     3. chooses with :func:`lightning_clip.core.search.search`: the largest threshold whose mean loss is within
        ``tolerance`` standard errors of the best, refined at ``c * 10**(+-1/4)`` with ``refine``;
     4. restores everything it saved, so training continues exactly as a fit started with the chosen
@@ -104,6 +107,16 @@ class ClipThresholdFinder(Callback):
         refine: two more runs at ``c * 10**(+-1/4)`` around the first choice.
         milestones: epochs (>= 1) at whose start the search runs again from the current weights.
         plot: write the loss-vs-threshold PNG next to the logs.
+        compress_schedule: step ``t`` of a run takes the learning rate the schedulers give at step
+            ``floor(t * T / num_batches)`` of the ``T`` optimizer steps left in the fit
+            (:func:`~lightning_clip.core.search.schedule_steps`), so a run sees the whole schedule's decay.
+            Off by default: a run that reaches the small late rates within a few dozen steps rates larger
+            thresholds safe than the fit's long stretch at high rates tolerates. The rates are read by
+            stepping the schedulers ahead and putting them back: step-interval schedulers after every
+            ``frequency`` optimizer steps, epoch-interval ones at each epoch's end; ``ReduceLROnPlateau``
+            (which reads metrics) keeps its rate. Without schedulers, with a fit no longer than a run or of
+            unknown length (``max_steps=-1`` and ``max_epochs=-1``), or with ``False``: the schedulers' own
+            first steps.
 
     Example::
 
@@ -121,6 +134,7 @@ class ClipThresholdFinder(Callback):
         refine: bool = True,
         milestones: Sequence[int] = (),
         plot: bool = True,
+        compress_schedule: bool = False,
     ) -> None:
         self.candidates = None if candidates is None else check_candidates(candidates)
         self.num_candidates = check_positive_int("num_candidates", num_candidates)
@@ -133,7 +147,11 @@ class ClipThresholdFinder(Callback):
         self.refine = check_bool("refine", refine)
         self.milestones = _check_milestones(milestones)
         self.plot = check_bool("plot", plot)
+        self.compress_schedule = check_bool("compress_schedule", compress_schedule)
         self.rule = SearchRule(tolerance=self.tolerance, refine=self.refine)
+        #: The optimizer steps the compressed schedule spans (``None``: those left in the fit); set by
+        #: :func:`lightning_clip.tools.finder.find_clip_threshold`, which searches outside the fit.
+        self.fit_steps: int | None = None
         #: The threshold chosen by the last search (``None`` before it).
         self.threshold: float | None = None
         #: The last search's candidates, losses, scores and choice (``None`` before it).
@@ -258,6 +276,9 @@ class ClipThresholdFinder(Callback):
 
     def _runs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, start: _DataStart) -> SearchResult:
         """The probe and the candidate runs, each from the state saved here, which is put back at the end."""
+        # The optimizer steps left in the fit, read before the runs change the loop's step limit.
+        left = trainer.estimated_stepping_batches - trainer.global_step if self.fit_steps is None else self.fit_steps
+        total = int(left) if self.compress_schedule and math.isfinite(left) else None
         session = _Session(trainer, _TrainerState(trainer, pl_module), start)
         try:
             self.initial_norm = None
@@ -268,8 +289,12 @@ class ClipThresholdFinder(Callback):
             else:
                 grid = list(self.candidates)
 
+            rates: dict[int, list[list[float]] | None] = {}  # per run length: each step's learning rates
+
             def run(threshold: float, num_steps: int) -> list[float]:
-                losses = session.run(threshold, num_steps, self.rule.divergence_factor)
+                if num_steps not in rates:
+                    rates[num_steps] = session.learning_rates(schedule_steps(total, num_steps), total)
+                losses = session.run(threshold, num_steps, self.rule.divergence_factor, rates[num_steps])
                 if len(losses) < num_steps and divergence_step(losses, self.rule.divergence_factor) is None:
                     raise ValueError(
                         f"ClipThresholdFinder: the training data ran out after {len(losses)} optimizer steps but a "
@@ -500,10 +525,45 @@ class _Session:
         self._run([probe], num_norms + PROBE_EXTRA_STEPS)
         return probe.norms[:num_norms]
 
-    def run(self, threshold: float, num_steps: int, divergence_factor: float) -> list[float]:
+    def run(self, threshold: float, num_steps: int, divergence_factor: float,
+            rates: list[list[float]] | None = None) -> list[float]:
         recorder = _LossRecorder(divergence_factor)
-        self._run([GradientClipping(threshold, log=False, summary=False), recorder], num_steps)
+        callbacks: list[Callback] = [GradientClipping(threshold, log=False, summary=False), recorder]
+        if rates is not None:
+            callbacks.insert(0, _LearningRates(rates))
+        self._run(callbacks, num_steps)
         return recorder.losses
+
+    def learning_rates(self, steps: list[int], total: int | None) -> list[list[float]] | None:
+        """Each param group's learning rate at each of ``steps`` (optimizer steps from the saved state), read by
+        stepping the schedulers ahead as the fit would; ``None`` when the run takes the schedulers' own steps
+        (``steps`` is ``0, 1, ...``, or no scheduler can be stepped ahead)."""
+        trainer = self.trainer
+        configs = [c for c in trainer.lr_scheduler_configs if not c.reduce_on_plateau]
+        if total is None or steps == list(range(len(steps))) or not configs:
+            return None
+        batches, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
+        per_epoch = math.ceil(batches / accumulate) if math.isfinite(batches) and batches > 0 else None
+        epoch = trainer.current_epoch
+        wanted = set(steps)
+        found: dict[int, list[float]] = {}
+        self.saved.restore(fresh=True)
+        groups = [g for opt in trainer.optimizers for g in opt.param_groups]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+            for step in range(max(steps) + 1):
+                if step in wanted:
+                    found[step] = [float(g["lr"]) for g in groups]
+                done = step + 1  # optimizer steps taken once this one is
+                end_of_epoch = per_epoch is not None and done % per_epoch == 0
+                if end_of_epoch:
+                    epoch += 1
+                for c in configs:
+                    due = done if c.interval == "step" else (epoch if end_of_epoch else None)
+                    if due is not None and due % c.frequency == 0:
+                        c.scheduler.step()  # type: ignore[call-arg]  # not a ReduceLROnPlateau: filtered above
+        self.saved.restore(fresh=True)  # the optimizers' rates and the schedulers as saved
+        return [found[step] for step in steps]
 
     def close(self) -> None:
         self.saved.restore(fresh=False)
@@ -530,6 +590,22 @@ class _NormProbe(Callback):
         # The runs restart the step counters, so a later step can carry this step's counters: the shared
         # state must not be taken for that step's.
         state.token = ()
+
+
+class _LearningRates(Callback):
+    """Sets every param group's learning rate before each optimizer step of a run: ``rates[t]`` at step ``t``
+    (the optimizers' groups in order), overriding what the schedulers set."""
+
+    def __init__(self, rates: list[list[float]]) -> None:
+        self.rates = rates
+        self._step = 0
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._step < len(self.rates):
+            groups = [g for opt in trainer.optimizers for g in opt.param_groups]
+            for group, lr in zip(groups, self.rates[self._step]):
+                group["lr"] = lr
+        self._step += 1
 
 
 class _LossRecorder(Callback):

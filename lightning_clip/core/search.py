@@ -14,10 +14,15 @@ sequences into one threshold:
 - refinement (``refine=True``): two more runs at ``c * 10**(+-refine_exponent)`` around the chosen
   ``c``, then the same selection over every run.
 
+Each run takes the learning rates of the training's first steps; optionally (``ClipThresholdFinder(
+compress_schedule=True)``) a run of ``K`` steps follows the schedule of the whole training compressed into
+it instead (its step ``t`` takes the learning rate of training step ``floor(t * T / K)``,
+:func:`schedule_steps`).
+
 Nothing here imports Lightning: :func:`search` takes a callable ``run(threshold, num_steps)`` that
-trains from the common starting point and returns the per-step losses (it may stop early once the
-loss diverges). ``ClipThresholdFinder`` (the Lightning callback) and ``lightning-clip find-threshold``
-call it; so can a plain PyTorch or Fabric loop::
+trains from the common starting point and returns the per-step losses
+(it may stop early once the loss diverges). ``ClipThresholdFinder`` (the Lightning callback) and
+``lightning-clip find-threshold`` call it; so can a plain PyTorch or Fabric loop::
 
     import copy, torch
     from lightning_clip.core.search import candidate_grid, probe_median, search
@@ -79,6 +84,7 @@ __all__ = [
     "divergence_step",
     "probe_median",
     "refine_candidates",
+    "schedule_steps",
     "score_run",
     "search",
     "select_threshold",
@@ -134,6 +140,21 @@ def probe_median(norms: Sequence[float]) -> float:
         raise ValueError(f"The total gradient norms of the starting weights are {arr.tolist()}: no finite positive "
                          "median to scale the candidate thresholds by; pass `candidates` explicitly")
     return median
+
+
+def schedule_steps(total_steps: int | None, num_steps: int) -> list[int]:
+    """The training step whose learning rate each step of a ``num_steps``-step candidate run takes.
+
+    ``floor(t * total_steps / num_steps)`` for ``t = 0..num_steps-1``: the schedule of the whole training
+    (``total_steps`` optimizer steps from the search's starting point) compressed into the run. When the
+    training is no longer than a run, or its length is unknown (``None``), the run takes the schedule's
+    own first steps, ``0..num_steps-1``.
+    """
+    num_steps = check_positive_int("num_steps", num_steps)
+    if total_steps is None or total_steps <= num_steps:
+        return list(range(num_steps))
+    total_steps = check_positive_int("total_steps", total_steps)
+    return [t * total_steps // num_steps for t in range(num_steps)]
 
 
 def divergence_step(losses: Sequence[float], factor: float = DIVERGENCE_FACTOR) -> int | None:
@@ -353,8 +374,8 @@ def search(run: RunFn, candidates: Sequence[float], num_steps: int = 50, rule: S
 
     Args:
         run: ``run(threshold, num_steps)`` trains ``num_steps`` optimizer steps from the common starting
-            point, clipping the total gradient norm at ``threshold``, and returns each step's loss; it
-            may return fewer once the loss diverged.
+            point, clipping the total gradient norm at ``threshold``, and returns each step's loss; it may
+            return fewer once the loss diverged.
         candidates: the thresholds to try (positive; sorted and de-duplicated here).
         num_steps: optimizer steps per run (>= 2).
         rule: scoring and selection (default :class:`SearchRule()`).

@@ -17,19 +17,38 @@ name          function                      Byzantine vector
                                             ``z`` line-searched
 ============= ============================= =================================================
 
-The line search (:func:`search_factor`) picks the factor that maximises
+The line search maximises the deviation
 ``|| server(honest + num_copies copies of the attack vector) - mean(honest) ||`` -- the server's
-actual pre-aggregation (ARC, static clipping, NNM) and rule with its ``f`` -- over a grid (plus the
-attack's default factor, so the searched attack never deviates less than the fixed one), then refines
-it by a few golden-section steps around the best grid point. Everything is deterministic: no
-randomness, ties go to the smallest factor. The evaluated stack puts the honest rows first, then the
-copies.
+actual pre-aggregation (ARC, static clipping, NNM) and rule with its ``f`` -- over the factor, with two
+searches (:data:`LS_SEARCHES`):
+
+* ``"ours"`` (:func:`search_factor`): both signs, no cap. The factor ``0``, ``+-g`` for every ``g`` of a
+  grid of magnitudes and the attack's default factor are evaluated; on each side whose largest
+  magnitude is still the best of that side, the factor keeps doubling while the deviation grows (by
+  more than :data:`LS_GROWTH_RTOL`, relative); then a golden-section search refines the best factor
+  between its evaluated neighbours.
+* ``"byzfl"`` (:func:`byzfl_search_factor`): the search of the ByzFL library's ``Optimal_*`` attacks,
+  on ByzFL's definitions (ALIE: ``mean + tau * std`` with the sample std, i.e. :func:`alie` with
+  ``z = -tau``, ``correction = 1``; FOE: ``-tau * mean``): start at ``tau = 0``, step ``+10``, double
+  the step while the deviation grows, then shrink it by ``0.8`` per evaluation; 20 evaluations.
+* ``"both"`` (the default): the more damaging of the two (ties: ``"ours"``), so the attacker is at
+  least as strong as each search on the same vectors.
+
+The deviation is a one-step objective. Over a training run, a search free to change sign from step
+to step (ours, and ``"both"``) can do less damage than one kept to one side (ByzFL's): its pushes
+cancel instead of accumulating. A study should take the worst case over runs with each search.
+
+Deviations are compared with NaN as the least and ``+inf`` (an aggregate that overflows) as the most
+damaging; a factor whose attack vector itself overflows is not a candidate. Everything is
+deterministic: no randomness, fixed evaluation order, ties to the smaller ``|factor|`` (then the
+positive one). The evaluated stack puts the honest rows first, then the copies.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -37,30 +56,42 @@ from torch import Tensor
 
 from lightning_clip.exceptions import check_choice, check_finite_float, check_non_negative_int, check_positive_float
 from lightning_clip.robust.checks import check_matrix
-from lightning_clip.sim.attacks import FOE_EPS, alie, alie_z, foe
+from lightning_clip.sim.attacks import FOE_EPS, alie, alie_z, check_correction, foe, honest_std
 
 __all__ = [
     "ADAPTIVE_ATTACKS",
     "ALIE_LS_GRID",
+    "BYZFL_SEARCH",
     "FOE_LS_GRID",
+    "LS_GROWTH_RTOL",
     "LS_REFINE",
+    "LS_SEARCHES",
     "Aggregation",
+    "LineSearch",
     "alie_ls",
     "attack_deviation",
     "check_aggregation",
     "check_grid",
+    "check_search",
     "check_target",
     "foe_ls",
+    "line_search",
     "mimic",
     "search_factor",
 ]
 
-#: Default search grid of :func:`foe_ls` (``eps``; :data:`FOE_EPS` is always added).
-FOE_LS_GRID: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0)
-#: Default search grid of :func:`alie_ls` (``z``; ALIE's default ``z`` is added when it exists).
-ALIE_LS_GRID: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
-#: Default number of golden-section evaluations that refine the best grid factor.
+#: Default magnitudes of :func:`foe_ls`'s search (``eps``; each is tried with both signs, :data:`FOE_EPS` added).
+FOE_LS_GRID: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+#: Default magnitudes of :func:`alie_ls`'s search (``z``; each with both signs, ALIE's default ``z`` added).
+ALIE_LS_GRID: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+#: Default number of golden-section evaluations that refine the best factor of :func:`search_factor`.
 LS_REFINE = 8
+#: The doubling of :func:`search_factor` goes on while the deviation grows by more than this, relative.
+LS_GROWTH_RTOL = 1e-6
+#: The line searches :func:`line_search` runs: ours, ByzFL's, or both (the more damaging one wins).
+LS_SEARCHES = ("both", "ours", "byzfl")
+#: ByzFL's line search (``Optimal_ALittleIsEnough`` / ``Optimal_InnerProductManipulation`` defaults).
+BYZFL_SEARCH: dict[str, float | int] = {"start": 0.0, "delta": 10.0, "ratio": 0.8, "evals": 20}
 
 
 def _honest(honest: Tensor) -> Tensor:
@@ -163,6 +194,13 @@ def attack_deviation(honest: Tensor, byzantine: Tensor, num_copies: int, aggrega
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
+def check_search(search: Any) -> str:
+    """Return ``search`` or raise naming it unless it is one of :data:`LS_SEARCHES`."""
+    if not isinstance(search, str):
+        raise TypeError(f"Expected argument `search` to be a string, one of {LS_SEARCHES}, but got {search!r}")
+    return check_choice("search", search, LS_SEARCHES)
+
+
 def _default_factor(attack: str, h: int, num_copies: int) -> float | None:
     if attack == "foe":
         return FOE_EPS
@@ -172,26 +210,163 @@ def _default_factor(attack: str, h: int, num_copies: int) -> float | None:
         return None  # ALIE's default z does not exist for this (n, f): the grid alone
 
 
-def search_factor(
+def _rank(value: float) -> float:
+    """A deviation as the searches compare it: NaN is the least, +inf the most damaging."""
+    return -math.inf if math.isnan(value) else value
+
+
+class _Objective:
+    """The deviation of one attack family (``foe`` in ``eps``, ``alie`` in ``z``) on fixed honest vectors.
+
+    Every evaluated factor is remembered (the same factor is never aggregated twice) and its vector is
+    bit for bit the one :func:`foe` / :func:`alie` return for it.
+    """
+
+    def __init__(self, attack: str, honest: Tensor, num_copies: int, aggregation: Aggregation,
+                 correction: int) -> None:
+        self.attack, self.honest, self.num_copies, self.aggregation = attack, honest, num_copies, aggregation
+        self.mean = honest.mean(dim=0)
+        self.std = honest_std(honest, correction) if attack == "alie" else None
+        self.values: dict[float, float] = {}
+
+    def vector(self, factor: float) -> Tensor:
+        return -factor * self.mean if self.std is None else self.mean - factor * self.std
+
+    def __call__(self, factor: float) -> float:
+        if factor not in self.values:
+            vec = self.vector(factor)
+            if bool(torch.isfinite(vec).all()):
+                self.values[factor] = _rank(float(attack_deviation(self.honest, vec, self.num_copies,
+                                                                   self.aggregation)))
+            else:  # the factor overflows the vector: not an attack of this family
+                self.values[factor] = -math.inf
+        return self.values[factor]
+
+
+def _grows(new: float, old: float, rtol: float) -> bool:
+    return new > old * (1.0 + rtol) if old > 0 else new > old
+
+
+def _search_ours(obj: _Objective, grid: tuple[float, ...], default: float | None, refine: int) -> float:
+    mags = sorted({abs(g) for g in grid} - {0.0})
+    points = {0.0, *mags, *(-m for m in mags)} | ({default} if default is not None else set())
+    for x in sorted(points, key=lambda x: (abs(x), x < 0)):
+        obj(x)
+    for sign in (1.0, -1.0):  # grow each side whose largest factor is still its best
+        side = [x for x in obj.values if x * sign > 0]
+        if not side:
+            continue
+        top = max(side, key=abs)
+        if obj(top) < max(obj(x) for x in side):
+            continue
+        x, y = top, obj(top)
+        while math.isfinite(2.0 * x):
+            ny = obj(2.0 * x)
+            if not _grows(ny, y, LS_GROWTH_RTOL):
+                break
+            x, y = 2.0 * x, ny
+    best = max(obj.values, key=lambda x: (obj.values[x], -abs(x), x > 0))
+    best_y = obj(best)
+    evaluated = sorted(obj.values)
+    i = evaluated.index(best)
+    if refine == 0 or len(evaluated) == 1:
+        return best
+    lo, hi = evaluated[max(i - 1, 0)], evaluated[min(i + 1, len(evaluated) - 1)]
+    c, d = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
+    fc: float | None = None
+    fd: float | None = None
+    for _ in range(refine):
+        if fc is None:
+            fc = obj(c)
+            x, y = c, fc
+        elif fd is None:
+            fd = obj(d)
+            x, y = d, fd
+        elif fc > fd:  # the maximum is in [lo, d]
+            hi, d, fd = d, c, fc
+            c = hi - _GOLDEN * (hi - lo)
+            fc = obj(c)
+            x, y = c, fc
+        else:  # the maximum is in [c, hi]
+            lo, c, fc = c, d, fd
+            d = lo + _GOLDEN * (hi - lo)
+            fd = obj(d)
+            x, y = d, fd
+        if y > best_y:
+            best, best_y = x, y
+    return best
+
+
+def _search_byzfl(obj: _Objective, sign: float) -> float:
+    """ByzFL's expansion-contraction search over its factor ``tau`` (``factor = sign * tau``); returns ``tau``."""
+    start, delta, ratio, evals = (BYZFL_SEARCH[k] for k in ("start", "delta", "ratio", "evals"))
+    best_x = float(start)
+    best_y = obj(sign * best_x)
+    delta = float(delta)
+    remaining = int(evals) - 1
+    while remaining > 0:  # expansion: double the step while the deviation grows
+        prop_x = best_x + delta
+        prop_y = obj(sign * prop_x)
+        remaining -= 1
+        if prop_y > best_y:
+            best_x, best_y = prop_x, prop_y
+            delta *= 2
+        else:
+            delta *= ratio
+            break
+    while remaining > 0:  # contraction: shrink the step, keep what improves
+        prop_x = best_x + delta
+        prop_y = obj(sign * prop_x)
+        remaining -= 1
+        if prop_y > best_y:
+            best_x, best_y = prop_x, prop_y
+        delta *= ratio
+    return best_x
+
+
+@dataclass(frozen=True)
+class LineSearch:
+    """The outcome of :func:`line_search`.
+
+    Attributes:
+        factor: ``eps`` of :func:`~lightning_clip.sim.attacks.foe` or ``z`` of
+            :func:`~lightning_clip.sim.attacks.alie`.
+        correction: The std correction the ALIE vector uses (``0`` population, ``1`` sample; ``0`` for FOE).
+        deviation: :func:`attack_deviation` of the chosen vector (NaN counted as ``-inf``).
+        search: ``"ours"`` or ``"byzfl"``: the search that found it.
+        evaluations: How many factors were aggregated in all (both searches, each factor once).
+    """
+
+    factor: float
+    correction: int
+    deviation: float
+    search: str
+    evaluations: int = 0
+
+    def vector(self, attack: str, honest: Tensor) -> Tensor:
+        """The attack vector of this factor (``attack``: ``"foe"`` or ``"alie"``)."""
+        if attack == "foe":
+            return foe(honest, eps=self.factor)
+        return alie(honest, z=self.factor, correction=self.correction)
+
+
+def line_search(
     attack: str,
     honest: Tensor,
     num_copies: int,
     aggregation: Aggregation,
     grid: Sequence[float] | None = None,
     refine: int = LS_REFINE,
-) -> float:
-    """Return the factor (``eps`` of :func:`foe`, ``z`` of :func:`alie`) that maximises :func:`attack_deviation`.
+    correction: int = 0,
+    search: str = "both",
+) -> LineSearch:
+    """Return the factor of ``attack`` that maximises :func:`attack_deviation`, and which search found it.
 
-    1. Evaluate every factor of ``grid`` and the attack's default (``FOE_EPS``; ALIE's
-       :func:`alie_z` of ``n = h + num_copies``, ``f = num_copies`` when it exists), in increasing
-       order; keep the first best (ties: the smallest factor).
-    2. Golden-section search with ``refine`` more evaluations in the bracket between the grid
-       neighbours of the best factor (one side only at the ends of the grid); a refined factor is
-       kept only if it is strictly better.
-
-    Deterministic: the same inputs give the same factor on every machine running the same
-    arithmetic. Non-finite deviations count as ``-inf``. Cost: ``len(grid) + 1 + refine`` server
-    aggregations of ``[h + num_copies, d]`` (a simulation cost; real workers never run it).
+    ``search="ours"`` runs :func:`search_factor`'s search, ``"byzfl"`` ByzFL's (ALIE on the sample std
+    with ``z = -tau``, ``tau`` searched upward from 0; FOE with ``eps = tau``), ``"both"`` runs both and
+    keeps the larger deviation (ties: ours). With one honest row ALIE has no sample std, so ``"both"``
+    runs ours alone. Deterministic; cost: about ``2 len(grid) + 2 + refine`` (ours, plus one per
+    doubling) and 20 (ByzFL's) aggregations of ``[h + num_copies, d]``.
 
     Args:
         attack: ``"foe"`` or ``"alie"``.
@@ -199,9 +374,11 @@ def search_factor(
         num_copies: Number of Byzantine workers sending the attack vector.
         aggregation: The server's aggregation, a callable ``[n, d] -> [d]`` with its pre-aggregation,
             rule and ``f`` (see :func:`attack_deviation`).
-        grid: Candidate factors; default :data:`FOE_LS_GRID` / :data:`ALIE_LS_GRID`. FOE's must be
-            positive, ALIE's finite.
-        refine: Number of golden-section evaluations after the grid (``0``: grid only).
+        grid: Our search's magnitudes (each tried with both signs); default :data:`FOE_LS_GRID` /
+            :data:`ALIE_LS_GRID`. FOE's must be positive, ALIE's finite.
+        refine: Number of golden-section evaluations of our search after the grid and the doubling.
+        correction: The std of our ALIE search: ``0`` population, ``1`` sample (ByzFL's is always ``1``).
+        search: One of :data:`LS_SEARCHES`.
     """
     check_choice("attack", attack, ("foe", "alie"))
     hc = _honest(honest)
@@ -211,50 +388,60 @@ def search_factor(
         grid = FOE_LS_GRID if attack == "foe" else ALIE_LS_GRID
     grid = check_grid("grid", grid, positive=attack == "foe")
     check_non_negative_int("refine", refine)
-    h = hc.shape[0]
-    mean = hc.mean(dim=0)
-    std = hc.std(dim=0, correction=0)
+    correction = check_correction(correction)
+    search = check_search(search)
+    objectives: dict[int, _Objective] = {}  # by std correction: the searches share their evaluations
 
-    def score(factor: float) -> float:
-        vec = -factor * mean if attack == "foe" else mean - factor * std
-        value = float(attack_deviation(hc, vec, num_copies, aggregation))
-        return value if math.isfinite(value) else -math.inf
+    def objective(corr: int) -> _Objective:
+        corr = corr if attack == "alie" else 0
+        if corr not in objectives:
+            objectives[corr] = _Objective(attack, hc, num_copies, aggregation, corr)
+        return objectives[corr]
 
-    candidates = set(grid)
-    default = _default_factor(attack, h, num_copies)
-    if default is not None:
-        candidates.add(default)
-    points = sorted(candidates)
-    scores = [score(x) for x in points]
-    best = max(range(len(points)), key=lambda i: (scores[i], -i))  # first maximum
-    best_x, best_y = points[best], scores[best]
-    if refine == 0 or len(points) == 1:
-        return best_x
-    lo = points[max(best - 1, 0)]
-    hi = points[min(best + 1, len(points) - 1)]
-    c, d = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
-    fc: float | None = None
-    fd: float | None = None
-    for _ in range(refine):
-        if fc is None:
-            fc = score(c)
-            x, y = c, fc
-        elif fd is None:
-            fd = score(d)
-            x, y = d, fd
-        elif fc > fd:  # the maximum is in [lo, d]
-            hi, d, fd = d, c, fc
-            c = hi - _GOLDEN * (hi - lo)
-            fc = score(c)
-            x, y = c, fc
-        else:  # the maximum is in [c, hi]
-            lo, c, fc = c, d, fd
-            d = lo + _GOLDEN * (hi - lo)
-            fd = score(d)
-            x, y = d, fd
-        if y > best_y:
-            best_x, best_y = x, y
-    return best_x
+    found: list[LineSearch] = []
+    if search in ("both", "ours"):
+        obj = objective(correction)
+        x = _search_ours(obj, grid, _default_factor(attack, hc.shape[0], num_copies), refine)
+        found.append(LineSearch(x, correction if attack == "alie" else 0, obj(x), "ours"))
+    if search == "byzfl" or (search == "both" and (attack == "foe" or hc.shape[0] >= 2)):
+        if attack == "alie" and hc.shape[0] < 2:
+            raise ValueError("ByzFL's ALIE search uses the sample std: it needs at least 2 honest rows but got 1")
+        obj = objective(1)
+        sign = -1.0 if attack == "alie" else 1.0
+        x = sign * _search_byzfl(obj, sign)
+        found.append(LineSearch(x, 1 if attack == "alie" else 0, obj(x), "byzfl"))
+    evaluations = sum(len(o.values) for o in objectives.values())
+    found = [replace(r, evaluations=evaluations) for r in found]
+    return max(found, key=lambda r: r.deviation)  # the first maximum: ours on a tie
+
+
+def search_factor(
+    attack: str,
+    honest: Tensor,
+    num_copies: int,
+    aggregation: Aggregation,
+    grid: Sequence[float] | None = None,
+    refine: int = LS_REFINE,
+    correction: int = 0,
+) -> float:
+    """Return the factor (``eps`` of :func:`foe`, ``z`` of :func:`alie`) our search finds (both signs, no cap).
+
+    1. Evaluate ``0``, ``+g`` and ``-g`` for every magnitude ``g`` of ``grid``, and the attack's default
+       (``FOE_EPS``; ALIE's :func:`alie_z` of ``n = h + num_copies``, ``f = num_copies`` when it exists).
+    2. On each side (positive, negative) whose largest factor is the best of that side, double the
+       factor while the deviation grows by more than :data:`LS_GROWTH_RTOL` (relative): the factor has
+       no upper bound other than the vector overflowing.
+    3. Golden-section search with ``refine`` more evaluations between the evaluated neighbours of the
+       best factor; a refined factor is kept only if it is strictly better.
+
+    Ties go to the smaller ``|factor|``, then to the positive one. NaN deviations count as ``-inf``, ``+inf`` as
+    the largest; a factor whose vector overflows is never chosen.
+
+    Args:
+        attack, honest, num_copies, aggregation, grid, refine, correction: as in :func:`line_search`.
+    """
+    return line_search(attack, honest, num_copies, aggregation, grid=grid, refine=refine, correction=correction,
+                       search="ours").factor
 
 
 def foe_ls(
@@ -263,10 +450,11 @@ def foe_ls(
     aggregation: Aggregation,
     grid: Sequence[float] | None = None,
     refine: int = LS_REFINE,
+    search: str = "both",
 ) -> Tensor:
-    """Return :func:`foe` with ``eps`` chosen by :func:`search_factor` against ``aggregation``."""
-    eps = search_factor("foe", honest, num_copies, aggregation, grid=grid, refine=refine)
-    return foe(honest, eps=eps)
+    """Return :func:`foe` with ``eps`` chosen by :func:`line_search` against ``aggregation``."""
+    res = line_search("foe", honest, num_copies, aggregation, grid=grid, refine=refine, search=search)
+    return res.vector("foe", honest)
 
 
 def alie_ls(
@@ -275,10 +463,13 @@ def alie_ls(
     aggregation: Aggregation,
     grid: Sequence[float] | None = None,
     refine: int = LS_REFINE,
+    correction: int = 0,
+    search: str = "both",
 ) -> Tensor:
-    """Return :func:`alie` with ``z`` chosen by :func:`search_factor` against ``aggregation``."""
-    z = search_factor("alie", honest, num_copies, aggregation, grid=grid, refine=refine)
-    return alie(honest, z=z)
+    """Return :func:`alie` with ``z`` (and the std) chosen by :func:`line_search` against ``aggregation``."""
+    res = line_search("alie", honest, num_copies, aggregation, grid=grid, refine=refine, correction=correction,
+                      search=search)
+    return res.vector("alie", honest)
 
 
 #: Adaptive attacks by name: they take the honest vectors and, for the line-searched ones, the

@@ -15,7 +15,9 @@ name          function                      Byzantine vector
 ``inf``       :func:`inf_attack`            all +Inf
 ``zero``      :func:`zero`                  all zeros
 ``alie``      :func:`alie`                  ``mean(honest) - z * std(honest)`` per coordinate
-``foe``       :func:`foe`                   ``-eps * mean(honest)``, ``eps = 10`` (large: FOE)
+                                            (``z`` of either sign; population or sample std)
+``foe``       :func:`foe`                   ``-eps * mean(honest)``, ``eps = 10`` (large: FOE;
+                                            ``eps`` of either sign)
 ``ipm``       :func:`ipm`                   ``-eps * mean(honest)``, ``eps = 0.1`` (small: IPM)
 ============= ============================= =================================================
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,11 +48,14 @@ __all__ = [
     "FOE_EPS",
     "GAUSSIAN_STD",
     "IPM_EPS",
+    "STD_CORRECTIONS",
     "alie",
     "alie_z",
+    "check_correction",
     "fixed_clip_defence",
     "foe",
     "gaussian",
+    "honest_std",
     "inf_attack",
     "ipm",
     "nan_attack",
@@ -66,6 +72,8 @@ IPM_EPS = 0.1
 GAUSSIAN_STD = 200.0
 #: Default norm bound of :func:`fixed_clip_defence`.
 FIXED_CLIP_MAX_NORM = 2.0
+#: The standard deviations :func:`alie` can use: ``0`` the population one, ``1`` the sample one (Bessel).
+STD_CORRECTIONS = (0, 1)
 
 
 def _honest(honest: Tensor) -> Tensor:
@@ -157,16 +165,44 @@ def alie_z(n: int, num_byzantine: int) -> float:
     return float(torch.erfinv(torch.tensor(2.0 * p - 1.0, dtype=torch.float64))) * math.sqrt(2.0)
 
 
-def alie(honest: Tensor, num_byzantine: int | None = None, z: float | None = None) -> Tensor:
+def check_correction(correction: Any) -> int:
+    """Return ``correction`` or raise naming it unless it is one of :data:`STD_CORRECTIONS`."""
+    if isinstance(correction, bool) or correction not in STD_CORRECTIONS:
+        raise ValueError(
+            f"Expected argument `correction` to be 0 (population std) or 1 (sample std) but got {correction!r}"
+        )
+    return int(correction)
+
+
+def honest_std(honest: Tensor, correction: int = 0) -> Tensor:
+    """Return the coordinate-wise standard deviation of ``honest [h, d]`` in its compute dtype.
+
+    ``sqrt(var)`` with ``correction = 0`` (population) or ``1`` (sample: needs ``h >= 2``).
+    """
+    hc = _honest(honest)
+    correction = check_correction(correction)
+    if correction > hc.shape[0] - 1:
+        raise ValueError(
+            f"Expected at least 2 honest rows for the sample std (correction = 1) but got {hc.shape[0]}"
+        )
+    return hc.var(dim=0, correction=correction).sqrt()
+
+
+def alie(
+    honest: Tensor, num_byzantine: int | None = None, z: float | None = None, correction: int = 0
+) -> Tensor:
     """Return "A Little Is Enough": ``mean(honest) - z * std(honest)`` coordinate-wise.
 
-    The standard deviation is the population one (``correction=0``), so one honest row is enough.
+    ``z`` may have either sign: ``z = -tau`` with ``correction = 1`` is ``mean + tau * std`` with the
+    sample std, the convention of some libraries (e.g. ByzFL's ``ALittleIsEnough(tau)``).
 
     Args:
         honest: The honest workers' vectors ``[h, d]``.
         num_byzantine: Number ``f`` of Byzantine workers; with ``z`` unset it gives the default
             ``z = alie_z(h + f, f)``.
-        z: The number of standard deviations (finite); overrides the default.
+        z: The number of standard deviations (finite, any sign); overrides the default.
+        correction: ``0``: the population std (one honest row is enough); ``1``: the sample std
+            (``h >= 2``).
 
     Raises:
         ValueError: If neither ``num_byzantine`` nor ``z`` is given.
@@ -177,20 +213,24 @@ def alie(honest: Tensor, num_byzantine: int | None = None, z: float | None = Non
             raise ValueError("Expected argument `num_byzantine` or `z` to be given to `alie` but got neither")
         z = alie_z(hc.shape[0] + num_byzantine, num_byzantine)
     z = check_finite_float("z", z)
-    out = hc.mean(dim=0) - z * hc.std(dim=0, correction=0)
+    out = hc.mean(dim=0) - z * honest_std(hc, correction)
     return out.to(honest.dtype)
 
 
 def foe(honest: Tensor, eps: float = FOE_EPS) -> Tensor:
-    """Return "Fall of Empires" with a large factor: ``-eps * mean(honest)`` (``eps`` positive)."""
+    """Return "Fall of Empires" with a large factor: ``-eps * mean(honest)``.
+
+    ``eps`` is finite, of either sign (a negative one sends a positive multiple of the honest mean);
+    ``foe(honest, tau)`` is ByzFL's ``InnerProductManipulation(tau)``.
+    """
     hc = _honest(honest)
-    eps = check_positive_float("eps", eps)
+    eps = check_finite_float("eps", eps)
     return (-eps * hc.mean(dim=0)).to(honest.dtype)
 
 
 def ipm(honest: Tensor, eps: float = IPM_EPS) -> Tensor:
     """Return inner product manipulation with a small factor: ``-eps * mean(honest)`` (``eps`` positive)."""
-    return foe(honest, eps=eps)
+    return foe(honest, eps=check_positive_float("eps", eps))
 
 
 def fixed_clip_defence(own: Tensor, max_norm: float = FIXED_CLIP_MAX_NORM) -> Tensor:

@@ -25,11 +25,12 @@ from lightning_clip.sim.adaptive import (
     alie_ls,
     check_aggregation,
     check_grid,
+    check_search,
     check_target,
     foe_ls,
     mimic,
 )
-from lightning_clip.sim.attacks import ATTACKS, alie, alie_z, fixed_clip_defence, gaussian
+from lightning_clip.sim.attacks import ATTACKS, alie, alie_z, check_correction, fixed_clip_defence, gaussian
 
 __all__ = ["ATTACK_NAMES", "ByzantineSpec", "ByzantineTransform", "simulate_sends"]
 
@@ -56,12 +57,13 @@ _PARAMS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "nan": {},
     "inf": {},
     "zero": {},
-    "alie": {"z": check_finite_float},
-    "foe": {"eps": check_positive_float},
+    "alie": {"z": check_finite_float, "correction": lambda _, v: check_correction(v)},
+    "foe": {"eps": check_finite_float},
     "ipm": {"eps": check_positive_float},
     "mimic": {"target": check_target},
-    "foe_ls": {"grid": _foe_grid, "refine": check_non_negative_int},
-    "alie_ls": {"grid": _alie_grid, "refine": check_non_negative_int},
+    "foe_ls": {"grid": _foe_grid, "refine": check_non_negative_int, "search": lambda _, v: check_search(v)},
+    "alie_ls": {"grid": _alie_grid, "refine": check_non_negative_int, "correction": lambda _, v: check_correction(v),
+                "search": lambda _, v: check_search(v)},
 }
 _REQUIRED: dict[str, tuple[str, ...]] = {"scale": ("factor",)}
 

@@ -3,6 +3,7 @@
 - :func:`adding_problem`: the adding problem of Pascanu et al. (2013), generated from a seed.
 - :func:`load_digits_tensors`: scikit-learn's bundled 8x8 digits.
 - :func:`markov_text`: token streams from a random first-order Markov source (a generated "language").
+- :func:`word_text`: characters of generated text: a Markov source over spelled words separated by spaces.
 - :class:`ShardSampler`: a fixed number of draws per epoch from a rank's own (heterogeneous) shard.
 """
 
@@ -19,7 +20,10 @@ from torch.utils.data.distributed import DistributedSampler
 
 from lightning_clip.exceptions import check_positive_int
 
-__all__ = ["ShardSampler", "adding_problem", "load_digits_tensors", "markov_text"]
+__all__ = ["ALPHABET", "ShardSampler", "adding_problem", "load_digits_tensors", "markov_text", "word_text"]
+
+#: The characters of :func:`word_text`, in the order of their ids (id 0 is the space).
+ALPHABET = " abcdefghijklmnopqrstuvwxyz"
 
 
 def adding_problem(num_samples: int, seq_len: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -88,6 +92,38 @@ def markov_text(
         tokens[i] = state
         state = min(bisect.bisect_right(cdf[state], draws[i]), last)
     return torch.tensor(tokens, dtype=torch.long), transitions
+
+
+def word_text(num_chars: int, num_words: int = 64, concentration: float = 0.1, seed: int = 0,
+              source_seed: int = 0) -> tuple[Tensor, list[str]]:
+    """Generate ``num_chars`` characters of text: words from a random first-order Markov source, spelled out.
+
+    ``source_seed`` draws the lexicon (``num_words`` distinct words of 2 to 8 letters, each letter uniform
+    over a-z) and the word transition matrix (:func:`markov_text` with ``vocab_size=num_words`` and
+    ``concentration``); ``seed`` draws the walk over the words. The text is the words joined by single
+    spaces, cut to ``num_chars`` characters; character ids index :data:`ALPHABET` (0 is the space). A
+    character-level model must learn the spelling of every word and which words follow which.
+
+    Returns:
+        ``(characters [num_chars] int64, lexicon)``: the text's ids and the words, by word index.
+    """
+    check_positive_int("num_chars", num_chars)
+    if not isinstance(num_words, int) or num_words < 2:
+        raise ValueError(f"Expected argument `num_words` to be an integer >= 2 but got {num_words!r}")
+    gen = torch.Generator().manual_seed(source_seed)
+    lexicon: list[str] = []
+    seen: set[str] = set()
+    while len(lexicon) < num_words:
+        length = int(torch.randint(2, 9, (), generator=gen))
+        word = "".join(ALPHABET[1 + int(i)] for i in torch.randint(0, 26, (length,), generator=gen))
+        if word not in seen:
+            seen.add(word)
+            lexicon.append(word)
+    # at least 3 characters per word with its space, so this many words always cover num_chars
+    words, _ = markov_text(num_chars // 3 + 1, num_words, concentration, seed=seed, source_seed=source_seed)
+    text = " ".join(lexicon[i] for i in words.tolist())[:num_chars]
+    ids = [ALPHABET.index(ch) for ch in text]
+    return torch.tensor(ids, dtype=torch.long), lexicon
 
 
 class ShardSampler(DistributedSampler):

@@ -303,6 +303,8 @@ def find_clip_threshold(
     num_probe_batches: int = 8,
     tolerance: float = 2.0,
     refine: bool = True,
+    compress_schedule: bool = False,
+    fit_steps: int | None = None,
 ) -> SearchResult:
     """The search of :class:`~lightning_clip.ClipThresholdFinder` on a temporary Trainer; the result, not a fit.
 
@@ -312,8 +314,11 @@ def find_clip_threshold(
         model: the LightningModule; its weights (``state_dict``) and the RNG states are put back afterwards.
         datamodule: where the training batches come from (or ``train_dataloaders``).
         train_dataloaders: a dataloader (or what ``Trainer.fit`` accepts) instead of ``datamodule``.
-        num_batches, candidates, num_candidates, num_probe_batches, tolerance, refine: as for
-            :class:`~lightning_clip.ClipThresholdFinder`.
+        num_batches, candidates, num_candidates, num_probe_batches, tolerance, refine, compress_schedule: as
+            for :class:`~lightning_clip.ClipThresholdFinder`.
+        fit_steps: with ``compress_schedule``, the optimizer steps of the fit the threshold is for, whose
+            schedule each run follows compressed, as the callback does at fit start (default:
+            ``trainer.max_steps`` when positive, else the schedule's first steps).
 
     Returns:
         The :class:`~lightning_clip.core.search.SearchResult` (``threshold`` is the choice).
@@ -325,6 +330,12 @@ def find_clip_threshold(
     finder = ClipThresholdFinder(candidates=candidates, num_candidates=num_candidates, num_batches=num_batches,
                                  num_probe_batches=num_probe_batches, tolerance=tolerance, refine=refine, plot=False)
     finder.verbose = False
+    finder.compress_schedule = check_bool("compress_schedule", compress_schedule)
+    if fit_steps is None and trainer.max_steps > 0:
+        fit_steps = trainer.max_steps
+    finder.fit_steps = None if fit_steps is None else check_positive_int("fit_steps", fit_steps)
+    if finder.fit_steps is None:
+        finder.compress_schedule = False
     clipping = GradientClipping(log=False, summary=False)
     with quiet_max_steps():  # 0 steps: the search only
         _short_fit(trainer, model, datamodule, train_dataloaders, 0, [finder, clipping])

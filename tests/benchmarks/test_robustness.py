@@ -7,7 +7,10 @@ and real gloo DDP through the library's hook) agree run by run -- not which meth
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -16,11 +19,13 @@ import torch
 from benchmarks import common
 from benchmarks import robustness as m
 from lightning_clip.robust import aggregate, pipeline
+from lightning_clip.sim.adaptive import line_search
+from lightning_clip.sim.attacks import alie, foe
 from tests.helpers.models import quick_benchmark
 
 QUICK_ROWS = ["NNM > cwtm", "clip(2) > NNM > cwtm", "ARC > NNM > cwtm"]
 QUICK_COL = "extreme f=1"
-QUICK_ATTACKS = {"SF", "LF", "FOE-LS", "ALIE-LS", "Mimic"}
+QUICK_ATTACKS = {"SF", "LF", "FOE-LS", "FOE-LS-bf", "ALIE-LS", "ALIE-LS-bf", "Mimic"}
 
 
 def _tables(md: str) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -176,14 +181,206 @@ def test_cache_round_trip_and_resume(tmp_path):
     assert common.split_cached([run], setting, str(tmp_path), "ddp")[0] == []
 
 
+def test_cached_only_reports_the_complete_cells(tmp_path):
+    # A cell (row x column) is reported only when all of its attacks and seeds are cached: one missing run leaves
+    # the whole cell out, so no worst case is taken over part of it.
+    setting = common.Setting()
+    runs = m.build_runs(["extreme"], [3, 4], ["SF", "LF"], ["cwtm"], ["none", "arc"], [1, 2], 10)
+    gap = m.Run("extreme", 3, "LF", "cwtm", "none", 2)
+    ref2 = m.Run("extreme", 0, None, "mean", "none", 2)
+    for run in runs:
+        if run not in (gap, ref2):
+            common.save_result(common.cache_path(str(tmp_path), "sim", run, setting), common.Result(run, [0.5], 1.0, 1))
+    kept, left_out = m.complete_cells(runs, setting, str(tmp_path))
+    assert left_out == ["extreme f=3 / NNM > cwtm"]
+    assert sorted(kept, key=repr) == sorted([r for r in runs if r != ref2 and (r.f, r.pre) != (3, "none")], key=repr)
+    assert len(kept) == 1 + 8 + 4  # the cached reference, f=4's two cells, f=3's ARC cell
+    assert m.complete_cells(runs, setting, str(tmp_path / "empty")) == ([], [
+        "extreme f=3 / NNM > cwtm", "extreme f=3 / ARC > NNM > cwtm", "extreme f=4 / NNM > cwtm",
+        "extreme f=4 / ARC > NNM > cwtm"])
+
+
+def test_byzfl_comparison_takes_both_sides_over_the_same_seeds():
+    # ByzFL's code ran seed 1 only: our side is taken over seed 1 too, not over the mean of seeds 1-3 (here 0.5,
+    # which a 3-seed mean against a 1-seed value would call "within noise" or "weaker").
+    def res(attack, seed, acc, impl="ours"):
+        return common.Result(m.Run("extreme", 4, attack, "cwtm", "arc", seed, impl=impl), [acc], 1.0, 1)
+
+    results = [res("ALIE-LS-bf", 1, 0.2), res("ALIE-LS-bf", 2, 0.6), res("ALIE-LS-bf", 3, 0.7),
+               res("SF", 1, 0.3), res("SF", 2, 0.3), res("SF", 3, 0.3), res("ALIE-LS-bf", 1, 0.25, impl="byzfl")]
+    table, _, summary = m.byzfl_comparison(results, [m.row_label("cwtm", "arc")], [m.col_label("extreme", 4)])
+    assert summary["cells"] == 1 and summary["stronger"] == 1 and summary["mean_delta"] == pytest.approx(-0.05)
+    assert "0.200 (0.20-0.20) | ALIE-LS-bf | 0.250 (0.25-0.25)" in table
+
+
 def test_cache_keys_stay_those_of_the_runs_already_cached():
     """A cached study is reused: the keys are those the study's runs were cached under (fields at the defaults
-    added since, ``robust_comm`` and ``init_jitter``, stay out of the key)."""
+    added since, ``robust_comm``, ``init_jitter``, ``split_seed`` and ``impl``, stay out of the key)."""
     run, ref = m.Run("extreme", 1, "SF", "cwtm", "arc", 1), m.Run("extreme", 0, None, "mean", "none", 1)
     assert common.run_key(run, common.Setting()) == "6c13b01eb03290979b55"
     assert common.run_key(ref, common.Setting()) == "55c315806950876687ef"
     assert common.run_key(run, common.Setting(robust_comm="gather")) == "336ec0229781dc5e3b84"
     assert common.run_key(run, common.Setting(init_jitter=1e-7)) == "d8f6b4bd25138977c8a3"
+    assert common.run_key(replace(run, split_seed=None, impl="ours"), common.Setting()) == "6c13b01eb03290979b55"
+
+
+def _key_before(run: m.Run, setting: common.Setting) -> str:
+    """The cache key as it was computed before split seeds, ByzFL runs and attack revisions existed."""
+    fields = {k: v for k, v in asdict(setting).items() if (k, v) not in {("robust_comm", "sharded"),
+                                                                          ("init_jitter", 0.0)}}
+    old = {k: v for k, v in asdict(run).items() if k not in ("split_seed", "impl")}
+    return hashlib.sha256((repr(sorted(old.items())) + repr(sorted(fields.items()))).encode()).hexdigest()[:20]
+
+
+def test_changed_or_new_runs_get_new_keys():
+    setting = common.Setting()
+    for attack in ("SF", "LF", "Mimic", None):  # unchanged: the keys they had
+        run = m.Run("a=0.5", 2 if attack else 0, attack, "geomed" if attack else "mean", "clip", 2)
+        assert common.run_key(run, setting) == _key_before(run, setting)
+    for attack in ("FOE-LS", "ALIE-LS"):  # their search changed: new keys, so no stale run is reused
+        run = m.Run("extreme", 1, attack, "cwtm", "arc", 1)
+        assert common.run_key(run, setting) != _key_before(run, setting)
+    run = m.Run("a=0.1", 1, "SF", "cwtm", "arc", 1)
+    keys = {common.run_key(r, setting) for r in (run, replace(run, split_seed=7), replace(run, seed=7),
+                                                  replace(run, attack="FOE-LS-bf"),
+                                                  replace(run, attack="FOE-LS-bf", impl="byzfl"))}
+    assert len(keys) == 5
+
+
+def test_split_seeds_pair_with_the_training_seeds():
+    def splits(**kw):
+        runs = m.build_runs(["extreme", "a=0.1"], [1], ["SF"], ["cwtm"], ["arc"], [1, 2, 3], 10, baseline=False, **kw)
+        return [(r.het, r.seed, r.split_seed, common.split_seed_of(r)) for r in runs]
+
+    # default: split seed = training seed, stored as None (the key of the runs cached before)
+    assert splits() == [("extreme", s, None, s) for s in (1, 2, 3)] + [("a=0.1", s, None, s) for s in (1, 2, 3)]
+    # one split for every training seed; the extreme split has no seed
+    assert splits(split_seeds=[7]) == [("extreme", s, None, s) for s in (1, 2, 3)] + [
+        ("a=0.1", s, 7, 7) for s in (1, 2, 3)]
+    assert splits(split_seeds=[5, 2, 9])[3:] == [("a=0.1", 1, 5, 5), ("a=0.1", 2, None, 2), ("a=0.1", 3, 9, 9)]
+    with pytest.raises(ValueError, match="one per seed"):
+        splits(split_seeds=[1, 2])
+    data = common.load_data()
+    # the split follows the split seed, not the training seed
+    a, b = (m.Run("a=0.1", 1, "SF", "cwtm", "arc", s, split_seed=7) for s in (1, 2))
+    assert common.shard_sizes(data, "a=0.1", 10, common.split_seed_of(a)) == common.shard_sizes(
+        data, "a=0.1", 10, common.split_seed_of(b))
+    sizes = common.shard_sizes(data, "a=0.1", 10, 7)
+    assert sum(sizes) == len(data.train_y) and sizes != common.shard_sizes(data, "a=0.1", 10, 8)
+
+
+def test_impl_byzfl_only_for_its_attacks():
+    runs = m.build_runs(["extreme"], [1], ["SF", "FOE-LS", "FOE-LS-bf", "ALIE-LS-bf"], ["cwtm"], ["arc"], [1], 10,
+                        baseline=False, impls=("ours", "byzfl"))
+    assert sorted(r.attack_label for r in runs) == ["ALIE-LS-bf", "ALIE-LS-bf (ByzFL code)", "FOE-LS", "FOE-LS-bf",
+                                                    "FOE-LS-bf (ByzFL code)", "SF"]
+    with pytest.raises(ValueError, match="ByzFL's implementation covers"):
+        common.attack_transforms("FOE-LS", [10], impl="byzfl")
+
+
+def _sends(run, steps: int, shared: bool, setting=None) -> list[torch.Tensor]:
+    """What every rank sends at each of ``steps`` steps of random gradients, through the run's chains."""
+    setting = setting or common.Setting()
+    config = run.config(setting)
+    made = run.transforms()
+    wrap = [common.SharedAttack(t) if shared and common.SharedAttack.applies(t) else None for t in made]
+    chains = [config.send_chain([w or t for w, t in zip(wrap, run.transforms())]) for _ in range(run.n)]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.zeros(40) for _ in range(run.n)]  # one parameter per rank for every step: momentum follows it
+    out = []
+    for step in range(steps):
+        g = torch.randn(run.n, 40, generator=gen) * torch.linspace(0.5, 2.0, run.n).unsqueeze(1)
+        bufs = [common.SendBuffers([g[r].clone()], [[params[r]]]) for r in range(run.n)]
+        out.append(common.simulate_sends(chains, bufs, step, pipeline.server_aggregation(config)))
+    return out
+
+
+@pytest.mark.parametrize("attack", ["ALIE-LS", "FOE-LS-bf", "Mimic"])
+def test_shared_attack_sends_the_same_bits(attack):
+    # In simulation the omniscient attack is computed once per step for its f = 3 ranks: the same bits as f times.
+    run = m.Run("extreme", 3, attack, "cwtm", "arc", 1, honest=4)
+    plain, shared = _sends(run, 4, shared=False), _sends(run, 4, shared=True)
+    for a, b in zip(plain, shared):
+        assert torch.equal(a, b)
+        assert torch.equal(b[4], b[5]) and torch.equal(b[4], b[6])
+
+
+# ----------------------------------------------------------------------------- ByzFL, the reference
+
+try:
+    common.byzfl_attacks()
+    HAVE_BYZFL = True
+except ModuleNotFoundError:
+    HAVE_BYZFL = False
+needs_byzfl = pytest.mark.skipif(
+    not HAVE_BYZFL, reason=f"ByzFL is not installed (pip install --no-deps byzfl=={common.BYZFL_VERSION}; its "
+    "attacks need numpy and scipy, the [bench] extra)")
+
+
+@needs_byzfl
+def test_alie_and_foe_definitions_equal_byzfl():
+    b = common.byzfl_attacks()
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(25):
+        h = 2 + trial % 9
+        honest = torch.randn(h, 300, generator=gen) * torch.rand(1, 300, generator=gen) * 4 + torch.randn(
+            1, 300, generator=gen)
+        tau = float(torch.randn(1, generator=gen) * 10 ** (trial % 5))
+        # ByzFL's ALIE is mean + tau * (sample std): the library's z = -tau with correction = 1, bit for bit
+        assert torch.equal(alie(honest, z=-tau, correction=1), b.ALittleIsEnough(tau=tau)(honest))
+        assert torch.equal(foe(honest, eps=tau), b.InnerProductManipulation(tau=tau)(honest))
+        # the population std differs from ByzFL's by sqrt((h - 1) / h) exactly as defined
+        torch.testing.assert_close(alie(honest, z=-tau) - honest.mean(dim=0),
+                                   (b.ALittleIsEnough(tau=tau)(honest) - honest.mean(dim=0)) * math.sqrt((h - 1) / h))
+
+
+@needs_byzfl
+@pytest.mark.parametrize("attack", ["foe", "alie"])
+def test_byzfl_style_search_sends_byzfls_vector(attack):
+    b = common.byzfl_attacks()
+    cls = b.Optimal_InnerProductManipulation if attack == "foe" else b.Optimal_ALittleIsEnough
+    gen = torch.Generator().manual_seed(2)
+    for trial in range(16):
+        h, f = 5 + trial % 4, 1 + trial % 3
+        honest = torch.randn(h, 60, generator=gen) * torch.rand(1, 60, generator=gen) * 3 + torch.randn(
+            1, 60, generator=gen)
+        rule = ["cwtm", "geomed", "multikrum", "median"][trial % 4]
+        agg = functools.partial(aggregate, rule=rule, num_byzantine=f, nnm=trial % 2 == 0, arc=trial % 3 == 0,
+                                static_clip=2.0 if trial % 5 == 0 else None)
+        expected = cls(agg=agg, pre_agg_list=[], f=f)(honest)
+        res = line_search(attack, honest, f, agg, search="byzfl")
+        assert torch.equal(res.vector(attack, honest), expected)
+        assert res.evaluations <= 20  # ByzFL's 20 aggregations, each factor once
+
+
+@needs_byzfl
+def test_byzfl_code_runs_send_the_library_bits():
+    # The study's ByzFL-code transform and the library's ByzFL-style search send the same vectors, step by step
+    # (worker momentum, ARC > NNM > geomed, f = 2), and the transform's own per-step check finds no difference.
+    runs = [m.Run("extreme", 2, a, "geomed", "arc", 1, honest=5) for a in ("ALIE-LS-bf", "FOE-LS-bf")]
+    for run in runs:
+        lib, ref = _sends(run, 4, shared=True), _sends(replace(run, impl="byzfl"), 4, shared=True)
+        for a, b in zip(lib, ref):
+            assert torch.equal(a, b)
+    t = common.ByzflAttack("alie", [5, 6])
+    run = replace(runs[0], impl="byzfl")
+    config = run.config(common.Setting())
+    chains = [config.send_chain([t]) for _ in range(run.n)]
+    g = torch.randn(run.n, 30, generator=torch.Generator().manual_seed(3))
+    common.simulate_sends(chains, [common.SendBuffers([g[r].clone()], [[torch.zeros(30)]]) for r in range(run.n)],
+                          0, pipeline.server_aggregation(config))
+    assert t.stats["steps"] == 2  # both Byzantine ranks, unshared
+    assert t.stats["search_max_abs_diff"] == 0.0 and t.stats["fixed_max_abs_diff"] == 0.0
+    assert t.stats["extra_evals"] == 0 and t.stats["byzfl_evals"] == 40
+
+
+def test_missing_byzfl_says_how_to_install(monkeypatch):
+    monkeypatch.delitem(sys.modules, "byzfl", raising=False)
+    monkeypatch.setattr(common.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps byzfl==0\.0\.11"):
+        common.byzfl_attacks()
+    with pytest.raises(SystemExit):
+        m.parse_args(["--attack-impl", "both"])
 
 
 def test_bad_arguments_are_rejected():
@@ -193,3 +390,8 @@ def test_bad_arguments_are_rejected():
         m.parse_args(["--pres", "arc,never"])
     with pytest.raises(SystemExit):
         m.parse_args(["--beta", "1.0"])
+    with pytest.raises(SystemExit):
+        m.parse_args(["--seeds", "1,2,3", "--split-seeds", "4,5"])
+    for argv in (["--cached-only", "--mode", "sim"], ["--cached-only", "--cache", "/tmp/x"]):  # no cache; DDP mode
+        with pytest.raises(SystemExit):
+            m.parse_args(argv)

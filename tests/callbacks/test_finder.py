@@ -145,6 +145,51 @@ def test_each_candidate_run_is_the_prefix_of_the_fit_clipped_there(tmp_path, num
         assert result.num_steps[k] == num_batches
 
 
+class RateNet(Net):
+    """Records the learning rate each optimizer step runs at."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.rates: list[float] = []
+
+    def on_before_optimizer_step(self, optimizer):
+        self.rates.append(optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_each_run_follows_the_whole_schedule_compressed(tmp_path, compress):
+    """StepLR(3, 0.7) over a 40-step fit: run step t takes the rate of fit step floor(t * 40 / 4); without
+    compression the schedule's first 4 steps. The fit itself keeps its own schedule."""
+    seed_everything(0, verbose=False)
+    model = RateNet(scheduler=True)
+    finder = ClipThresholdFinder(**SMALL, compress_schedule=compress)
+    trainer = make_trainer(tmp_path, callbacks=[finder, GradientClipping()], max_steps=40, logger=RecordingLogger())
+    trainer.fit(model, _loader())
+    runs = len(finder.results.candidates)
+    rate = [0.02 * 0.7 ** (s // 3) for s in range(40)]  # the scheduler's rate at each fit step
+    steps = [0, 10, 20, 30] if compress else [0, 1, 2, 3]
+    searched = model.rates[3:3 + 4 * runs]  # after the 3 probe steps
+    assert searched == pytest.approx([rate[s] for s in steps] * runs, rel=1e-12)
+    assert model.rates[3 + 4 * runs:] == pytest.approx(rate, rel=1e-12)  # the fit's own 40 steps
+
+
+@pytest.mark.parametrize("fit_steps", [40, None])
+def test_the_tool_compresses_the_schedule_of_the_fit_it_searches_for(tmp_path, fit_steps):
+    """find_clip_threshold(fit_steps=40) runs as the callback does at the start of a 40-step fit (the rates
+    of fit steps 0, 10, 20, 30); the trainer's max_steps is the default."""
+    from lightning_clip.tools.finder import find_clip_threshold
+
+    seed_everything(0, verbose=False)
+    model = RateNet(scheduler=True)
+    trainer = make_trainer(tmp_path, max_steps=40 if fit_steps is None else -1, max_epochs=1)
+    result = find_clip_threshold(trainer, model, train_dataloaders=_loader(), num_candidates=4, num_batches=4,
+                                 num_probe_batches=3, compress_schedule=True, fit_steps=fit_steps)
+    rate = [0.02 * 0.7 ** (s // 3) for s in range(40)]
+    assert model.rates[3:] == pytest.approx([rate[s] for s in (0, 10, 20, 30)] * len(result.candidates), rel=1e-12)
+    with pytest.raises(ValueError, match="fit_steps"):
+        find_clip_threshold(trainer, model, train_dataloaders=_loader(), compress_schedule=True, fit_steps=0)
+
+
 def test_probe_median_grid_and_rule_match_independent_computations(tmp_path):
     finder = ClipThresholdFinder(**SMALL)
     model, _, _ = _fit(tmp_path, [finder, GradientClipping()], data="ordered", max_steps=1,

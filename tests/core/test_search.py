@@ -17,6 +17,7 @@ from lightning_clip.core.search import (
     divergence_step,
     probe_median,
     refine_candidates,
+    schedule_steps,
     score_run,
     search,
     select_threshold,
@@ -188,6 +189,18 @@ def test_driver_rejects_bad_inputs_before_any_run(kwargs, name):
 def test_rule_rejects_bad_values(kwargs, name):
     with pytest.raises((ValueError, TypeError), match=f"`{name}`"):
         SearchRule(**kwargs)
+
+
+def test_schedule_steps_compress_the_training_into_the_run():
+    # floor(t * T / K) by hand: 1000 training steps into a 4-step run, 10 into 4
+    assert schedule_steps(1000, 4) == [0, 250, 500, 750]
+    assert schedule_steps(10, 4) == [0, 2, 5, 7]
+    # a training no longer than a run, or of unknown length: the schedule's own first steps
+    assert schedule_steps(4, 4) == [0, 1, 2, 3]
+    assert schedule_steps(3, 4) == [0, 1, 2, 3]
+    assert schedule_steps(None, 3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="num_steps"):
+        schedule_steps(100, 0)
 
 
 def test_refine_candidates():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,9 +18,11 @@ from lightning_clip.sim.adaptive import (
     ADAPTIVE_ATTACKS,
     ALIE_LS_GRID,
     FOE_LS_GRID,
+    LS_SEARCHES,
     alie_ls,
     attack_deviation,
     foe_ls,
+    line_search,
     mimic,
     search_factor,
 )
@@ -71,6 +74,15 @@ SERVERS = sorted({s for s, _ in STRICT} | {("cwtm", 2, False, False), ("median",
                                            ("mean", 2, True, False)})
 
 
+def coordinate_max(x: torch.Tensor) -> torch.Tensor:
+    """A server that lets through only what lies above every honest row (hand cases for the sign)."""
+    return x.max(dim=0).values
+
+
+def coordinate_min(x: torch.Tensor) -> torch.Tensor:
+    return x.min(dim=0).values
+
+
 # ----------------------------------------------------------------------------- the line search
 
 
@@ -82,54 +94,110 @@ def test_line_search_beats_the_default_factor(cfg, attack):
 
 @pytest.mark.parametrize("cfg", SERVERS, ids=["+".join(map(str, c)) for c in SERVERS])
 @pytest.mark.parametrize("attack", ["foe", "alie"])
-def test_line_search_never_worse_than_the_default_and_the_grid(cfg, attack):
-    # The default factor is one of the candidates and refinement only keeps strict improvements.
+@pytest.mark.parametrize("search", LS_SEARCHES)
+def test_line_search_never_worse_than_the_default_and_refinement_only_improves(cfg, attack, search):
+    # Our search evaluates the default factor and keeps refined factors only when strictly better; "both" keeps
+    # the better of the two searches.
     agg = server(*cfg)
-    d_ls = deviation(searched(attack, agg), agg)
-    d_grid = deviation(searched(attack, agg, refine=0), agg)
-    assert d_ls >= d_grid >= deviation(fixed(attack), agg)
-    grid = FOE_LS_GRID if attack == "foe" else ALIE_LS_GRID
-    make = (lambda x: foe(HONEST, x)) if attack == "foe" else (lambda x: alie(HONEST, z=x))
-    assert d_grid == max(deviation(make(x), agg) for x in grid)
+    d = deviation(searched(attack, agg, search=search), agg)
+    if search != "byzfl":
+        assert d >= deviation(searched(attack, agg, search=search, refine=0), agg) >= deviation(fixed(attack), agg)
+    if search == "both":
+        assert d == max(deviation(searched(attack, agg, search=s), agg) for s in ("ours", "byzfl"))
 
 
-def test_line_search_against_static_clipping():
-    # Static clipping (C = 1, below most honest norms) bounds every vector. FOE's direction is fixed, so once
-    # its copies exceed C every eps sends the same clipped vector: the search can only tie the default there.
-    # ALIE's direction changes with z: the search finds a z the clipped pipeline follows further.
+@pytest.mark.parametrize("attack", ["foe", "alie"])
+def test_the_search_covers_both_signs_without_a_cap(attack):
+    # Only a Byzantine row above every honest row moves a coordinate-wise max: for FOE (-eps * mean, the mean
+    # positive) that is eps < 0, for ALIE (mean - z * std) z < 0, and the deviation then grows with |factor| without
+    # bound. Our search doubles the factor until the deviation stops growing (here: until its float64 norm
+    # overflows), far past any fixed grid; ByzFL's 20-step search reaches 10 * (2**19 - 1) on its side (tau >= 0:
+    # z = -tau, eps = tau).
+    assert bool((HONEST.mean(dim=0) > 0).all())
+    res = line_search(attack, HONEST, COPIES, coordinate_max, search="ours")
+    assert res.factor < -1e100  # doubled until the deviation's norm overflowed (+inf: the largest deviation)
+    assert res.deviation >= abs(res.factor) / 4 * float(HONEST.std(dim=0).min())
+    assert bool(torch.isfinite(res.vector(attack, HONEST)).all())
+    # ByzFL's search tries one side only (tau >= 0): the right one for ALIE here (z = -tau), the wrong one for FOE.
+    bz = line_search(attack, HONEST, COPIES, coordinate_max, search="byzfl")
+    assert bz.factor == (-10.0 * (2**19 - 1) if attack == "alie" else 0.0)
+    assert bz.correction == (1 if attack == "alie" else 0)
+    # The mirror image: with a coordinate-wise min the positive side wins; ByzFL's search finds it for FOE only.
+    res = line_search(attack, HONEST, COPIES, coordinate_min, search="ours")
+    assert res.factor > 1e100
+    bz = line_search(attack, HONEST, COPIES, coordinate_min, search="byzfl")
+    assert bz.factor == (0.0 if attack == "alie" else 10.0 * (2**19 - 1))
+    both = line_search(attack, HONEST, COPIES, coordinate_min, search="both")
+    assert both == replace(res, evaluations=both.evaluations)  # ours wins
+
+
+def test_a_negative_foe_factor_beats_every_positive_one_on_arc_nnm_cwtm():
+    # On ARC > NNM > cwtm the best FOE sends a positive multiple of the honest mean (eps < 0): no eps > 0 comes
+    # close (a dense grid up to 1e4), which is all a one-signed search can try.
+    agg = server("cwtm", 2, True, True)
+    res = line_search("foe", HONEST, COPIES, agg, search="ours")
+    best_positive = max(deviation(foe(HONEST, x), agg) for x in [0.0, *torch.logspace(-3, 4, 400).tolist()])
+    assert res.factor < 0 and res.deviation > 2 * best_positive
+    assert deviation(foe_ls(HONEST, COPIES, agg), agg) == res.deviation  # "both": ours wins here
+
+
+def test_the_doubling_stops_where_the_deviation_stops_growing():
+    # Static clipping bounds every vector: once FOE's copies are clipped, a larger |eps| sends the same vector, so
+    # the doubling stops after one evaluation past the grid instead of running to overflow.
     agg = functools.partial(aggregate, rule="cwtm", num_byzantine=2, nnm=True, static_clip=1.0)
-    assert deviation(searched("foe", agg), agg) == pytest.approx(deviation(fixed("foe"), agg), rel=1e-9)
-    d_ls = deviation(searched("alie", agg), agg)
-    assert d_ls > deviation(fixed("alie"), agg) * 1.01
-    # It searched the clipped pipeline, not the bare rule.
-    assert d_ls >= deviation(searched("alie", server("cwtm", 2, True)), agg)
+    res = line_search("foe", HONEST, COPIES, agg, search="ours", refine=0)
+    grid_points = 2 * len(FOE_LS_GRID) + 1  # 0 and +-g; the default eps = 10 is in the grid
+    assert grid_points <= res.evaluations <= grid_points + 2
+    assert abs(res.factor) <= max(FOE_LS_GRID)
 
 
-def test_plain_mean_hand_case_picks_the_largest_eps():
-    # Mean without ARC: aggregate - mean(H) = -c (1 + eps) mean(H) / n, increasing in eps.
+def test_plain_mean_grows_without_a_cap():
+    # Mean without ARC: aggregate - mean(H) = -c (1 + eps) mean(H) / n, increasing in |1 + eps|: both sides grow
+    # without bound, the positive side ahead by 2 c ||mean|| / n at every |eps|. The search doubles eps as long as
+    # the deviation grows.
     agg = server("mean", 2)
-    assert search_factor("foe", HONEST, COPIES, agg) == max(FOE_LS_GRID) == 100.0
+    eps = search_factor("foe", HONEST, COPIES, agg)
+    assert eps > 1e100 and math.log2(eps / max(FOE_LS_GRID)).is_integer()
     mu = HONEST.mean(dim=0)
-    expected = COPIES * (1 + 100.0) * float(mu.norm()) / (HONEST.shape[0] + COPIES)
-    assert deviation(foe_ls(HONEST, COPIES, agg), agg) == pytest.approx(expected, rel=1e-12)
+    at_grid_top = COPIES * (1 + max(FOE_LS_GRID)) * float(mu.norm()) / (HONEST.shape[0] + COPIES)
+    assert deviation(foe(HONEST, max(FOE_LS_GRID)), agg) == pytest.approx(at_grid_top, rel=1e-12)
+    assert deviation(foe_ls(HONEST, COPIES, agg, search="ours"), agg) > 1e90 * at_grid_top
 
 
 def test_candidates_include_the_default_factor():
-    # With a grid that only holds worse factors, the default (eps = 10, z = alie_z) is chosen.
-    agg = server("mean", 2)
-    assert search_factor("foe", HONEST, COPIES, agg, grid=[0.1, 1.0], refine=0) == FOE_EPS
-    z = search_factor("alie", HONEST, COPIES, agg, grid=[0.0, 0.1], refine=0)
+    # A server whose deviation peaks exactly at the attack's default vector (eps = 10, z = alie_z): with a grid of
+    # worse factors and no refinement, the default is chosen.
+    def peaked(target: torch.Tensor):
+        def agg(x: torch.Tensor) -> torch.Tensor:
+            bump = torch.exp(-((x[-1] - target) ** 2).sum())
+            return x[:-COPIES].mean(dim=0) + bump * torch.ones_like(target)
+
+        return agg
+
+    assert search_factor("foe", HONEST, COPIES, peaked(foe(HONEST)), grid=[0.1, 1.0], refine=0) == FOE_EPS
+    z = search_factor("alie", HONEST, COPIES, peaked(alie(HONEST, num_byzantine=COPIES)), grid=[0.1], refine=0)
     assert z == alie_z(HONEST.shape[0] + COPIES, COPIES)
 
 
-def test_refinement_stays_in_the_bracket_and_improves_when_it_can():
+def test_refinement_finds_a_factor_between_the_grid_points():
     agg = server("cwtm", 2, True, True)
     z0 = search_factor("alie", HONEST, COPIES, agg, refine=0)
     z = search_factor("alie", HONEST, COPIES, agg, refine=8)
-    grid = sorted(set(ALIE_LS_GRID) | {alie_z(7, 2)})
-    i = grid.index(z0)
-    assert grid[max(i - 1, 0)] <= z <= grid[min(i + 1, len(grid) - 1)]
+    assert z0 in {0.0, *ALIE_LS_GRID, *(-g for g in ALIE_LS_GRID), alie_z(7, 2)}
     assert z != z0 and deviation(alie(HONEST, z=z), agg) > deviation(alie(HONEST, z=z0), agg)
+
+
+def test_byzfl_search_by_hand():
+    # ByzFL's search on the plain mean, where the deviation grows with tau: 0, then tau += 10, 20, 40, ... while it
+    # grows -- all 20 evaluations -- so tau = 10 (2**19 - 1); ALIE on the sample std with z = -tau.
+    res = line_search("alie", HONEST, COPIES, server("mean", 2), search="byzfl")
+    assert (res.factor, res.correction, res.search) == (-10.0 * (2**19 - 1), 1, "byzfl")
+    assert res.evaluations == 20
+    assert torch.equal(res.vector("alie", HONEST), alie(HONEST, z=res.factor, correction=1))
+    # A server that ignores the Byzantine rows: nothing grows, ByzFL keeps its start tau = 0 after 20 evaluations
+    # (the first step fails, then the contraction tries 8, 6.4, ... above 0).
+    flat = line_search("foe", HONEST, COPIES, lambda x: x[: HONEST.shape[0]].mean(dim=0), search="byzfl")
+    assert flat.factor == 0.0 and flat.evaluations == 20
 
 
 def test_search_is_deterministic():
@@ -138,16 +206,17 @@ def test_search_is_deterministic():
         for attack in ("foe", "alie"):
             a, b = searched(attack, agg), searched(attack, agg)
             assert torch.equal(a, b)
-            assert search_factor(attack, HONEST, COPIES, agg) == search_factor(attack, HONEST, COPIES, agg)
+            assert line_search(attack, HONEST, COPIES, agg) == line_search(attack, HONEST, COPIES, agg)
     spec = ByzantineSpec([5, 6], "alie_ls")
     agg = server("cwtm", 2, True, True)
     assert torch.equal(spec.apply(HONEST[0], HONEST, aggregation=agg), spec.apply(HONEST[0], HONEST, aggregation=agg))
 
 
 def test_ties_go_to_the_smallest_factor():
-    # 1-D, cwtm f=1: any negative Byzantine value is trimmed -> constant deviation for every eps.
+    # 1-D, cwtm f=1: any Byzantine value outside the honest range is trimmed -> the same deviation for every
+    # eps of either sign but those that land inside it; factor 0 (the vector 0, trimmed too) is among the best.
     h = torch.tensor([[1.0], [2.0], [3.0]])
-    assert search_factor("foe", h, 1, server("cwtm", 1)) == min(FOE_LS_GRID)
+    assert search_factor("foe", h, 1, server("cwtm", 1)) == 0.0
 
 
 def test_dtypes_and_devices_are_kept():
@@ -207,9 +276,14 @@ def test_spec_config_round_trip():
 def test_spec_apply_matches_the_functions():
     agg = server("cwtm", 2, True, True)
     for name, fn in (("foe_ls", foe_ls), ("alie_ls", alie_ls)):
-        spec = ByzantineSpec([5, 6], name, grid=[0.5, 1.0, 2.0], refine=2)
-        expected = fn(HONEST, 2, agg, grid=[0.5, 1.0, 2.0], refine=2)
-        assert torch.equal(spec.apply(HONEST[0], HONEST, aggregation=agg), expected)
+        for search in LS_SEARCHES:
+            spec = ByzantineSpec([5, 6], name, grid=[0.5, 1.0, 2.0], refine=2, search=search)
+            expected = fn(HONEST, 2, agg, grid=[0.5, 1.0, 2.0], refine=2, search=search)
+            assert torch.equal(spec.apply(HONEST[0], HONEST, aggregation=agg), expected)
+    spec = ByzantineSpec([5, 6], "alie_ls", correction=1, search="ours")
+    res = line_search("alie", HONEST, 2, agg, correction=1, search="ours")
+    assert res.correction == 1
+    assert torch.equal(spec.apply(HONEST[0], HONEST, aggregation=agg), alie(HONEST, z=res.factor, correction=1))
 
 
 @pytest.mark.parametrize(
@@ -233,7 +307,18 @@ def test_spec_apply_matches_the_functions():
         (lambda: mimic(HONEST, target=True), ValueError, r"`target`"),
         (lambda: mimic(HONEST, target="nearest"), ValueError, r"`target`"),
         (lambda: ByzantineSpec([1], "foe_ls", grid=[]), ValueError, r"`grid`"),
-        (lambda: ByzantineSpec([1], "foe_ls", eps=2.0), ValueError, r"unexpected parameter `eps`.*`grid`, `refine`"),
+        (lambda: ByzantineSpec([1], "foe_ls", eps=2.0), ValueError,
+         r"unexpected parameter `eps`.*`grid`, `refine`, `search`"),
+        (lambda: line_search("foe", HONEST, 1, server("mean", 1), search="all"), ValueError,
+         r"`search` to be one of 'both', 'ours', 'byzfl' but got 'all'"),
+        (lambda: line_search("foe", HONEST, 1, server("mean", 1), search=None), TypeError, r"`search` to be a string"),
+        (lambda: line_search("alie", HONEST, 1, server("mean", 1), correction=2), ValueError,
+         r"`correction` to be 0 \(population std\) or 1 \(sample std\) but got 2"),
+        (lambda: line_search("alie", HONEST[:1], 1, server("mean", 0), search="byzfl"), ValueError,
+         r"sample std: it needs at least 2 honest rows"),
+        (lambda: ByzantineSpec([1], "alie_ls", search="fast"), ValueError, r"`search`"),
+        (lambda: ByzantineSpec([1], "alie_ls", correction=True), ValueError, r"`correction`"),
+        (lambda: ByzantineSpec([1], "foe_ls", correction=1), ValueError, r"unexpected parameter `correction`"),
         (lambda: ByzantineSpec([1], "alie_ls", refine=1.5), TypeError, r"`refine`"),
         (lambda: ByzantineSpec([1], "mimic", target=-2), ValueError, r"`target`"),
         (lambda: ByzantineSpec([1], "foe_ls").apply(HONEST[0], HONEST), ValueError,
@@ -253,4 +338,6 @@ def test_validation_errors(call, exc, match):
 def test_world_size_checks_pass_where_they_should():
     ByzantineSpec([1], "mimic", target=1).check_world_size(3)
     ByzantineSpec([1], "alie_ls").check_world_size(2)  # no default z for (n=2, f=1): the grid alone
-    assert search_factor("alie", HONEST[:1], 1, server("mean", 0)) in ALIE_LS_GRID
+    # One honest row: std 0, every z sends the row itself (a tie: z = 0); no sample std, so "both" is ours alone.
+    assert search_factor("alie", HONEST[:1], 1, server("mean", 0)) == 0.0
+    assert line_search("alie", HONEST[:1], 1, server("mean", 0)).search == "ours"

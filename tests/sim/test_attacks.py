@@ -19,6 +19,7 @@ from lightning_clip.sim.attacks import (
     fixed_clip_defence,
     foe,
     gaussian,
+    honest_std,
     inf_attack,
     ipm,
     nan_attack,
@@ -121,6 +122,22 @@ def test_alie_vector():
         alie(OWN, z=1.0)
 
 
+def test_alie_either_sign_and_either_std():
+    h = HONEST.double().numpy()
+    # z < 0 moves above the mean; correction = 1 is the sample std (numpy's ddof=1): mean + tau * sample std
+    np.testing.assert_allclose(alie(HONEST.double(), z=-2.5, correction=1).numpy(),
+                               h.mean(axis=0) + 2.5 * h.std(axis=0, ddof=1), rtol=1e-12)
+    np.testing.assert_allclose(alie(HONEST.double(), z=-2.5).numpy(), h.mean(axis=0) + 2.5 * h.std(axis=0),
+                               rtol=1e-12)
+    np.testing.assert_allclose(honest_std(HONEST.double(), 1).numpy(), h.std(axis=0, ddof=1), rtol=1e-12)
+    assert torch.equal(alie(HONEST, z=0.0, correction=1), HONEST.mean(dim=0))
+    with pytest.raises(ValueError, match=r"at least 2 honest rows for the sample std"):
+        alie(HONEST[:1], z=1.0, correction=1)
+    for bad in (2, -1, True, 0.5):
+        with pytest.raises(ValueError, match=r"`correction` to be 0 \(population std\) or 1 \(sample std\)"):
+            alie(HONEST, z=1.0, correction=bad)
+
+
 # ----------------------------------------------------------------------------- FOE / IPM
 
 
@@ -130,6 +147,9 @@ def test_foe_and_ipm():
     torch.testing.assert_close(foe(HONEST), -10.0 * m)
     torch.testing.assert_close(ipm(HONEST), -0.1 * m)
     torch.testing.assert_close(foe(HONEST, eps=3.0), -3.0 * m)
+    torch.testing.assert_close(foe(HONEST, eps=-3.0), 3.0 * m)  # either sign
+    with pytest.raises(ValueError, match=r"`eps` to be a finite number but got inf"):
+        foe(HONEST, eps=math.inf)
     with pytest.raises(ValueError, match=r"`eps` to be a positive finite number but got -1.0"):
         ipm(HONEST, eps=-1.0)
 
@@ -184,6 +204,8 @@ def test_spec_basics():
         (([1], "flip"), {}, ValueError, r"`attack` to be one of 'sign_flip', 'scale', .* but got 'flip'"),
         (([1], "sign_flip"), {"factor": 2.0}, ValueError, r"unexpected parameter `factor` = 2.0; allowed: none"),
         (([1], "foe"), {"z": 2.0}, ValueError, r"allowed: `eps`"),
+        (([1], "alie"), {"correction": 3}, ValueError, r"`correction` to be 0 \(population std\) or 1"),
+        (([1], "ipm"), {"eps": -1.0}, ValueError, r"`eps` to be a positive finite number"),
         (([1], "scale"), {}, ValueError, r"needs the parameter `factor`"),
         (([1], "gaussian"), {"std": -1.0}, ValueError, r"`std` to be a positive finite number"),
         (([1], "alie"), {"z": math.nan}, ValueError, r"`z` to be a finite number"),
@@ -237,6 +259,9 @@ def test_spec_apply_every_attack():
     for attack, (params, expected) in cases.items():
         spec = ByzantineSpec([4, 5], attack, **params)
         torch.testing.assert_close(spec.apply(OWN, HONEST), expected)
+    torch.testing.assert_close(ByzantineSpec([4], "foe", eps=-2.0).apply(OWN, HONEST), 2.0 * m)
+    torch.testing.assert_close(ByzantineSpec([4], "alie", z=-1.0, correction=1).apply(OWN, HONEST),
+                               m + HONEST.std(dim=0, correction=1))
     assert torch.isnan(ByzantineSpec([0], "nan").apply(OWN)).all()
     g = ByzantineSpec([0], "gaussian", std=1.0)
     assert torch.equal(g.apply(OWN, generator=7), gaussian(OWN, std=1.0, generator=7))
