@@ -31,6 +31,7 @@ from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
+DOCS_DIR = ROOT / "docs"
 RESULTS_URI = "benchmarks/results"
 
 INCLUDE = re.compile(r'^<!-- results: (?P<name>[\w.-]+)(?: pending="(?P<pending>[^"]+)")? -->[ \t]*$', re.M)
@@ -128,9 +129,17 @@ def results_markdown(name: str, pending: str | None = None, page_uri: str = "ind
 
 
 def _site_path(name: str, page_uri: str) -> str:
+    """Where the site has ``benchmarks/results/NAME``: a plot is copied next to the pages; a results file is shown
+    by the page that includes it."""
     if not (RESULTS_DIR / name).is_file():
         raise PluginError(f"benchmarks/results links to {name}, which does not exist")
-    return posixpath.relpath(f"{RESULTS_URI}/{name}", posixpath.dirname(page_uri) or ".")
+    target = f"{RESULTS_URI}/{name}"
+    if not name.endswith(".png"):
+        pages = [page for page in sorted(DOCS_DIR.rglob("*.md")) if name in included_results(page.read_text("utf-8"))]
+        if not pages:
+            raise PluginError(f"benchmarks/results links to {name}, which no page of the site shows")
+        target = pages[0].relative_to(DOCS_DIR).as_posix()
+    return posixpath.relpath(target, posixpath.dirname(page_uri) or ".")
 
 
 def included_results(markdown: str) -> list[str]:
