@@ -6,6 +6,7 @@ The helpers (tiny models, trainers, recorders, the DDP workers) live in the impo
 
 from __future__ import annotations
 
+import logging
 import os
 
 import lightning.pytorch as pl
@@ -22,3 +23,16 @@ torch.set_num_threads(1)
 def seed():
     pl.seed_everything(0, workers=True, verbose=False)
     return 0
+
+
+@pytest.fixture(autouse=True)
+def _restore_logger_levels():
+    """Each test starts with the logger levels the previous one found: a study run in process quiets Lightning's
+    loggers (``setLevel(ERROR)``), which would hide the INFO lines later tests read with ``caplog``."""
+    levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    root = logging.root.level
+    yield
+    for name, lg in list(logging.root.manager.loggerDict.items()):
+        if isinstance(lg, logging.Logger):
+            lg.setLevel(levels.get(name, logging.NOTSET))
+    logging.root.setLevel(root)
