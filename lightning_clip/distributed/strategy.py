@@ -134,7 +134,7 @@ class ARCDDPStrategy(DDPStrategy):
             :class:`lightning_clip.sim.ByzantineTransform` for experiments.
         log_arc: Log ``arc/threshold``, ``arc/clipped_ranks`` and ``arc/norm_rank<i>`` (with client-level
             DP also ``dp/epsilon`` and ``dp/clip_bound``).
-        **ddp_kwargs: What :class:`~lightning.pytorch.strategies.DDPStrategy` and
+        **kwargs: What :class:`~lightning.pytorch.strategies.DDPStrategy` and
             ``DistributedDataParallel`` accept (``start_method``, ``find_unused_parameters``,
             ``bucket_cap_mb``, ...), except the communication-hook arguments; unknown names raise.
     """

@@ -3,10 +3,8 @@
 Each round the server sends the global arrays ``g`` to the sampled sites; site ``i`` replies with its locally
 trained arrays ``w_i``. FedARC stacks the updates ``u_i = w_i - g`` (the floating-point arrays, flattened in the
 record's key order; rows in the order of the sites' node ids) into ``x [n, d]`` and applies
-
-    ``g <- g + aggregate_with(x, arc_config)``,
-
-the same pipeline ``rule(NNM(bucket(clip_C(ARC(x)))))`` that ``ddp_arc`` runs on the ranks' gradients
+``g <- g + aggregate_with(x, arc_config)``, the same pipeline ``rule(NNM(bucket(clip_C(ARC(x)))))`` that
+``ddp_arc`` runs on the ranks' gradients
 (:func:`lightning_clip.robust.pipeline.aggregate_with`; the round ``r`` is pipeline step ``r - 1``, which seeds
 bucketing; centered clipping starts from the previous round's aggregate). Integer arrays (counters) keep the
 global value. Sampling, evaluation, the metrics and the reply checks are FedAvg's.
@@ -108,8 +106,9 @@ class FedARC(FedAvg):
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=20)
 
     Args:
-        num_byzantine, aggregator, nnm, arc, static_clip, bucket_size, bucket_seed, cclip_tau, cclip_iters,
-            dp_noise_multiplier, dp_delta, dp_sampling_rate, ...: The fields of
+        num_byzantine, aggregator, nnm, arc, static_clip, worker_momentum, dp_noise_multiplier, dp_seed,
+            dp_delta, dp_sampling_rate, dp_clip_quantile, dp_clip_learning_rate, dp_clipped_count_stddev,
+            dp_accountant, robust_comm, bucket_size, bucket_seed, cclip_tau, cclip_iters: The fields of
             :class:`~lightning_clip.robust.options.ARCConfig` (documented there; this signature is generated from
             them), or ``arc_config``, not both. ``num_byzantine`` is the number of sites that may misbehave; it
             must stay below half of ``min_train_nodes``. With ``dp_noise_multiplier > 0`` run the strategy inside
@@ -119,7 +118,7 @@ class FedARC(FedAvg):
             ``secaggplus_mod``). Needs the mean path (``aggregator="mean"``, ``arc=False``, ``nnm=False``,
             ``bucket_size=1``) and ``static_clip``, the bound each site clips its update to, at most the
             workflow's ``clipping_range``.
-        **fedavg_kwargs: Flower's ``FedAvg`` arguments (``fraction_train``, ``min_train_nodes``,
+        **kwargs: Flower's ``FedAvg`` arguments (``fraction_train``, ``min_train_nodes``,
             ``min_available_nodes``, ``weighted_by_key``, ``train_metrics_aggr_fn``, ...); unknown names raise.
             ``min_train_nodes`` defaults to the fewest updates the pipeline can aggregate (:func:`fewest_updates`,
             ``2 num_byzantine + 1``) and ``min_available_nodes`` to at least that.
