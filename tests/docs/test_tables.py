@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import re
 
 import pytest
@@ -102,8 +103,9 @@ def test_the_configs_table_lists_every_shipped_configuration():
 
 
 def test_every_lightning_clip_name_the_prose_spells_as_code_exists():
-    """(A note titled "Pending: ..." may name what is not there yet.)"""
-    missing = []
+    """(A note titled "Pending: ..." may name what is not there yet. Outside CI, a name whose module needs an
+    optional extra that is not installed, such as ``lightning_clip.flower`` without Flower, is not checked.)"""
+    missing, unchecked = [], set()
     for path in docs.markdown_files():
         for dotted in re.findall(r"`(lightning_clip(?:\.\w+)+)`", docs.prose(path, pending=False)):
             try:
@@ -111,6 +113,12 @@ def test_every_lightning_clip_name_the_prose_spells_as_code_exists():
             except (AttributeError, ImportError, ValueError):
                 try:
                     __import__(dotted)
-                except ImportError:
-                    missing.append(f"{docs.label(path)}: {dotted}")
+                except ImportError as err:
+                    absent = docs.missing_extra(err)
+                    if absent and not os.environ.get("CI"):
+                        unchecked.add(absent)
+                    else:
+                        missing.append(f"{docs.label(path)}: {dotted}")
     assert not missing, missing
+    if unchecked:
+        pytest.skip(f"every other name exists; not checked: the names that need {', '.join(sorted(unchecked))}")
