@@ -215,7 +215,7 @@ def _dtensor_available() -> bool:
 # Run as a script: rank 0 is the script's process, rank 1 a spawned child. Both load lightning_clip/grads.py
 # through a stub ``lightning_clip`` package (no package __init__, so no Lightning import: fast start).
 _DTENSOR_SCRIPT = r"""
-import socket, sys, types
+import os, socket, sys, types
 from datetime import timedelta
 
 PKG_DIR = sys.argv[1] if __name__ == "__main__" else None
@@ -273,6 +273,10 @@ def worker(rank, world_size, port):
     else:
         dist.barrier()  # every rank done before any tears down its gloo pairs
         dist.destroy_process_group()
+        if rank != 0:  # the child: leave before the interpreter's finalization, where gloo's and DTensor's
+            sys.stdout.flush()  # threads still alive can abort a process that has done its work
+            sys.stderr.flush()
+            os._exit(0)
 
 
 if __name__ == "__main__":
@@ -290,6 +294,9 @@ if __name__ == "__main__":
             child.terminate()
     assert child.exitcode == 0, f"rank 1 failed with exit code {child.exitcode}"
     print("DTENSOR-OK")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # rank 0 likewise
 """
 
 
