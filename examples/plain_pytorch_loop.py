@@ -4,8 +4,8 @@
 
 1. The search (``lightning_clip.core.search``, the same one ``ClipThresholdFinder`` runs in ``fit``): the
    median gradient norm of a few batches at the starting weights sets a grid of candidate thresholds; a
-   short run per candidate, each from the same weights, optimizer state and batches; the largest
-   threshold whose mean loss is within 2 standard errors of the best.
+   short run per candidate, each from the same weights, optimizer state and batches; among the thresholds
+   whose mean loss is within 2 standard errors of the best, the one nearest the middle of their band.
 2. Training clips the total norm at that threshold (``clip_grads_with_norm_`` on one ``gradient_stats`` pass)
    and skips a step whose log gradient norm is a spike against the recent ones (``RollingWindow``, what
    ``SpikeGuard(scale="log")`` does). Step 150's batch is corrupted (targets x20): its step is skipped.

@@ -28,6 +28,7 @@ from lightning_clip import tags
 from lightning_clip.callbacks.clipping import GradientClipping
 from lightning_clip.callbacks.step import check_strategy, step_state
 from lightning_clip.core.search import (
+    CHOICES,
     SearchResult,
     SearchRule,
     candidate_grid,
@@ -37,7 +38,7 @@ from lightning_clip.core.search import (
     schedule_steps,
     search,
 )
-from lightning_clip.exceptions import check_bool, check_positive_float, check_positive_int
+from lightning_clip.exceptions import check_bool, check_choice, check_positive_float, check_positive_int
 
 __all__ = ["ClipThresholdFinder", "plot_search"]
 
@@ -62,8 +63,11 @@ class ClipThresholdFinder(Callback):
        training loop: AMP, gradient accumulation and data parallelism as configured), under the schedulers'
        first steps (or, with ``compress_schedule``, the whole remaining schedule compressed into the run),
        clipping the total norm at ``c_k``, and records each step's training loss (averaged over the ranks);
-    3. chooses with :func:`lightning_clip.core.search.search`: the largest threshold whose mean loss is within
-       ``tolerance`` standard errors of the best, refined at ``c * 10**(+-1/4)`` with ``refine``;
+    3. chooses with :func:`lightning_clip.core.search.search`: among the near-ties (the thresholds whose mean
+       loss is within ``tolerance`` standard errors of the best), with ``choice="middle"`` the one nearest the
+       geometric middle of the contiguous near-tie band around the best (its largest when the band reaches
+       the largest candidate), with ``choice="largest"`` the largest; refined at ``c * 10**(+-1/4)`` with
+       ``refine``;
     4. restores everything it saved, so training continues exactly as a fit started with the chosen
        threshold would, and sets the threshold on the trainer's :class:`GradientClipping`
        (:meth:`GradientClipping.set_threshold`; after the fit-start search, at ``on_train_start``).
@@ -105,6 +109,9 @@ class ClipThresholdFinder(Callback):
         num_probe_batches: optimizer steps (updates dropped) that measure ``m0``.
         tolerance: near-tie width, in standard errors of the best run's mean loss (>= 0).
         refine: two more runs at ``c * 10**(+-1/4)`` around the first choice.
+        choice: which near-tie is chosen: ``"middle"`` or ``"largest"`` (see step 3). A short run rewards
+            early progress, so its largest near-tie sits where a longer training turns unstable; the
+            middle of the band keeps away from both of the band's edges.
         milestones: epochs (>= 1) at whose start the search runs again from the current weights.
         plot: write the loss-vs-threshold PNG next to the logs.
         compress_schedule: step ``t`` of a run takes the learning rate the schedulers give at step
@@ -135,6 +142,7 @@ class ClipThresholdFinder(Callback):
         milestones: Sequence[int] = (),
         plot: bool = True,
         compress_schedule: bool = False,
+        choice: str = "middle",
     ) -> None:
         self.candidates = None if candidates is None else check_candidates(candidates)
         self.num_candidates = check_positive_int("num_candidates", num_candidates)
@@ -148,7 +156,8 @@ class ClipThresholdFinder(Callback):
         self.milestones = _check_milestones(milestones)
         self.plot = check_bool("plot", plot)
         self.compress_schedule = check_bool("compress_schedule", compress_schedule)
-        self.rule = SearchRule(tolerance=self.tolerance, refine=self.refine)
+        self.choice = check_choice("choice", choice, CHOICES)
+        self.rule = SearchRule(tolerance=self.tolerance, refine=self.refine, choice=self.choice)
         #: The optimizer steps the compressed schedule spans (``None``: those left in the fit); set by
         #: :func:`lightning_clip.tools.finder.find_clip_threshold`, which searches outside the fit.
         self.fit_steps: int | None = None

@@ -9,8 +9,11 @@ sequences into one threshold:
   default 1.0); a run whose loss is not finite or above ``divergence_factor`` times its first loss,
   or that stopped before its last step, scores ``+inf``;
 - selection: ``k*`` = argmin ``S``; ``SE`` = sample standard deviation (``ddof=1``) of the last
-  ``se_fraction`` of run ``k*``'s losses over the square root of their count; the threshold is the
-  **largest** candidate with ``S_k <= S_k* + tolerance * SE`` (among near-ties, less clipping);
+  ``se_fraction`` of run ``k*``'s losses over the square root of their count; the near-ties are the
+  candidates with ``S_k <= S_k* + tolerance * SE``. With ``choice="middle"`` (the default) the threshold is
+  the candidate nearest the geometric middle of the near-tie band around ``k*`` (the contiguous near-ties,
+  :func:`near_tie_band`), or the band's largest candidate when the band reaches the largest one tried;
+  with ``choice="largest"``, the largest near-tie;
 - refinement (``refine=True``): two more runs at ``c * 10**(+-refine_exponent)`` around the chosen
   ``c``, then the same selection over every run.
 
@@ -71,7 +74,7 @@ from lightning_clip.core.thresholds import (
     WarmupThreshold,
     ZScoreThreshold,
 )
-from lightning_clip.exceptions import check_bool, check_fraction, check_positive_float, check_positive_int
+from lightning_clip.exceptions import check_bool, check_choice, check_fraction, check_positive_float, check_positive_int
 
 __all__ = [
     "DIVERGENCE_FACTOR",
@@ -80,8 +83,10 @@ __all__ = [
     "SearchRule",
     "apply_threshold",
     "candidate_grid",
+    "CHOICES",
     "check_candidates",
     "divergence_step",
+    "near_tie_band",
     "probe_median",
     "refine_candidates",
     "schedule_steps",
@@ -198,22 +203,73 @@ def standard_error(losses: Sequence[float], fraction: float = 0.5) -> float:
     return float(np.std(tail, ddof=1) / math.sqrt(tail.size))
 
 
-def select_threshold(candidates: Sequence[float], scores: Sequence[float], error: float,
-                     tolerance: float) -> int | None:
-    """The index of the largest candidate whose score is within ``tolerance * error`` of the lowest score.
+#: The ways :func:`select_threshold` picks one threshold among the near-ties of the best score.
+CHOICES = ("largest", "middle")
 
-    ``None`` when no score is finite. ``candidates`` need not be sorted; ties in value cannot occur
-    (the driver keeps them distinct).
+
+def near_tie_band(candidates: Sequence[float], scores: Sequence[float], error: float,
+                  tolerance: float) -> tuple[int, int] | None:
+    """The indices of the smallest and largest candidate of the near-tie band around the lowest score.
+
+    The band is the longest run of candidates, in ascending order of value, that contains the lowest
+    score and in which every score is finite and within ``tolerance * error`` of it. ``None`` when no
+    score is finite.
     """
+    s, c = _scores_and_candidates(scores, candidates)
+    return _band(s, c, error, tolerance)
+
+
+def _band(s: np.ndarray, c: np.ndarray, error: float, tolerance: float) -> tuple[int, int] | None:
+    if not np.isfinite(s).any():
+        return None
+    order = np.argsort(c)
+    ss = s[order]
+    best = int(np.argmin(np.where(np.isfinite(ss), ss, np.inf)))
+    limit = ss[best] + tolerance * error
+    lo = hi = best
+    while lo > 0 and np.isfinite(ss[lo - 1]) and ss[lo - 1] <= limit:
+        lo -= 1
+    while hi < ss.size - 1 and np.isfinite(ss[hi + 1]) and ss[hi + 1] <= limit:
+        hi += 1
+    return int(order[lo]), int(order[hi])
+
+
+def select_threshold(candidates: Sequence[float], scores: Sequence[float], error: float,
+                     tolerance: float, choice: str = "largest") -> int | None:
+    """The index of the threshold chosen among the near-ties of the lowest score (``None``: no finite score).
+
+    ``choice="largest"``: the largest candidate whose score is within ``tolerance * error`` of the lowest.
+    ``choice="middle"``: within the near-tie band around the lowest score (:func:`near_tie_band`), the
+    candidate nearest the band's geometric middle ``sqrt(c_lo * c_hi)`` in ``log c`` (the larger on a tie);
+    when the band reaches the largest candidate (no larger threshold scored worse), that largest one.
+    ``candidates`` need not be sorted; ties in value cannot occur (the driver keeps them distinct).
+    """
+    check_choice("choice", choice, CHOICES)
+    s, c = _scores_and_candidates(scores, candidates)
+    if not np.isfinite(s).any():
+        return None
+    if choice == "largest":
+        best = float(np.min(s[np.isfinite(s)]))
+        ok = np.flatnonzero(np.isfinite(s) & (s <= best + tolerance * error))
+        return int(ok[np.argmax(c[ok])])
+    band = _band(s, c, error, tolerance)
+    assert band is not None
+    lo, hi = band
+    if c[hi] == np.max(c):
+        return hi
+    inside = np.flatnonzero((c >= c[lo]) & (c <= c[hi]))
+    middle = 0.5 * (math.log(c[lo]) + math.log(c[hi]))
+    distance = np.abs(np.log(c[inside]) - middle)
+    near = inside[distance <= distance.min() * (1 + 1e-9) + 1e-12]
+    return int(near[np.argmax(c[near])])
+
+
+def _scores_and_candidates(scores: Sequence[float], candidates: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(list(scores), dtype=np.float64)
     c = np.asarray(list(candidates), dtype=np.float64)
     if s.size != c.size:
         raise ValueError(f"Expected one score per candidate but got {s.size} scores for {c.size} candidates")
-    if not np.isfinite(s).any():
-        return None
-    best = float(np.min(s[np.isfinite(s)]))
-    ok = np.flatnonzero(np.isfinite(s) & (s <= best + tolerance * error))
-    return int(ok[np.argmax(c[ok])])
+    return s, c
 
 
 def refine_candidates(threshold: float, exponent: float = 0.25) -> tuple[float, float]:
@@ -233,6 +289,9 @@ class SearchRule:
         se_fraction: the last fraction of the best run whose spread gives ``SE``, in ``(0, 1]``.
         refine_exponent: the refinement runs sit at ``c * 10**(+-refine_exponent)`` (> 0).
         divergence_factor: a loss above this multiple of the run's first loss is a divergence (> 1).
+        choice: which near-tie is chosen, one of :data:`CHOICES` (see :func:`select_threshold`):
+            ``"middle"``, the candidate nearest the geometric middle of the near-tie band (the largest
+            candidate when the band reaches it), or ``"largest"``, the largest near-tie.
     """
 
     tolerance: float = 2.0
@@ -241,6 +300,7 @@ class SearchRule:
     se_fraction: float = 0.5
     refine_exponent: float = 0.25
     divergence_factor: float = DIVERGENCE_FACTOR
+    choice: str = "middle"
 
     def __post_init__(self) -> None:
         check_positive_float("tolerance", self.tolerance, allow_zero=True)
@@ -252,6 +312,7 @@ class SearchRule:
                 and math.isfinite(self.divergence_factor)):
             raise ValueError(f"Expected argument `divergence_factor` to be a finite number > 1 but got "
                              f"{self.divergence_factor!r}")
+        check_choice("choice", self.choice, CHOICES)
 
     def max_steps(self, num_steps: int) -> int:
         """The longest run :func:`search` asks for when called with ``num_steps`` (what the data must hold)."""
@@ -277,7 +338,7 @@ class SearchRule:
             return None, None, math.nan
         best = int(np.argmin(s))
         error = self.error(runs[best])
-        return select_threshold(candidates, scores, error, self.tolerance), best, error
+        return select_threshold(candidates, scores, error, self.tolerance, self.choice), best, error
 
 
 @dataclass
@@ -355,9 +416,16 @@ class SearchResult:
             lines.append("  every run diverged: no threshold; lower the learning rate or pass smaller `candidates`")
             return "\n".join(lines)
         assert self.best is not None
-        lines.append(f"  chosen: {self.threshold:.4g}, the largest threshold within {self.rule.tolerance:g} standard "
-                     f"errors ({self.rule.tolerance * self.error:.3g}) of the best score "
-                     f"{self.scores[self.best]:.6g}")
+        within = (f"within {self.rule.tolerance:g} standard errors ({self.rule.tolerance * self.error:.3g}) of the "
+                  f"best score {self.scores[self.best]:.6g}")
+        band = near_tie_band(self.candidates, self.scores, self.error, self.rule.tolerance)
+        if self.rule.choice == "largest":
+            lines.append(f"  chosen: {self.threshold:.4g}, the largest threshold {within}")
+        elif band is not None and band[1] == len(self.candidates) - 1:
+            lines.append(f"  chosen: {self.threshold:.4g}, the largest of the near-tie band {within}")
+        elif band is not None:
+            lines.append(f"  chosen: {self.threshold:.4g}, the middle of the near-tie band "
+                         f"{self.candidates[band[0]]:.4g}-{self.candidates[band[1]]:.4g} {within}")
         if len(self.candidates) > 1 and self.chosen == len(self.candidates) - 1:
             lines.append("  the largest threshold was chosen: clipping may not be needed; larger ones were not tried")
         elif len(self.candidates) > 1 and self.chosen == 0:

@@ -251,6 +251,7 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from lightning_clip import __version__
+    from lightning_clip.core.search import CHOICES
 
     parser.add_argument("--version", action="version", version=f"lightning-clip {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
@@ -293,9 +294,10 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Instantiate the model/data/trainer of a LightningCLI config and run the search of "
         "ClipThresholdFinder (the same search and rule as in `fit`): probe the median gradient norm m0 of the "
         "starting weights, train num-batches optimizer steps per candidate threshold (m0 * 10**(-3 + k/2) unless "
-        "--candidates), each run from the same weights and batches, clipping the total norm there; choose the "
-        "largest threshold whose mean loss is within --tolerance standard errors of the best (refined at "
-        "c * 10**(+-1/4)); restore the weights and print the table and the `fit` command that uses the threshold "
+        "--candidates), each run from the same weights and batches, clipping the total norm there; among the "
+        "thresholds whose mean loss is within --tolerance standard errors of the best, choose the middle of their "
+        "band (or the largest, --choice largest), refined at c * 10**(+-1/4); restore the weights and print the table "
+        "and the `fit` command that uses the threshold "
         "in place of the config's GradientClipping. Other LightningCLI options (e.g. --model.init_args.lr=0.01) "
         "are passed through.")
     finder.add_argument("--config", "-c", required=True, action="append", help="LightningCLI YAML config")
@@ -310,6 +312,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="steps (updates dropped) that measure m0 (default: 8)")
     finder.add_argument("--tolerance", type=_non_negative, default=2.0,
                         help="near-tie width in standard errors of the best run's mean loss (default: 2)")
+    finder.add_argument("--choice", choices=CHOICES, default="middle",
+                        help="which near-tie: the middle of the near-tie band, or the largest (default: middle)")
     finder.add_argument("--no-refine", dest="refine", action="store_false",
                         help="no refinement runs at c * 10**(+-1/4)")
     finder.add_argument("--plot", default=None, help="write a PNG of loss against threshold and the loss curves")
@@ -417,7 +421,7 @@ def _find_threshold(ns: argparse.Namespace, passthrough: list[str]) -> int:
         result = find_clip_threshold(cli.trainer, cli.model, datamodule=cli.datamodule, num_batches=ns.num_batches,
                                      candidates=ns.candidates, num_candidates=ns.num_candidates,
                                      num_probe_batches=ns.num_probe_batches, tolerance=ns.tolerance,
-                                     refine=ns.refine)
+                                     refine=ns.refine, choice=ns.choice)
     except RuntimeError as err:  # every candidate diverged: the message holds the table
         if "every candidate threshold diverged" not in str(err):
             raise

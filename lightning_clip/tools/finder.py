@@ -305,6 +305,7 @@ def find_clip_threshold(
     refine: bool = True,
     compress_schedule: bool = False,
     fit_steps: int | None = None,
+    choice: str = "middle",
 ) -> SearchResult:
     """The search of :class:`~lightning_clip.ClipThresholdFinder` on a temporary Trainer; the result, not a fit.
 
@@ -314,8 +315,8 @@ def find_clip_threshold(
         model: the LightningModule; its weights (``state_dict``) and the RNG states are put back afterwards.
         datamodule: where the training batches come from (or ``train_dataloaders``).
         train_dataloaders: a dataloader (or what ``Trainer.fit`` accepts) instead of ``datamodule``.
-        num_batches, candidates, num_candidates, num_probe_batches, tolerance, refine, compress_schedule: as
-            for :class:`~lightning_clip.ClipThresholdFinder`.
+        num_batches, candidates, num_candidates, num_probe_batches, tolerance, refine, compress_schedule,
+            choice: as for :class:`~lightning_clip.ClipThresholdFinder`.
         fit_steps: with ``compress_schedule``, the optimizer steps of the fit the threshold is for, whose
             schedule each run follows compressed, as the callback does at fit start (default:
             ``trainer.max_steps`` when positive, else the schedule's first steps).
@@ -328,7 +329,8 @@ def find_clip_threshold(
     """
     _check_fit_arguments(trainer, model, datamodule, train_dataloaders)
     finder = ClipThresholdFinder(candidates=candidates, num_candidates=num_candidates, num_batches=num_batches,
-                                 num_probe_batches=num_probe_batches, tolerance=tolerance, refine=refine, plot=False)
+                                 num_probe_batches=num_probe_batches, tolerance=tolerance, refine=refine, plot=False,
+                                 choice=choice)
     finder.verbose = False
     finder.compress_schedule = check_bool("compress_schedule", compress_schedule)
     if fit_steps is None and trainer.max_steps > 0:

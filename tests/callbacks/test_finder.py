@@ -336,6 +336,7 @@ def test_every_candidate_diverging_is_an_error(tmp_path):
     ({"num_probe_batches": 0}, "num_probe_batches"),
     ({"tolerance": -0.5}, "tolerance"),
     ({"refine": "yes"}, "refine"),
+    ({"choice": "smallest"}, "choice"),
     ({"milestones": (0,)}, "milestones"),
     ({"milestones": 3}, "milestones"),
     ({"plot": 1}, "plot"),

@@ -15,6 +15,7 @@ from lightning_clip.core.search import (
     candidate_grid,
     check_candidates,
     divergence_step,
+    near_tie_band,
     probe_median,
     refine_candidates,
     schedule_steps,
@@ -92,6 +93,59 @@ def test_selection_takes_the_largest_candidate_within_tolerance():
     assert select_threshold(cands, [INF, 0.5, INF, 0.52], error=0.01, tolerance=2.0) == 3
     assert select_threshold(cands, [INF] * 4, error=0.1, tolerance=2.0) is None
     assert select_threshold([10.0, 0.1], [0.5, 0.5], error=0.0, tolerance=2.0) == 0  # by value, not position
+
+
+CANDS = [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
+
+
+@pytest.mark.parametrize("scores, band, middle, largest", [
+    # limit 0.50 + 2 * 0.02 = 0.54 everywhere
+    ([0.90, 0.52, 0.51, 0.50, 0.60, 0.80], (1, 3), 2, 3),  # band 0.1..10: middle 1
+    ([0.90, 0.52, 0.51, 0.50, 0.90, 0.53], (1, 3), 2, 5),  # 1000 within the limit but cut off by 100: not in it
+    ([0.53, 0.90, 0.51, 0.50, 0.60, 0.80], (2, 3), 3, 3),  # 0.01 cut off by 0.1; middle of 1..10: tie -> larger
+    ([0.90, 0.80, 0.51, 0.50, 0.52, 0.53], (2, 5), 5, 5),  # the band reaches the largest candidate: that one
+    ([0.90, 0.80, 0.51, 0.50, 0.52, INF], (2, 4), 3, 4),  # the largest diverged: middle of 1..100 is 10
+    ([0.50, 0.51, 0.52, 0.53, 0.60, INF], (0, 3), 2, 3),  # band 0.01..10: 0.1 and 1 equally far from 0.316
+    ([INF, 0.70, 0.50, 0.70, INF, INF], (2, 2), 2, 2),  # a band of one
+])
+def test_middle_choice_on_hand_tables(scores, band, middle, largest):
+    assert near_tie_band(CANDS, scores, error=0.02, tolerance=2.0) == band
+    assert select_threshold(CANDS, scores, error=0.02, tolerance=2.0, choice="middle") == middle
+    assert select_threshold(CANDS, scores, error=0.02, tolerance=2.0, choice="largest") == largest
+    perm = [3, 0, 5, 1, 4, 2]  # candidates in any order: indices follow the given order
+    c, s = [CANDS[i] for i in perm], [scores[i] for i in perm]
+    assert select_threshold(c, s, error=0.02, tolerance=2.0, choice="middle") == perm.index(middle)
+    assert near_tie_band(c, s, error=0.02, tolerance=2.0) == (perm.index(band[0]), perm.index(band[1]))
+
+
+def test_middle_choice_edge_cases():
+    assert select_threshold(CANDS, [INF] * 6, error=0.1, tolerance=2.0, choice="middle") is None
+    assert near_tie_band(CANDS, [INF] * 6, error=0.1, tolerance=2.0) is None
+    # a band of two quarter-decade neighbours 1 and 10**0.25 with 0.1 and 10 outside: the tie goes to the larger
+    c = [0.1, 1.0, 10 ** 0.25, 10.0]
+    assert select_threshold(c, [0.9, 0.50, 0.50, 0.9], error=0.0, tolerance=2.0, choice="middle") == 2
+    # three in the band, uneven spacing: middle of 1..10 is 10**0.5; 10**0.25 is nearer than 10
+    c = [1.0, 10 ** 0.25, 10.0, 100.0]
+    assert select_threshold(c, [0.5, 0.5, 0.5, 0.9], error=0.0, tolerance=2.0, choice="middle") == 1
+    with pytest.raises(ValueError, match="`choice`"):
+        select_threshold(c, [0.5] * 4, error=0.0, tolerance=2.0, choice="median")
+    with pytest.raises(ValueError, match="scores"):
+        near_tie_band(c, [0.5] * 3, error=0.0, tolerance=2.0)
+
+
+def test_rule_default_is_the_middle_and_the_driver_uses_it():
+    assert SearchRule().choice == "middle"
+    # 0.1, 1, 10 tie exactly (SE 0), 100 worse, 1000 diverges: middle 1 ("largest" would take 10)
+    table = {0.01: [3.0] * 4, 0.1: [1.0] * 4, 1.0: [1.0] * 4, 10.0: [1.0] * 4, 100.0: [2.0] * 4, 1000.0: [1.0, 1e4]}
+    result = search(_table_run(table, []), list(table), num_steps=4, rule=SearchRule(refine=False))
+    assert result.threshold == 1.0 and "middle of the near-tie band 0.1-10" in str(result)
+    result = search(_table_run(table, []), list(table), num_steps=4, rule=SearchRule(refine=False, choice="largest"))
+    assert result.threshold == 10.0 and "the largest threshold within" in str(result)
+    # the band reaching the largest candidate: that one, as "largest" would
+    table[100.0] = [1.0] * 4
+    table[1000.0] = [1.0] * 4
+    result = search(_table_run(table, []), list(table), num_steps=4, rule=SearchRule(refine=False))
+    assert result.threshold == 1000.0 and "the largest of the near-tie band" in str(result)
 
 
 def _table_run(table: dict[float, list[float]], calls: list[tuple[float, int]]):
@@ -184,7 +238,7 @@ def test_driver_rejects_bad_inputs_before_any_run(kwargs, name):
 @pytest.mark.parametrize("kwargs, name", [
     ({"tolerance": -1.0}, "tolerance"), ({"score_fraction": 0.0}, "score_fraction"),
     ({"se_fraction": 1.5}, "se_fraction"), ({"refine_exponent": 0.0}, "refine_exponent"),
-    ({"divergence_factor": 1.0}, "divergence_factor"), ({"refine": 1}, "refine"),
+    ({"divergence_factor": 1.0}, "divergence_factor"), ({"refine": 1}, "refine"), ({"choice": "median"}, "choice"),
 ])
 def test_rule_rejects_bad_values(kwargs, name):
     with pytest.raises((ValueError, TypeError), match=f"`{name}`"):

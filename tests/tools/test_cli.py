@@ -404,6 +404,7 @@ def test_the_replacement_callbacks_hold_one_clipping():
                                            (["--num-batches", "0"], "--num-batches"),
                                            (["--num-batches", "1"], "--num-batches"),
                                            (["--tolerance", "-1"], "--tolerance"),
+                                           (["--choice", "smallest"], "--choice"),
                                            (["--num-probe-batches", "0"], "--num-probe-batches"),
                                            (["--num-batches", "x"], "--num-batches")])
 def test_find_threshold_bad_arguments(bad, named, capsys):

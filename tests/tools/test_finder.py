@@ -155,6 +155,7 @@ def test_measure_bad_arguments(tmp_path, kwargs, error, match):
         ({"num_candidates": 0}, ValueError, "num_candidates"),
         ({"num_probe_batches": 0}, ValueError, "num_probe_batches"),
         ({"tolerance": -1.0}, ValueError, "tolerance"),
+        ({"choice": "smallest"}, ValueError, "choice"),
         ({"candidates": [0.1, -1.0]}, ValueError, "candidates"),
         ({"candidates": [0.1, float("nan")]}, ValueError, "candidates"),
         ({"candidates": []}, ValueError, "candidates"),
