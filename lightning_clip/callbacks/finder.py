@@ -65,9 +65,9 @@ class ClipThresholdFinder(Callback):
        clipping the total norm at ``c_k``, and records each step's training loss (averaged over the ranks);
     3. chooses with :func:`lightning_clip.core.search.search`: among the near-ties (the thresholds whose mean
        loss is within ``tolerance`` standard errors of the best), with ``choice="middle"`` the one nearest the
-       geometric middle of the contiguous near-tie band around the best (its largest when the band reaches
-       the largest candidate), with ``choice="largest"`` the largest; refined at ``c * 10**(+-1/4)`` with
-       ``refine``;
+       geometric middle of the contiguous near-tie band around the best (the band's largest when the band
+       reaches the largest or the smallest candidate), with ``choice="largest"`` the largest; refined at
+       ``c * 10**(+-1/4)`` with ``refine``;
     4. restores everything it saved, so training continues exactly as a fit started with the chosen
        threshold would, and sets the threshold on the trainer's :class:`GradientClipping`
        (:meth:`GradientClipping.set_threshold`; after the fit-start search, at ``on_train_start``).

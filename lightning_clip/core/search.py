@@ -12,7 +12,8 @@ sequences into one threshold:
   ``se_fraction`` of run ``k*``'s losses over the square root of their count; the near-ties are the
   candidates with ``S_k <= S_k* + tolerance * SE``. With ``choice="middle"`` (the default) the threshold is
   the candidate nearest the geometric middle of the near-tie band around ``k*`` (the contiguous near-ties,
-  :func:`near_tie_band`), or the band's largest candidate when the band reaches the largest one tried;
+  :func:`near_tie_band`), or the band's largest candidate when the band reaches the largest or the
+  smallest one tried (an edge not measured);
   with ``choice="largest"``, the largest near-tie;
 - refinement (``refine=True``): two more runs at ``c * 10**(+-refine_exponent)`` around the chosen
   ``c``, then the same selection over every run.
@@ -240,8 +241,9 @@ def select_threshold(candidates: Sequence[float], scores: Sequence[float], error
 
     ``choice="largest"``: the largest candidate whose score is within ``tolerance * error`` of the lowest.
     ``choice="middle"``: within the near-tie band around the lowest score (:func:`near_tie_band`), the
-    candidate nearest the band's geometric middle ``sqrt(c_lo * c_hi)`` in ``log c`` (the larger on a tie);
-    when the band reaches the largest candidate (no larger threshold scored worse), that largest one.
+    candidate nearest the band's geometric middle ``sqrt(c_lo * c_hi)`` in ``log c`` (the larger on a tie),
+    when a smaller and a larger candidate than the band's scored worse; when the band reaches the largest
+    or the smallest candidate (one of its edges not measured), the band's largest.
     ``candidates`` need not be sorted; ties in value cannot occur (the driver keeps them distinct).
     """
     check_choice("choice", choice, CHOICES)
@@ -255,7 +257,7 @@ def select_threshold(candidates: Sequence[float], scores: Sequence[float], error
     band = _band(s, c, error, tolerance)
     assert band is not None
     lo, hi = band
-    if c[hi] == np.max(c):
+    if c[hi] == np.max(c) or c[lo] == np.min(c):  # an edge not measured: the band's largest
         return hi
     inside = np.flatnonzero((c >= c[lo]) & (c <= c[hi]))
     middle = 0.5 * (math.log(c[lo]) + math.log(c[hi]))
@@ -290,8 +292,9 @@ class SearchRule:
         refine_exponent: the refinement runs sit at ``c * 10**(+-refine_exponent)`` (> 0).
         divergence_factor: a loss above this multiple of the run's first loss is a divergence (> 1).
         choice: which near-tie is chosen, one of :data:`CHOICES` (see :func:`select_threshold`):
-            ``"middle"``, the candidate nearest the geometric middle of the near-tie band (the largest
-            candidate when the band reaches it), or ``"largest"``, the largest near-tie.
+            ``"middle"``, the candidate nearest the geometric middle of the near-tie band (the band's
+            largest when the band reaches the largest or the smallest candidate), or ``"largest"``, the
+            largest near-tie.
     """
 
     tolerance: float = 2.0
@@ -421,8 +424,10 @@ class SearchResult:
         band = near_tie_band(self.candidates, self.scores, self.error, self.rule.tolerance)
         if self.rule.choice == "largest":
             lines.append(f"  chosen: {self.threshold:.4g}, the largest threshold {within}")
-        elif band is not None and band[1] == len(self.candidates) - 1:
-            lines.append(f"  chosen: {self.threshold:.4g}, the largest of the near-tie band {within}")
+        elif band is not None and (band[1] == len(self.candidates) - 1 or band[0] == 0):
+            lines.append(f"  chosen: {self.threshold:.4g}, the largest of the near-tie band {within} (the band "
+                         "reaches the " + ("largest" if band[1] == len(self.candidates) - 1 else "smallest")
+                         + " threshold tried)")
         elif band is not None:
             lines.append(f"  chosen: {self.threshold:.4g}, the middle of the near-tie band "
                          f"{self.candidates[band[0]]:.4g}-{self.candidates[band[1]]:.4g} {within}")

@@ -105,7 +105,8 @@ CANDS = [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
     ([0.53, 0.90, 0.51, 0.50, 0.60, 0.80], (2, 3), 3, 3),  # 0.01 cut off by 0.1; middle of 1..10: tie -> larger
     ([0.90, 0.80, 0.51, 0.50, 0.52, 0.53], (2, 5), 5, 5),  # the band reaches the largest candidate: that one
     ([0.90, 0.80, 0.51, 0.50, 0.52, INF], (2, 4), 3, 4),  # the largest diverged: middle of 1..100 is 10
-    ([0.50, 0.51, 0.52, 0.53, 0.60, INF], (0, 3), 2, 3),  # band 0.01..10: 0.1 and 1 equally far from 0.316
+    ([0.50, 0.51, 0.52, 0.53, 0.60, INF], (0, 3), 3, 3),  # the band reaches the smallest: its largest, 10
+    ([0.60, 0.51, 0.52, 0.53, 0.52, 0.90], (1, 4), 3, 4),  # band 0.1..100: 1 and 10 equally far from 3.16
     ([INF, 0.70, 0.50, 0.70, INF, INF], (2, 2), 2, 2),  # a band of one
 ])
 def test_middle_choice_on_hand_tables(scores, band, middle, largest):
@@ -125,12 +126,14 @@ def test_middle_choice_edge_cases():
     c = [0.1, 1.0, 10 ** 0.25, 10.0]
     assert select_threshold(c, [0.9, 0.50, 0.50, 0.9], error=0.0, tolerance=2.0, choice="middle") == 2
     # three in the band, uneven spacing: middle of 1..10 is 10**0.5; 10**0.25 is nearer than 10
-    c = [1.0, 10 ** 0.25, 10.0, 100.0]
-    assert select_threshold(c, [0.5, 0.5, 0.5, 0.9], error=0.0, tolerance=2.0, choice="middle") == 1
+    c = [0.1, 1.0, 10 ** 0.25, 10.0, 100.0]
+    assert select_threshold(c, [0.9, 0.5, 0.5, 0.5, 0.9], error=0.0, tolerance=2.0, choice="middle") == 2
+    # the same band reaching the smallest candidate (0.1 dropped): no lower edge measured, the band's largest
+    assert select_threshold(c[1:], [0.5, 0.5, 0.5, 0.9], error=0.0, tolerance=2.0, choice="middle") == 2
     with pytest.raises(ValueError, match="`choice`"):
-        select_threshold(c, [0.5] * 4, error=0.0, tolerance=2.0, choice="median")
+        select_threshold(c, [0.5] * 5, error=0.0, tolerance=2.0, choice="median")
     with pytest.raises(ValueError, match="scores"):
-        near_tie_band(c, [0.5] * 3, error=0.0, tolerance=2.0)
+        near_tie_band(c, [0.5] * 4, error=0.0, tolerance=2.0)
 
 
 def test_rule_default_is_the_middle_and_the_driver_uses_it():
@@ -146,6 +149,10 @@ def test_rule_default_is_the_middle_and_the_driver_uses_it():
     table[1000.0] = [1.0] * 4
     result = search(_table_run(table, []), list(table), num_steps=4, rule=SearchRule(refine=False))
     assert result.threshold == 1000.0 and "the largest of the near-tie band" in str(result)
+    # the band reaching the smallest candidate (a task the clipping does not slow): the band's largest
+    table = {0.01: [1.0] * 4, 0.1: [1.0] * 4, 1.0: [1.0] * 4, 10.0: [3.0] * 4}
+    result = search(_table_run(table, []), list(table), num_steps=4, rule=SearchRule(refine=False))
+    assert result.threshold == 1.0 and "reaches the smallest threshold tried" in str(result)
 
 
 def _table_run(table: dict[float, list[float]], calls: list[tuple[float, int]]):
