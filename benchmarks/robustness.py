@@ -775,7 +775,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sim_ours = ours(sim)
     if sim_ours:
         grid_section(sections, stdout, "sim", sim_ours, row_order(rules, pres, setting.clip), col_order(hets, fs),
-                     hets, f"## Simulation: worst-case maximal test accuracy ({len(sim_ours)} runs; {', '.join(hets)})",
+                     hets, f"## Simulation: worst-case maximal test accuracy ({len(sim_ours)} runs; "
+                     f"{', '.join(ordered({r.run.het for r in sim_ours if r.run.f}, hets))})",
                      "The same study with all workers in one process (the same pure functions and hook-state "
                      "pipeline; see the comparison below for how closely it follows real DDP). Mean over the seeds "
                      f"{sorted({r.run.seed for r in sim_ours})} of the worst attack, min-max over the seeds in "
