@@ -200,6 +200,37 @@ def test_cached_only_reports_the_complete_cells(tmp_path):
         "extreme f=4 / ARC > NNM > cwtm"])
 
 
+def test_cached_only_assembles_both_grids_from_the_cache_and_runs_nothing(tmp_path):
+    # Sim: both rows cached; DDP: the ARC row only, so DDP's NNM > cwtm cell is left out, and the comparison covers
+    # the runs cached in both modes. Nothing is trained: a missing run would be computed and cached otherwise.
+    setting, cache, out = common.Setting(), str(tmp_path / "cache"), tmp_path / "out"
+    runs = m.build_runs(["extreme"], [3], ["SF", "LF"], ["cwtm"], ["none", "arc"], [1], 10)
+    final = torch.arange(4.0)
+    for run in runs:
+        acc = 0.9 if run.f == 0 else (0.6 if run.pre == "arc" else 0.2) + (0.1 if run.attack == "LF" else 0.0)
+        common.save_result(common.cache_path(cache, "sim", run, setting), common.Result(run, [acc], 1.0, 200, final))
+        if run.pre == "arc" or run.f == 0:
+            ddp_acc = acc + (0.01 if run.attack == "LF" else 0.0)
+            common.save_result(common.cache_path(cache, "ddp", run, setting),
+                               common.Result(run, [ddp_acc], 2.0, 200, final + (run.attack == "LF")))
+    files = sorted(p.name for p in (tmp_path / "cache").rglob("*.pt"))
+    m.main(["--mode", "both", "--cached-only", "--cache", cache, "--out", str(out), "--hets", "extreme", "--f", "3",
+            "--rules", "cwtm", "--pres", "none,arc", "--attacks", "SF,LF", "--seeds", "1", "--ddp-hets", "extreme"])
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*.pt")) == files
+    md = (out / "robustness.md").read_text()
+    assert md.startswith("# Does ARC hold under attack? Robust D-SHB (worker momentum) on digits, simulated and in "
+                         "real DDP")
+    assert "not reported (some of their runs not in the cache): DDP extreme f=3 / NNM > cwtm." in md
+    tables = _tables(md)
+    (_, header, rows), = [t for t in tables if t[0].startswith("Every run is 10 + f real")]
+    assert header == ["aggregation", "extreme f=3"] and rows == [["ARC > NNM > cwtm", "0.600"]]  # one seed, one row
+    (_, header, rows), = [t for t in tables if t[0].startswith("The same study with all workers in one process")]
+    assert rows == [["NNM > cwtm", "0.200"], ["ARC > NNM > cwtm", "**0.600**"]]
+    # reference + SF + LF of the ARC row: the SF and reference runs equal, LF's weights and accuracy differ
+    assert "3 runs in both modes; 2 of them end with bitwise identical weights" in md
+    assert "max 0.0100" in md
+
+
 def test_byzfl_comparison_takes_both_sides_over_the_same_seeds():
     # ByzFL's code ran seed 1 only: our side is taken over seed 1 too, not over the mean of seeds 1-3 (here 0.5,
     # which a 3-seed mean against a 1-seed value would call "within noise" or "weaker").
@@ -392,6 +423,6 @@ def test_bad_arguments_are_rejected():
         m.parse_args(["--beta", "1.0"])
     with pytest.raises(SystemExit):
         m.parse_args(["--seeds", "1,2,3", "--split-seeds", "4,5"])
-    for argv in (["--cached-only", "--mode", "sim"], ["--cached-only", "--cache", "/tmp/x"]):  # no cache; DDP mode
+    for argv in (["--cached-only", "--mode", "sim"], ["--cached-only", "--mode", "both"]):  # no cache
         with pytest.raises(SystemExit):
             m.parse_args(argv)
