@@ -257,13 +257,23 @@ def select_threshold(candidates: Sequence[float], scores: Sequence[float], error
     band = _band(s, c, error, tolerance)
     assert band is not None
     lo, hi = band
-    if c[hi] == np.max(c) or c[lo] == np.min(c):  # an edge not measured: the band's largest
+    if _open_edge(c, lo, hi) is not None:  # an edge not measured: the band's largest
         return hi
     inside = np.flatnonzero((c >= c[lo]) & (c <= c[hi]))
     middle = 0.5 * (math.log(c[lo]) + math.log(c[hi]))
     distance = np.abs(np.log(c[inside]) - middle)
     near = inside[distance <= distance.min() * (1 + 1e-9) + 1e-12]
     return int(near[np.argmax(c[near])])
+
+
+def _open_edge(c: np.ndarray, lo: int, hi: int) -> str | None:
+    """``"largest"`` / ``"smallest"`` when the band ``c[lo]..c[hi]`` reaches that end of the candidates tried
+    (no threshold beyond it scored worse), else ``None``."""
+    if c[hi] == np.max(c):
+        return "largest"
+    if c[lo] == np.min(c):
+        return "smallest"
+    return None
 
 
 def _scores_and_candidates(scores: Sequence[float], candidates: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -422,12 +432,12 @@ class SearchResult:
         within = (f"within {self.rule.tolerance:g} standard errors ({self.rule.tolerance * self.error:.3g}) of the "
                   f"best score {self.scores[self.best]:.6g}")
         band = near_tie_band(self.candidates, self.scores, self.error, self.rule.tolerance)
+        edge = None if band is None else _open_edge(np.asarray(self.candidates, dtype=np.float64), *band)
         if self.rule.choice == "largest":
             lines.append(f"  chosen: {self.threshold:.4g}, the largest threshold {within}")
-        elif band is not None and (band[1] == len(self.candidates) - 1 or band[0] == 0):
+        elif edge is not None:
             lines.append(f"  chosen: {self.threshold:.4g}, the largest of the near-tie band {within} (the band "
-                         "reaches the " + ("largest" if band[1] == len(self.candidates) - 1 else "smallest")
-                         + " threshold tried)")
+                         f"reaches the {edge} threshold tried)")
         elif band is not None:
             lines.append(f"  chosen: {self.threshold:.4g}, the middle of the near-tie band "
                          f"{self.candidates[band[0]]:.4g}-{self.candidates[band[1]]:.4g} {within}")
