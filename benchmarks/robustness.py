@@ -873,8 +873,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_test = int(1797 * 0.2)
     md = "\n".join([
         "# Does ARC hold under attack? Robust D-SHB (worker momentum) on digits, "
-        + {(True, False): "in real DDP", (False, True): "simulated", (True, True): "simulated and in real DDP",
-           (False, False): "simulated"}[(bool(ddp), bool(sim_ours))],
+        + ("simulated and in real DDP" if ddp and sim_ours else "in real DDP" if ddp else "simulated"),
         "",
         f"Command: `{command}`",
         "",
