@@ -401,10 +401,12 @@ def attack_table(results: list[Result], rows: list[str], cols: list[str], attack
 def byzfl_comparison(results: list[Result], rows: list[str], cols: list[str]) -> tuple[str, str, dict[str, Any]]:
     """Our worst case against ByzFL's own code, cell by cell, and the per-step differential check.
 
-    Returns the cell table, a paragraph on the differential checks, and a summary. A cell's verdict: ``stronger``
-    when our worst case (over every attack of the study) is at most ByzFL's (over its line-searched attacks run by
-    its own code), ``within noise`` when it is higher but the two seed ranges overlap, ``weaker`` when our whole seed
-    range lies above ByzFL's. Both sides are taken over the seeds ByzFL's code ran in that cell.
+    Returns the cell table, a paragraph on the differential checks, and a summary. A cell's verdict, from our worst
+    case (over every attack of the study) against ByzFL's (over its line-searched attacks run by its own code):
+    ``more damaging`` when ours is lower, ``as damaging`` when equal, ``less, within noise`` when it is higher but the
+    two seed ranges overlap, ``less, beyond noise`` when our whole seed range lies above ByzFL's. Both sides are
+    taken over the seeds ByzFL's code ran in that cell. The summary counts each verdict, and ``at_least`` the first
+    two together.
     """
     by_run = {r.run: r for r in results}
     byzfl_seeds = {(r.run.row, r.run.col, r.run.seed) for r in results if r.run.impl == "byzfl"}
@@ -420,7 +422,11 @@ def byzfl_comparison(results: list[Result], rows: list[str], cols: list[str]) ->
             (vo, ao), (vb, ab) = mine[(r, c)], byz[(r, c)]
             lo_o, hi_o, _ = spread(results, r, c, ao)
             lo_b, hi_b, _ = spread(results, r, c, ab)
-            verdict = "stronger" if vo <= vb else ("within noise" if lo_o <= hi_b else "weaker")
+            if vo <= vb:
+                verdict = "more damaging" if vo < vb else "as damaging"
+                verdicts["at_least"] += 1
+            else:
+                verdict = "less, within noise" if lo_o <= hi_b else "less, beyond noise"
             verdicts[verdict] += 1
             deltas.append(vo - vb)
             out.append([c, r, f"{vo:.3f} ({lo_o:.2f}-{hi_o:.2f})", ao, f"{vb:.3f} ({lo_b:.2f}-{hi_b:.2f})",
@@ -792,10 +798,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "computed by ByzFL's code instead of the library. Per cell, on the seeds ByzFL's code ran "
             f"({sorted({r.run.seed for r in sim if r.run.impl == 'byzfl'})}): our worst case over all the study's "
             "attacks, ByzFL's over its two line-searched attacks (mean, min-max over those seeds); "
-            f"{byz_summ.get('stronger', 0)} of {byz_summ['cells']} cells ours at least as damaging, "
-            f"{byz_summ.get('within noise', 0)} less damaging within the seed range, {byz_summ.get('weaker', 0)} "
-            f"less damaging beyond it (ours - ByzFL: mean {byz_summ['mean_delta']:+.3f}, largest "
-            f"{byz_summ['max_delta']:+.3f}).",
+            f"{byz_summ.get('at_least', 0)} of {byz_summ['cells']} cells ours at least as damaging "
+            f"({byz_summ.get('more damaging', 0)} more, {byz_summ.get('as damaging', 0)} as damaging), "
+            f"{byz_summ.get('less, within noise', 0)} less damaging within the seed range, "
+            f"{byz_summ.get('less, beyond noise', 0)} less damaging beyond it (ours - ByzFL: mean "
+            f"{byz_summ['mean_delta']:+.3f}, largest {byz_summ['max_delta']:+.3f}).",
             "",
             check_line,
             "",

@@ -240,8 +240,25 @@ def test_byzfl_comparison_takes_both_sides_over_the_same_seeds():
     results = [res("ALIE-LS-bf", 1, 0.2), res("ALIE-LS-bf", 2, 0.6), res("ALIE-LS-bf", 3, 0.7),
                res("SF", 1, 0.3), res("SF", 2, 0.3), res("SF", 3, 0.3), res("ALIE-LS-bf", 1, 0.25, impl="byzfl")]
     table, _, summary = m.byzfl_comparison(results, [m.row_label("cwtm", "arc")], [m.col_label("extreme", 4)])
-    assert summary["cells"] == 1 and summary["stronger"] == 1 and summary["mean_delta"] == pytest.approx(-0.05)
-    assert "0.200 (0.20-0.20) | ALIE-LS-bf | 0.250 (0.25-0.25)" in table
+    assert summary["cells"] == 1 and summary["at_least"] == 1 and summary["more damaging"] == 1
+    assert summary["mean_delta"] == pytest.approx(-0.05)
+    assert "0.200 (0.20-0.20) | ALIE-LS-bf | 0.250 (0.25-0.25) | ALIE-LS-bf | -0.050 | more damaging |" in table
+
+
+def test_byzfl_comparison_verdicts():
+    # equal -> "as damaging"; higher with overlapping seed ranges -> "less, within noise"; beyond -> "less, beyond"
+    def res(col_f, attack, seed, acc, impl="ours"):
+        return common.Result(m.Run("extreme", col_f, attack, "cwtm", "arc", seed, impl=impl), [acc], 1.0, 1)
+
+    results = [res(2, "SF", 1, 0.4), res(2, "SF", 2, 0.4), res(2, "ALIE-LS-bf", 1, 0.4, impl="byzfl"),
+               res(3, "SF", 1, 0.5), res(3, "SF", 2, 0.3), res(3, "ALIE-LS-bf", 1, 0.35, impl="byzfl"),
+               res(3, "ALIE-LS-bf", 2, 0.35, impl="byzfl"),
+               res(4, "SF", 1, 0.6), res(4, "ALIE-LS-bf", 1, 0.2, impl="byzfl")]
+    cols = [m.col_label("extreme", f) for f in (2, 3, 4)]
+    table, _, summary = m.byzfl_comparison(results, [m.row_label("cwtm", "arc")], cols)
+    verdicts = [line.rsplit("|", 2)[1].strip() for line in table.splitlines()[2:]]
+    assert verdicts == ["as damaging", "less, within noise", "less, beyond noise"]
+    assert summary["at_least"] == 1 and summary["as damaging"] == 1 and summary["cells"] == 3
 
 
 def test_cache_keys_stay_those_of_the_runs_already_cached():
