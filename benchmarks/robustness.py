@@ -83,7 +83,8 @@ Usage (from the repository root)::
 
 Writes ``robustness.md`` (tables, command, machine, wall times, reading) and ``robustness.png`` (heatmaps)
 into ``--out``; by default ``benchmarks/results`` for a full run and a new temporary directory with
-``--quick``. Hand-written notes after the marker line of an existing ``robustness.md`` are kept.
+``--quick``; ``--name STEM`` writes ``STEM.md`` and ``STEM.png`` instead (a slice of the grid beside the
+main file). Hand-written notes after the marker line of an existing results file are kept.
 """
 
 from __future__ import annotations
@@ -654,6 +655,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=10, help="test accuracy every N steps (default 10)")
     p.add_argument("--jobs", type=int, default=2, help="sim worker processes (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per sim process (default 1)")
+    p.add_argument("--name", default=NAME, metavar="STEM",
+                   help=f"file names of the results, STEM.md and STEM.png in --out (default {NAME})")
     args = p.parse_args(argv)
     for name in ("f", "attacks", "rules", "pres", "seeds"):
         if getattr(args, f"ddp_{name}") is None:
@@ -669,6 +672,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--beta: expected 0 <= beta < 1 but got {args.beta}")
     if args.split_seeds is not None and len(_csv(args.split_seeds, int)) not in (1, len(_csv(args.seeds, int))):
         p.error(f"--split-seeds: expected one seed or one per training seed ({args.seeds}) but got {args.split_seeds}")
+    if not args.name or os.sep in args.name or args.name.startswith("."):
+        p.error(f"--name: expected a file stem without a directory (results go to --out) but got {args.name!r}")
     if args.cached_only and args.cache is None:
         p.error("--cached-only: needs --cache")
     if args.attack_impl != "ours":
@@ -696,7 +701,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       clip=args.clip, robust_comm=args.ddp_comm, init_jitter=args.init_jitter)
     cache = args.cache
     args.out = output_dir(args.out, q, NAME)
-    md_path, png_path = os.path.join(args.out, f"{NAME}.md"), os.path.join(args.out, f"{NAME}.png")
+    md_path, png_path = os.path.join(args.out, f"{args.name}.md"), os.path.join(args.out, f"{args.name}.png")
     command = command_line(NAME, argv)
     print(f"machine: {machine()}", flush=True)
     print(f"setting: {setting}", flush=True)

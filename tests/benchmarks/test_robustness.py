@@ -229,6 +229,12 @@ def test_cached_only_assembles_both_grids_from_the_cache_and_runs_nothing(tmp_pa
     # reference + SF + LF of the ARC row: the SF and reference runs equal, LF's weights and accuracy differ
     assert "3 runs in both modes; 2 of them end with bitwise identical weights" in md
     assert "max 0.0100" in md
+    # --name writes the same report under another stem, beside the first one, which it leaves alone
+    m.main(["--mode", "both", "--cached-only", "--cache", cache, "--out", str(out), "--hets", "extreme", "--f", "3",
+            "--rules", "cwtm", "--pres", "none,arc", "--attacks", "SF,LF", "--seeds", "1", "--ddp-hets", "extreme",
+            "--name", "robustness_slice"])
+    assert _tables((out / "robustness_slice.md").read_text()) == tables
+    assert (out / "robustness_slice.png").stat().st_size > 0 and (out / "robustness.md").read_text() == md
 
 
 def test_byzfl_comparison_takes_both_sides_over_the_same_seeds():
@@ -440,6 +446,9 @@ def test_bad_arguments_are_rejected():
         m.parse_args(["--beta", "1.0"])
     with pytest.raises(SystemExit):
         m.parse_args(["--seeds", "1,2,3", "--split-seeds", "4,5"])
+    for argv in (["--name", "results/robustness"], ["--name", ""]):
+        with pytest.raises(SystemExit):
+            m.parse_args(argv)
     for argv in (["--cached-only", "--mode", "sim"], ["--cached-only", "--mode", "both"]):  # no cache
         with pytest.raises(SystemExit):
             m.parse_args(argv)
