@@ -34,9 +34,13 @@ searches (:data:`LS_SEARCHES`):
 * ``"both"`` (the default): the more damaging of the two (ties: ``"ours"``), so the attacker is at
   least as strong as each search on the same vectors.
 
+``sign=1`` or ``-1`` keeps our search to the factors of that sign (and ``0``), still without a cap: one side of
+FOE (``eps >= 0``, ByzFL's side) or ALIE (``z <= 0``, ByzFL's ``mean + tau * std``).
+
 The deviation is a one-step objective. Over a training run, a search free to change sign from step
-to step (ours, and ``"both"``) can do less damage than one kept to one side (ByzFL's): its pushes
-cancel instead of accumulating. A study should take the worst case over runs with each search.
+to step (ours, and ``"both"``) can do less damage than one kept to one side (ByzFL's, or ours with
+``sign``): its pushes cancel instead of accumulating. A study should take the worst case over runs with each
+search.
 
 Deviations are compared with NaN as the least and ``+inf`` (an aggregate that overflows) as the most
 damaging; a factor whose attack vector itself overflows is not a candidate. Everything is
@@ -66,6 +70,7 @@ __all__ = [
     "LS_GROWTH_RTOL",
     "LS_REFINE",
     "LS_SEARCHES",
+    "LS_SIGNS",
     "Aggregation",
     "LineSearch",
     "alie_ls",
@@ -73,6 +78,7 @@ __all__ = [
     "check_aggregation",
     "check_grid",
     "check_search",
+    "check_sign",
     "check_target",
     "foe_ls",
     "line_search",
@@ -90,6 +96,8 @@ LS_REFINE = 8
 LS_GROWTH_RTOL = 1e-6
 #: The line searches :func:`line_search` runs: ours, ByzFL's, or both (the more damaging one wins).
 LS_SEARCHES = ("both", "ours", "byzfl")
+#: The sides our search may keep to: ``0`` both signs, ``1`` positive factors, ``-1`` negative ones.
+LS_SIGNS = (0, 1, -1)
 #: ByzFL's line search (``Optimal_ALittleIsEnough`` / ``Optimal_InnerProductManipulation`` defaults).
 BYZFL_SEARCH: dict[str, float | int] = {"start": 0.0, "delta": 10.0, "ratio": 0.8, "evals": 20}
 
@@ -201,6 +209,13 @@ def check_search(search: Any) -> str:
     return check_choice("search", search, LS_SEARCHES)
 
 
+def check_sign(sign: Any) -> int:
+    """Return ``sign`` or raise naming it unless it is one of :data:`LS_SIGNS` (an int, not a bool)."""
+    if isinstance(sign, bool) or sign not in LS_SIGNS or not isinstance(sign, int):
+        raise ValueError(f"Expected argument `sign` to be one of {LS_SIGNS} (0: both signs) but got {sign!r}")
+    return sign
+
+
 def _default_factor(attack: str, h: int, num_copies: int) -> float | None:
     if attack == "foe":
         return FOE_EPS
@@ -247,12 +262,15 @@ def _grows(new: float, old: float, rtol: float) -> bool:
     return new > old * (1.0 + rtol) if old > 0 else new > old
 
 
-def _search_ours(obj: _Objective, grid: tuple[float, ...], default: float | None, refine: int) -> float:
+def _search_ours(obj: _Objective, grid: tuple[float, ...], default: float | None, refine: int,
+                 keep_sign: int = 0) -> float:
     mags = sorted({abs(g) for g in grid} - {0.0})
     points = {0.0, *mags, *(-m for m in mags)} | ({default} if default is not None else set())
+    if keep_sign:
+        points = {x for x in points if x * keep_sign >= 0}
     for x in sorted(points, key=lambda x: (abs(x), x < 0)):
         obj(x)
-    for sign in (1.0, -1.0):  # grow each side whose largest factor is still its best
+    for sign in ((1.0, -1.0) if keep_sign == 0 else (float(keep_sign),)):  # grow each side whose top is its best
         side = [x for x in obj.values if x * sign > 0]
         if not side:
             continue
@@ -359,6 +377,7 @@ def line_search(
     refine: int = LS_REFINE,
     correction: int = 0,
     search: str = "both",
+    sign: int = 0,
 ) -> LineSearch:
     """Return the factor of ``attack`` that maximises :func:`attack_deviation`, and which search found it.
 
@@ -379,6 +398,8 @@ def line_search(
         refine: Number of golden-section evaluations of our search after the grid and the doubling.
         correction: The std of our ALIE search: ``0`` population, ``1`` sample (ByzFL's is always ``1``).
         search: One of :data:`LS_SEARCHES`.
+        sign: Our search's side, one of :data:`LS_SIGNS`: ``0`` both signs, ``1`` / ``-1`` the factors of that
+            sign only (ByzFL's search is one-sided anyway: ``eps >= 0``, ``z <= 0``).
     """
     check_choice("attack", attack, ("foe", "alie"))
     hc = _honest(honest)
@@ -390,6 +411,7 @@ def line_search(
     check_non_negative_int("refine", refine)
     correction = check_correction(correction)
     search = check_search(search)
+    sign = check_sign(sign)
     objectives: dict[int, _Objective] = {}  # by std correction: the searches share their evaluations
 
     def objective(corr: int) -> _Objective:
@@ -401,14 +423,14 @@ def line_search(
     found: list[LineSearch] = []
     if search in ("both", "ours"):
         obj = objective(correction)
-        x = _search_ours(obj, grid, _default_factor(attack, hc.shape[0], num_copies), refine)
+        x = _search_ours(obj, grid, _default_factor(attack, hc.shape[0], num_copies), refine, sign)
         found.append(LineSearch(x, correction if attack == "alie" else 0, obj(x), "ours"))
     if search == "byzfl" or (search == "both" and (attack == "foe" or hc.shape[0] >= 2)):
         if attack == "alie" and hc.shape[0] < 2:
             raise ValueError("ByzFL's ALIE search uses the sample std: it needs at least 2 honest rows but got 1")
         obj = objective(1)
-        sign = -1.0 if attack == "alie" else 1.0
-        x = sign * _search_byzfl(obj, sign)
+        side = -1.0 if attack == "alie" else 1.0
+        x = side * _search_byzfl(obj, side)
         found.append(LineSearch(x, 1 if attack == "alie" else 0, obj(x), "byzfl"))
     evaluations = sum(len(o.values) for o in objectives.values())
     found = [replace(r, evaluations=evaluations) for r in found]
@@ -423,6 +445,7 @@ def search_factor(
     grid: Sequence[float] | None = None,
     refine: int = LS_REFINE,
     correction: int = 0,
+    sign: int = 0,
 ) -> float:
     """Return the factor (``eps`` of :func:`foe`, ``z`` of :func:`alie`) our search finds (both signs, no cap).
 
@@ -438,10 +461,10 @@ def search_factor(
     the largest; a factor whose vector overflows is never chosen.
 
     Args:
-        attack, honest, num_copies, aggregation, grid, refine, correction: as in :func:`line_search`.
+        attack, honest, num_copies, aggregation, grid, refine, correction, sign: as in :func:`line_search`.
     """
     return line_search(attack, honest, num_copies, aggregation, grid=grid, refine=refine, correction=correction,
-                       search="ours").factor
+                       search="ours", sign=sign).factor
 
 
 def foe_ls(
@@ -451,9 +474,10 @@ def foe_ls(
     grid: Sequence[float] | None = None,
     refine: int = LS_REFINE,
     search: str = "both",
+    sign: int = 0,
 ) -> Tensor:
     """Return :func:`foe` with ``eps`` chosen by :func:`line_search` against ``aggregation``."""
-    res = line_search("foe", honest, num_copies, aggregation, grid=grid, refine=refine, search=search)
+    res = line_search("foe", honest, num_copies, aggregation, grid=grid, refine=refine, search=search, sign=sign)
     return res.vector("foe", honest)
 
 
@@ -465,10 +489,11 @@ def alie_ls(
     refine: int = LS_REFINE,
     correction: int = 0,
     search: str = "both",
+    sign: int = 0,
 ) -> Tensor:
     """Return :func:`alie` with ``z`` (and the std) chosen by :func:`line_search` against ``aggregation``."""
     res = line_search("alie", honest, num_copies, aggregation, grid=grid, refine=refine, correction=correction,
-                      search=search)
+                      search=search, sign=sign)
     return res.vector("alie", honest)
 
 

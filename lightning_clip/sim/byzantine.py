@@ -26,6 +26,7 @@ from lightning_clip.sim.adaptive import (
     check_aggregation,
     check_grid,
     check_search,
+    check_sign,
     check_target,
     foe_ls,
     mimic,
@@ -61,9 +62,10 @@ _PARAMS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "foe": {"eps": check_finite_float},
     "ipm": {"eps": check_positive_float},
     "mimic": {"target": check_target},
-    "foe_ls": {"grid": _foe_grid, "refine": check_non_negative_int, "search": lambda _, v: check_search(v)},
+    "foe_ls": {"grid": _foe_grid, "refine": check_non_negative_int, "search": lambda _, v: check_search(v),
+               "sign": lambda _, v: check_sign(v)},
     "alie_ls": {"grid": _alie_grid, "refine": check_non_negative_int, "correction": lambda _, v: check_correction(v),
-                "search": lambda _, v: check_search(v)},
+                "search": lambda _, v: check_search(v), "sign": lambda _, v: check_sign(v)},
 }
 _REQUIRED: dict[str, tuple[str, ...]] = {"scale": ("factor",)}
 

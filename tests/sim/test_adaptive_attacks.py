@@ -19,6 +19,7 @@ from lightning_clip.sim.adaptive import (
     ALIE_LS_GRID,
     FOE_LS_GRID,
     LS_SEARCHES,
+    LS_SIGNS,
     alie_ls,
     attack_deviation,
     foe_ls,
@@ -129,6 +130,37 @@ def test_the_search_covers_both_signs_without_a_cap(attack):
     assert bz.factor == (0.0 if attack == "alie" else 10.0 * (2**19 - 1))
     both = line_search(attack, HONEST, COPIES, coordinate_min, search="both")
     assert both == replace(res, evaluations=both.evaluations)  # ours wins
+
+
+@pytest.mark.parametrize("attack", ["foe", "alie"])
+def test_a_one_sided_search_keeps_to_its_side_without_a_cap(attack):
+    # sign=+-1 keeps our search to one side, uncapped: on the winning side it finds what both signs find; on the
+    # other side (a coordinate-wise max ignores every Byzantine row below the honest ones) nothing moves the max,
+    # so the tie goes to the factor 0.
+    for agg, winning in ((coordinate_max, -1), (coordinate_min, 1)):
+        both = line_search(attack, HONEST, COPIES, agg, search="ours")
+        same = line_search(attack, HONEST, COPIES, agg, search="ours", sign=winning)
+        assert (same.factor, same.deviation) == (both.factor, both.deviation) and abs(same.factor) > 1e100
+        other = line_search(attack, HONEST, COPIES, agg, search="ours", sign=-winning)
+        assert other.factor == 0.0 and other.deviation < both.deviation
+        assert other.deviation == deviation(searched(attack, agg, search="ours", sign=-winning), agg)
+
+
+def test_a_one_sided_search_is_the_best_of_its_side():
+    # ARC > NNM > cwtm: the best FOE is on the negative side (next test); kept to eps >= 0 the search still does at
+    # least as well as every non-negative grid factor and the default, and no better than both signs together.
+    agg = server("cwtm", 2, True, True)
+    pos = line_search("foe", HONEST, COPIES, agg, search="ours", sign=1)
+    assert pos.factor >= 0
+    assert pos.deviation >= max(deviation(foe(HONEST, x), agg) for x in (0.0, FOE_EPS, *FOE_LS_GRID))
+    assert pos.deviation < line_search("foe", HONEST, COPIES, agg, search="ours").deviation
+    # ALIE kept to ByzFL's side (z <= 0) is at least as damaging as ByzFL's search there, on the same std
+    neg = line_search("alie", HONEST, COPIES, agg, search="ours", sign=-1, correction=1)
+    assert neg.factor <= 0 and neg.deviation >= line_search("alie", HONEST, COPIES, agg, search="byzfl").deviation
+    # "both" with a side: ours kept to it, ByzFL's unchanged, the more damaging wins
+    both = line_search("foe", HONEST, COPIES, agg, search="both", sign=1)
+    assert both.deviation == max(pos.deviation, line_search("foe", HONEST, COPIES, agg, search="byzfl").deviation)
+    assert LS_SIGNS == (0, 1, -1)
 
 
 def test_a_negative_foe_factor_beats_every_positive_one_on_arc_nnm_cwtm():
@@ -280,6 +312,10 @@ def test_spec_apply_matches_the_functions():
             spec = ByzantineSpec([5, 6], name, grid=[0.5, 1.0, 2.0], refine=2, search=search)
             expected = fn(HONEST, 2, agg, grid=[0.5, 1.0, 2.0], refine=2, search=search)
             assert torch.equal(spec.apply(HONEST[0], HONEST, aggregation=agg), expected)
+        for sign in LS_SIGNS:
+            spec = ByzantineSpec([5, 6], name, search="ours", sign=sign)
+            assert torch.equal(spec.apply(HONEST[0], HONEST, aggregation=agg), fn(HONEST, 2, agg, search="ours",
+                                                                                   sign=sign))
     spec = ByzantineSpec([5, 6], "alie_ls", correction=1, search="ours")
     res = line_search("alie", HONEST, 2, agg, correction=1, search="ours")
     assert res.correction == 1
@@ -317,6 +353,10 @@ def test_spec_apply_matches_the_functions():
         (lambda: line_search("alie", HONEST[:1], 1, server("mean", 0), search="byzfl"), ValueError,
          r"sample std: it needs at least 2 honest rows"),
         (lambda: ByzantineSpec([1], "alie_ls", search="fast"), ValueError, r"`search`"),
+        (lambda: line_search("foe", HONEST, 1, server("mean", 1), sign=2), ValueError,
+         r"`sign` to be one of \(0, 1, -1\) \(0: both signs\) but got 2"),
+        (lambda: line_search("foe", HONEST, 1, server("mean", 1), sign=True), ValueError, r"`sign`"),
+        (lambda: ByzantineSpec([1], "alie_ls", sign=0.5), ValueError, r"`sign`.*but got 0.5"),
         (lambda: ByzantineSpec([1], "alie_ls", correction=True), ValueError, r"`correction`"),
         (lambda: ByzantineSpec([1], "foe_ls", correction=1), ValueError, r"unexpected parameter `correction`"),
         (lambda: ByzantineSpec([1], "alie_ls", refine=1.5), TypeError, r"`refine`"),
