@@ -275,6 +275,8 @@ ATTACKS: dict[str, dict[str, Any] | None] = {
     "FOE-LS-bf": {"attack": "foe_ls", "search": "byzfl"},
     "ALIE-LS": {"attack": "alie_ls", "search": "ours"},
     "ALIE-LS-bf": {"attack": "alie_ls", "search": "byzfl"},
+    "FOE-LS-1s": {"attack": "foe_ls", "search": "ours", "sign": 1},
+    "ALIE-LS-1s": {"attack": "alie_ls", "search": "ours", "sign": -1},
     "Mimic": {"attack": "mimic"},
     "ALIE": {"attack": "alie"},
     "FOE": {"attack": "foe"},

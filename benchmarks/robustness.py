@@ -35,6 +35,10 @@ FOE-LS-bf   the same attack with ByzFL's search (``eps = tau >= 0`` from 0, doub
 ALIE-LS     "A little is enough" ``mean - z * std`` (population std) of the honest momenta, ``z``
             line-searched by the library's search
 ALIE-LS-bf  ByzFL's ALIE ``mean + tau * std`` (sample std) with ByzFL's search
+FOE-LS-1s   FOE with the library's search kept to one side, ``eps >= 0`` (ByzFL's side; the study's
+            earlier, capped attacker's too), no cap (``sign=1``): its pushes cannot cancel from step to step
+ALIE-LS-1s  ALIE with the library's search kept to ByzFL's side, ``z <= 0`` (``mean + |z| * std``,
+            population std), no cap (``sign=-1``)
 Mimic       a copy of the first honest worker's momentum
 =========== ======================================================================================
 
@@ -130,9 +134,11 @@ from benchmarks.common import (
 )
 
 NAME = "robustness"
-#: The paper's attacks: the default grid.
-DEFAULT_ATTACKS = ("SF", "LF", "FOE-LS", "FOE-LS-bf", "ALIE-LS", "ALIE-LS-bf", "Mimic")
-LINE_SEARCHED = ("FOE-LS", "FOE-LS-bf", "ALIE-LS", "ALIE-LS-bf")
+#: The paper's attacks, each line-searched one with our search and ByzFL's (the ``--quick`` grid).
+PAPER_ATTACKS = ("SF", "LF", "FOE-LS", "FOE-LS-bf", "ALIE-LS", "ALIE-LS-bf", "Mimic")
+#: The default grid: the paper's attacks and our search kept to one side.
+DEFAULT_ATTACKS = ("SF", "LF", "FOE-LS", "FOE-LS-bf", "FOE-LS-1s", "ALIE-LS", "ALIE-LS-bf", "ALIE-LS-1s", "Mimic")
+LINE_SEARCHED = ("FOE-LS", "FOE-LS-bf", "FOE-LS-1s", "ALIE-LS", "ALIE-LS-bf", "ALIE-LS-1s")
 RULES = ("cwtm", "geomed", "multikrum")
 #: Pre-aggregation clipping -> (ARC on, static clip on).
 PRES: dict[str, tuple[bool, bool]] = {"none": (False, False), "clip": (False, True), "arc": (True, False),
@@ -690,7 +696,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     q = args.quick
     hets = ["extreme"] if q else _csv(args.hets)
     fs = [1] if q else _csv(args.f, int)
-    attacks = list(DEFAULT_ATTACKS) if q else _csv(args.attacks)
+    attacks = list(PAPER_ATTACKS) if q else _csv(args.attacks)
     rules = ["cwtm"] if q else _csv(args.rules)
     pres = ["none", "clip", "arc"] if q else _csv(args.pres)
     seeds = [1] if q else _csv(args.seeds, int)

@@ -349,7 +349,7 @@ def _sends(run, steps: int, shared: bool, setting=None) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("attack", ["ALIE-LS", "FOE-LS-bf", "Mimic"])
+@pytest.mark.parametrize("attack", ["ALIE-LS", "FOE-LS-bf", "FOE-LS-1s", "Mimic"])
 def test_shared_attack_sends_the_same_bits(attack):
     # In simulation the omniscient attack is computed once per step for its f = 3 ranks: the same bits as f times.
     run = m.Run("extreme", 3, attack, "cwtm", "arc", 1, honest=4)
@@ -357,6 +357,24 @@ def test_shared_attack_sends_the_same_bits(attack):
     for a, b in zip(plain, shared):
         assert torch.equal(a, b)
         assert torch.equal(b[4], b[5]) and torch.equal(b[4], b[6])
+
+
+def test_one_sided_attacks_keep_to_their_side():
+    # FOE-LS-1s sends -eps * mean(honest) with eps >= 0, ALIE-LS-1s mean + |z| * std (population): every step,
+    # our search kept to that side against the row's own pipeline (FOE-LS: the same search over both signs).
+    for attack, family in (("FOE-LS-1s", "foe"), ("ALIE-LS-1s", "alie"), ("FOE-LS", "foe")):
+        run = m.Run("extreme", 2, attack, "cwtm", "arc", 1, honest=4)
+        factors = []
+        for sent in _sends(run, 6, shared=False):
+            honest, byz = sent[:4], sent[4]
+            res = line_search(family, honest, 2, pipeline.server_aggregation(run.config(common.Setting())),
+                              search="ours", sign=common.ATTACKS[attack].get("sign", 0))
+            assert torch.equal(byz, res.vector(family, honest))
+            factors.append(res.factor)
+        if attack == "FOE-LS-1s":
+            assert min(factors) >= 0 and max(factors) > 0
+        elif attack == "ALIE-LS-1s":
+            assert max(factors) <= 0 and min(factors) < 0
 
 
 # ----------------------------------------------------------------------------- ByzFL, the reference
