@@ -211,7 +211,7 @@ def check_search(search: Any) -> str:
 
 def check_sign(sign: Any) -> int:
     """Return ``sign`` or raise naming it unless it is one of :data:`LS_SIGNS` (an int, not a bool)."""
-    if isinstance(sign, bool) or sign not in LS_SIGNS or not isinstance(sign, int):
+    if isinstance(sign, bool) or not isinstance(sign, int) or sign not in LS_SIGNS:
         raise ValueError(f"Expected argument `sign` to be one of {LS_SIGNS} (0: both signs) but got {sign!r}")
     return sign
 
