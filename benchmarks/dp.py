@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=150)
     args = parser.parse_args(argv)
     out = output_dir(args.out, args.quick, NAME)
+    sigmas: tuple[float, ...]
+    attacks: tuple[str, ...]
+    seeds: tuple[int, ...]
+    byz_seeds: tuple[int, ...]
     if args.quick:
         sigmas, attacks, seeds, byz_seeds, steps = (0.0, 1.0), ("SF",), (1,), (1,), 30
     else:

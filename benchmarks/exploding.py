@@ -377,6 +377,7 @@ def _run(args: tuple[Method, int, dict[str, Any]]) -> RunResult:
         thr = [v for s, v in logger.metrics.get("grad_clip/threshold", []) if s >= half]
         res.threshold_median = float(np.median(thr)) if thr else None
     elif method.kind == "lightning":
+        assert method.clip_val is not None  # sweep_methods gives every "lightning" row a clip_val
         fin = np.isfinite(pre_n)
         res.clip_rate = float(np.mean(fin & (pre_n > method.clip_val))) if len(pre_n) else 0.0
         res.threshold_median = float(method.clip_val)
@@ -390,6 +391,7 @@ def _run(args: tuple[Method, int, dict[str, Any]]) -> RunResult:
     if res.diverged:
         res.threshold_median = None
         if method.kind == "lightning":
+            assert method.clip_val is not None  # sweep_methods gives every "lightning" row a clip_val
             res.threshold_last = float(method.clip_val)
         elif method.kind in ("ours", "zclip", "agc", "adagc"):
             n = min(len(pre_n), len(post_n))

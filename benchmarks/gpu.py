@@ -37,7 +37,7 @@ import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -60,6 +60,7 @@ from benchmarks.common import (
 CUDA = torch.cuda.is_available()
 NO_CUDA = "skipped: CUDA is not available on this machine"
 Row = tuple[str, str, str]  # (section, check, result)
+Precision = Literal["bf16-mixed", "16-mixed"]  # the Trainer precisions section 2 compares
 
 
 def _device() -> torch.device:
@@ -182,13 +183,13 @@ def sync_check(steps: int) -> list[Row]:
 # ------------------------------------------------------------------------------------------- 2. precision
 
 
-def _fit_weights(precision: str, clip: str, steps: int) -> torch.Tensor:
+def _fit_weights(precision: Precision, clip: str, steps: int) -> torch.Tensor:
     import lightning.pytorch as pl
 
     from lightning_clip import GradientClipping
 
     pl.seed_everything(0, verbose=False)
-    callbacks = [GradientClipping(0.5)] if clip == "ours" else []
+    callbacks: list[pl.Callback] = [GradientClipping(0.5)] if clip == "ours" else []
     trainer = pl.Trainer(accelerator="gpu" if CUDA else "cpu", devices=1, max_steps=steps, precision=precision,
                          gradient_clip_val=0.5 if clip == "lightning" else None, callbacks=callbacks, logger=False,
                          enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
@@ -201,7 +202,8 @@ def _fit_weights(precision: str, clip: str, steps: int) -> torch.Tensor:
 
 def precision_check(steps: int) -> list[Row]:
     rows: list[Row] = []
-    for precision in ("bf16-mixed", "16-mixed"):
+    precisions: tuple[Precision, ...] = ("bf16-mixed", "16-mixed")
+    for precision in precisions:
         if precision == "16-mixed" and not CUDA:
             rows.append(("2 precision", "16-mixed (GradScaler)", NO_CUDA))
             continue

@@ -66,7 +66,8 @@ def run(n_tensors: int, numel: int, groups: int, warmup: int, reps: int) -> Benc
                          enable_model_summary=False, num_sanity_val_steps=0,
                          callbacks=[StartTimer(bench), clip, StopTimer(bench)])
     gc.collect()
-    trainer.fit(model, DataLoader(list(range(steps)), batch_size=1))
+    # a list is a map-style dataset (__getitem__ + __len__); torch annotates the Dataset class
+    trainer.fit(model, DataLoader(list(range(steps)), batch_size=1))  # type: ignore[arg-type]
     assert len(bench.times["c"]) == reps, f"expected {reps} measured steps, got {len(bench.times['c'])}"
     assert clip.steps.get(0) == steps
     del model

@@ -197,11 +197,10 @@ def bench_clipping(n_tensors: int, numel: int, warmup: int, reps: int) -> tuple[
     model = BenchModule(n_tensors, numel)
     bench = Bench(warmup)
     policy = PercentileThreshold(percentile=90.0, warmup_steps=5, warmup_threshold=CLIP_VAL)
-    stack = [
-        GradientNormMonitor(per_parameter=True),
-        GradientClipping(policy, summary=False),
-        NonFiniteGradientGuard("skip"),
-    ]
+    monitor = GradientNormMonitor(per_parameter=True)
+    clipping = GradientClipping(policy, summary=False)
+    guard = NonFiniteGradientGuard("skip")
+    stack = [monitor, clipping, guard]
     callbacks = [StartTimer(bench), *stack, StopTimer(bench)]
     steps = warmup + reps
     trainer = pl.Trainer(
@@ -217,13 +216,14 @@ def bench_clipping(n_tensors: int, numel: int, warmup: int, reps: int) -> tuple[
         num_sanity_val_steps=0,
         callbacks=callbacks,
     )
-    order = [type(c) for c in trainer.callbacks]
+    order = [type(c) for c in trainer.callbacks]  # type: ignore[attr-defined]  # set at runtime, not declared on Trainer
     first, last = order.index(StartTimer), order.index(StopTimer)
     assert all(first < order.index(type(c)) < last for c in stack), f"callback order changed: {order}"
     gc.collect()
-    trainer.fit(model, DataLoader(list(range(steps)), batch_size=1))
+    # a list is a map-style dataset (__getitem__ + __len__); torch annotates the Dataset class
+    trainer.fit(model, DataLoader(list(range(steps)), batch_size=1))  # type: ignore[arg-type]
     assert len(bench.times["c"]) == reps, f"expected {reps} measured steps, got {len(bench.times['c'])}"
-    assert stack[1].steps.get(0) == steps and stack[2].skipped_steps == 0
+    assert clipping.steps.get(0) == steps and guard.skipped_steps == 0
     return bench, model
 
 
@@ -328,10 +328,10 @@ def _report_clipping(n_tensors: int, numel: int, warmup: int, reps: int, quick: 
     bench, model = bench_clipping(n_tensors, numel, warmup, reps)
     sa, sb, sc = summary_stats(bench.times["a"]), summary_stats(bench.times["b"]), summary_stats(bench.times["c"])
     ms = 1e3
-    rows = [
-        ["(a) torch get_total_norm + clip_grads_with_norm_", sa],
-        ["(b) Lightning gradient_clip_val (precision plugin)", sb],
-        ["(c) monitor(per_parameter) + clipping(percentile) + guard(skip)", sc],
+    rows: list[tuple[str, dict[str, float]]] = [
+        ("(a) torch get_total_norm + clip_grads_with_norm_", sa),
+        ("(b) Lightning gradient_clip_val (precision plugin)", sb),
+        ("(c) monitor(per_parameter) + clipping(percentile) + guard(skip)", sc),
     ]
     print(f"## Clipping cost per optimizer step ({reps} steps after {warmup} warm-up steps, interleaved; "
           f"log_every_n_steps={LOG_EVERY})\n")

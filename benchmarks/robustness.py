@@ -582,13 +582,15 @@ def reading(results: list[Result], hets: Sequence[str], fs: Sequence[int], rules
             parts = []
             for rule in rules:
                 cells = {pre: wc.get((row_label(rule, pre, setting.clip), col)) for pre in PRES}
-                if cells["none"] is None:
+                base = cells["none"]
+                if base is None:
                     continue
-                text = [f"none {cells['none'][0]:.2f}"]
+                text = [f"none {base[0]:.2f}"]
                 for pre in ("clip", "arc"):
-                    if cells[pre] is not None:
-                        gains[pre][(het, f, rule)] = cells[pre][0] - cells["none"][0]
-                        text.append(f"{pre} {cells[pre][0]:.2f}")
+                    cell = cells[pre]
+                    if cell is not None:
+                        gains[pre][(het, f, rule)] = cell[0] - base[0]
+                        text.append(f"{pre} {cell[0]:.2f}")
                 parts.append(f"{rule}: " + ", ".join(text))
             if parts:
                 n = setting.honest + f
@@ -733,7 +735,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def simulate(runs: list[Run], st: Setting, label: str) -> list[Result]:
         t0 = time.perf_counter()
-        out = run_sim_all(sorted(runs, key=cost, reverse=True), st, args.jobs, args.threads, cache, label)
+        ordered: list[Run] = sorted(runs, key=cost, reverse=True)
+        out = run_sim_all(ordered, st, args.jobs, args.threads, cache, label)
         walls[label] = time.perf_counter() - t0
         return out
 

@@ -55,7 +55,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -275,7 +275,9 @@ class _AddingRNN(nn.Module):
         super().__init__()
         self.rnn = nn.RNN(2, hidden, batch_first=True)
         self.head = nn.Linear(hidden, 1)
-        nn.init.orthogonal_(self.rnn.weight_hh_l0, gain=init_scale)
+        weight_hh = self.rnn.weight_hh_l0
+        assert isinstance(weight_hh, Tensor)  # an nn.RNN parameter; nn.Module.__getattr__ types it Tensor | Module
+        nn.init.orthogonal_(weight_hh, gain=init_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.rnn(x)[0][:, -1])
@@ -331,6 +333,15 @@ BASELINES: list[tuple[str, Spec]] = [
 ]
 
 
+class _AdaGCArgs(TypedDict):
+    """The keyword arguments of ``adagc_coefficients`` that ``AdaGCClipping`` passes from its settings."""
+
+    warmup_steps: int
+    absolute: float
+    relative: float
+    beta: float
+
+
 class Clipper:
     """Clip the gradients of one step the way the library's callback for ``spec`` does, at its defaults."""
 
@@ -350,14 +361,14 @@ class Clipper:
         elif spec[0] == "adagc":
             from lightning_clip import AdaGCClipping
 
-            d = AdaGCClipping()  # the callback's defaults
-            self.adagc = {"warmup_steps": d.warmup_steps, "absolute": d.absolute, "relative": d.relative,
-                          "beta": d.beta}
+            adagc = AdaGCClipping()  # the callback's defaults
+            self.adagc: _AdaGCArgs = {"warmup_steps": adagc.warmup_steps, "absolute": adagc.absolute,
+                                      "relative": adagc.relative, "beta": adagc.beta}
         elif spec[0] == "agc":
             from lightning_clip import AdaptiveGradientClipping
 
-            d = AdaptiveGradientClipping()
-            self.agc = (d.clip_factor, d.eps)
+            agc = AdaptiveGradientClipping()
+            self.agc = (agc.clip_factor, agc.eps)
         elif spec[0] != "none":
             raise ValueError(f"unknown method {spec!r}")
 
