@@ -66,8 +66,8 @@ __all__ = [
     "NOTES_MARKER", "RESULTS_DIR", "StdoutRecord", "add_output_arguments", "command_line", "free_port", "kept_notes",
     "machine", "md_table", "output_dir", "process_map", "run_ranks", "summary_stats", "write_results",
     # the digits task of the robust-training studies
-    "ATTACKS", "ATTACK_REVISION", "BYZFL_ATTACKS", "BYZFL_VERSION", "HETEROGENEITY", "LABEL_FLIP", "NUM_CLASSES",
-    "ByzflAttack",
+    "ATTACKS", "ATTACK_REVISION", "BYZFL_ATTACKS", "BYZFL_VERSION", "FOE_FINE_GRID", "HETEROGENEITY", "LABEL_FLIP",
+    "NUM_CLASSES", "ByzflAttack",
     "Data", "Result", "Setting", "SharedAttack", "TrainingRun", "accuracy", "attack_transforms", "byzfl_attacks",
     "cache_path", "honest_shards", "line_search", "load_data", "load_result", "make_model", "rank_generator",
     "run_ddp_all", "run_key", "run_sim_all", "sample_batch", "save_result", "shard_sizes", "split_cached",
@@ -267,6 +267,8 @@ def run_ranks(fn: Callable[..., Any], world: int, args: tuple = (), backend: str
 NUM_CLASSES = 10
 #: The data-level attack: a Byzantine worker's gradient on the labels ``y -> 9 - y``.
 LABEL_FLIP = "LF"
+#: The magnitudes of FOE-LS-1s-fine's search: twelve, denser than the library's default seven between 0.1 and 100.
+FOE_FINE_GRID: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 #: Attack label -> ``ByzantineSpec`` keyword arguments (ranks added per run); ``None``: the label flip.
 ATTACKS: dict[str, dict[str, Any] | None] = {
     "SF": {"attack": "sign_flip"},
@@ -276,6 +278,7 @@ ATTACKS: dict[str, dict[str, Any] | None] = {
     "ALIE-LS": {"attack": "alie_ls", "search": "ours"},
     "ALIE-LS-bf": {"attack": "alie_ls", "search": "byzfl"},
     "FOE-LS-1s": {"attack": "foe_ls", "search": "ours", "sign": 1},
+    "FOE-LS-1s-fine": {"attack": "foe_ls", "search": "ours", "sign": 1, "grid": FOE_FINE_GRID},
     "ALIE-LS-1s": {"attack": "alie_ls", "search": "ours", "sign": -1},
     "Mimic": {"attack": "mimic"},
     "ALIE": {"attack": "alie"},

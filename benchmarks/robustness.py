@@ -72,6 +72,8 @@ aggregates with ``pipeline.server_aggregation(config)``, the function the hook c
 The defaults: the sim grid is every heterogeneity, f = 1..4, every row and attack, seeds 1-3 (split seed =
 training seed unless ``--split-seeds`` says otherwise); the DDP grid is the extreme heterogeneity (the
 paper's headline setting) with the same f, rows, attacks and seeds, plus the f = 0 reference.
+``--ddp-cells`` replaces the DDP cross product by a list of cells, each with its own attack (for example
+the cells where one attack moved the simulated worst case, run in DDP with that attack).
 
 ``--cache DIR`` keeps every finished run in ``DIR`` (one file per run and mode, keyed by the run and
 the setting) and reuses it: an interrupted study resumes where it stopped, and sim and DDP can run in
@@ -82,6 +84,7 @@ Usage (from the repository root)::
     python -m benchmarks.robustness --cache /tmp/rob           # the study (hours on 2 cores)
     python -m benchmarks.robustness --quick                    # smoke run (~80 s on 2 cores), to a temporary dir
     python -m benchmarks.robustness --mode ddp --ddp-comm gather  # the DDP grid on the all-gather path
+    python -m benchmarks.robustness --mode ddp --ddp-cells extreme/3/arc/geomed/ALIE-LS-1s,a=0.1/4/none/cwtm/SF
     python -m benchmarks.robustness --mode sim --init-jitter 1e-7 # how far one float rounding moves each run
     python -m benchmarks.robustness --mode sim --attack-impl both  # with ByzFL's own attacks as a reference
 
@@ -136,9 +139,10 @@ from benchmarks.common import (
 NAME = "robustness"
 #: The paper's attacks, each line-searched one with our search and ByzFL's (the ``--quick`` grid).
 PAPER_ATTACKS = ("SF", "LF", "FOE-LS", "FOE-LS-bf", "ALIE-LS", "ALIE-LS-bf", "Mimic")
-#: The default grid: the paper's attacks and our search kept to one side.
-DEFAULT_ATTACKS = ("SF", "LF", "FOE-LS", "FOE-LS-bf", "FOE-LS-1s", "ALIE-LS", "ALIE-LS-bf", "ALIE-LS-1s", "Mimic")
-LINE_SEARCHED = ("FOE-LS", "FOE-LS-bf", "FOE-LS-1s", "ALIE-LS", "ALIE-LS-bf", "ALIE-LS-1s")
+#: The default grid: the paper's attacks, our search kept to one side, and FOE's on a finer grid.
+DEFAULT_ATTACKS = ("SF", "LF", "FOE-LS", "FOE-LS-bf", "FOE-LS-1s", "FOE-LS-1s-fine", "ALIE-LS", "ALIE-LS-bf",
+                   "ALIE-LS-1s", "Mimic")
+LINE_SEARCHED = ("FOE-LS", "FOE-LS-bf", "FOE-LS-1s", "FOE-LS-1s-fine", "ALIE-LS", "ALIE-LS-bf", "ALIE-LS-1s")
 RULES = ("cwtm", "geomed", "multikrum")
 #: Pre-aggregation clipping -> (ARC on, static clip on).
 PRES: dict[str, tuple[bool, bool]] = {"none": (False, False), "clip": (False, True), "arc": (True, False),
@@ -238,6 +242,34 @@ def build_runs(hets: Sequence[str], fs: Sequence[int], attacks: Sequence[str], r
                      for pre in pres for attack in attacks for impl in impls
                      if impl == "ours" or attack in BYZFL_ATTACKS]
     return runs
+
+
+def parse_cell(text: str) -> tuple[str, int, str, str, str]:
+    """``HET/F/PRE/RULE/ATTACK`` -> its parts, checked; a ``ValueError`` names the bad part and the allowed values."""
+    parts = text.strip().split("/")
+    if len(parts) != 5:
+        raise ValueError(f"expected HET/F/PRE/RULE/ATTACK (e.g. extreme/3/arc/cwtm/FOE-LS-1s) but got {text!r}")
+    het, f_text, pre, rule, attack = parts
+    for what, value, allowed in (("HET", het, HETEROGENEITY), ("PRE", pre, PRES), ("RULE", rule, RULES),
+                                 ("ATTACK", attack, ATTACKS)):
+        if value not in allowed:
+            raise ValueError(f"{text!r}: {what} {value!r} unknown; allowed: {', '.join(allowed)}")
+    if not f_text.isdigit() or int(f_text) < 1:
+        raise ValueError(f"{text!r}: F must be a whole number of Byzantine workers >= 1 but got {f_text!r}")
+    return het, int(f_text), pre, rule, attack
+
+
+def build_cell_runs(cells: Sequence[str], seeds: Sequence[int], honest: int,
+                    split_seeds: Sequence[int] | None = None) -> list[Run]:
+    """The runs of a list of ``HET/F/PRE/RULE/ATTACK`` cells (every seed), and the f = 0 reference of each
+    heterogeneity, each run once."""
+    parsed = [parse_cell(c) for c in cells]
+    hets = list(dict.fromkeys(c[0] for c in parsed))
+    runs = build_runs(hets, [], [], [], [], seeds, honest, split_seeds=split_seeds)  # the references only
+    for het, f, pre, rule, attack in parsed:
+        runs += build_runs([het], [f], [attack], [rule], [pre], seeds, honest, baseline=False,
+                           split_seeds=split_seeds)
+    return list(dict.fromkeys(runs))
 
 
 def complete_cells(runs: Sequence[Run], setting: Setting, cache: str, mode: str = "sim") -> tuple[list[Run], list[str]]:
@@ -649,6 +681,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, what in (("f", "f"), ("attacks", "attacks"), ("rules", "rules"),
                        ("pres", "pre-aggregation clippings"), ("seeds", "seeds")):
         p.add_argument(f"--ddp-{name}", default=None, help=f"{what} of the DDP grid (default: --{name})")
+    p.add_argument("--ddp-cells", default=None, metavar="HET/F/PRE/RULE/ATTACK,...",
+                   help="the DDP runs as a list of cells, each with its own attack, instead of the cross product of "
+                   "--ddp-hets/f/pres/rules/attacks (seeds: --ddp-seeds)")
     p.add_argument("--ddp-comm", choices=("sharded", "gather"), default="sharded",
                    help="how the DDP runs move the vectors: by coordinate shards (default) or all-gathered")
     p.add_argument("--init-jitter", type=float, default=0.0, metavar="EPS",
@@ -676,6 +711,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         bad = [v for v in _csv(getattr(args, name) or "") if v not in allowed]
         if bad:
             p.error(f"--{name.replace('_', '-')}: unknown {bad}; allowed: {', '.join(allowed)}")
+    for cell in _csv(args.ddp_cells or ""):
+        try:
+            parse_cell(cell)
+        except ValueError as err:
+            p.error(f"--ddp-cells: {err}")
     if not 0.0 <= args.beta < 1.0:
         p.error(f"--beta: expected 0 <= beta < 1 but got {args.beta}")
     if args.split_seeds is not None and len(_csv(args.split_seeds, int)) not in (1, len(_csv(args.seeds, int))):
@@ -721,10 +761,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         ddp_setting = setting
         ddp_seeds = _csv(args.ddp_seeds, int)
-        ddp_runs = build_runs(_csv(args.ddp_hets), _csv(args.ddp_f, int), _csv(args.ddp_attacks),
-                              _csv(args.ddp_rules), _csv(args.ddp_pres), ddp_seeds, setting.honest,
-                              split_seeds=split_seeds if split_seeds is None or len(split_seeds) == 1
-                              or len(ddp_seeds) == len(seeds) else None)
+        ddp_splits = split_seeds if split_seeds is None or len(split_seeds) == 1 or len(ddp_seeds) == len(seeds) \
+            else None
+        if args.ddp_cells:
+            ddp_runs = build_cell_runs(_csv(args.ddp_cells), ddp_seeds, setting.honest, ddp_splits)
+        else:
+            ddp_runs = build_runs(_csv(args.ddp_hets), _csv(args.ddp_f, int), _csv(args.ddp_attacks),
+                                  _csv(args.ddp_rules), _csv(args.ddp_pres), ddp_seeds, setting.honest,
+                                  split_seeds=ddp_splits)
     ddp_runs.sort(key=lambda r: (r.n, r.seed, r.rule, r.pre, r.attack or ""))
     sim: list[Result] = []
     ddp: list[Result] = []
@@ -786,7 +830,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "gradient averaging is the library's `arc_hook` with `ARCHookState(ARCConfig(worker_momentum="
             f"{ddp_setting.beta:g}, aggregator=rule, nnm=True, arc=..., static_clip=...), transforms=[attack])`. Max "
             f"test accuracy over the evaluations (every {ddp_setting.eval_every} steps), mean over seeds "
-            f"{sorted({r.run.seed for r in ddp})}, then the worst case over {', '.join(d_att)}, with the min-max "
+            f"{sorted({r.run.seed for r in ddp})}, then the worst case over "
+            + ("the attack(s) each listed cell ran (named per cell below; a dash: a cell not in the list)"
+               if args.ddp_cells and not q else ', '.join(d_att)) + ", with the min-max "
             "over the seeds of that attack in brackets; the best row of each rule in bold. Columns: heterogeneity / "
             f"f Byzantine workers among n = {ddp_setting.honest} + f.")
         grid_section(sections, stdout, "ddp", ddp, d_rows, d_cols, d_hets,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import re
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -362,16 +363,19 @@ def test_shared_attack_sends_the_same_bits(attack):
 def test_one_sided_attacks_keep_to_their_side():
     # FOE-LS-1s sends -eps * mean(honest) with eps >= 0, ALIE-LS-1s mean + |z| * std (population): every step,
     # our search kept to that side against the row's own pipeline (FOE-LS: the same search over both signs).
-    for attack, family in (("FOE-LS-1s", "foe"), ("ALIE-LS-1s", "alie"), ("FOE-LS", "foe")):
+    # FOE-LS-1s-fine: the same one-sided search on the twelve magnitudes of FOE_FINE_GRID.
+    for attack, family in (("FOE-LS-1s", "foe"), ("ALIE-LS-1s", "alie"), ("FOE-LS", "foe"), ("FOE-LS-1s-fine", "foe")):
         run = m.Run("extreme", 2, attack, "cwtm", "arc", 1, honest=4)
         factors = []
+        spec = common.ATTACKS[attack]
+        assert spec is not None
         for sent in _sends(run, 6, shared=False):
             honest, byz = sent[:4], sent[4]
             res = line_search(family, honest, 2, pipeline.server_aggregation(run.config(common.Setting())),
-                              search="ours", sign=common.ATTACKS[attack].get("sign", 0))
+                              search="ours", sign=spec.get("sign", 0), grid=spec.get("grid"))
             assert torch.equal(byz, res.vector(family, honest))
             factors.append(res.factor)
-        if attack == "FOE-LS-1s":
+        if attack.startswith("FOE-LS-1s"):
             assert min(factors) >= 0 and max(factors) > 0
         elif attack == "ALIE-LS-1s":
             assert max(factors) <= 0 and min(factors) < 0
@@ -453,6 +457,28 @@ def test_missing_byzfl_says_how_to_install(monkeypatch):
         common.byzfl_attacks()
     with pytest.raises(SystemExit):
         m.parse_args(["--attack-impl", "both"])
+
+
+def test_ddp_cells_list_the_runs_of_each_cell_and_the_references():
+    # --ddp-cells: each cell with its own attack, every seed, and each heterogeneity's f = 0 reference once.
+    runs = m.build_cell_runs(["extreme/3/arc/geomed/ALIE-LS-1s", "a=0.1/4/none/cwtm/FOE-LS-1s",
+                              "extreme/1/arc+clip/multikrum/SF"], [1, 2], 10)
+    refs = [m.Run(h, 0, None, "mean", "none", s, 10) for h in ("extreme", "a=0.1") for s in (1, 2)]
+    cells = [m.Run("extreme", 3, "ALIE-LS-1s", "geomed", "arc", s, 10) for s in (1, 2)] + [
+        m.Run("a=0.1", 4, "FOE-LS-1s", "cwtm", "none", s, 10) for s in (1, 2)] + [
+        m.Run("extreme", 1, "SF", "multikrum", "arc+clip", s, 10) for s in (1, 2)]
+    assert sorted(runs, key=repr) == sorted(refs + cells, key=repr) and len(set(runs)) == len(runs)
+    assert m.parse_cell(" a=0.5/3/arc+clip/geomed/FOE-LS-1s-fine") == ("a=0.5", 3, "arc+clip", "geomed",
+                                                                       "FOE-LS-1s-fine")
+    for bad, words in (("extreme/3/arc/geomed", "HET/F/PRE/RULE/ATTACK"), ("moon/3/arc/cwtm/SF", "HET 'moon'"),
+                       ("extreme/0/arc/cwtm/SF", "F must be"), ("extreme/x/arc/cwtm/SF", "F must be"),
+                       ("extreme/3/arc/median/SF", "RULE 'median'"), ("extreme/3/arc/cwtm/boom", "ATTACK 'boom'"),
+                       ("extreme/3/never/cwtm/SF", "PRE 'never'")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            m.parse_cell(bad)
+    with pytest.raises(SystemExit):
+        m.parse_args(["--ddp-cells", "extreme/3/arc/cwtm/SF,extreme/3/arc/cwtm/boom"])
+    assert m.parse_args(["--ddp-cells", "extreme/3/arc/cwtm/SF"]).ddp_cells == "extreme/3/arc/cwtm/SF"
 
 
 def test_bad_arguments_are_rejected():
