@@ -72,8 +72,8 @@ aggregates with ``pipeline.server_aggregation(config)``, the function the hook c
 The defaults: the sim grid is every heterogeneity, f = 1..4, every row and attack, seeds 1-3 (split seed =
 training seed unless ``--split-seeds`` says otherwise); the DDP grid is the extreme heterogeneity (the
 paper's headline setting) with the same f, rows, attacks and seeds, plus the f = 0 reference.
-``--ddp-cells`` replaces the DDP cross product by a list of cells, each with its own attack (for example
-the cells where one attack moved the simulated worst case, run in DDP with that attack).
+``--cells`` / ``--ddp-cells`` replace the sim / DDP cross product by a list of cells, each with its own attack
+(for example the cells where one attack moved the simulated worst case, run in DDP with that attack).
 
 ``--cache DIR`` keeps every finished run in ``DIR`` (one file per run and mode, keyed by the run and
 the setting) and reuses it: an interrupted study resumes where it stopped, and sim and DDP can run in
@@ -681,6 +681,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, what in (("f", "f"), ("attacks", "attacks"), ("rules", "rules"),
                        ("pres", "pre-aggregation clippings"), ("seeds", "seeds")):
         p.add_argument(f"--ddp-{name}", default=None, help=f"{what} of the DDP grid (default: --{name})")
+    p.add_argument("--cells", default=None, metavar="HET/F/PRE/RULE/ATTACK,...",
+                   help="the sim runs as a list of cells, each with its own attack, instead of the cross product of "
+                   "--hets/f/pres/rules/attacks (seeds: --seeds; with --attack-impl ours)")
     p.add_argument("--ddp-cells", default=None, metavar="HET/F/PRE/RULE/ATTACK,...",
                    help="the DDP runs as a list of cells, each with its own attack, instead of the cross product of "
                    "--ddp-hets/f/pres/rules/attacks (seeds: --ddp-seeds)")
@@ -711,11 +714,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         bad = [v for v in _csv(getattr(args, name) or "") if v not in allowed]
         if bad:
             p.error(f"--{name.replace('_', '-')}: unknown {bad}; allowed: {', '.join(allowed)}")
-    for cell in _csv(args.ddp_cells or ""):
-        try:
-            parse_cell(cell)
-        except ValueError as err:
-            p.error(f"--ddp-cells: {err}")
+    for name in ("cells", "ddp_cells"):
+        for cell in _csv(getattr(args, name) or ""):
+            try:
+                parse_cell(cell)
+            except ValueError as err:
+                p.error(f"--{name.replace('_', '-')}: {err}")
+    if args.cells and args.attack_impl != "ours":
+        p.error(f"--cells: runs the library's attacks only (--attack-impl ours) but got --attack-impl "
+                f"{args.attack_impl}")
     if not 0.0 <= args.beta < 1.0:
         p.error(f"--beta: expected 0 <= beta < 1 but got {args.beta}")
     if args.split_seeds is not None and len(_csv(args.split_seeds, int)) not in (1, len(_csv(args.seeds, int))):
@@ -741,6 +748,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     attacks = list(PAPER_ATTACKS) if q else _csv(args.attacks)
     rules = ["cwtm"] if q else _csv(args.rules)
     pres = ["none", "clip", "arc"] if q else _csv(args.pres)
+    cells = [] if q else [parse_cell(c) for c in _csv(args.cells or "")]
+    if cells:  # the table's rows and columns: those of the listed cells
+        hets = ordered({c[0] for c in cells}, list(HETEROGENEITY))
+        fs = sorted({c[1] for c in cells})
+        pres = ordered({c[2] for c in cells}, list(PRES))
+        rules = ordered({c[3] for c in cells}, list(RULES))
     seeds = [1] if q else _csv(args.seeds, int)
     split_seeds = None if q or args.split_seeds is None else _csv(args.split_seeds, int)
     impls = {"ours": ("ours",), "byzfl": ("byzfl",), "both": ("ours", "byzfl")}[args.attack_impl]
@@ -786,8 +799,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.mode in ("sim", "both"):
         byzfl_hets = hets if args.byzfl_hets is None else _csv(args.byzfl_hets)
-        runs = build_runs(hets, fs, attacks, rules, pres, seeds, setting.honest, split_seeds=split_seeds,
-                          impls=tuple(i for i in impls if i == "ours"))
+        if cells:
+            runs = build_cell_runs(_csv(args.cells), seeds, setting.honest, split_seeds)
+        else:
+            runs = build_runs(hets, fs, attacks, rules, pres, seeds, setting.honest, split_seeds=split_seeds,
+                              impls=tuple(i for i in impls if i == "ours"))
         if "byzfl" in impls:
             keep = set(seeds if args.byzfl_seeds is None else _csv(args.byzfl_seeds, int))
             runs += [r for r in build_runs([h for h in hets if h in byzfl_hets], fs, attacks, rules, pres, seeds,
@@ -845,8 +861,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      f"{', '.join(ordered({r.run.het for r in sim_ours if r.run.f}, hets))})",
                      "The same study with all workers in one process (the same pure functions and hook-state "
                      "pipeline; see the comparison below for how closely it follows real DDP). Mean over the seeds "
-                     f"{sorted({r.run.seed for r in sim_ours})} of the worst attack, min-max over the seeds in "
-                     "brackets.",
+                     f"{sorted({r.run.seed for r in sim_ours})} of the worst attack"
+                     + (" each listed cell ran (named per cell below; a dash: a cell not in the list)" if cells else "")
+                     + ", min-max over the seeds in brackets.",
                      "Reference without any Byzantine worker (simulation):")
     if any(r.run.impl == "byzfl" for r in sim):
         byz_t, check_line, byz_summ = byzfl_comparison(sim, row_order(rules, pres, setting.clip), col_order(hets, fs))

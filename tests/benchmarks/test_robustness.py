@@ -476,9 +476,30 @@ def test_ddp_cells_list_the_runs_of_each_cell_and_the_references():
                        ("extreme/3/never/cwtm/SF", "PRE 'never'")):
         with pytest.raises(ValueError, match=re.escape(words)):
             m.parse_cell(bad)
-    with pytest.raises(SystemExit):
-        m.parse_args(["--ddp-cells", "extreme/3/arc/cwtm/SF,extreme/3/arc/cwtm/boom"])
+    for argv in (["--ddp-cells", "extreme/3/arc/cwtm/SF,extreme/3/arc/cwtm/boom"], ["--cells", "extreme/3/arc/cwtm"],
+                 ["--cells", "extreme/3/arc/cwtm/SF", "--attack-impl", "both"]):
+        with pytest.raises(SystemExit):
+            m.parse_args(argv)
     assert m.parse_args(["--ddp-cells", "extreme/3/arc/cwtm/SF"]).ddp_cells == "extreme/3/arc/cwtm/SF"
+
+
+def test_cells_tables_show_each_listed_cell_with_its_own_attack(tmp_path):
+    # --cells: the table has the listed cells' rows and columns, a dash where no cell was listed, and each cell's
+    # worst case over its own attack only (the SF run of the first cell is cached but not listed: not taken).
+    setting, cache, out = common.Setting(), str(tmp_path / "cache"), tmp_path / "out"
+    cells = ["extreme/3/arc/cwtm/FOE-LS-1s", "a=0.1/4/none/geomed/LF"]
+    runs = m.build_cell_runs(cells, [1, 2], 10) + [m.Run("extreme", 3, "SF", "cwtm", "arc", 1, 10)]
+    for run in runs:
+        acc = {None: 0.95, "FOE-LS-1s": 0.4 + 0.1 * run.seed, "LF": 0.3, "SF": 0.1}[run.attack]
+        common.save_result(common.cache_path(cache, "sim", run, setting), common.Result(run, [acc], 1.0, 200))
+    m.main(["--mode", "sim", "--cached-only", "--cache", cache, "--out", str(out), "--seeds", "1,2", "--cells",
+            ",".join(cells)])
+    md = (out / "robustness.md").read_text()
+    (_, header, rows), (_, _, attacks) = [t for t in _tables(md) if t[1][0] == "aggregation"][:2]
+    assert header == ["aggregation", "extreme f=3", "a=0.1 f=4"]
+    assert rows == [["ARC > NNM > cwtm", "0.550 (0.50-0.60)", "—"], ["NNM > geomed", "—", "0.300 (0.30-0.30)"]]
+    assert attacks == [["ARC > NNM > cwtm", "FOE-LS-1s", "—"], ["NNM > geomed", "—", "LF"]]
+    assert "of the worst attack each listed cell ran" in md
 
 
 def test_bad_arguments_are_rejected():
