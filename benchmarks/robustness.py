@@ -860,7 +860,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      hets, f"## Simulation: worst-case maximal test accuracy ({len(sim_ours)} runs; "
                      f"{', '.join(ordered({r.run.het for r in sim_ours if r.run.f}, hets))})",
                      "The same study with all workers in one process (the same pure functions and hook-state "
-                     "pipeline; see the comparison below for how closely it follows real DDP). Mean over the seeds "
+                     + ("pipeline; see the comparison below for how closely it follows real DDP). " if ddp else
+                        "pipeline). ")
+                     + "Mean over the seeds "
                      f"{sorted({r.run.seed for r in sim_ours})} of the worst attack"
                      + (" each listed cell ran (named per cell below; a dash: a cell not in the list)" if cells else "")
                      + ", min-max over the seeds in brackets.",
@@ -978,7 +980,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"weight decay {setting.weight_decay:g}, no server momentum; {setting.steps} steps, test accuracy every "
         f"{setting.eval_every} steps; FOE-LS / ALIE-LS line-searched every step against the row's own pipeline. "
         "Static clipping clips *every* received vector (the paper's baseline), not only the known-Byzantine "
-        "ones, which would need an oracle.",
+        "ones, which would need an oracle."
+        + (f" Every initial weight multiplied by 1 + {setting.init_jitter:g} * N(0, 1): a control of how far a "
+           "float rounding moves each run." if setting.init_jitter else ""),
         "",
         *sections,
         "## Reading (computed)",
