@@ -25,22 +25,24 @@ Multi-Krum (``multikrum``) -- with one of these pre-aggregation clippings of the
 Attacks (what the Byzantine workers send; the worst case is taken over them; defined in
 ``benchmarks.common.ATTACKS``):
 
-=========== ======================================================================================
-SF          sign flip of the worker's own momentum (``ByzantineSpec(attack="sign_flip")``)
-LF          label flip: the Byzantine worker's gradient on ``y -> 9 - y``, then its own momentum
-FOE-LS      "Fall of empires" ``-eps * mean(honest momenta)``, ``eps`` line-searched every step by the
-            library's search: both signs, no cap (``line_search(..., search="ours")``)
-FOE-LS-bf   the same attack with ByzFL's search (``eps = tau >= 0`` from 0, doubling steps, 20
-            evaluations: ``search="byzfl"``)
-ALIE-LS     "A little is enough" ``mean - z * std`` (population std) of the honest momenta, ``z``
-            line-searched by the library's search
-ALIE-LS-bf  ByzFL's ALIE ``mean + tau * std`` (sample std) with ByzFL's search
-FOE-LS-1s   FOE with the library's search kept to one side, ``eps >= 0`` (ByzFL's side; the study's
-            earlier, capped attacker's too), no cap (``sign=1``): its pushes cannot cancel from step to step
-ALIE-LS-1s  ALIE with the library's search kept to ByzFL's side, ``z <= 0`` (``mean + |z| * std``,
-            population std), no cap (``sign=-1``)
-Mimic       a copy of the first honest worker's momentum
-=========== ======================================================================================
+============== ======================================================================================
+SF             sign flip of the worker's own momentum (``ByzantineSpec(attack="sign_flip")``)
+LF             label flip: the Byzantine worker's gradient on ``y -> 9 - y``, then its own momentum
+FOE-LS         "Fall of empires" ``-eps * mean(honest momenta)``, ``eps`` line-searched every step by the
+               library's search: both signs, no cap (``line_search(..., search="ours")``)
+FOE-LS-bf      the same attack with ByzFL's search (``eps = tau >= 0`` from 0, doubling steps, 20
+               evaluations: ``search="byzfl"``)
+ALIE-LS        "A little is enough" ``mean - z * std`` (population std) of the honest momenta, ``z``
+               line-searched by the library's search
+ALIE-LS-bf     ByzFL's ALIE ``mean + tau * std`` (sample std) with ByzFL's search
+FOE-LS-1s      FOE with the library's search kept to one side, ``eps >= 0`` (ByzFL's side; the study's
+               earlier, capped attacker's too), no cap (``sign=1``): its pushes cannot cancel from step to step
+ALIE-LS-1s     ALIE with the library's search kept to ByzFL's side, ``z <= 0`` (``mean + |z| * std``,
+               population std), no cap (``sign=-1``)
+FOE-LS-1s-fine FOE-LS-1s on twelve magnitudes (0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 50, 100) instead
+               of the library's default seven: a finer grid finds deeper factors where the damage is rugged
+Mimic          a copy of the first honest worker's momentum
+============== ======================================================================================
 
 Optional (not in the default grid): ``ALIE`` / ``FOE`` with the library's fixed factors, ``NaN`` and
 ``scale`` (x1e3). The line searches maximise ``|| server(honest + f copies) - mean(honest) ||`` against
